@@ -1,0 +1,29 @@
+# `make demo` and `make test` set up .venv on first use: torch pinned first (a CPU wheel is on
+# the machine's disk; an unpinned torch would pull a multi-GB CUDA build), then the project.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: setup demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) examples/demo.py
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) -m pytest -q benchmarks --benchmark-enable
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks

@@ -1,0 +1,80 @@
+"""The options of :class:`~coreset_optim.CoresetOptimizer`, checked once, saved in checkpoints."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .normalize import NORMALIZE_MODES
+from .similarity import SIMILARITIES
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_optional_positive_int(name: str, value: Any) -> None:
+    if value is not None and (not _is_int(value) or value <= 0):
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+
+
+@dataclass
+class CoresetConfig:
+    """Every option that shapes a selection. See ``docs/api.md`` for each in plain words."""
+
+    coreset_size: int | None = None
+    coreset_ratio: float | None = None
+    sketch_dim: int = 2560
+    normalize: str | None = "adam"
+    similarity: str = "l1"
+    keep_sources: Any = "auto"
+    source_key: str | None = None
+    sketch_batch_size: int | None = None
+    micro_batch_size: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.coreset_size is None) == (self.coreset_ratio is None):
+            raise ValueError(
+                "give exactly one of coreset_size (an int >= 1) or coreset_ratio (a float in (0, 1])"
+            )
+        if self.coreset_size is not None:
+            if not _is_int(self.coreset_size):
+                raise TypeError(f"coreset_size must be an int, got {type(self.coreset_size).__name__}")
+            if self.coreset_size <= 0:
+                raise ValueError(f"coreset_size must be >= 1, got {self.coreset_size}")
+        if self.coreset_ratio is not None:
+            if isinstance(self.coreset_ratio, bool) or not isinstance(self.coreset_ratio, (int, float)):
+                raise TypeError(f"coreset_ratio must be a float, got {type(self.coreset_ratio).__name__}")
+            if not 0.0 < float(self.coreset_ratio) <= 1.0:
+                raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+            self.coreset_ratio = float(self.coreset_ratio)
+        if not _is_int(self.sketch_dim) or self.sketch_dim <= 0:
+            raise ValueError(f"sketch_dim must be a positive int, got {self.sketch_dim!r}")
+        if self.normalize not in NORMALIZE_MODES:
+            raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {self.normalize!r}")
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+        if self.keep_sources not in ("auto", None):
+            if isinstance(self.keep_sources, (str, bytes)) or not isinstance(self.keep_sources, Iterable):
+                raise ValueError(
+                    f"keep_sources must be 'auto', None or a list of source ids, got {self.keep_sources!r}"
+                )
+            self.keep_sources = list(self.keep_sources)
+        if self.source_key is not None and not isinstance(self.source_key, str):
+            raise TypeError(f"source_key must be a str (a batch key) or None, got {self.source_key!r}")
+        _check_optional_positive_int("sketch_batch_size", self.sketch_batch_size)
+        _check_optional_positive_int("micro_batch_size", self.micro_batch_size)
+        if not _is_int(self.seed):
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
+
+    def budget(self, batch_size: int) -> int:
+        """Examples to select from a batch of ``batch_size``: ``coreset_size`` or ceil(ratio * B)."""
+        if self.coreset_size is not None:
+            return self.coreset_size
+        return max(1, math.ceil(self.coreset_ratio * batch_size - 1e-9))
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,42 @@
+"""What one selection returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+
+
+class SourceCount(NamedTuple):
+    """Examples of one source in the large batch, and how many of them were selected."""
+
+    in_batch: int
+    selected: int
+    kept_whole: bool = False
+
+
+@dataclass
+class Coreset:
+    """A weighted subset of a large batch.
+
+    ``indices`` point into the batch (ascending); ``weights`` (one per index) sum to ``num_valid``,
+    so ``sum_j weights[j] * grad(loss_j) / num_valid`` estimates the batch's mean gradient.
+    ``sketches`` is every example's compressed, normalized sketch as used for selection (NaN rows
+    for invalid examples; zero columns when no sketch pass ran). ``loss`` is the coreset's
+    weighted estimate of the batch's mean loss. ``timings`` are seconds per stage.
+    """
+
+    indices: torch.Tensor
+    weights: torch.Tensor
+    batch: Any
+    sketches: torch.Tensor
+    losses: torch.Tensor
+    source_counts: dict[Any, SourceCount]
+    num_valid: int
+    num_invalid: int
+    loss: torch.Tensor | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())

@@ -1,0 +1,124 @@
+"""Reading Adam's moments out of a wrapped optimizer's live state, without writing to it.
+
+Recognized by keys and dtype, not class names:
+
+* torch ``Adam``/``AdamW`` (and anything with the same layout): ``exp_avg``, ``exp_avg_sq``,
+  ``max_exp_avg_sq`` (amsgrad), ``step`` (tensor or number).
+* bitsandbytes ``Adam``/``AdamW`` in 8-bit (``state1``/``state2`` uint8 with code books
+  ``qmap1``/``qmap2`` and per-block ``absmax1``/``absmax2``) and 32-bit (float ``state1``/``state2``),
+  ``step`` an int. 8-bit values are dequantized blockwise, the block size inferred from the sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AdamMoments:
+    """Adam's first and second moment of one parameter, as float32 tensors shaped like it."""
+
+    exp_avg: torch.Tensor | None
+    exp_avg_sq: torch.Tensor
+    step: int
+    beta1: float
+    beta2: float
+    eps: float
+    max_exp_avg_sq: torch.Tensor | None = None  # amsgrad's running maximum, when in use
+
+    @property
+    def denominator_sq(self) -> torch.Tensor:
+        """The second moment Adam divides by (the amsgrad maximum when there is one)."""
+        return self.exp_avg_sq if self.max_exp_avg_sq is None else self.max_exp_avg_sq
+
+
+def infer_block_size(numel: int, num_blocks: int) -> int:
+    """The power-of-two block size that splits ``numel`` values into ``num_blocks`` blocks."""
+    size = 1
+    while size <= max(numel, 1) * 2:
+        if -(-numel // size) == num_blocks:
+            return size
+        size *= 2
+    raise ValueError(f"cannot infer a block size for {numel} values in {num_blocks} blocks")
+
+
+def dequantize_blockwise(codes: torch.Tensor, code_book: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """``code_book[codes] * absmax[block]`` as float32, shaped like ``codes`` (bitsandbytes layout)."""
+    flat = codes.reshape(-1)
+    block = infer_block_size(flat.numel(), absmax.numel())
+    values = code_book.float().to(flat.device)[flat.long()]
+    scale = absmax.float().to(flat.device).repeat_interleave(block)[: flat.numel()]
+    return (values * scale).reshape(codes.shape)
+
+
+def _bnb_state(state: dict, which: int) -> torch.Tensor:
+    tensor = state[f"state{which}"]
+    if tensor.dtype == torch.uint8:
+        qmap, absmax = state.get(f"qmap{which}"), state.get(f"absmax{which}")
+        if qmap is None or absmax is None:
+            raise ValueError(
+                f"8-bit state{which} without qmap{which}/absmax{which}: blockwise quantization "
+                "is required (bitsandbytes' default, block_wise=True)"
+            )
+        return dequantize_blockwise(tensor, qmap, absmax)
+    return tensor.float()
+
+
+def _step_of(state: dict) -> int:
+    step = state.get("step", 0)
+    if isinstance(step, torch.Tensor):
+        step = step.item()
+    return int(step)
+
+
+def find_group(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict:
+    for group in optimizer.param_groups:
+        if any(p is param for p in group["params"]):
+            return group
+    raise ValueError("parameter is not in the optimizer's param_groups")
+
+
+def has_second_moment(group: dict) -> bool:
+    """Whether the group's hyper-parameters look like Adam's (``betas`` and ``eps``)."""
+    betas = group.get("betas")
+    return isinstance(betas, (tuple, list)) and len(betas) >= 2 and "eps" in group
+
+
+def read_adam_moments(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> AdamMoments | None:
+    """Adam's moments of ``param`` from ``optimizer.state``; ``None`` when there are none (yet).
+
+    The state is only read: no key is added, so the optimizer's lazy initialization still works.
+    """
+    group = find_group(optimizer, param)
+    if not has_second_moment(group):
+        return None
+    state = optimizer.state.get(param)
+    if not state:
+        return None
+    beta1, beta2 = float(group["betas"][0]), float(group["betas"][1])
+    eps = float(group["eps"])
+    if "exp_avg_sq" in state:
+        amsgrad = bool(group.get("amsgrad", False)) and "max_exp_avg_sq" in state
+        m = state.get("exp_avg")
+        return AdamMoments(
+            exp_avg=None if m is None else m.float().reshape(param.shape),
+            exp_avg_sq=state["exp_avg_sq"].float().reshape(param.shape),
+            step=_step_of(state),
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            max_exp_avg_sq=state["max_exp_avg_sq"].float().reshape(param.shape) if amsgrad else None,
+        )
+    if "state2" in state:
+        m = _bnb_state(state, 1) if "state1" in state else None
+        return AdamMoments(
+            exp_avg=None if m is None else m.reshape(param.shape),
+            exp_avg_sq=_bnb_state(state, 2).reshape(param.shape),
+            step=_step_of(state),
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+        )
+    return None

@@ -1,0 +1,99 @@
+"""Choosing the weighted subset from normalized sketches: the pure part of ``select()``.
+
+compress (per source) -> similarity -> greedy facility location -> cluster weights, with the
+budget shared among sources by :mod:`coreset_optim.budget`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .budget import allocate_budget
+from .compress import compress_per_source
+from .facility_location import cluster_weights, greedy_facility_location
+from .similarity import pairwise_similarity
+
+
+@dataclass
+class Selection:
+    indices: torch.Tensor  # LongTensor[k], ascending
+    weights: torch.Tensor  # Tensor[k], sums to the number of valid examples
+    compressed: torch.Tensor  # Tensor[B, d]
+    selected_per_source: list[int]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class _Stopwatch:
+    """Accumulates seconds per stage; synchronizes CUDA at stage boundaries only."""
+
+    def __init__(self, timings: dict[str, float], device: torch.device):
+        self.timings, self.cuda = timings, device.type == "cuda"
+        self.last = self._now()
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = self._now()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
+        self.last = now
+
+
+def facility_location_coreset(x: torch.Tensor, k: int, similarity: str, watch: _Stopwatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k`` rows of ``x`` by greedy facility location, weighted by cluster size."""
+    sim = pairwise_similarity(x, similarity)
+    watch.lap("similarity")
+    chosen = greedy_facility_location(sim, k)
+    watch.lap("greedy")
+    weights = cluster_weights(sim, chosen)
+    watch.lap("weights")
+    return chosen, weights
+
+
+def select_from_sketches(
+    sketches: torch.Tensor,
+    valid: torch.Tensor,
+    source_codes: torch.Tensor,
+    num_sources: int,
+    budget: int,
+    keep: Sequence[bool],
+    sketch_dim: int,
+    similarity: str,
+) -> Selection:
+    """Select ``budget`` of the valid rows of ``sketches[B, D]`` (normalized), source by source."""
+    device = sketches.device
+    timings: dict[str, float] = {}
+    watch = _Stopwatch(timings, device)
+    valid = valid.to(device)
+    source_codes = source_codes.to(device)
+    compressed = compress_per_source(sketches, valid, source_codes, num_sources, sketch_dim)
+    watch.lap("compress")
+    counts = torch.bincount(source_codes[valid], minlength=num_sources).tolist()
+    alloc = allocate_budget(counts, budget, keep)
+    picked, weights = [], []
+    for code in range(num_sources):
+        if alloc[code] == 0:
+            continue
+        rows = torch.nonzero(valid & (source_codes == code)).flatten()
+        if alloc[code] >= counts[code]:
+            picked.append(rows)
+            weights.append(torch.ones(rows.numel(), device=device))
+            continue
+        local, w = facility_location_coreset(compressed.index_select(0, rows), alloc[code], similarity, watch)
+        picked.append(rows.index_select(0, local))
+        weights.append(w.float())
+    indices = torch.cat(picked)
+    weights_t = torch.cat(weights)
+    num_valid = sum(counts)
+    if any(a == 0 < c for a, c in zip(alloc, counts)):
+        # Some source got no example (budget < number of sources): spread its mass over the rest.
+        weights_t = weights_t * (num_valid / weights_t.sum())
+    order = indices.argsort()
+    watch.lap("weights")
+    return Selection(indices[order], weights_t[order], compressed, alloc, timings)

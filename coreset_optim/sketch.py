@@ -1,0 +1,239 @@
+"""Exact per-example gradients of a few Linear layers ("sketch modules"), from hooks.
+
+For ``y = x W^T + b`` the gradient of example i's loss is ``sum_t dy[i, t]^T x[i, t]`` (and
+``sum_t dy[i, t]`` for the bias): one einsum over what a forward hook saw and what autograd gives
+for the layer's output. The pass backpropagates the *sum* of per-example losses (so every example's
+gradient is unscaled), only as far as the sketch modules: every other parameter is excluded from
+autograd for the pass, so nothing below them is kept for backward, and ``torch.autograd.grad`` is
+used so no ``.grad`` is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from .batching import chunk_slices, index_batch
+from .loss import LossFn, call_loss_fn
+
+SketchSpec = Union[str, nn.Module, Sequence[Union[str, nn.Module]], None]
+
+
+@dataclass
+class SketchTarget:
+    """One Linear layer whose per-example gradient is part of the sketch."""
+
+    name: str
+    module: nn.Linear
+    with_bias: bool
+    params: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+
+def _trained_param_ids(optimizer: torch.optim.Optimizer) -> set[int]:
+    return {id(p) for group in optimizer.param_groups for p in group["params"] if p.requires_grad}
+
+
+def default_sketch_modules(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The last ``nn.Linear`` (in ``named_modules()`` order) whose weight the optimizer trains."""
+    trained = _trained_param_ids(optimizer)
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and id(module.weight) in trained:
+            last = name
+    if last is None:
+        raise ValueError(
+            "found no nn.Linear whose weight the optimizer trains; pass sketch_modules=[...] "
+            "naming the Linear layer(s) to sketch"
+        )
+    return [last]
+
+
+def resolve_sketch_modules(
+    model: nn.Module, optimizer: torch.optim.Optimizer, spec: SketchSpec
+) -> list[SketchTarget]:
+    """Turn names, regexes (full match) or modules into checked :class:`SketchTarget` s."""
+    if spec is None:
+        spec = default_sketch_modules(model, optimizer)
+    if isinstance(spec, (str, nn.Module)):
+        spec = [spec]
+    if not isinstance(spec, Iterable):
+        raise TypeError(
+            f"sketch_modules must be a module name, a regex, a module or a list of them, "
+            f"got {type(spec).__name__}"
+        )
+    named = list(model.named_modules())
+    by_id = {id(m): n for n, m in named}
+    chosen: dict[str, nn.Module] = {}
+    for item in spec:
+        if isinstance(item, nn.Module):
+            if id(item) not in by_id:
+                raise ValueError(
+                    f"sketch_modules: module {type(item).__name__} is not a submodule of the "
+                    "model; pass a module of the model or its name"
+                )
+            chosen.setdefault(by_id[id(item)], item)
+        elif isinstance(item, str):
+            matches = [(n, m) for n, m in named if n == item]
+            if not matches:
+                try:
+                    pattern = re.compile(item)
+                except re.error as exc:
+                    raise ValueError(f"sketch_modules: {item!r} is not a valid regex: {exc}") from exc
+                matches = [(n, m) for n, m in named if n and pattern.fullmatch(n)]
+            if not matches:
+                sample = ", ".join(n for n, m in named if isinstance(m, nn.Linear))[:300]
+                raise ValueError(
+                    f"sketch_modules: {item!r} matches no module name of the model; "
+                    f"Linear layers are: {sample}"
+                )
+            for n, m in matches:
+                chosen.setdefault(n, m)
+        else:
+            raise TypeError(
+                f"sketch_modules entries must be names, regexes or modules, got {type(item).__name__}"
+            )
+    trained = _trained_param_ids(optimizer)
+    targets = []
+    for name, module in chosen.items():
+        if not isinstance(module, nn.Linear):
+            raise TypeError(
+                f"sketch_modules: {name!r} is a {type(module).__name__}; only nn.Linear layers "
+                "(including LoRA's lora_A/lora_B) can be sketched; name a Linear layer instead"
+            )
+        if id(module.weight) not in trained:
+            raise ValueError(
+                f"sketch_modules: the weight of {name!r} is not trained by the wrapped optimizer "
+                "(not in its param_groups or requires_grad=False); sketch a trained layer"
+            )
+        with_bias = module.bias is not None and id(module.bias) in trained
+        params = [module.weight] + ([module.bias] if with_bias else [])
+        targets.append(SketchTarget(name, module, with_bias, params))
+    return targets
+
+
+def linear_per_example_grads(
+    inputs: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor], with_bias: bool
+) -> torch.Tensor:
+    """Per-example gradient of a Linear layer, flattened: Tensor[n, out*in (+ out)], float32.
+
+    ``inputs[c]`` / ``grad_outputs[c]`` are the layer's input and output gradient on its c-th call
+    (a layer called twice in one forward, e.g. tied weights, adds up its calls).
+    """
+    weight_grad = None
+    bias_grad = None
+    for x, dy in zip(inputs, grad_outputs):
+        n = x.shape[0]
+        x3 = x.reshape(n, -1, x.shape[-1]).float()
+        dy3 = dy.reshape(n, -1, dy.shape[-1]).float()
+        g = torch.einsum("nto,nti->noi", dy3, x3)
+        weight_grad = g if weight_grad is None else weight_grad + g
+        if with_bias:
+            b = dy3.sum(1)
+            bias_grad = b if bias_grad is None else bias_grad + b
+    assert weight_grad is not None
+    flat = weight_grad.flatten(1)
+    if with_bias:
+        flat = torch.cat([flat, bias_grad], dim=1)
+    return flat
+
+
+@contextlib.contextmanager
+def sketch_mode(model: nn.Module, targets: Sequence[SketchTarget]) -> Iterator[None]:
+    """Eval mode, and autograd limited to the sketch parameters; everything restored afterwards."""
+    keep = {id(p) for t in targets for p in t.params}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        model.eval()
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        for m, training in modes:
+            m.training = training
+
+
+def _capture(targets: Sequence[SketchTarget]):
+    records: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in targets]
+
+    def make_hook(slot):
+        def hook(module, args, output):
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(f"sketch module {targets[slot].name!r} returned a non-tensor")
+            records[slot].append((args[0].detach(), output))
+
+        return hook
+
+    handles = [t.module.register_forward_hook(make_hook(i)) for i, t in enumerate(targets)]
+    return records, handles
+
+
+def exact_sketches(
+    model: nn.Module,
+    targets: Sequence[SketchTarget],
+    batch: Any,
+    loss_fn: LossFn,
+    num_examples: int,
+    chunk_size: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example gradients of the sketch parameters and the per-example losses.
+
+    Returns ``(sketches[B, D] float32, losses[B])``. Rows of examples whose loss is not finite are
+    NaN. The model's ``.grad`` fields, train/eval modes and ``requires_grad`` flags are unchanged.
+    """
+    sketch_rows, loss_rows = [], []
+    with sketch_mode(model, targets), torch.enable_grad():
+        for piece in chunk_slices(num_examples, chunk_size):
+            n = piece.stop - piece.start
+            records, handles = _capture(targets)
+            try:
+                losses = call_loss_fn(loss_fn, index_batch(batch, piece), n)
+            finally:
+                for h in handles:
+                    h.remove()
+            finite = torch.isfinite(losses)
+            outputs = [out for rec in records for _, out in rec]
+            if not outputs:
+                raise ValueError(
+                    "the sketch modules were not called by loss_fn; sketch layers that the "
+                    "model's forward uses"
+                )
+            if not losses.requires_grad or any(not o.requires_grad for o in outputs):
+                raise ValueError(
+                    "loss_fn's losses do not depend on the sketch modules through autograd; "
+                    "do not run the model under torch.no_grad() inside loss_fn"
+                )
+            total = torch.where(finite, losses, torch.zeros_like(losses)).sum()
+            grads = torch.autograd.grad(total, outputs, allow_unused=True)
+            grads = [torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grads)]
+            parts, pos = [], 0
+            for target, rec in zip(targets, records):
+                if not rec:
+                    raise ValueError(f"sketch module {target.name!r} was not called by loss_fn")
+                xs = [x for x, _ in rec]
+                dys = grads[pos : pos + len(rec)]
+                pos += len(rec)
+                if xs[0].shape[0] != n:
+                    raise ValueError(
+                        f"sketch module {target.name!r} saw a leading dimension of "
+                        f"{xs[0].shape[0]} for {n} examples; its inputs must be batch-first"
+                    )
+                parts.append(linear_per_example_grads(xs, dys, target.with_bias))
+            rows = torch.cat(parts, dim=1)
+            rows = torch.where(finite[:, None].to(rows.device), rows, torch.full_like(rows, float("nan")))
+            sketch_rows.append(rows)
+            loss_rows.append(losses.detach())
+            del records, outputs, grads
+    return torch.cat(sketch_rows), torch.cat(loss_rows)
