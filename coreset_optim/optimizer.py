@@ -266,10 +266,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
                 raise ValueError(self._no_valid_message(size))
         else:
             t0 = time.perf_counter()
-            raw, losses = exact_sketches(
-                self.model, self.sketch_targets, batch, loss_fn, size,
-                self.config.sketch_batch_size or self.config.micro_batch_size or budget,
-            )
+            raw, losses = self._sketch(batch, loss_fn, size, budget)
             timings["sketch"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             valid = torch.isfinite(losses).to(raw.device) & torch.isfinite(raw).all(1)
@@ -313,6 +310,11 @@ class CoresetOptimizer(torch.optim.Optimizer):
             loss=loss,
             timings=timings,
         )
+
+    def _sketch(self, batch: Any, loss_fn: LossFn, size: int, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw per-example sketches ``[B, D]`` (NaN rows: invalid) and per-example losses ``[B]``."""
+        chunk = self.config.sketch_batch_size or self.config.micro_batch_size or budget
+        return exact_sketches(self.model, self.sketch_targets, batch, loss_fn, size, chunk)
 
     def _losses_without_grad(self, batch: Any, loss_fn: LossFn, size: int) -> torch.Tensor:
         """Per-example losses in eval mode, to find the valid examples when all are selected."""

@@ -7,7 +7,7 @@ budget shared among sources by :mod:`coreset_optim.budget`.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -45,7 +45,9 @@ class _Stopwatch:
         self.last = now
 
 
-def facility_location_coreset(x: torch.Tensor, k: int, similarity: str, watch: _Stopwatch) -> tuple[torch.Tensor, torch.Tensor]:
+def facility_location_coreset(
+    x: torch.Tensor, k: int, *, similarity: str, watch: _Stopwatch, **_: object
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``k`` rows of ``x`` by greedy facility location, weighted by cluster size."""
     sim = pairwise_similarity(x, similarity)
     watch.lap("similarity")
@@ -54,6 +56,14 @@ def facility_location_coreset(x: torch.Tensor, k: int, similarity: str, watch: _
     weights = cluster_weights(sim, chosen)
     watch.lap("weights")
     return chosen, weights
+
+
+# A selector picks ``k`` rows of one source's compressed sketches ``x[n, d]`` and weights them so
+# the weights sum to ``n``. Keyword context: similarity, watch (stage timer), and whatever
+# select_from_sketches is given in ``extra`` (e.g. per-example losses, a generator).
+SELECTORS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
+    "facility_location": facility_location_coreset,
+}
 
 
 def select_from_sketches(
@@ -65,8 +75,13 @@ def select_from_sketches(
     keep: Sequence[bool],
     sketch_dim: int,
     similarity: str,
+    method: str = "facility_location",
+    extra: dict | None = None,
 ) -> Selection:
     """Select ``budget`` of the valid rows of ``sketches[B, D]`` (normalized), source by source."""
+    if method not in SELECTORS:
+        raise ValueError(f"selection must be one of {tuple(SELECTORS)}, got {method!r}")
+    selector = SELECTORS[method]
     device = sketches.device
     timings: dict[str, float] = {}
     watch = _Stopwatch(timings, device)
@@ -85,7 +100,10 @@ def select_from_sketches(
             picked.append(rows)
             weights.append(torch.ones(rows.numel(), device=device))
             continue
-        local, w = facility_location_coreset(compressed.index_select(0, rows), alloc[code], similarity, watch)
+        local, w = selector(
+            compressed.index_select(0, rows), alloc[code], similarity=similarity, watch=watch,
+            rows=rows, **(extra or {}),
+        )
         picked.append(rows.index_select(0, local))
         weights.append(w.float())
     indices = torch.cat(picked)
