@@ -173,6 +173,26 @@ class CoresetOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         self.optimizer.add_param_group(param_group)
 
+    # Hooks go to the wrapped optimizer, whose step()/state_dict() run them (this class does not
+    # call Optimizer.__init__, so hooks kept here would silently never run).
+    def register_step_pre_hook(self, hook):
+        return self.optimizer.register_step_pre_hook(hook)
+
+    def register_step_post_hook(self, hook):
+        return self.optimizer.register_step_post_hook(hook)
+
+    def register_state_dict_pre_hook(self, hook, prepend: bool = False):
+        return self.optimizer.register_state_dict_pre_hook(hook, prepend=prepend)
+
+    def register_state_dict_post_hook(self, hook, prepend: bool = False):
+        return self.optimizer.register_state_dict_post_hook(hook, prepend=prepend)
+
+    def register_load_state_dict_pre_hook(self, hook, prepend: bool = False):
+        return self.optimizer.register_load_state_dict_pre_hook(hook, prepend=prepend)
+
+    def register_load_state_dict_post_hook(self, hook, prepend: bool = False):
+        return self.optimizer.register_load_state_dict_post_hook(hook, prepend=prepend)
+
     def state_dict(self) -> dict:
         """The wrapped optimizer's state dict plus this wrapper's own (options, counters, RNG)."""
         sd = self.optimizer.state_dict()
