@@ -7,6 +7,7 @@ The class does bookkeeping (options, delegation, state); the math lives in free 
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -56,6 +57,16 @@ def encode_sources(values: Sequence[Any] | None, size: int) -> tuple[torch.Tenso
     names: dict[Any, int] = {}
     codes = [names.setdefault(v, len(names)) for v in values]
     return torch.tensor(codes, dtype=torch.long), list(names)
+
+
+def _check_loss_scale(loss_scale: Any) -> None:
+    """A finite, non-zero number (or a tensor, not checked: that would synchronize the device)."""
+    if isinstance(loss_scale, torch.Tensor):
+        return
+    if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)):
+        raise TypeError(f"loss_scale must be a float, got {type(loss_scale).__name__}")
+    if not math.isfinite(loss_scale) or loss_scale == 0:
+        raise ValueError(f"loss_scale must be a finite, non-zero number, got {loss_scale}")
 
 
 class CoresetOptimizer(torch.optim.Optimizer):
@@ -266,6 +277,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
         start = time.perf_counter()
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (batch -> Tensor[n]), got {type(loss_fn).__name__}")
+        _check_loss_scale(loss_scale)
         size = batch_size(batch)
         codes, names = encode_sources(self._source_values(batch, size, sources), size)
         budget = self.config.budget(size)
@@ -295,6 +307,8 @@ class CoresetOptimizer(torch.optim.Optimizer):
             params = [p for t in self.sketch_targets for p in t.params]
             normalized = normalize_sketches(raw, self.optimizer, params, self.config.normalize)
             valid &= torch.isfinite(normalized).all(1)
+            if not bool(valid.any()):  # e.g. eps=0 and a zero second moment
+                raise ValueError(self._no_valid_message(size) + " (after Adam normalization)")
             timings["normalize"] = time.perf_counter() - t0
             counts = torch.bincount(codes[valid.cpu()], minlength=len(names)).tolist()
             keep = self._keep_mask(names, counts, budget)
