@@ -45,6 +45,11 @@ def backward_weighted(
         n = piece.stop - piece.start
         losses = call_loss_fn(loss_fn, index_batch(batch, piece), n)
         part = (weights[piece].to(losses.device, losses.dtype) * losses).sum() / denominator
+        if not part.requires_grad:
+            raise ValueError(
+                "loss_fn's losses do not require grad, so there is nothing to backpropagate; do "
+                "not run the model under torch.no_grad() inside loss_fn"
+            )
         part.backward()
         total = part.detach() if total is None else total + part.detach()
     return total
