@@ -176,3 +176,26 @@ def test_sketch_module_not_called(trained):
     with pytest.raises(ValueError, match="sketch module"):
         wrapper.select(make_batch(8), loss_fn)
     snap.assert_unchanged()
+
+
+@pytest.mark.parametrize("fail_on_call", [1, 2])
+def test_loss_fn_raising_mid_sketch_cleans_up(trained, fail_on_call):
+    """An exception from loss_fn inside the sketch pass: hooks removed, flags and modes restored."""
+    model, opt, _ = trained
+    wrapper = CoresetOptimizer(opt, model, coreset_size=3, sketch_batch_size=4, sketch_modules=["fc1", "fc2"])
+    model.fc1.eval()
+    snap = Snapshot(model, opt)
+    calls = []
+
+    def loss_fn(b):
+        calls.append(1)
+        if len(calls) == fail_on_call:
+            raise RuntimeError("boom in user code")
+        return regression_loss(model)(b)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        wrapper.select(make_batch(10), loss_fn)
+    snap.assert_unchanged()
+    assert all(not m._forward_hooks for m in model.modules())
+    cs = wrapper.select(make_batch(10), regression_loss(model))  # and it still works
+    assert len(cs) == 3
