@@ -119,3 +119,29 @@ def test_wrapper_runs_on_bnb(name, normalize):
     assert opt.state[model.fc1.weight]["state2"].dtype == torch.uint8
     for p, s in zip(model.parameters(), start):
         assert bool(torch.isfinite(p).all()) and not torch.equal(p, s)
+
+
+@pytest.mark.parametrize("mode", ["adam", "adam_update"])
+def test_bnb_lion_stays_raw(mode):
+    from coreset_optim.normalize import normalize_sketches
+
+    opt, p, _, _ = _run_side_by_side(lambda ps: bnb.optim.Lion8bit(ps, min_8bit_size=0), steps=2)
+    g = torch.randn(3, p.numel())
+    torch.testing.assert_close(normalize_sketches(g, opt, [p], mode), g, rtol=0, atol=0)
+
+
+def test_bnb_ademamix_reads_second_moment():
+    """AdEMAMix stacks two EMAs in state1 (not Adam's m); its state2 is Adam's v."""
+    from coreset_optim.normalize import normalize_sketches
+
+    opt, p, ref, q = _run_side_by_side(lambda ps: bnb.optim.AdEMAMix8bit(ps, min_8bit_size=0), steps=5)
+    m = read_adam_moments(opt, p)
+    assert m.exp_avg is None
+    st = opt.state[p]
+    v = bnbF.dequantize_blockwise(st["state2"], absmax=st["absmax2"], code=st["qmap2"], blocksize=256)
+    torch.testing.assert_close(m.exp_avg_sq, v.reshape(p.shape), rtol=0, atol=0)
+    g = torch.randn(3, p.numel())
+    b2, eps = opt.param_groups[0]["betas"][1], opt.param_groups[0]["eps"]
+    expected = g / ((v.flatten() / (1 - b2**5)).sqrt() + eps)
+    torch.testing.assert_close(normalize_sketches(g, opt, [p], "adam"), expected)
+    assert bool(torch.isfinite(normalize_sketches(g, opt, [p], "adam_update")).all())

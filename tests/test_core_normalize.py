@@ -177,3 +177,31 @@ def test_select_sketches_are_normalized_per_example_grads(mode):
     expected = _by_hand_adam(raw, opt, params) if mode == "adam" else _by_hand_adam_update(raw, opt, params)
     cs = wrapper.select(batch, loss_fn)
     torch.testing.assert_close(cs.sketches, expected)
+
+
+@pytest.mark.parametrize("mode", ["adam", "adam_update"])
+def test_betas_and_eps_without_second_moment_stay_raw(mode):
+    """Adamax has betas and eps but keeps exp_inf, not exp_avg_sq: raw once it has state."""
+    torch.manual_seed(0)
+    model = TwoLayer()
+    opt = torch.optim.Adamax(model.parameters(), lr=1e-2)
+    take_steps(opt, model, 2)
+    params = list(model.parameters())
+    g = torch.randn(3, sum(p.numel() for p in params))
+    torch.testing.assert_close(normalize_sketches(g, opt, params, mode), g, rtol=0, atol=0)
+
+
+def test_parameter_without_state_yet_in_a_stepped_adam():
+    """A parameter added after the first steps has no state: raw under "adam" while the others
+    are normalized, Adam's first update under "adam_update"."""
+    model, opt = _model_and_adam()
+    extra = nn.Parameter(torch.randn(3))
+    opt.add_param_group({"params": [extra], "eps": 1e-3})
+    params = [model.fc2.weight, extra]
+    g = torch.randn(4, model.fc2.weight.numel() + 3)
+    got = normalize_sketches(g, opt, params, "adam")
+    torch.testing.assert_close(got[:, :-3], _by_hand_adam(g[:, :-3], opt, params[:1]))
+    torch.testing.assert_close(got[:, -3:], g[:, -3:], rtol=0, atol=0)
+    got = normalize_sketches(g, opt, params, "adam_update")
+    torch.testing.assert_close(got[:, -3:], g[:, -3:] / (g[:, -3:].abs() + 1e-3))
+    assert extra not in opt.state
