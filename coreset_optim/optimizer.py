@@ -28,6 +28,7 @@ from .sketch import SketchSpec, exact_sketches, resolve_sketch_modules, sketch_m
 _STATE_KEY = "coreset_optim"
 
 
+@torch.enable_grad()  # select() backpropagates even when called under torch.no_grad()
 def backward_weighted(
     batch: Any,
     weights: torch.Tensor,

@@ -108,3 +108,12 @@ def test_timings_reported():
     cs = wrapper.select(make_batch(8), regression_loss(model))
     for stage in ("sketch", "normalize", "backward", "total"):
         assert cs.timings[stage] >= 0.0
+
+
+@pytest.mark.parametrize("size", [4, 30])
+def test_select_under_no_grad_still_backpropagates(size):
+    model, opt, wrapper = build(coreset_size=size)
+    batch, loss_fn = make_batch(12), regression_loss(model)
+    with torch.no_grad():
+        cs = wrapper.select(batch, loss_fn)
+    _assert_grads(model, weighted_grad_reference(model, batch, loss_fn, cs.indices, cs.weights, 12))
