@@ -36,6 +36,7 @@ CONSTRUCTOR_CASES = [
     ({"sketch_modules": "nope"}, ValueError, "sketch_modules"),
     ({"sketch_modules": ["fc2", "fc9"]}, ValueError, "sketch_modules"),
     ({"sketch_modules": 3}, TypeError, "sketch_modules"),
+    ({"sketch_modules": []}, ValueError, "sketch_modules"),
     ({"sketch_modules": [3]}, TypeError, "sketch_modules"),
     ({"sketch_modules": nn.Linear(2, 2)}, ValueError, "sketch_modules"),
     ({"sketch_modules": "("}, ValueError, "sketch_modules"),
