@@ -99,12 +99,15 @@ def test_32bit_state_read_exactly(make):
     assert m.step == 20
 
 
-@pytest.mark.parametrize("name", list(EIGHT_BIT))
+WRAPPED = EIGHT_BIT | {"Adam(optim_bits=32)": lambda ps, **kw: bnb.optim.Adam(ps, optim_bits=32, lr=kw["lr"])}
+
+
+@pytest.mark.parametrize("name", list(WRAPPED))
 @pytest.mark.parametrize("normalize", ["adam", "adam_update"])
 def test_wrapper_runs_on_bnb(name, normalize):
     torch.manual_seed(0)
     model = TwoLayer(d_in=8, hidden=16, d_out=3)
-    opt = EIGHT_BIT[name](model.parameters(), lr=1e-2, min_8bit_size=0)
+    opt = WRAPPED[name](model.parameters(), lr=1e-2, min_8bit_size=0)
     wrapper = CoresetOptimizer(opt, model, coreset_size=4, normalize=normalize, sketch_modules=["fc1", "fc2"])
     start = [p.detach().clone() for p in model.parameters()]
     for step in range(3):
@@ -116,7 +119,8 @@ def test_wrapper_runs_on_bnb(name, normalize):
         torch.testing.assert_close(cs.weights.sum(), torch.tensor(10.0))
         wrapper.step()
         wrapper.zero_grad()
-    assert opt.state[model.fc1.weight]["state2"].dtype == torch.uint8
+    expected = torch.float32 if "32" in name else torch.uint8
+    assert opt.state[model.fc1.weight]["state2"].dtype == expected
     for p, s in zip(model.parameters(), start):
         assert bool(torch.isfinite(p).all()) and not torch.equal(p, s)
 

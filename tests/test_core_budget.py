@@ -137,6 +137,15 @@ def test_select_keep_sources_none_is_proportional():
     torch.testing.assert_close(cs.weights.sum(), torch.tensor(20.0))
 
 
+def test_select_sources_as_numpy():
+    import numpy as np
+
+    sources = _sources_batch()
+    model, opt, wrapper = build(coreset_size=6, keep_sources=["c"])
+    cs = wrapper.select(make_batch(20), regression_loss(model), sources=np.array(sources))
+    assert {n: s.selected for n, s in cs.source_counts.items()} == {"a": 3, "b": 1, "c": 2}
+
+
 def test_select_kept_exceeding_budget():
     sources = _sources_batch()
     model, opt, wrapper = build(coreset_size=3, keep_sources=["b", "c"])
