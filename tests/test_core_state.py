@@ -63,8 +63,10 @@ def test_load_restores_saved_config_and_plain_state_dict_loads():
     model_a, opt_a, wrap_a = build(coreset_size=5, similarity="cosine", normalize="adam_update")
     _train(model_a, wrap_a, 2, first_seed=0)
     model_b, opt_b, wrap_b = build(coreset_size=3)
-    wrap_b.load_state_dict(wrap_a.state_dict())
+    sd = wrap_a.state_dict()
+    wrap_b.load_state_dict(sd)
     assert wrap_b.config == wrap_a.config
+    assert "coreset_optim" in sd  # the caller's dict is not consumed
     # a plain optimizer state dict (no wrapper key) loads too and keeps the wrapper's options
     model_c, opt_c, wrap_c = build(coreset_size=3)
     wrap_c.load_state_dict(opt_a.state_dict())
