@@ -18,9 +18,11 @@ def proportional_split(counts: Sequence[int], budget: int) -> list[int]:
         return list(counts)
     if budget <= 0 or total == 0:
         return [0] * len(counts)
-    shares = [budget * c / total for c in counts]
-    alloc = [min(int(s), c) for s, c in zip(shares, counts)]
-    order = sorted(range(len(counts)), key=lambda i: (-(shares[i] - int(shares[i])), -counts[i], i))
+    # Exact integer arithmetic: floor(budget * c / total) and the fractional part's numerator, so
+    # equal fractional shares tie exactly (floats break ties by rounding noise).
+    alloc = [min(budget * c // total, c) for c in counts]
+    rems = [budget * c % total for c in counts]
+    order = sorted(range(len(counts)), key=lambda i: (-rems[i], -counts[i], i))
     left = budget - sum(alloc)
     while left > 0:  # terminates: budget < total, so some source still has room
         for i in order:

@@ -112,7 +112,9 @@ def read_adam_moments(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> 
             max_exp_avg_sq=state["max_exp_avg_sq"].float().reshape(param.shape) if amsgrad else None,
         )
     if "state2" in state:
-        m = _bnb_state(state, 1) if "state1" in state else None
+        # state1 is Adam's m only when shaped like the parameter (AdEMAMix stacks two EMAs there).
+        s1 = state.get("state1")
+        m = _bnb_state(state, 1) if s1 is not None and s1.numel() == param.numel() else None
         return AdamMoments(
             exp_avg=None if m is None else m.reshape(param.shape),
             exp_avg_sq=_bnb_state(state, 2).reshape(param.shape),

@@ -8,7 +8,10 @@
                    (before the first step m = v = 0, t = 0, i.e. Adam's first update).
 ``None``:          raw gradients.
 
-Optimizers without an Adam second moment (SGD, ...) get raw gradients under every mode.
+Optimizers without an Adam second moment (SGD, ...) get raw gradients under every mode. One whose
+param group has ``betas`` and ``eps`` but whose state holds no second moment (Lion, Adamax) is
+indistinguishable from Adam before its first step (``"adam_update"`` gives Adam's first update
+then) and gets raw gradients once it has state.
 """
 
 from __future__ import annotations
@@ -80,6 +83,9 @@ def normalize_sketches(
             if moments is not None:
                 block = adam_normalize(block, moments.denominator_sq, moments.step, moments.beta2, moments.eps)
         elif moments is None:
+            if optimizer.state.get(p):  # state without an Adam second moment (Lion, Adamax): raw
+                blocks.append(block)
+                continue
             beta1, beta2 = group["betas"][0], group["betas"][1]
             block = adam_update_normalize(block, None, None, 0, beta1, beta2, float(group["eps"]))
         else:

@@ -7,6 +7,7 @@ The class does bookkeeping (options, delegation, state); the math lives in free 
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,7 @@ from .sketch import SketchSpec, exact_sketches, resolve_sketch_modules, sketch_m
 _STATE_KEY = "coreset_optim"
 
 
+@torch.enable_grad()  # select() backpropagates even when called under torch.no_grad()
 def backward_weighted(
     batch: Any,
     weights: torch.Tensor,
@@ -44,6 +46,11 @@ def backward_weighted(
         n = piece.stop - piece.start
         losses = call_loss_fn(loss_fn, index_batch(batch, piece), n)
         part = (weights[piece].to(losses.device, losses.dtype) * losses).sum() / denominator
+        if not part.requires_grad:
+            raise ValueError(
+                "loss_fn's losses do not require grad, so there is nothing to backpropagate; do "
+                "not run the model under torch.no_grad() inside loss_fn"
+            )
         part.backward()
         total = part.detach() if total is None else total + part.detach()
     return total
@@ -56,6 +63,16 @@ def encode_sources(values: Sequence[Any] | None, size: int) -> tuple[torch.Tenso
     names: dict[Any, int] = {}
     codes = [names.setdefault(v, len(names)) for v in values]
     return torch.tensor(codes, dtype=torch.long), list(names)
+
+
+def _check_loss_scale(loss_scale: Any) -> None:
+    """A finite, non-zero number (or a tensor, not checked: that would synchronize the device)."""
+    if isinstance(loss_scale, torch.Tensor):
+        return
+    if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)):
+        raise TypeError(f"loss_scale must be a float, got {type(loss_scale).__name__}")
+    if not math.isfinite(loss_scale) or loss_scale == 0:
+        raise ValueError(f"loss_scale must be a finite, non-zero number, got {loss_scale}")
 
 
 class CoresetOptimizer(torch.optim.Optimizer):
@@ -173,6 +190,26 @@ class CoresetOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         self.optimizer.add_param_group(param_group)
 
+    # Hooks go to the wrapped optimizer, whose step()/state_dict() run them (this class does not
+    # call Optimizer.__init__, so hooks kept here would silently never run).
+    def register_step_pre_hook(self, hook):
+        return self.optimizer.register_step_pre_hook(hook)
+
+    def register_step_post_hook(self, hook):
+        return self.optimizer.register_step_post_hook(hook)
+
+    def register_state_dict_pre_hook(self, hook, prepend: bool = False):
+        return self.optimizer.register_state_dict_pre_hook(hook, prepend=prepend)
+
+    def register_state_dict_post_hook(self, hook, prepend: bool = False):
+        return self.optimizer.register_state_dict_post_hook(hook, prepend=prepend)
+
+    def register_load_state_dict_pre_hook(self, hook, prepend: bool = False):
+        return self.optimizer.register_load_state_dict_pre_hook(hook, prepend=prepend)
+
+    def register_load_state_dict_post_hook(self, hook, prepend: bool = False):
+        return self.optimizer.register_load_state_dict_post_hook(hook, prepend=prepend)
+
     def state_dict(self) -> dict:
         """The wrapped optimizer's state dict plus this wrapper's own (options, counters, RNG)."""
         sd = self.optimizer.state_dict()
@@ -246,6 +283,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
         start = time.perf_counter()
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (batch -> Tensor[n]), got {type(loss_fn).__name__}")
+        _check_loss_scale(loss_scale)
         size = batch_size(batch)
         codes, names = encode_sources(self._source_values(batch, size, sources), size)
         budget = self.config.budget(size)
@@ -275,6 +313,8 @@ class CoresetOptimizer(torch.optim.Optimizer):
             params = [p for t in self.sketch_targets for p in t.params]
             normalized = normalize_sketches(raw, self.optimizer, params, self.config.normalize)
             valid &= torch.isfinite(normalized).all(1)
+            if not bool(valid.any()):  # e.g. eps=0 and a zero second moment
+                raise ValueError(self._no_valid_message(size) + " (after Adam normalization)")
             timings["normalize"] = time.perf_counter() - t0
             counts = torch.bincount(codes[valid.cpu()], minlength=len(names)).tolist()
             keep = self._keep_mask(names, counts, budget)

@@ -102,6 +102,11 @@ def resolve_sketch_modules(
             raise TypeError(
                 f"sketch_modules entries must be names, regexes or modules, got {type(item).__name__}"
             )
+    if not chosen:
+        raise ValueError(
+            "sketch_modules is empty; name at least one Linear layer, or pass None for the default "
+            "(the last Linear layer the optimizer trains)"
+        )
     trained = _trained_param_ids(optimizer)
     targets = []
     for name, module in chosen.items():
