@@ -42,15 +42,35 @@ def small_sources(counts: Sequence[int], budget: int) -> list[bool]:
     return [0 < c and c * budget < total for c in counts]
 
 
+def sources_kept_whole(counts: Sequence[int], budget: int, keep: Sequence[bool]) -> list[bool]:
+    """Which of the sources marked ``keep`` are kept whole within ``budget``.
+
+    Smallest first, a marked source is kept whole only if, with it, the kept examples still leave
+    at least one example of budget for every other non-empty source. So keeping small sources
+    never starves a large one, and the coreset never exceeds the budget.
+    """
+    nonempty = sum(1 for c in counts if c > 0)
+    kept = [False] * len(counts)
+    kept_total, kept_sources = 0, 0
+    for i in sorted(range(len(counts)), key=lambda i: (counts[i], i)):
+        if not keep[i] or counts[i] == 0:
+            continue
+        others = nonempty - kept_sources - 1
+        if kept_total + counts[i] + others <= budget:
+            kept[i] = True
+            kept_total += counts[i]
+            kept_sources += 1
+    return kept
+
+
 def allocate_budget(counts: Sequence[int], budget: int, keep: Sequence[bool]) -> list[int]:
     """Examples to select per source.
 
-    Kept sources get all their examples when they fit in the budget, the others share what is
-    left. When the kept examples alone exceed the budget, no source is kept whole: the budget is
-    split proportionally over all sources, so the coreset never exceeds ``budget``.
+    The sources :func:`sources_kept_whole` keeps get all their examples; the others share what is
+    left in proportion to their counts. A marked source that does not fit is treated like the
+    others (when every marked source fits, all are kept whole).
     """
-    kept_total = sum(c for c, k in zip(counts, keep) if k)
-    if kept_total > budget:
-        return proportional_split(counts, budget)
-    rest = proportional_split([0 if k else c for c, k in zip(counts, keep)], budget - kept_total)
-    return [c if k else r for c, k, r in zip(counts, keep, rest)]
+    whole = sources_kept_whole(counts, budget, keep)
+    kept_total = sum(c for c, w in zip(counts, whole) if w)
+    rest = proportional_split([0 if w else c for c, w in zip(counts, whole)], budget - kept_total)
+    return [c if w else r for c, w, r in zip(counts, whole, rest)]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .batching import batch_size, chunk_slices, index_batch
-from .budget import small_sources
+from .budget import small_sources, sources_kept_whole
 from .config import CoresetConfig
 from .coreset import Coreset, SourceCount
 from .loss import LossFn, call_loss_fn
@@ -325,13 +325,14 @@ class CoresetOptimizer(torch.optim.Optimizer):
             timings.update(result.timings)
             sketches, indices, weights = result.compressed, result.indices, result.weights
             selected, num_valid = result.selected_per_source, sum(counts)
-            keep = [k and s == c for k, s, c in zip(keep, selected, counts)]
+            keep = sources_kept_whole(counts, budget, keep)
 
         t0 = time.perf_counter()
         sub_batch = index_batch(batch, indices)
         loss = backward_weighted(
             sub_batch, weights, loss_fn, num_valid / loss_scale, self.config.micro_batch_size
         )
+        loss = loss / loss_scale  # the estimate of the batch's mean loss, without the scale
         timings["backward"] = time.perf_counter() - t0
         self.num_selections += 1
         in_batch = torch.bincount(codes, minlength=len(names)).tolist()

@@ -6,7 +6,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from coreset_optim.budget import allocate_budget, proportional_split, small_sources
+from coreset_optim.budget import allocate_budget, proportional_split, small_sources, sources_kept_whole
 from coreset_optim.selection import select_from_sketches
 from core_utils import build, make_batch, regression_loss
 
@@ -66,7 +66,10 @@ def test_auto_rule():
 
 def test_allocate_budget_keeps_small_sources():
     assert allocate_budget([14, 4, 2], 6, [False, False, True]) == [3, 1, 2]
-    assert allocate_budget([14, 4, 2], 6, [False, True, True]) == [0, 4, 2]
+    # keeping both would leave nothing for "a": only the smallest is kept whole
+    assert allocate_budget([14, 4, 2], 6, [False, True, True]) == [3, 1, 2]
+    assert allocate_budget([14, 4, 2], 8, [False, True, True]) == [2, 4, 2]
+    assert allocate_budget([90, 8, 2], 10, [False, True, True]) == [7, 1, 2]
     # kept examples exceed the budget: proportional over all sources, never above the budget
     assert allocate_budget([14, 4, 2], 3, [False, True, True]) == [2, 1, 0]
     rng = random.Random(1)
@@ -77,8 +80,13 @@ def test_allocate_budget_keeps_small_sources():
         alloc = allocate_budget(counts, budget, keep)
         assert sum(alloc) == min(budget, sum(counts))
         assert all(0 <= a <= c for a, c in zip(alloc, counts))
-        if sum(c for c, k in zip(counts, keep) if k) <= budget:
-            assert all(a == c for a, c, k in zip(alloc, counts, keep) if k)
+        whole = sources_kept_whole(counts, budget, keep)
+        assert all(k for w, k in zip(whole, keep) if w)  # only marked sources are kept whole
+        assert all(a == c for a, c, w in zip(alloc, counts, whole) if w)
+        others = sum(1 for c, w in zip(counts, whole) if c > 0 and not w)
+        assert sum(c for c, w in zip(counts, whole) if w) + others <= max(budget, others)
+        if sum(c for c, k in zip(counts, keep) if k) + sum(1 for c, k in zip(counts, keep) if c and not k) <= budget:
+            assert all(a == c for a, c, k in zip(alloc, counts, keep) if k)  # all marked fit
 
 
 def _sources_batch():

@@ -87,6 +87,8 @@ def test_loss_scale(scale):
     batch, loss_fn = make_batch(9), regression_loss(model)
     cs = wrapper.select(batch, loss_fn, loss_scale=scale)
     _assert_grads(model, weighted_grad_reference(model, batch, loss_fn, cs.indices, cs.weights, 9), scale)
+    with torch.no_grad():  # Coreset.loss estimates the batch's mean loss, without the scale
+        torch.testing.assert_close(cs.loss, (cs.weights * loss_fn(batch)[cs.indices]).sum() / 9)
 
 
 def test_coreset_size_at_least_batch_selects_all_with_weight_one():
