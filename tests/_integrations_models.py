@@ -1,0 +1,57 @@
+"""Tiny random-init language models and data for the integration tests (no hub, no files)."""
+
+from __future__ import annotations
+
+import torch
+
+VOCAB = 256
+
+
+def tiny_llama(seed: int = 0, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(config)
+
+
+def tiny_gpt2(seed: int = 0, layers: int = 2):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_embd=64, n_layer=layers, n_head=4, vocab_size=VOCAB, n_positions=128,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def lora(model, targets=("q_proj", "v_proj"), seed: int = 0, **kwargs):
+    """LoRA with a non-zero B (a random init would leave LoRA-A's gradient exactly zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), lora_dropout=0.0, **kwargs)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    return peft_model
+
+
+def pattern_batch(n: int, length: int = 16, seed: int = 0, pad_last: int = 0) -> dict:
+    """Learnable sequences: each is ``start, start + step, ...`` mod VOCAB (steps 1..4)."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, VOCAB, (n, 1), generator=g)
+    step = torch.randint(1, 5, (n, 1), generator=g)
+    ids = (start + step * torch.arange(length)) % VOCAB
+    labels = ids.clone()
+    mask = torch.ones_like(ids)
+    if pad_last:
+        labels[:, -pad_last:] = -100
+        mask[:, -pad_last:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
