@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 VOCAB = 256
@@ -44,14 +45,24 @@ def lora(model, targets=("q_proj", "v_proj"), seed: int = 0, **kwargs):
 
 
 def pattern_batch(n: int, length: int = 16, seed: int = 0, pad_last: int = 0) -> dict:
-    """Learnable sequences: each is ``start, start + step, ...`` mod VOCAB (steps 1..4)."""
+    """Easily learned sequences: ``start, start + step, ...`` mod 16 (steps 1..2), in a vocab of 256."""
     g = torch.Generator().manual_seed(seed)
-    start = torch.randint(0, VOCAB, (n, 1), generator=g)
-    step = torch.randint(1, 5, (n, 1), generator=g)
-    ids = (start + step * torch.arange(length)) % VOCAB
+    start = torch.randint(0, 16, (n, 1), generator=g)
+    step = torch.randint(1, 3, (n, 1), generator=g)
+    ids = (start + step * torch.arange(length)) % 16
     labels = ids.clone()
     mask = torch.ones_like(ids)
     if pad_last:
         labels[:, -pad_last:] = -100
         mask[:, -pad_last:] = 0
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.fixture(autouse=False)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, oversubscribed threads made these tiny
+    models 5-20x slower (measured: a 10-step Trainer run 0.7 s with 1 thread, 4-17 s with 2)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -10,8 +10,9 @@ import torch
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-from _integrations_models import lora, pattern_batch, tiny_gpt2, tiny_llama  # noqa: E402
+from _integrations_models import lora, one_thread, pattern_batch, tiny_gpt2, tiny_llama  # noqa: E402,F401
 
 from coreset_optim import CoresetOptimizer  # noqa: E402
 from coreset_optim.integrations.causal_lm import causal_lm_loss_fn, causal_lm_per_example_loss  # noqa: E402
