@@ -117,3 +117,100 @@ def test_gpt2_lora_bnb_optims_are_read(tmp_path, optim):
         assert moments is not None and moments.step == 3
         assert torch.count_nonzero(moments.exp_avg_sq) > 0
     assert "coreset/selected/all" not in train_logs(trainer)[0]
+
+
+class RecordingTrainer(CoresetTrainer):
+    """Keeps every micro-batch it saw and every coreset it selected (for the reference checks)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen, self.coresets = [], []
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.seen.append({k: v.clone() if torch.is_tensor(v) else list(v) for k, v in inputs.items()})
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _record_selection(self, coreset):
+        self.coresets.append((self.state.global_step, coreset.indices.tolist(), coreset.weights.clone(), coreset.num_valid))
+        super()._record_selection(coreset)
+
+
+class GradCapture(TrainerCallback):
+    def __init__(self):
+        self.grads = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+
+
+def _reference_step_gradient(model, micro_batches, coresets, accumulation):
+    """sum over micro-batches of (1/GA) * sum_j w_j grad(loss_j) / N_valid, one example at a time."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    loss_fn = causal_lm_loss_fn(model)
+    model.train()
+    for batch, (_, indices, weights, _) in zip(micro_batches, coresets):
+        valid = int((batch["labels"][:, 1:] != -100).any(1).sum())
+        for j, i in enumerate(indices):
+            one = {k: batch[k][i : i + 1] for k in ("input_ids", "attention_mask", "labels")}
+            loss = loss_fn(one)[0] * weights[j] / valid / accumulation
+            grads = torch.autograd.grad(loss, list(params.values()))
+            for n, g in zip(params, grads):
+                total[n] += g
+    return total
+
+
+@pytest.mark.parametrize("size", [dict(coreset_size=3), dict(coreset_ratio=1.0)])
+def test_step_gradient_matches_hand_written_loop_under_accumulation(tmp_path, size):
+    import copy
+
+    model = lora(tiny_llama())
+    initial = copy.deepcopy(model)
+    data = make_dataset(n=16, sources=None)
+    data.rows[5]["labels"] = [-100] * 16  # an example without label tokens: invalid, not counted
+    args = make_args(
+        tmp_path, per_device_train_batch_size=8, gradient_accumulation_steps=2, max_steps=1,
+        max_grad_norm=0.0, logging_steps=1, **{"coreset_size": None, **size},
+    )
+    capture = GradCapture()
+    trainer = RecordingTrainer(model=model, args=args, train_dataset=data, callbacks=[capture])
+    trainer.train()
+    assert len(trainer.seen) == 2 and len(capture.grads) == 1
+    assert sum(c[3] for c in trainer.coresets) == 15  # one invalid example in 16
+    assert trainer.state.log_history[0]["coreset/invalid"] == 1
+    ref = _reference_step_gradient(initial, trainer.seen, trainer.coresets, accumulation=2)
+    for name, grad in capture.grads[0].items():
+        torch.testing.assert_close(grad, ref[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def _run(tmp_path, model, max_steps, resume=None, optim="adamw_torch"):
+    args = make_args(
+        tmp_path, optim=optim, per_device_train_batch_size=8, coreset_size=3, max_steps=max_steps,
+        save_strategy="steps", save_steps=2, logging_steps=1, source_column="source",
+    )
+    trainer = RecordingTrainer(model=model, args=args, train_dataset=make_dataset(n=32))
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "paged_adamw_8bit"])
+def test_resume_from_checkpoint_is_exact(tmp_path, optim):
+    if "8bit" in optim:
+        pytest.importorskip("bitsandbytes")
+    full = _run(tmp_path / "a", lora(tiny_llama()), 4, optim=optim)
+    checkpoint = tmp_path / "a" / "out" / "checkpoint-2"
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert saved["coreset_optim"]["num_selections"] == 2 and saved["coreset_optim"]["num_steps"] == 2
+
+    # the same base weights (as from_pretrained gives), a different LoRA init: the checkpoint's must win
+    resumed = _run(tmp_path / "b", lora(tiny_llama(), seed=1), 4, resume=str(checkpoint), optim=optim)
+    assert [c[:2] for c in resumed.coresets] == [c[:2] for c in full.coresets[2:]]
+    for (_, _, w_res, _), (_, _, w_full, _) in zip(resumed.coresets, full.coresets[2:]):
+        assert torch.equal(w_res, w_full)
+    a, b = full.coreset_optimizer, resumed.coreset_optimizer
+    assert (a.num_selections, a.num_steps) == (b.num_selections, b.num_steps) == (4, 4)
+    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    pa = dict(full.model.named_parameters())
+    for name, p in resumed.model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, pa[name]), name
