@@ -30,12 +30,12 @@ def tiny_gpt2(seed: int = 0, layers: int = 2):
     return GPT2LMHeadModel(config)
 
 
-def lora(model, targets=("q_proj", "v_proj"), seed: int = 0, **kwargs):
+def lora(model, targets=("q_proj", "v_proj"), seed: int = 0, r: int = 4, **kwargs):
     """LoRA with a non-zero B (a random init would leave LoRA-A's gradient exactly zero)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), lora_dropout=0.0, **kwargs)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), lora_dropout=0.0, **kwargs)
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():

@@ -106,13 +106,16 @@ def test_llama_lora_trains_with_sources(tmp_path, optim):
 @pytest.mark.parametrize("optim", ["adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
 def test_gpt2_lora_bnb_optims_are_read(tmp_path, optim):
     bnb = pytest.importorskip("bitsandbytes")
-    model = lora(tiny_gpt2(), targets=("c_attn",))
+    # r=32: c_attn's lora_B has 192 * 32 = 6144 >= 4096 (bnb's min_8bit_size) values: 8-bit state
+    model = lora(tiny_gpt2(), targets=("c_attn",), r=32)
     args = make_args(tmp_path, optim=optim, max_steps=3, logging_steps=3)
     trainer = CoresetTrainer(model=model, args=args, train_dataset=make_dataset(sources=None))
     trainer.train()
     opt = unwrap_coreset_optimizer(trainer.optimizer)
     assert isinstance(opt.optimizer, bnb.optim.optimizer.Optimizer8bit)
     for target in opt.sketch_targets:
+        state = opt.optimizer.state[target.module.weight]
+        assert state["state2"].dtype == (torch.float32 if "32bit" in optim else torch.uint8)
         moments = read_adam_moments(opt.optimizer, target.module.weight)
         assert moments is not None and moments.step == 3
         assert torch.count_nonzero(moments.exp_avg_sq) > 0
@@ -214,3 +217,87 @@ def test_resume_from_checkpoint_is_exact(tmp_path, optim):
     for name, p in resumed.model.named_parameters():
         if p.requires_grad:
             assert torch.equal(p, pa[name]), name
+
+
+def _lora_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_bad_arguments_fail_at_construction(tmp_path):
+    with pytest.raises(ValueError, match="larger than per_device_train_batch_size"):
+        make_args(tmp_path, coreset_size=32)
+    with pytest.raises(ValueError, match="exactly one of coreset_size"):
+        make_args(tmp_path, coreset_size=None)
+    with pytest.raises(ValueError, match="coreset_ratio must be in"):
+        make_args(tmp_path, coreset_size=None, coreset_ratio=1.5)
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        make_args(tmp_path, normalize="rms")
+
+
+def test_missing_source_column_fails_before_training(tmp_path):
+    model = lora(tiny_llama())
+    args = make_args(tmp_path, source_column="domain")
+    with pytest.raises(ValueError, match="source_column='domain' is not a column"):
+        CoresetTrainer(model=model, args=args, train_dataset=make_dataset())
+
+
+def test_plain_trainer_arguments_are_refused(tmp_path):
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    with pytest.raises(TypeError, match="CoresetTrainingArguments"):
+        CoresetTrainer(model=lora(tiny_llama()), args=args, train_dataset=make_dataset())
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(optim="sgd"), "keeps no Adam second moment"),
+        (dict(optim="adafactor"), "keeps no Adam second moment"),
+        (dict(sketch_modules=["base_model.model.model.layers.1.self_attn.k_proj.lora_B.default"]), "matches no module"),
+    ],
+)
+def test_bad_setup_fails_before_any_parameter_changes(tmp_path, options, match):
+    model = lora(tiny_llama())
+    before = _lora_state(model)
+    trainer = CoresetTrainer(model=model, args=make_args(tmp_path, **options), train_dataset=make_dataset())
+    with pytest.raises(ValueError, match=match):
+        trainer.train()
+    for name, p in _lora_state(model).items():
+        assert torch.equal(p, before[name])
+
+
+def test_sgd_with_normalize_none_is_the_documented_fallback(tmp_path):
+    model = lora(tiny_llama())
+    before = eval_loss(model)
+    args = make_args(tmp_path, optim="sgd", normalize=None, learning_rate=0.5, max_steps=6)
+    CoresetTrainer(model=model, args=args, train_dataset=make_dataset(sources=None)).train()
+    assert eval_loss(model) < before
+
+
+def test_user_optimizer_is_wrapped_and_eval_runs_without_the_source_column(tmp_path):
+    model = lora(tiny_llama())
+    inner = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    args = make_args(tmp_path, source_column="source", max_steps=2, eval_strategy="no")
+    trainer = CoresetTrainer(
+        model=model, args=args, train_dataset=make_dataset(), eval_dataset=make_dataset(16, sources=None),
+        optimizers=(inner, None),
+    )
+    trainer.train()
+    assert trainer.coreset_optimizer.optimizer is inner and inner.state
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_loss"])
+
+
+def test_per_example_loss_hook(tmp_path):
+    calls = []
+
+    def per_example_loss(model, inputs):
+        calls.append(sorted(inputs))
+        return causal_lm_loss_fn(model)(inputs)
+
+    args = make_args(tmp_path, source_column="source", max_steps=1)
+    CoresetTrainer(
+        model=lora(tiny_llama()), args=args, train_dataset=make_dataset(), per_example_loss=per_example_loss
+    ).train()
+    assert calls and all(keys == ["attention_mask", "input_ids", "labels"] for keys in calls)

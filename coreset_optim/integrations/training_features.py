@@ -11,12 +11,19 @@
   forward hook named ``make_inputs_require_grad(s)`` (transformers' and peft's name: calling
   ``enable_input_require_grads`` twice, as peft does, leaves an untracked first hook).
 
-Both are restored exactly: the same flags, the same hook functions under the same ids, in order.
+* bitsandbytes 4-bit layers (QLoRA) on CPU: an eval-mode forward whose input does not require
+  grad permanently repacks the weight for a CPU kernel (bitsandbytes 0.50, CPUs with AVX512-BF16),
+  after which gradients no longer flow through the layer to earlier layers: training silently
+  stops updating every LoRA layer below the last one. The sketch pass freezes those inputs, so it
+  keeps ``Linear4bit`` modules in training mode (they have no dropout: same output).
+
+All are restored exactly: the same flags, the same hook functions under the same ids, in order.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 
 from torch import nn
@@ -42,10 +49,20 @@ def _require_grads_hooks(model: nn.Module) -> list[tuple[dict, int]]:
     return hits
 
 
+def _bnb_4bit_layers(model: nn.Module) -> list[nn.Module]:
+    if "bitsandbytes" not in sys.modules:
+        return []
+    linear4bit = getattr(getattr(sys.modules["bitsandbytes"], "nn", None), "Linear4bit", None)
+    if linear4bit is None:
+        return []
+    return [m for m in model.modules() if isinstance(m, linear4bit)]
+
+
 @contextlib.contextmanager
 def training_features_off(model: nn.Module) -> Iterator[None]:
-    """Gradient checkpointing and input-require-grads hooks off inside, restored exactly after."""
+    """Checkpointing and input-require-grads hooks off, 4-bit layers in training mode; all restored."""
     flagged = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    quantized = [(m, m.training) for m in _bnb_4bit_layers(model)]
     hits = _require_grads_hooks(model)
     saved = []  # (hooks dict, its items before), once per dict
     for hooks, _ in hits:
@@ -56,10 +73,14 @@ def training_features_off(model: nn.Module) -> Iterator[None]:
             m.gradient_checkpointing = False
         for hooks, key in hits:
             hooks.pop(key, None)
+        for m, _ in quantized:
+            m.training = True
         yield
     finally:
         for m in flagged:
             m.gradient_checkpointing = True
+        for m, training in quantized:
+            m.training = training
         for hooks, items in saved:
             before = dict(items)
             added = [(k, v) for k, v in hooks.items() if k not in before]
