@@ -79,9 +79,18 @@ def train_logs(trainer):
     return [h for h in trainer.state.log_history if "loss" in h]
 
 
-@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_bnb_8bit"])
-def test_llama_lora_trains_with_sources(tmp_path, optim):
-    model = lora(tiny_llama())
+MODELS = {
+    "llama": (lambda: lora(tiny_llama()), "base_model.model.model.layers.1.self_attn.v_proj.lora_B.default"),
+    "gpt2": (lambda: lora(tiny_gpt2(), targets=("c_attn",)), "base_model.model.transformer.h.1.attn.c_attn.lora_B.default"),
+}
+
+
+@pytest.mark.parametrize("arch, optim", [("llama", "adamw_torch"), ("llama", "adamw_bnb_8bit"), ("gpt2", "adamw_torch"), ("gpt2", "paged_adamw_8bit")])
+def test_lora_trains_with_sources(tmp_path, arch, optim):
+    if "8bit" in optim:
+        pytest.importorskip("bitsandbytes")
+    build, target = MODELS[arch]
+    model = build()
     before = eval_loss(model)
     args = make_args(tmp_path, optim=optim, source_column="source", max_steps=10, logging_steps=5)
     trainer = CoresetTrainer(model=model, args=args, train_dataset=make_dataset())
@@ -90,7 +99,7 @@ def test_llama_lora_trains_with_sources(tmp_path, optim):
     assert after < before - 0.05, (before, after)
     opt = unwrap_coreset_optimizer(trainer.optimizer)
     assert isinstance(opt, CoresetOptimizer)
-    assert [t.name for t in opt.sketch_targets] == ["base_model.model.model.layers.1.self_attn.v_proj.lora_B.default"]
+    assert [t.name for t in opt.sketch_targets] == [target]
     logs = train_logs(trainer)
     assert len(logs) == 2
     for log in logs:
@@ -196,17 +205,23 @@ def _run(tmp_path, model, max_steps, resume=None, optim="adamw_torch"):
     return trainer
 
 
-@pytest.mark.parametrize("optim", ["adamw_torch", "paged_adamw_8bit"])
-def test_resume_from_checkpoint_is_exact(tmp_path, optim):
+@pytest.mark.parametrize("arch, optim", [("llama", "adamw_torch"), ("llama", "paged_adamw_8bit"), ("gpt2", "adamw_bnb_8bit")])
+def test_resume_from_checkpoint_is_exact(tmp_path, arch, optim):
     if "8bit" in optim:
         pytest.importorskip("bitsandbytes")
-    full = _run(tmp_path / "a", lora(tiny_llama()), 4, optim=optim)
+    build = MODELS[arch][0]
+    full = _run(tmp_path / "a", build(), 4, optim=optim)
     checkpoint = tmp_path / "a" / "out" / "checkpoint-2"
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     assert saved["coreset_optim"]["num_selections"] == 2 and saved["coreset_optim"]["num_steps"] == 2
 
-    # the same base weights (as from_pretrained gives), a different LoRA init: the checkpoint's must win
-    resumed = _run(tmp_path / "b", lora(tiny_llama(), seed=1), 4, resume=str(checkpoint), optim=optim)
+    # the same base weights (as from_pretrained gives), other LoRA weights: the checkpoint's must win
+    model = build()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_()
+    resumed = _run(tmp_path / "b", model, 4, resume=str(checkpoint), optim=optim)
     assert [c[:2] for c in resumed.coresets] == [c[:2] for c in full.coresets[2:]]
     for (_, _, w_res, _), (_, _, w_full, _) in zip(resumed.coresets, full.coresets[2:]):
         assert torch.equal(w_res, w_full)
@@ -301,3 +316,40 @@ def test_per_example_loss_hook(tmp_path):
         model=lora(tiny_llama()), args=args, train_dataset=make_dataset(), per_example_loss=per_example_loss
     ).train()
     assert calls and all(keys == ["attention_mask", "input_ids", "labels"] for keys in calls)
+
+
+def test_gradient_checkpointing_through_the_trainer(tmp_path):
+    model = lora(tiny_llama())
+    before = eval_loss(model)
+    args = make_args(tmp_path, gradient_checkpointing=True, max_steps=8, logging_steps=8)
+    trainer = CoresetTrainer(model=model, args=args, train_dataset=make_dataset(sources=None))
+    trainer.train()
+    assert model.base_model.model.is_activation_checkpointing
+    assert eval_loss(model) < before - 0.05
+
+
+class OddAdam(torch.optim.SGD):
+    """Has Adam's hyper-parameters but keeps its second moment under a name nobody reads."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr)
+        for group in self.param_groups:
+            group.update(betas=(0.9, 0.999), eps=1e-8)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.state[p]["my_v"] = p.grad.square()
+        return super().step(closure)
+
+
+def test_unreadable_second_moment_is_reported_after_the_first_step(tmp_path):
+    model = lora(tiny_llama())
+    opt = OddAdam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    args = make_args(tmp_path, max_steps=3)
+    trainer = CoresetTrainer(model=model, args=args, train_dataset=make_dataset(), optimizers=(opt, None))
+    with pytest.raises(ValueError, match="no Adam second moment .* in a layout"):
+        trainer.train()
+    assert trainer.coreset_optimizer.num_steps == 1
