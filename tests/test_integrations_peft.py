@@ -188,3 +188,9 @@ def test_causal_lm_per_example_loss_matches_hf_per_example():
     torch.testing.assert_close(causal_lm_per_example_loss(out.logits, batch["labels"]), losses, equal_nan=True)
     with pytest.raises(ValueError, match="labels must be"):
         causal_lm_per_example_loss(out, batch["labels"][:, :3])
+
+
+def test_plain_model_keeps_the_core_default_when_peft_is_loaded():
+    model = tiny_llama()
+    opt = CoresetOptimizer(torch.optim.AdamW(model.parameters()), model, coreset_size=2)
+    assert [t.name for t in opt.sketch_targets] == ["lm_head"]

@@ -172,10 +172,10 @@ class CoresetTrainer(Trainer):
     # --- checks before training --------------------------------------------------------------
     def _check_coreset_setup(self) -> None:
         args = self.args
-        if args.world_size > 1:
+        if args.world_size > 1 or args.n_gpu > 1 or getattr(self, "is_deepspeed_enabled", False):
             raise ValueError(
-                "CoresetTrainer runs in one process for now (world_size=1); multi-process selection "
-                "is not wired into the Trainer yet"
+                "CoresetTrainer runs on one device in one process for now (world_size=1, n_gpu=1, "
+                "no DeepSpeed); multi-device selection is not wired into the Trainer yet"
             )
         if args.fp16:
             raise ValueError(
