@@ -27,9 +27,10 @@ def causal_lm_per_example_loss(
     ``labels``: ``[B, T]`` token ids, ``ignore_index`` where no loss is wanted. ``shift=False`` when
     the labels are already aligned with the logits.
     """
-    logits = outputs.logits if hasattr(outputs, "logits") else outputs
-    if isinstance(outputs, Mapping) and not isinstance(outputs, torch.Tensor) and "logits" in outputs:
+    if isinstance(outputs, Mapping) and "logits" in outputs:
         logits = outputs["logits"]
+    else:
+        logits = getattr(outputs, "logits", outputs)
     if not isinstance(logits, torch.Tensor) or logits.ndim != 3:
         raise ValueError(
             "causal_lm_per_example_loss: expected logits of shape [batch, tokens, vocab] (or an "
