@@ -155,3 +155,20 @@ def test_qlora_trains_with_paged_adamw8bit(tmp_path):
     assert _mean_loss(model) < before - 0.1
     state = opt.optimizer.state[opt.sketch_targets[0].module.weight]
     assert state["state2"].dtype == torch.uint8 and state["step"] == 12
+
+
+def test_qlora_through_the_trainer(tmp_path):
+    from test_integrations_trainer import make_args, make_dataset
+
+    from coreset_optim.integrations.transformers import CoresetTrainer
+
+    model = _qlora_model(tmp_path)
+    before = _mean_loss(model)
+    first_block = {n: p.detach().clone() for n, p in model.named_parameters() if "layers.0" in n and "lora_" in n}
+    args = make_args(tmp_path, optim="paged_adamw_8bit", gradient_checkpointing=True, max_steps=8, logging_steps=4)
+    trainer = CoresetTrainer(model=model, args=args, train_dataset=make_dataset(sources=None))
+    trainer.train()
+    assert _mean_loss(model) < before - 0.05
+    params = dict(model.named_parameters())
+    assert all(not torch.equal(params[n], p) for n, p in first_block.items())  # block 0 learned too
+    assert all(h["coreset/selected"] == 16 for h in trainer.state.log_history if "loss" in h)
