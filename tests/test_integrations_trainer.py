@@ -249,6 +249,24 @@ def test_bad_arguments_fail_at_construction(tmp_path):
         make_args(tmp_path, normalize="rms")
 
 
+@pytest.mark.parametrize("options, match", [
+    (dict(optim="lomo"), "fuses the update"),
+    (dict(label_smoothing_factor=0.1), "label_smoothing_factor"),
+])
+def test_unsupported_trainer_options_fail_at_construction(tmp_path, options, match):
+    with pytest.raises(ValueError, match=match):
+        CoresetTrainer(model=lora(tiny_llama()), args=make_args(tmp_path, **options), train_dataset=make_dataset())
+
+
+def test_keep_sources_from_the_arguments(tmp_path):
+    args = make_args(tmp_path, source_column="source", keep_sources=["math"], max_steps=2, logging_steps=2)
+    trainer = CoresetTrainer(model=lora(tiny_llama()), args=args, train_dataset=make_dataset())
+    trainer.train()
+    log = train_logs(trainer)[0]
+    assert log["coreset/selected/math"] == log["coreset/in_batch/math"] > 0
+    assert log["coreset/selected"] == 8
+
+
 def test_missing_source_column_fails_before_training(tmp_path):
     model = lora(tiny_llama())
     args = make_args(tmp_path, source_column="domain")

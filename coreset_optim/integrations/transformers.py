@@ -182,6 +182,17 @@ class CoresetTrainer(Trainer):
                 "CoresetTrainer does not support fp16 with a gradient scaler (the coreset's backward "
                 "is not scaled); use bf16=True or fp32"
             )
+        if getattr(args.optim, "value", args.optim) in ("lomo", "adalomo"):
+            raise ValueError(
+                f"optim={args.optim!r} fuses the update into the backward pass and needs the Trainer's "
+                "own training_step; CoresetTrainer cannot wrap it. Use an Adam-type optimizer"
+            )
+        if args.label_smoothing_factor and self.per_example_loss is None:
+            raise ValueError(
+                f"label_smoothing_factor={args.label_smoothing_factor} is not applied by the default "
+                "causal-LM per-example loss; pass CoresetTrainer(per_example_loss=...) that applies it, "
+                "or set label_smoothing_factor=0"
+            )
         column = args.source_column
         if column is not None and self.train_dataset is not None:
             names = getattr(self.train_dataset, "column_names", None)
@@ -204,7 +215,7 @@ class CoresetTrainer(Trainer):
             return built
         if self.args.normalize is not None and not any(has_second_moment(g) for g in built.param_groups):
             raise ValueError(
-                f"optim={self.args.optim!r} built {type(built).__name__}, which keeps no Adam second "
+                f"optim={getattr(self.args.optim, 'value', self.args.optim)!r} built {type(built).__name__}, which keeps no Adam second "
                 f"moment, but normalize={self.args.normalize!r} needs one. Use an Adam-type optimizer "
                 "(adamw_torch, adamw_bnb_8bit, paged_adamw_8bit, ...) or set normalize=None to select "
                 "on raw gradients"
