@@ -66,3 +66,49 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def make_dataset(n=64, length=16, seed=0, sources=("web", "code", "math")):
+    """Rows of :func:`pattern_batch` as lists, with an uneven "source" column unless sources=None."""
+    batch = pattern_batch(n, length, seed=seed, pad_last=2)
+    rows = []
+    for i in range(n):
+        row = {k: v[i].tolist() for k, v in batch.items()}
+        if sources:
+            # an uneven mixture: "math" is rare
+            row["source"] = sources[0] if i % 8 < 5 else sources[1] if i % 8 < 7 else sources[2]
+        rows.append(row)
+    return ListDataset(rows)
+
+
+def make_args(tmp_path, **kwargs):
+    """CoresetTrainingArguments for fast CPU tests; ``kwargs`` override."""
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=16,
+        coreset_size=4,
+        max_steps=6,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=2,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    defaults.update(kwargs)
+    from coreset_optim.integrations.transformers import CoresetTrainingArguments
+
+    return CoresetTrainingArguments(**defaults)

@@ -158,7 +158,7 @@ def test_qlora_trains_with_paged_adamw8bit(tmp_path):
 
 
 def test_qlora_through_the_trainer(tmp_path):
-    from test_integrations_trainer import make_args, make_dataset
+    from _integrations_models import make_args, make_dataset
 
     from coreset_optim.integrations.transformers import CoresetTrainer
 

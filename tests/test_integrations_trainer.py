@@ -11,59 +11,24 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-from _integrations_models import lora, one_thread, pattern_batch, tiny_gpt2, tiny_llama  # noqa: E402,F401
+from _integrations_models import (  # noqa: E402,F401
+    lora,
+    make_args,
+    make_dataset,
+    one_thread,
+    pattern_batch,
+    tiny_gpt2,
+    tiny_llama,
+)
 from transformers import TrainerCallback  # noqa: E402
 
 from coreset_optim import CoresetOptimizer  # noqa: E402
 from coreset_optim.integrations.causal_lm import causal_lm_loss_fn, causal_lm_per_example_loss  # noqa: E402
 from coreset_optim.integrations.transformers import (  # noqa: E402
     CoresetTrainer,
-    CoresetTrainingArguments,
     unwrap_coreset_optimizer,
 )
 from coreset_optim.moments import read_adam_moments  # noqa: E402
-
-
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-
-def make_dataset(n=64, length=16, seed=0, sources=("web", "code", "math")):
-    batch = pattern_batch(n, length, seed=seed, pad_last=2)
-    rows = []
-    for i in range(n):
-        row = {k: v[i].tolist() for k, v in batch.items()}
-        if sources:
-            # an uneven mixture: "math" is rare
-            row["source"] = sources[0] if i % 8 < 5 else sources[1] if i % 8 < 7 else sources[2]
-        rows.append(row)
-    return ListDataset(rows)
-
-
-def make_args(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=16,
-        coreset_size=4,
-        max_steps=6,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        logging_steps=2,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-    )
-    defaults.update(kwargs)
-    return CoresetTrainingArguments(**defaults)
 
 
 def eval_loss(model, seed=123):
