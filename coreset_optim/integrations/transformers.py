@@ -182,9 +182,10 @@ class CoresetTrainer(Trainer):
                 "CoresetTrainer does not support fp16 with a gradient scaler (the coreset's backward "
                 "is not scaled); use bf16=True or fp32"
             )
-        if getattr(args.optim, "value", args.optim) in ("lomo", "adalomo"):
+        optim = getattr(args.optim, "value", args.optim)
+        if optim in ("lomo", "adalomo"):
             raise ValueError(
-                f"optim={args.optim!r} fuses the update into the backward pass and needs the Trainer's "
+                f"optim={optim!r} fuses the update into the backward pass and needs the Trainer's "
                 "own training_step; CoresetTrainer cannot wrap it. Use an Adam-type optimizer"
             )
         if args.label_smoothing_factor and self.per_example_loss is None:
