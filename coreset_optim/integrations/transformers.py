@@ -1,0 +1,328 @@
+"""``CoresetTrainer``: the Hugging Face ``Trainer`` training on a weighted coreset of each micro-batch.
+
+Two overrides carry the method; nothing of the inner training loop is copied:
+
+* ``create_optimizer`` lets the Trainer build whatever ``optim=`` names (or take the optimizer the
+  user passed) and wraps it in :class:`~coreset_optim.CoresetOptimizer`; accelerate then wraps that.
+* ``training_step`` runs ``select()`` on the micro-batch (the "large batch": its size is
+  ``per_device_train_batch_size``), which backpropagates only the coreset.
+
+Loss scale: ``select`` adds ``loss_scale * sum_j w_j grad(loss_j) / N`` to ``.grad`` with
+``loss_scale = 1 / (micro-batches in this optimizer step)``, so one optimizer step's gradient is the
+mean of its micro-batches' coreset estimates, each an estimate of that micro-batch's mean
+per-example loss gradient. ``num_items_in_batch`` (the token count of the whole large batch) is not
+used: a coreset's examples are weighted per example, not per token. This is also the value the
+Trainer logs as ``loss``.
+
+Two small glue overrides keep the source column alive: ``get_train_dataloader`` (the column
+survives ``remove_unused_columns`` and the data collator, as a per-example list) and ``log``
+(selection statistics join the training logs at ``logging_steps``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from ..config import CoresetConfig
+from ..coreset import Coreset
+from ..moments import has_second_moment, read_adam_moments
+from ..optimizer import CoresetOptimizer
+from .causal_lm import causal_lm_loss_fn, causal_lm_per_example_loss
+
+__all__ = [
+    "CoresetTrainer",
+    "CoresetTrainingArguments",
+    "causal_lm_per_example_loss",
+    "unwrap_coreset_optimizer",
+]
+
+PerExampleLoss = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
+
+
+@dataclass
+class CoresetTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus the :class:`~coreset_optim.CoresetOptimizer` options.
+
+    ``per_device_train_batch_size`` is the large batch a coreset is selected from; give exactly one
+    of ``coreset_size`` / ``coreset_ratio``. ``coreset_seed`` and ``coreset_micro_batch_size`` are
+    ``CoresetOptimizer``'s ``seed`` and ``micro_batch_size`` (renamed: the Trainer has a ``seed``).
+    """
+
+    coreset_size: Optional[int] = field(default=None, metadata={"help": "Examples selected per micro-batch."})
+    coreset_ratio: Optional[float] = field(
+        default=None, metadata={"help": "Fraction of each micro-batch selected (ceil)."}
+    )
+    source_column: Optional[str] = field(
+        default=None, metadata={"help": "Dataset column naming each example's source (data mixture)."}
+    )
+    keep_sources: Optional[Union[str, list]] = field(
+        default="auto", metadata={"help": "'auto', None, or source ids whose examples are all kept."}
+    )
+    sketch_modules: Optional[list[str]] = field(
+        default=None, metadata={"help": "Linear layers (names or regexes) to sketch; default: LoRA-B of the last v_proj."}
+    )
+    sketch_dim: int = field(default=2560, metadata={"help": "Sketch dimension after top-k compression."})
+    normalize: Optional[str] = field(default="adam", metadata={"help": "'adam', 'adam_update' or None."})
+    similarity: str = field(default="l1", metadata={"help": "Similarity used by facility location."})
+    sketch_batch_size: Optional[int] = field(default=None, metadata={"help": "Chunk size of the sketch pass."})
+    coreset_micro_batch_size: Optional[int] = field(
+        default=None, metadata={"help": "Chunk size of the coreset's backward."}
+    )
+    coreset_seed: int = field(default=0, metadata={"help": "Seed of the selection's random generator."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        config = self.coreset_config()  # raises ValueError on bad options, before anything runs
+        large = self.per_device_train_batch_size
+        if config.coreset_size is not None and config.coreset_size > large:
+            raise ValueError(
+                f"coreset_size={config.coreset_size} is larger than per_device_train_batch_size={large}, "
+                "the large batch it is selected from; raise per_device_train_batch_size or lower coreset_size"
+            )
+        if self.source_column is not None and not isinstance(self.source_column, str):
+            raise TypeError(f"source_column must be a column name (str) or None, got {self.source_column!r}")
+
+    def coreset_config(self) -> CoresetConfig:
+        return CoresetConfig(**self.coreset_kwargs(with_modules=False))
+
+    def coreset_kwargs(self, with_modules: bool = True) -> dict[str, Any]:
+        """The keyword arguments of ``CoresetOptimizer`` these arguments stand for."""
+        kwargs = dict(
+            coreset_size=self.coreset_size,
+            coreset_ratio=self.coreset_ratio,
+            sketch_dim=self.sketch_dim,
+            normalize=self.normalize,
+            similarity=self.similarity,
+            keep_sources=self.keep_sources,
+            sketch_batch_size=self.sketch_batch_size,
+            micro_batch_size=self.coreset_micro_batch_size,
+            seed=self.coreset_seed,
+        )
+        if with_modules:
+            kwargs["sketch_modules"] = self.sketch_modules
+        return kwargs
+
+
+def unwrap_coreset_optimizer(optimizer: Any) -> Any:
+    """The innermost optimizer short of a CoresetOptimizer (peels accelerate's AcceleratedOptimizer)."""
+    while not isinstance(optimizer, CoresetOptimizer) and isinstance(
+        getattr(optimizer, "optimizer", None), torch.optim.Optimizer
+    ):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+class SourceCollator:
+    """Takes the source column out of each feature before the user's collator, and puts it back
+    into the batch as a per-example list (collators drop or choke on string columns)."""
+
+    def __init__(self, collator: Callable, column: str) -> None:
+        self.collator, self.column = collator, column
+
+    def __call__(self, features: Sequence[Any]) -> Any:
+        sources, stripped = [], []
+        for f in features:
+            if not isinstance(f, Mapping) or self.column not in f:
+                keys = list(f) if isinstance(f, Mapping) else type(f).__name__
+                raise ValueError(
+                    f"source_column={self.column!r} is missing from a training example (it has {keys}); "
+                    "add the column to the dataset or set source_column=None"
+                )
+            sources.append(f[self.column])
+            stripped.append({k: v for k, v in f.items() if k != self.column})
+        batch = self.collator(stripped)
+        batch[self.column] = [s.item() if isinstance(s, torch.Tensor) else s for s in sources]
+        return batch
+
+
+def _first_example(dataset: Any) -> Any:
+    try:
+        return dataset[0]
+    except Exception:  # noqa: BLE001 - iterable datasets have no index; checked per batch instead
+        return None
+
+
+class CoresetTrainer(Trainer):
+    """``transformers.Trainer`` that backpropagates a weighted coreset of every micro-batch.
+
+    ``per_example_loss(model, inputs) -> Tensor[n]`` gives one loss per example; the default is
+    the causal-LM loss (mean over each example's label tokens, ``-100`` ignored, labels shifted).
+    Needs :class:`CoresetTrainingArguments`.
+    """
+
+    def __init__(self, *args: Any, per_example_loss: PerExampleLoss | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, CoresetTrainingArguments):
+            raise TypeError(
+                f"CoresetTrainer needs args=CoresetTrainingArguments(...), got {type(self.args).__name__}"
+            )
+        if per_example_loss is not None and not callable(per_example_loss):
+            raise TypeError("per_example_loss must be callable (model, inputs) -> Tensor[n]")
+        self.per_example_loss = per_example_loss
+        self._coreset_stats: dict[str, float] = {}
+        self._moments_checked = False
+        self._check_coreset_setup()
+
+    # --- checks before training --------------------------------------------------------------
+    def _check_coreset_setup(self) -> None:
+        args = self.args
+        if args.world_size > 1 or args.n_gpu > 1 or getattr(self, "is_deepspeed_enabled", False):
+            raise ValueError(
+                "CoresetTrainer runs on one device in one process for now (world_size=1, n_gpu=1, "
+                "no DeepSpeed); multi-device selection is not wired into the Trainer yet"
+            )
+        if args.fp16:
+            raise ValueError(
+                "CoresetTrainer does not support fp16 with a gradient scaler (the coreset's backward "
+                "is not scaled); use bf16=True or fp32"
+            )
+        optim = getattr(args.optim, "value", args.optim)
+        if optim in ("lomo", "adalomo"):
+            raise ValueError(
+                f"optim={optim!r} fuses the update into the backward pass and needs the Trainer's "
+                "own training_step; CoresetTrainer cannot wrap it. Use an Adam-type optimizer"
+            )
+        if args.label_smoothing_factor and self.per_example_loss is None:
+            raise ValueError(
+                f"label_smoothing_factor={args.label_smoothing_factor} is not applied by the default "
+                "causal-LM per-example loss; pass CoresetTrainer(per_example_loss=...) that applies it, "
+                "or set label_smoothing_factor=0"
+            )
+        column = args.source_column
+        if column is not None and self.train_dataset is not None:
+            names = getattr(self.train_dataset, "column_names", None)
+            if names is None:
+                first = _first_example(self.train_dataset)
+                names = list(first) if isinstance(first, Mapping) else None
+            if names is not None and column not in names:
+                raise ValueError(
+                    f"source_column={column!r} is not a column of the training dataset (columns: "
+                    f"{list(names)}); add it or set source_column=None"
+                )
+
+    # --- the optimizer -------------------------------------------------------------------------
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """Build the optimizer ``optim=`` names (or take the one passed in) and wrap it once."""
+        self._check_coreset_setup()
+        built = unwrap_coreset_optimizer(super().create_optimizer(model))
+        if isinstance(built, CoresetOptimizer):
+            self.optimizer = built
+            return built
+        if self.args.normalize is not None and not any(has_second_moment(g) for g in built.param_groups):
+            raise ValueError(
+                f"optim={getattr(self.args.optim, 'value', self.args.optim)!r} built {type(built).__name__}, which keeps no Adam second "
+                f"moment, but normalize={self.args.normalize!r} needs one. Use an Adam-type optimizer "
+                "(adamw_torch, adamw_bnb_8bit, paged_adamw_8bit, ...) or set normalize=None to select "
+                "on raw gradients"
+            )
+        self.optimizer = CoresetOptimizer(built, self.model if model is None else model, **self.args.coreset_kwargs())
+        return self.optimizer
+
+    @property
+    def coreset_optimizer(self) -> CoresetOptimizer:
+        """The CoresetOptimizer inside whatever wraps it now (e.g. accelerate)."""
+        opt = unwrap_coreset_optimizer(self.optimizer)
+        if not isinstance(opt, CoresetOptimizer):
+            raise RuntimeError("the optimizer is not a CoresetOptimizer; call create_optimizer() first")
+        return opt
+
+    # --- data ----------------------------------------------------------------------------------
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        """The Trainer's loader, with the source column kept (training only, not evaluation)."""
+        column = self.args.source_column
+        if column is None:
+            return super().get_train_dataloader()
+        collator = self.data_collator
+        signature = None
+        if self.args.remove_unused_columns and hasattr(self, "_set_signature_columns_if_needed"):
+            self._set_signature_columns_if_needed()
+            signature = list(self._signature_columns)
+            self._signature_columns = signature + [column]
+        self.data_collator = SourceCollator(collator, column)
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = collator
+            if signature is not None:
+                self._signature_columns = signature
+
+    # --- one micro-batch -----------------------------------------------------------------------
+    def _per_example_losses(self, model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
+        with self.compute_loss_context_manager():
+            if self.per_example_loss is not None:
+                return self.per_example_loss(model, inputs)
+            return causal_lm_loss_fn(model)(inputs)
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        """Select a coreset of the micro-batch and backpropagate it (instead of the whole batch)."""
+        del num_items_in_batch  # counts tokens of the whole large batch: not the coreset's scale
+        model.train()
+        inputs = dict(self._prepare_inputs(inputs))
+        sources = None
+        if self.args.source_column is not None:
+            if self.args.source_column not in inputs:
+                raise ValueError(
+                    f"source_column={self.args.source_column!r} is missing from the batch; keep it in "
+                    "the dataset (CoresetTrainer keeps it through remove_unused_columns and the collator)"
+                )
+            sources = inputs.pop(self.args.source_column)
+        opt = self.coreset_optimizer
+        self._check_moments_once(opt)
+        steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+        coreset = opt.select(
+            inputs,
+            lambda batch: self._per_example_losses(model, batch),
+            sources=sources,
+            loss_scale=1.0 / steps,
+        )
+        self._record_selection(coreset)
+        return coreset.loss.detach()
+
+    def _check_moments_once(self, opt: CoresetOptimizer) -> None:
+        """After the first optimizer step, the normalization must find Adam's second moment."""
+        if self._moments_checked or opt.config.normalize is None or opt.num_steps == 0:
+            return
+        self._moments_checked = True
+        for target in opt.sketch_targets:
+            for p in target.params:
+                if read_adam_moments(opt.optimizer, p) is None:
+                    raise ValueError(
+                        f"after the first step, {type(opt.optimizer).__name__} has no Adam second moment "
+                        f"for {target.name!r} in a layout coreset_optim reads (exp_avg_sq, or "
+                        f"bitsandbytes state2); set normalize=None or use an Adam-type optimizer"
+                    )
+
+    # --- statistics ----------------------------------------------------------------------------
+    def _record_selection(self, coreset: Coreset) -> None:
+        """Add one selection's counts and timings to the statistics of the logging window."""
+        stats = self._coreset_stats
+        stats["coreset/selections"] = stats.get("coreset/selections", 0) + 1
+        stats["coreset/selected"] = stats.get("coreset/selected", 0) + len(coreset)
+        stats["coreset/invalid"] = stats.get("coreset/invalid", 0) + coreset.num_invalid
+        if len(coreset.source_counts) > 1 or self.args.source_column is not None:
+            for source, count in coreset.source_counts.items():
+                for what, value in (("selected", count.selected), ("in_batch", count.in_batch)):
+                    key = f"coreset/{what}/{source}"
+                    stats[key] = stats.get(key, 0) + value
+        for stage, seconds in coreset.timings.items():
+            key = f"coreset/time_{stage}"
+            stats[key] = stats.get(key, 0.0) + seconds
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Training logs (those with ``loss``) also get the window's selection statistics:
+        counts summed, ``coreset/time_<stage>`` as mean seconds per selection."""
+        if "loss" in logs and self._coreset_stats:
+            stats = self._coreset_stats
+            n = stats.get("coreset/selections", 1)
+            for key, value in stats.items():
+                logs[key] = value / n if key.startswith("coreset/time_") else value
+            self._coreset_stats = {}
+        super().log(logs, *args, **kwargs)

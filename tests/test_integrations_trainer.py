@@ -1,0 +1,338 @@
+"""CoresetTrainer: training, statistics, loss scaling against a hand-written loop, resume, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+from _integrations_models import (  # noqa: E402,F401
+    lora,
+    make_args,
+    make_dataset,
+    one_thread,
+    pattern_batch,
+    tiny_gpt2,
+    tiny_llama,
+)
+from transformers import TrainerCallback  # noqa: E402
+
+from coreset_optim import CoresetOptimizer  # noqa: E402
+from coreset_optim.integrations.causal_lm import causal_lm_loss_fn, causal_lm_per_example_loss  # noqa: E402
+from coreset_optim.integrations.transformers import (  # noqa: E402
+    CoresetTrainer,
+    unwrap_coreset_optimizer,
+)
+from coreset_optim.moments import read_adam_moments  # noqa: E402
+
+
+def eval_loss(model, seed=123):
+    batch = pattern_batch(32, 16, seed=seed, pad_last=2)
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    model.train()
+    return causal_lm_per_example_loss(out, batch["labels"]).mean().item()
+
+
+def train_logs(trainer):
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+MODELS = {
+    "llama": (lambda: lora(tiny_llama()), "base_model.model.model.layers.1.self_attn.v_proj.lora_B.default"),
+    "gpt2": (lambda: lora(tiny_gpt2(), targets=("c_attn",)), "base_model.model.transformer.h.1.attn.c_attn.lora_B.default"),
+}
+
+
+@pytest.mark.parametrize("arch, optim", [("llama", "adamw_torch"), ("llama", "adamw_bnb_8bit"), ("gpt2", "adamw_torch"), ("gpt2", "paged_adamw_8bit")])
+def test_lora_trains_with_sources(tmp_path, arch, optim):
+    if "8bit" in optim:
+        pytest.importorskip("bitsandbytes")
+    build, target = MODELS[arch]
+    model = build()
+    before = eval_loss(model)
+    args = make_args(tmp_path, optim=optim, source_column="source", max_steps=10, logging_steps=5)
+    trainer = CoresetTrainer(model=model, args=args, train_dataset=make_dataset())
+    trainer.train()
+    after = eval_loss(model)
+    assert after < before - 0.05, (before, after)
+    opt = unwrap_coreset_optimizer(trainer.optimizer)
+    assert isinstance(opt, CoresetOptimizer)
+    assert [t.name for t in opt.sketch_targets] == [target]
+    logs = train_logs(trainer)
+    assert len(logs) == 2
+    for log in logs:
+        assert log["coreset/selections"] == 5
+        assert log["coreset/selected"] == 5 * 4
+        assert log["coreset/invalid"] == 0
+        assert log["coreset/selected/web"] + log["coreset/selected/code"] + log["coreset/selected/math"] == 20
+        assert log["coreset/in_batch/web"] + log["coreset/in_batch/code"] + log["coreset/in_batch/math"] == 80
+        assert log["coreset/time_sketch"] > 0 and log["coreset/time_backward"] > 0
+        assert math.isfinite(log["loss"])
+
+
+@pytest.mark.parametrize("optim", ["adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
+def test_gpt2_lora_bnb_optims_are_read(tmp_path, optim):
+    bnb = pytest.importorskip("bitsandbytes")
+    # r=32: c_attn's lora_B has 192 * 32 = 6144 >= 4096 (bnb's min_8bit_size) values: 8-bit state
+    model = lora(tiny_gpt2(), targets=("c_attn",), r=32)
+    args = make_args(tmp_path, optim=optim, max_steps=3, logging_steps=3)
+    trainer = CoresetTrainer(model=model, args=args, train_dataset=make_dataset(sources=None))
+    trainer.train()
+    opt = unwrap_coreset_optimizer(trainer.optimizer)
+    assert isinstance(opt.optimizer, bnb.optim.optimizer.Optimizer8bit)
+    for target in opt.sketch_targets:
+        state = opt.optimizer.state[target.module.weight]
+        assert state["state2"].dtype == (torch.float32 if "32bit" in optim else torch.uint8)
+        moments = read_adam_moments(opt.optimizer, target.module.weight)
+        assert moments is not None and moments.step == 3
+        assert torch.count_nonzero(moments.exp_avg_sq) > 0
+    assert "coreset/selected/all" not in train_logs(trainer)[0]
+
+
+class RecordingTrainer(CoresetTrainer):
+    """Keeps every micro-batch it saw and every coreset it selected (for the reference checks)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen, self.coresets = [], []
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.seen.append({k: v.clone() if torch.is_tensor(v) else list(v) for k, v in inputs.items()})
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _record_selection(self, coreset):
+        self.coresets.append((self.state.global_step, coreset.indices.tolist(), coreset.weights.clone(), coreset.num_valid))
+        super()._record_selection(coreset)
+
+
+class GradCapture(TrainerCallback):
+    def __init__(self):
+        self.grads = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+
+
+def _reference_step_gradient(model, micro_batches, coresets, accumulation):
+    """sum over micro-batches of (1/GA) * sum_j w_j grad(loss_j) / N_valid, one example at a time."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    loss_fn = causal_lm_loss_fn(model)
+    model.train()
+    for batch, (_, indices, weights, _) in zip(micro_batches, coresets):
+        valid = int((batch["labels"][:, 1:] != -100).any(1).sum())
+        for j, i in enumerate(indices):
+            one = {k: batch[k][i : i + 1] for k in ("input_ids", "attention_mask", "labels")}
+            loss = loss_fn(one)[0] * weights[j] / valid / accumulation
+            grads = torch.autograd.grad(loss, list(params.values()))
+            for n, g in zip(params, grads):
+                total[n] += g
+    return total
+
+
+@pytest.mark.parametrize("size", [dict(coreset_size=3), dict(coreset_ratio=1.0)])
+def test_step_gradient_matches_hand_written_loop_under_accumulation(tmp_path, size):
+    import copy
+
+    model = lora(tiny_llama())
+    initial = copy.deepcopy(model)
+    data = make_dataset(n=16, sources=None)
+    data.rows[5]["labels"] = [-100] * 16  # an example without label tokens: invalid, not counted
+    args = make_args(
+        tmp_path, per_device_train_batch_size=8, gradient_accumulation_steps=2, max_steps=1,
+        max_grad_norm=0.0, logging_steps=1, **{"coreset_size": None, **size},
+    )
+    capture = GradCapture()
+    trainer = RecordingTrainer(model=model, args=args, train_dataset=data, callbacks=[capture])
+    trainer.train()
+    assert len(trainer.seen) == 2 and len(capture.grads) == 1
+    assert sum(c[3] for c in trainer.coresets) == 15  # one invalid example in 16
+    assert trainer.state.log_history[0]["coreset/invalid"] == 1
+    ref = _reference_step_gradient(initial, trainer.seen, trainer.coresets, accumulation=2)
+    for name, grad in capture.grads[0].items():
+        torch.testing.assert_close(grad, ref[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def _run(tmp_path, model, max_steps, resume=None, optim="adamw_torch"):
+    args = make_args(
+        tmp_path, optim=optim, per_device_train_batch_size=8, coreset_size=3, max_steps=max_steps,
+        save_strategy="steps", save_steps=2, logging_steps=1, source_column="source",
+    )
+    trainer = RecordingTrainer(model=model, args=args, train_dataset=make_dataset(n=32))
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+@pytest.mark.parametrize("arch, optim", [("llama", "adamw_torch"), ("llama", "paged_adamw_8bit"), ("gpt2", "adamw_bnb_8bit")])
+def test_resume_from_checkpoint_is_exact(tmp_path, arch, optim):
+    if "8bit" in optim:
+        pytest.importorskip("bitsandbytes")
+    build = MODELS[arch][0]
+    full = _run(tmp_path / "a", build(), 4, optim=optim)
+    checkpoint = tmp_path / "a" / "out" / "checkpoint-2"
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert saved["coreset_optim"]["num_selections"] == 2 and saved["coreset_optim"]["num_steps"] == 2
+
+    # the same base weights (as from_pretrained gives), other LoRA weights: the checkpoint's must win
+    model = build()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_()
+    resumed = _run(tmp_path / "b", model, 4, resume=str(checkpoint), optim=optim)
+    assert [c[:2] for c in resumed.coresets] == [c[:2] for c in full.coresets[2:]]
+    for (_, _, w_res, _), (_, _, w_full, _) in zip(resumed.coresets, full.coresets[2:]):
+        assert torch.equal(w_res, w_full)
+    a, b = full.coreset_optimizer, resumed.coreset_optimizer
+    assert (a.num_selections, a.num_steps) == (b.num_selections, b.num_steps) == (4, 4)
+    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    pa = dict(full.model.named_parameters())
+    for name, p in resumed.model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, pa[name]), name
+
+
+def _lora_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_bad_arguments_fail_at_construction(tmp_path):
+    with pytest.raises(ValueError, match="larger than per_device_train_batch_size"):
+        make_args(tmp_path, coreset_size=32)
+    with pytest.raises(ValueError, match="exactly one of coreset_size"):
+        make_args(tmp_path, coreset_size=None)
+    with pytest.raises(ValueError, match="coreset_ratio must be in"):
+        make_args(tmp_path, coreset_size=None, coreset_ratio=1.5)
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        make_args(tmp_path, normalize="rms")
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(optim="lomo"), "fuses the update"),
+    (dict(label_smoothing_factor=0.1), "label_smoothing_factor"),
+])
+def test_unsupported_trainer_options_fail_at_construction(tmp_path, options, match):
+    with pytest.raises(ValueError, match=match):
+        CoresetTrainer(model=lora(tiny_llama()), args=make_args(tmp_path, **options), train_dataset=make_dataset())
+
+
+def test_keep_sources_from_the_arguments(tmp_path):
+    args = make_args(tmp_path, source_column="source", keep_sources=["math"], max_steps=2, logging_steps=2)
+    trainer = CoresetTrainer(model=lora(tiny_llama()), args=args, train_dataset=make_dataset())
+    trainer.train()
+    log = train_logs(trainer)[0]
+    assert log["coreset/selected/math"] == log["coreset/in_batch/math"] > 0
+    assert log["coreset/selected"] == 8
+
+
+def test_missing_source_column_fails_before_training(tmp_path):
+    model = lora(tiny_llama())
+    args = make_args(tmp_path, source_column="domain")
+    with pytest.raises(ValueError, match="source_column='domain' is not a column"):
+        CoresetTrainer(model=model, args=args, train_dataset=make_dataset())
+
+
+def test_plain_trainer_arguments_are_refused(tmp_path):
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    with pytest.raises(TypeError, match="CoresetTrainingArguments"):
+        CoresetTrainer(model=lora(tiny_llama()), args=args, train_dataset=make_dataset())
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(optim="sgd"), "keeps no Adam second moment"),
+        (dict(optim="adafactor"), "keeps no Adam second moment"),
+        (dict(sketch_modules=["base_model.model.model.layers.1.self_attn.k_proj.lora_B.default"]), "matches no module"),
+    ],
+)
+def test_bad_setup_fails_before_any_parameter_changes(tmp_path, options, match):
+    model = lora(tiny_llama())
+    before = _lora_state(model)
+    trainer = CoresetTrainer(model=model, args=make_args(tmp_path, **options), train_dataset=make_dataset())
+    with pytest.raises(ValueError, match=match):
+        trainer.train()
+    for name, p in _lora_state(model).items():
+        assert torch.equal(p, before[name])
+
+
+def test_sgd_with_normalize_none_is_the_documented_fallback(tmp_path):
+    model = lora(tiny_llama())
+    before = eval_loss(model)
+    args = make_args(tmp_path, optim="sgd", normalize=None, learning_rate=0.5, max_steps=6)
+    CoresetTrainer(model=model, args=args, train_dataset=make_dataset(sources=None)).train()
+    assert eval_loss(model) < before
+
+
+def test_user_optimizer_is_wrapped_and_eval_runs_without_the_source_column(tmp_path):
+    model = lora(tiny_llama())
+    inner = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    args = make_args(tmp_path, source_column="source", max_steps=2, eval_strategy="no")
+    trainer = CoresetTrainer(
+        model=model, args=args, train_dataset=make_dataset(), eval_dataset=make_dataset(16, sources=None),
+        optimizers=(inner, None),
+    )
+    trainer.train()
+    assert trainer.coreset_optimizer.optimizer is inner and inner.state
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_loss"])
+
+
+def test_per_example_loss_hook(tmp_path):
+    calls = []
+
+    def per_example_loss(model, inputs):
+        calls.append(sorted(inputs))
+        return causal_lm_loss_fn(model)(inputs)
+
+    args = make_args(tmp_path, source_column="source", max_steps=1)
+    CoresetTrainer(
+        model=lora(tiny_llama()), args=args, train_dataset=make_dataset(), per_example_loss=per_example_loss
+    ).train()
+    assert calls and all(keys == ["attention_mask", "input_ids", "labels"] for keys in calls)
+
+
+def test_gradient_checkpointing_through_the_trainer(tmp_path):
+    model = lora(tiny_llama())
+    before = eval_loss(model)
+    args = make_args(tmp_path, gradient_checkpointing=True, max_steps=8, logging_steps=8)
+    trainer = CoresetTrainer(model=model, args=args, train_dataset=make_dataset(sources=None))
+    trainer.train()
+    assert model.base_model.model.is_activation_checkpointing
+    assert eval_loss(model) < before - 0.05
+
+
+class OddAdam(torch.optim.SGD):
+    """Has Adam's hyper-parameters but keeps its second moment under a name nobody reads."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr)
+        for group in self.param_groups:
+            group.update(betas=(0.9, 0.999), eps=1e-8)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.state[p]["my_v"] = p.grad.square()
+        return super().step(closure)
+
+
+def test_unreadable_second_moment_is_reported_after_the_first_step(tmp_path):
+    model = lora(tiny_llama())
+    opt = OddAdam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    args = make_args(tmp_path, max_steps=3)
+    trainer = CoresetTrainer(model=model, args=args, train_dataset=make_dataset(), optimizers=(opt, None))
+    with pytest.raises(ValueError, match="no Adam second moment .* in a layout"):
+        trainer.train()
+    assert trainer.coreset_optimizer.num_steps == 1
