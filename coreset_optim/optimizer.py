@@ -160,6 +160,12 @@ class CoresetOptimizer(torch.optim.Optimizer):
     def defaults(self, value: dict) -> None:
         self.optimizer.defaults = value
 
+    def __getattr__(self, name: str):
+        """Anything else the wrapped optimizer offers (e.g. schedule-free's ``train()``/``eval()``)."""
+        if name == "optimizer" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.optimizer, name)
+
     def __getstate__(self) -> dict:
         return self.__dict__
 

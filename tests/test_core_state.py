@@ -180,3 +180,22 @@ def test_hooks_registered_on_wrapper_run():
     wrapper.step()
     wrapper.state_dict()
     assert calls == ["pre", "post", "sd_pre", "load_post"]
+
+
+def test_other_attributes_of_the_wrapped_optimizer_are_reachable():
+    """e.g. schedule-free optimizers' train()/eval(), which training loops call on the optimizer."""
+    import pickle
+
+    class WithModes(torch.optim.SGD):
+        mode = "train"
+
+        def eval(self):
+            self.mode = "eval"
+
+    model = torch.nn.Linear(3, 2)
+    wrapper = CoresetOptimizer(WithModes(model.parameters(), lr=0.1), model, coreset_size=2)
+    wrapper.eval()
+    assert wrapper.optimizer.mode == "eval" and wrapper.mode == "eval"
+    assert not hasattr(wrapper, "no_such_attribute")
+    assert copy.deepcopy(wrapper).eval is not None
+    assert isinstance(pickle.loads(pickle.dumps(wrapper)), CoresetOptimizer)
