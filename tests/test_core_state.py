@@ -2,6 +2,7 @@
 
 import copy
 import io
+import pickle
 import warnings
 
 import pytest
@@ -184,14 +185,6 @@ def test_hooks_registered_on_wrapper_run():
 
 def test_other_attributes_of_the_wrapped_optimizer_are_reachable():
     """e.g. schedule-free optimizers' train()/eval(), which training loops call on the optimizer."""
-    import pickle
-
-    class WithModes(torch.optim.SGD):
-        mode = "train"
-
-        def eval(self):
-            self.mode = "eval"
-
     model = torch.nn.Linear(3, 2)
     wrapper = CoresetOptimizer(WithModes(model.parameters(), lr=0.1), model, coreset_size=2)
     wrapper.eval()
@@ -199,3 +192,12 @@ def test_other_attributes_of_the_wrapped_optimizer_are_reachable():
     assert not hasattr(wrapper, "no_such_attribute")
     assert copy.deepcopy(wrapper).eval is not None
     assert isinstance(pickle.loads(pickle.dumps(wrapper)), CoresetOptimizer)
+
+
+class WithModes(torch.optim.SGD):
+    """Stands in for a schedule-free optimizer: it has an eval() mode switch."""
+
+    mode = "train"
+
+    def eval(self):
+        self.mode = "eval"
