@@ -27,7 +27,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "normalize": "adam",
         "sketch_dim": 2560,
         "similarity": "l1",
-        "selection": "facility_location",
+        "selection": "gradient_matching",
         "keep_sources": "auto",
         "zo_fixed_direction": False,
     },
