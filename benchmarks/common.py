@@ -15,6 +15,20 @@ from coreset_optim.synthetic import VOCAB_SIZE, answer_losses, make_mixture
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def unconstrained_matching(x, k, *, watch=None, **_):
+    """Experiment only: GradMatch's raw NNLS weights (no count coordinate, no rescale to n), so
+    the weights do NOT sum to the source's count: it measures what the coreset contract costs."""
+    from coreset_optim.gradient_matching import greedy_matching
+
+    return greedy_matching(x, k, count_weight=0.0, rescale=False)
+
+
+def register_experiments() -> None:
+    from coreset_optim.selection import SELECTORS
+
+    SELECTORS.setdefault("gradient_matching_unconstrained", unconstrained_matching)
+
+
 def tiny_llama(seed: int, hidden: int = 64, layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -10,7 +10,9 @@ over ALL trainable parameters, in the Adam-normalized space of the optimizer at 
 (g / (sqrt(v_hat) + eps)), with exact per-example gradients from a batch-size-1 loop. Also the
 same error restricted to each source, and coverage (sources present that got >= 1 example).
 "bound" runs greedy matching directly on the all-parameter normalized gradients (too costly to
-use in training: it needs every example's full gradient).
+use in training: it needs every example's full gradient). "*unconstrained" methods use GradMatch's
+raw non-negative least-squares weights, which need not sum to the batch count: they break the
+coreset contract and are here to measure what the contract costs.
 
 Run: PYTHONPATH=. python benchmarks/gradient_matching.py  (about 3-5 minutes on 2 CPU cores)
 """
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, BatchStream, machine, make_loss_fn, save_json, tiny_llama  # noqa: E402
+from common import RESULTS, BatchStream, machine, make_loss_fn, register_experiments, save_json, tiny_llama  # noqa: E402
 
 from coreset_optim import CoresetOptimizer  # noqa: E402
 from coreset_optim.budget import small_sources  # noqa: E402
@@ -36,6 +38,7 @@ from coreset_optim.optimizer import encode_sources  # noqa: E402
 from coreset_optim.selection import select_from_sketches  # noqa: E402
 from coreset_optim.synthetic import make_mixture  # noqa: E402
 
+register_experiments()
 LAST_LAYER = r"model\.layers\.1\..*_proj|lm_head"
 METHODS: dict[str, dict] = {
     "random": dict(selection="random"),
@@ -44,9 +47,12 @@ METHODS: dict[str, dict] = {
     "fl_l1_adam_update": dict(selection="facility_location", similarity="l1", normalize="adam_update"),
     "fl_cosine_adam": dict(selection="facility_location", similarity="cosine", normalize="adam"),
     "colm_preset": dict(preset="colm"),
+    "zo1_gm_adam": dict(sketch="zeroth_order", zo_probes=1, selection="gradient_matching", normalize="adam"),
     "zo4_gm_adam": dict(sketch="zeroth_order", zo_probes=4, selection="gradient_matching", normalize="adam"),
     "gm_adam": dict(selection="gradient_matching", normalize="adam"),
     "gm_adam_update": dict(selection="gradient_matching", normalize="adam_update"),
+    "gm_unconstrained": dict(selection="gradient_matching_unconstrained", normalize="adam"),
+    "gm_unconstrained_lastlayer_projection": dict(selection="gradient_matching_unconstrained", normalize="adam", sketch_modules=LAST_LAYER, sketch="projection", sketch_dim=2560),
     "gm_adam_keep_none": dict(selection="gradient_matching", normalize="adam", keep_sources=None),
     "gm_adam_v_proj": dict(selection="gradient_matching", normalize="adam", sketch_modules="model.layers.1.self_attn.v_proj"),
     "gm_adam_lastlayer_topk": dict(selection="gradient_matching", normalize="adam", sketch_modules=LAST_LAYER, sketch_dim=2560),
@@ -98,11 +104,11 @@ def source_errors(weights, rows, g, codes, names) -> dict:
     return out
 
 
-def bound(g, codes, names, k):
+def bound(g, codes, names, k, method="gradient_matching"):
     counts = torch.bincount(codes, minlength=len(names)).tolist()
     keep = small_sources(counts, k)
     valid = torch.ones(g.shape[0], dtype=torch.bool)
-    sel = select_from_sketches(g, valid, codes, len(names), k, keep, g.shape[1] + 1, "l1", method="gradient_matching")
+    sel = select_from_sketches(g, valid, codes, len(names), k, keep, g.shape[1] + 1, "l1", method=method)
     return sel.indices, sel.weights
 
 
@@ -116,7 +122,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", default="gradient_matching")
+    ap.add_argument("--replot", action="store_true", help="only redraw the markdown and PNG from the JSON")
     args = ap.parse_args()
+    if args.replot:
+        import json
+
+        data = json.loads((RESULTS / f"{args.out}.json").read_text())
+        ks = [data["args"]["batch"] // 4, data["args"]["batch"] // 2]
+        (RESULTS / f"{args.out}.md").write_text(markdown(data["summary"], ks, argparse.Namespace(**data["args"])))
+        plot(data["records"], data["summary"], ks, RESULTS / f"{args.out}.png")
+        return
     torch.set_num_threads(1)
     methods = args.methods.split(",")
     mixture = make_mixture(20000, 16, seed=args.seed)
@@ -129,7 +144,8 @@ def main() -> None:
     wrappers = {
         (m, k): CoresetOptimizer(opt, model, coreset_size=k, seed=args.seed, **METHODS[m]) for m in methods for k in ks
     }
-    records = {f"{m}@{k}": [] for m in methods + ["bound"] for k in ks}
+    bounds = {"bound": "gradient_matching", "bound_unconstrained": "gradient_matching_unconstrained"}
+    records = {f"{m}@{k}": [] for m in methods + list(bounds) for k in ks}
     measured, step, t_start = 0, 0, time.time()
     while measured < args.batches:
         batch = stream.next(args.batch)
@@ -144,8 +160,9 @@ def main() -> None:
                     res = wrappers[(m, k)].select(batch, loss_fn, sources=batch["source"])
                     seconds = time.perf_counter() - t0
                     records[f"{m}@{k}"].append(_record(res.weights.double(), res.indices, g.double(), codes, names, step, seconds))
-                idx, w = bound(g, codes, names, k)
-                records[f"bound@{k}"].append(_record(w.double(), idx, g.double(), codes, names, step, 0.0))
+                for label, method in bounds.items():
+                    idx, w = bound(g, codes, names, k, method)
+                    records[f"{label}@{k}"].append(_record(w.double(), idx, g.double(), codes, names, step, 0.0))
             measured += 1
             print(f"\rbatch {measured}/{args.batches}  {time.time() - t_start:.0f}s", end="", file=sys.stderr, flush=True)
         opt.zero_grad()
@@ -226,12 +243,12 @@ def plot(records, summary, ks, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(ks), figsize=(7 * len(ks), 6), sharey=True)
+    fig, axes = plt.subplots(1, len(ks), figsize=(7.5 * len(ks), 6.5))
     for ax, k in zip(axes, ks):
         keys = sorted((key for key in records if key.endswith(f"@{k}")), key=lambda key: summary[key]["ratio_of_medians"])
         rand = records[f"random@{k}"]
         data = [[r["error"] / q["error"] for r, q in zip(records[key], rand)] for key in keys]
-        ax.boxplot(data, vert=False, showfliers=False)
+        ax.boxplot(data, orientation="horizontal", showfliers=False)
         ax.set_yticks(range(1, len(keys) + 1), [key.rsplit("@", 1)[0] for key in keys], fontsize=8)
         ax.axvline(1.0, color="gray", ls="--")
         ax.set_title(f"k = {k}: error / random's error, per batch")

@@ -23,14 +23,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, BatchStream, evaluate, machine, make_loss_fn, save_json, tiny_llama  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS, BatchStream, evaluate, machine, make_loss_fn, register_experiments, save_json, tiny_llama,
+)
 
 from coreset_optim import CoresetOptimizer  # noqa: E402
 from coreset_optim.synthetic import make_mixture  # noqa: E402
 
+register_experiments()
+
 # name -> (kind, CoresetOptimizer options, steps multiplier)
 METHODS: dict[str, tuple[str, dict, float]] = {
-    "random_k": ("random", {}, 3.0),
+    "random_k": ("random", {}, 5.0),
     "accum_B": ("accum", {}, 1.5),
     "batch_B": ("full", {}, 1.0),
     "accum_2B": ("accum2", {}, 1.0),
@@ -40,6 +44,7 @@ METHODS: dict[str, tuple[str, dict, float]] = {
     "coreset_fl_cosine": ("coreset", {"selection": "facility_location", "similarity": "cosine", "normalize": "adam"}, 1.0),
     "coreset_gm_projection": ("coreset", {"selection": "gradient_matching", "sketch": "projection",
                                           "sketch_modules": r"model\.layers\.1\..*_proj|lm_head"}, 1.0),
+    "coreset_gm_unconstrained": ("coreset", {"selection": "gradient_matching_unconstrained"}, 1.0),
     "coreset_zo_fresh": ("coreset", {"sketch": "zeroth_order", "selection": "gradient_matching", "zo_probes": 1}, 1.0),
 }
 
@@ -120,11 +125,11 @@ def step_costs(methods, mixture, batch: int, k: int, lr: float, rounds: int = 12
 
 
 def run(method: str, mixture, seed: int, steps: int, batch: int, k: int, lr: float, eval_every: int,
-        progress=None) -> dict:
+        progress=None, mult: float | None = None) -> dict:
     """Train ``method`` and evaluate every ``eval_every`` steps. Curve times are filled in later
     from :func:`step_costs` (``step * seconds_per_step``); ``measured_time`` is this run's own."""
     trainer = Trainer(method, seed, k, lr)
-    total_steps = int(steps * METHODS[method][2])
+    total_steps = int(steps * (METHODS[method][2] if mult is None else mult))
     stream = BatchStream(mixture.train, seed + 1)
     curve = [{"step": 0, "measured_time": 0.0, **evaluate(trainer.model, mixture)}]
     spent = 0.0
@@ -268,9 +273,11 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-every", type=int, default=25)
-    ap.add_argument("--methods", default=",".join(m for m in METHODS if m != "batch_B"))
+    ap.add_argument("--methods", default=",".join(m for m in METHODS if m not in ("batch_B", "coreset_gm_unconstrained")))
     ap.add_argument("--out", default="training")
+    ap.add_argument("--mult", default="", help="override step multipliers, e.g. random_k=5,accum_B=2")
     args = ap.parse_args()
+    mults = {kv.split("=")[0]: float(kv.split("=")[1]) for kv in args.mult.split(",") if kv}
     torch.set_num_threads(1)
     mixture = make_mixture(20000, 64, seed=0)
     runs = []
@@ -278,7 +285,7 @@ def main() -> None:
     t_start = time.time()
     for seed in seeds:
         for m in args.methods.split(","):
-            runs.append(run(m, mixture, seed, args.steps, args.batch, args.k, args.lr, args.eval_every))
+            runs.append(run(m, mixture, seed, args.steps, args.batch, args.k, args.lr, args.eval_every, mult=mults.get(m)))
             r = runs[-1]
             print(f"seed {seed} {m}: loss {at_step(r['curve'], args.steps)['overall']:.3f}  "
                   f"[{time.time() - t_start:.0f}s]", file=sys.stderr, flush=True)

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .normalize import NORMALIZE_MODES
-from .presets import SKETCH_MODES
+from .presets import PRESETS, SKETCH_MODES
 from .selection import SELECTORS
 from .similarity import SIMILARITIES
 
@@ -40,7 +40,7 @@ class CoresetConfig:
     zo_eps: float = 1e-3
     zo_probes: int = 1
     zo_fixed_direction: bool = False
-    selection: str = "facility_location"
+    selection: str = PRESETS["default"]["selection"]
 
     def __post_init__(self) -> None:
         if (self.coreset_size is None) == (self.coreset_ratio is None):

@@ -51,10 +51,14 @@ def nnls_gram(gram: np.ndarray, b: np.ndarray, allowed: np.ndarray, max_iter: in
     return w
 
 
-def greedy_matching(x: torch.Tensor, k: int, *, count_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy_matching(
+    x: torch.Tensor, k: int, *, count_weight: float = 1.0, rescale: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``k`` row indices of ``x[n, d]`` and non-negative weights (summing to n) such that
     ``sum_j w_j x_j`` matches ``sum_i x_i``. ``count_weight`` scales the count coordinate
-    (``lam = count_weight * mean row norm``; 0 leaves the weight sum free until the rescale)."""
+    (``lam = count_weight * mean row norm``; 0 leaves the weight sum free until the rescale).
+    ``rescale=False`` returns the raw least-squares weights (they need not sum to n, so they break
+    the coreset contract: for experiments only; GradMatch's original weights)."""
     n = x.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
@@ -78,6 +82,8 @@ def greedy_matching(x: torch.Tensor, k: int, *, count_weight: float = 1.0) -> tu
         w = nnls_gram(gram, b, taken)
     weights = w[chosen] / norms[chosen]
     total = weights.sum()
+    if not rescale:
+        return torch.tensor(chosen, dtype=torch.long, device=x.device), torch.tensor(weights, dtype=torch.float32, device=x.device)
     # Nothing correlates positively (e.g. all-zero sketches): fall back to uniform weights.
     weights = weights * (n / total) if total > 0 else np.full(k, n / k)
     return (
