@@ -6,7 +6,7 @@ configuration via preset="colm"), and batch B (accumulated in micro-batches of k
 piece). Prints a table (held-out loss overall and for the smallest source, activation memory,
 time per step) and saves a PNG. About two minutes on 2 CPU cores.
 
-    python examples/compare.py [--steps 300] [--out compare.png]
+    python examples/compare.py [--steps 200] [--out compare.png]
 """
 
 from __future__ import annotations
@@ -52,12 +52,12 @@ class Progress:
               f"{time.time() - self.start:5.0f}s", end="", file=sys.stderr, flush=True)
 
 
-def compare(steps: int = 300, batch: int = 64, k: int = 16, seed: int = 0, out: str | Path = "compare.png",
+def compare(steps: int = 200, batch: int = 64, k: int = 16, seed: int = 0, out: str | Path = "compare.png",
             lr: float = 3e-3) -> dict:
     """Run the comparison, print the table, save the plot; returns the summary dict."""
     torch.set_num_threads(min(2, torch.get_num_threads()))
     mixture = make_mixture(20000, 64, seed=0)
-    mult = {"random_k": 4.0, "accum_B": 1.5, "batch_B": 1.5}
+    mult = {"random_k": 4.0, "accum_B": 1.5, "batch_B": 2.0}
     progress = Progress(sum(int(steps * mult.get(m, 1.0)) for m in METHODS))
     runs = [run(m, mixture, seed, steps, batch, k, lr, max(10, steps // 10), progress, mult=mult.get(m, 1.0))
             for m in METHODS]
@@ -88,7 +88,7 @@ def compare(steps: int = 300, batch: int = 64, k: int = 16, seed: int = 0, out: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
