@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .normalize import NORMALIZE_MODES
+from .presets import PRESETS, SKETCH_MODES
+from .selection import SELECTORS
 from .similarity import SIMILARITIES
 
 
@@ -34,6 +36,11 @@ class CoresetConfig:
     sketch_batch_size: int | None = None
     micro_batch_size: int | None = None
     seed: int = 0
+    sketch: str = "exact"
+    zo_eps: float = 1e-3
+    zo_probes: int = 1
+    zo_fixed_direction: bool = False
+    selection: str = PRESETS["default"]["selection"]
 
     def __post_init__(self) -> None:
         if (self.coreset_size is None) == (self.coreset_ratio is None):
@@ -69,6 +76,24 @@ class CoresetConfig:
         _check_optional_positive_int("micro_batch_size", self.micro_batch_size)
         if not _is_int(self.seed):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
+        if self.sketch not in SKETCH_MODES:
+            raise ValueError(f"sketch must be one of {SKETCH_MODES}, got {self.sketch!r}")
+        if self.selection not in SELECTORS:
+            raise ValueError(f"selection must be one of {tuple(SELECTORS)}, got {self.selection!r}")
+        if isinstance(self.zo_eps, bool) or not isinstance(self.zo_eps, (int, float)) or not (
+            math.isfinite(self.zo_eps) and self.zo_eps > 0
+        ):
+            raise ValueError(f"zo_eps must be a positive finite float (e.g. 1e-3), got {self.zo_eps!r}")
+        self.zo_eps = float(self.zo_eps)
+        if not _is_int(self.zo_probes) or self.zo_probes <= 0:
+            raise ValueError(f"zo_probes must be a positive int (directions per step), got {self.zo_probes!r}")
+        if not isinstance(self.zo_fixed_direction, bool):
+            raise TypeError(f"zo_fixed_direction must be a bool, got {self.zo_fixed_direction!r}")
+        if self.zo_fixed_direction and self.zo_probes != 1:
+            raise ValueError(
+                "zo_probes > 1 with zo_fixed_direction=True would repeat one direction; "
+                "use zo_probes=1 or zo_fixed_direction=False"
+            )
 
     def budget(self, batch_size: int) -> int:
         """Examples to select from a batch of ``batch_size``: ``coreset_size`` or ceil(ratio * B)."""

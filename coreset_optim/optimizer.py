@@ -22,8 +22,11 @@ from .config import CoresetConfig
 from .coreset import Coreset, SourceCount
 from .loss import LossFn, call_loss_fn
 from .normalize import normalize_sketches
+from .presets import FROM_PRESET, resolve_preset
+from .projection import countsketch
 from .selection import select_from_sketches
 from .sketch import SketchSpec, exact_sketches, resolve_sketch_modules, sketch_mode
+from .zeroth_order import fixed_direction, sketch_numel, zeroth_order_sketches
 
 _STATE_KEY = "coreset_optim"
 
@@ -91,14 +94,20 @@ class CoresetOptimizer(torch.optim.Optimizer):
         coreset_size: int | None = None,
         coreset_ratio: float | None = None,
         sketch_modules: SketchSpec = None,
-        sketch_dim: int = 2560,
-        normalize: str | None = "adam",
-        similarity: str = "l1",
-        keep_sources: Any = "auto",
+        sketch_dim: int = FROM_PRESET,
+        normalize: str | None = FROM_PRESET,
+        similarity: str = FROM_PRESET,
+        keep_sources: Any = FROM_PRESET,
         source_key: str | None = None,
         sketch_batch_size: int | None = None,
         micro_batch_size: int | None = None,
         seed: int = 0,
+        sketch: str = FROM_PRESET,
+        selection: str = FROM_PRESET,
+        zo_eps: float = 1e-3,
+        zo_probes: int = 1,
+        zo_fixed_direction: bool = FROM_PRESET,
+        preset: str = "default",
     ) -> None:
         if isinstance(optimizer, CoresetOptimizer):
             raise TypeError("optimizer is already a CoresetOptimizer; wrap the inner optimizer once")
@@ -109,17 +118,21 @@ class CoresetOptimizer(torch.optim.Optimizer):
             )
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be the torch.nn.Module being trained, got {type(model).__name__}")
+        chosen = resolve_preset(preset, dict(
+            sketch_dim=sketch_dim, normalize=normalize, similarity=similarity,
+            keep_sources=keep_sources, sketch=sketch, selection=selection,
+            zo_fixed_direction=zo_fixed_direction,
+        ))
         self.config = CoresetConfig(
             coreset_size=coreset_size,
             coreset_ratio=coreset_ratio,
-            sketch_dim=sketch_dim,
-            normalize=normalize,
-            similarity=similarity,
-            keep_sources=keep_sources,
             source_key=source_key,
             sketch_batch_size=sketch_batch_size,
             micro_batch_size=micro_batch_size,
             seed=seed,
+            zo_eps=zo_eps,
+            zo_probes=zo_probes,
+            **chosen,
         )
         self.optimizer = optimizer
         self.model = model
@@ -180,7 +193,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
         return (
             f"{type(self).__name__}({size}, sketch_modules={modules}, sketch_dim={c.sketch_dim}, "
             f"normalize={c.normalize!r}, similarity={c.similarity!r}, "
-            f"keep_sources={c.keep_sources!r}) wrapping\n{inner}"
+            f"keep_sources={c.keep_sources!r}, sketch={c.sketch!r}, selection={c.selection!r}) wrapping\n{inner}"
         )
 
     @torch.no_grad()
@@ -317,7 +330,11 @@ class CoresetOptimizer(torch.optim.Optimizer):
             if not bool(valid.any()):
                 raise ValueError(self._no_valid_message(size))
             params = [p for t in self.sketch_targets for p in t.params]
-            normalized = normalize_sketches(raw, self.optimizer, params, self.config.normalize)
+            normalized = raw
+            if raw.shape[1] > 0:  # random/loss selection need no sketch
+                normalized = normalize_sketches(raw, self.optimizer, params, self.config.normalize)
+            if self.config.sketch == "projection":
+                normalized = countsketch(normalized, self.config.sketch_dim, self.config.seed)
             valid &= torch.isfinite(normalized).all(1)
             if not bool(valid.any()):  # e.g. eps=0 and a zero second moment
                 raise ValueError(self._no_valid_message(size) + " (after Adam normalization)")
@@ -327,6 +344,8 @@ class CoresetOptimizer(torch.optim.Optimizer):
             result = select_from_sketches(
                 normalized, valid, codes, len(names), budget, keep,
                 self.config.sketch_dim, self.config.similarity,
+                method=self.config.selection,
+                extra={"losses": losses, "generator": self.generator},
             )
             timings.update(result.timings)
             sketches, indices, weights = result.compressed, result.indices, result.weights
@@ -360,7 +379,21 @@ class CoresetOptimizer(torch.optim.Optimizer):
 
     def _sketch(self, batch: Any, loss_fn: LossFn, size: int, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw per-example sketches ``[B, D]`` (NaN rows: invalid) and per-example losses ``[B]``."""
-        chunk = self.config.sketch_batch_size or self.config.micro_batch_size or budget
+        c = self.config
+        chunk = c.sketch_batch_size or c.micro_batch_size or budget
+        if c.selection in ("random", "loss"):
+            losses = self._losses_without_grad(batch, loss_fn, size)
+            return torch.empty(size, 0, device=losses.device), losses
+        if c.sketch == "zeroth_order":
+            numel = sketch_numel(self.sketch_targets)
+            if c.zo_fixed_direction:
+                directions = fixed_direction(numel, c.seed)[None, :]
+            else:
+                directions = torch.randn(c.zo_probes, numel, generator=self.generator)
+            return zeroth_order_sketches(
+                self.model, self.sketch_targets, batch, loss_fn, size, chunk,
+                eps=c.zo_eps, directions=directions,
+            )
         return exact_sketches(self.model, self.sketch_targets, batch, loss_fn, size, chunk)
 
     def _losses_without_grad(self, batch: Any, loss_fn: LossFn, size: int) -> torch.Tensor:

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .baselines import loss_coreset, random_coreset
 from .budget import allocate_budget
 from .compress import compress_per_source
 from .facility_location import cluster_weights, greedy_facility_location
+from .gradient_matching import gradient_matching_coreset
 from .similarity import pairwise_similarity
 
 
@@ -63,6 +65,9 @@ def facility_location_coreset(
 # select_from_sketches is given in ``extra`` (e.g. per-example losses, a generator).
 SELECTORS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
     "facility_location": facility_location_coreset,
+    "gradient_matching": gradient_matching_coreset,
+    "random": random_coreset,
+    "loss": loss_coreset,
 }
 
 

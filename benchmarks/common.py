@@ -1,0 +1,96 @@
+"""Shared set-up for the selection-quality benchmarks: tiny Llama, the synthetic mixture, eval."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from coreset_optim.synthetic import VOCAB_SIZE, answer_losses, make_mixture
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def unconstrained_matching(x, k, *, watch=None, **_):
+    """Experiment only: GradMatch's raw NNLS weights (no count coordinate, no rescale to n), so
+    the weights do NOT sum to the source's count: it measures what the coreset contract costs."""
+    from coreset_optim.gradient_matching import greedy_matching
+
+    return greedy_matching(x, k, count_weight=0.0, rescale=False)
+
+
+def register_experiments() -> None:
+    from coreset_optim.selection import SELECTORS
+
+    SELECTORS.setdefault("gradient_matching_unconstrained", unconstrained_matching)
+
+
+def tiny_llama(seed: int, hidden: int = 64, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.config.use_cache = False
+    return model
+
+
+def make_loss_fn(model):
+    def loss_fn(batch):
+        logits = model(input_ids=batch["input_ids"]).logits
+        return answer_losses(logits, batch["labels"])
+
+    return loss_fn
+
+
+class BatchStream:
+    """Large batches drawn uniformly (without replacement within an epoch) from the pool."""
+
+    def __init__(self, train: dict, seed: int):
+        self.train, self.n = train, train["input_ids"].shape[0]
+        self.gen = torch.Generator().manual_seed(seed)
+        self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
+
+    def next(self, size: int) -> dict:
+        if self.pos + size > self.n:
+            self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
+        idx = self.perm[self.pos : self.pos + size]
+        self.pos += size
+        return {k: v[idx] for k, v in self.train.items()}
+
+
+@torch.no_grad()
+def evaluate(model, mixture) -> dict:
+    """Held-out loss per source and overall (weighted by the mixture's shares)."""
+    was = model.training
+    model.eval()
+    per = {}
+    for name, data in mixture.eval.items():
+        logits = model(input_ids=data["input_ids"]).logits
+        per[name] = float(answer_losses(logits, data["labels"]).mean())
+    model.train(was)
+    total = sum(mixture.shares)
+    overall = sum(s * per[n] for n, s in zip(mixture.names, mixture.shares)) / total
+    return {"overall": overall, "per_source": per}
+
+
+def machine() -> dict:
+    return {
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def save_json(name: str, data: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(json.dumps(data, indent=1))
+    return path

@@ -1,0 +1,261 @@
+"""How well does each selection match the large batch's gradient, along a training run?
+
+A tiny Llama (random init, full training) is trained on large batches B of the synthetic mixture
+with AdamW. At each of ``--batches`` steps (after ``--warmup``) every method picks k of the B
+examples through ``CoresetOptimizer.select`` (the real code path) and we measure
+
+    error = || sum_j w_j g_j / N  -  mean_i g_i || / || mean_i g_i ||
+
+over ALL trainable parameters, in the Adam-normalized space of the optimizer at that step
+(g / (sqrt(v_hat) + eps)), with exact per-example gradients from a batch-size-1 loop. Also the
+same error restricted to each source, and coverage (sources present that got >= 1 example).
+"bound" runs greedy matching directly on the all-parameter normalized gradients (too costly to
+use in training: it needs every example's full gradient). "*unconstrained" methods use GradMatch's
+raw non-negative least-squares weights, which need not sum to the batch count: they break the
+coreset contract and are here to measure what the contract costs.
+
+Run: PYTHONPATH=. python benchmarks/gradient_matching.py  (about 3-5 minutes on 2 CPU cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, BatchStream, machine, make_loss_fn, register_experiments, save_json, tiny_llama  # noqa: E402
+
+from coreset_optim import CoresetOptimizer  # noqa: E402
+from coreset_optim.budget import small_sources  # noqa: E402
+from coreset_optim.normalize import adam_normalize  # noqa: E402
+from coreset_optim.moments import read_adam_moments  # noqa: E402
+from coreset_optim.optimizer import encode_sources  # noqa: E402
+from coreset_optim.selection import select_from_sketches  # noqa: E402
+from coreset_optim.synthetic import make_mixture  # noqa: E402
+
+register_experiments()
+LAST_LAYER = r"model\.layers\.1\..*_proj|lm_head"
+METHODS: dict[str, dict] = {
+    "random": dict(selection="random"),
+    "loss": dict(selection="loss"),
+    "fl_l1_adam": dict(selection="facility_location", similarity="l1", normalize="adam"),
+    "fl_l1_adam_update": dict(selection="facility_location", similarity="l1", normalize="adam_update"),
+    "fl_cosine_adam": dict(selection="facility_location", similarity="cosine", normalize="adam"),
+    "colm_preset": dict(preset="colm"),
+    "zo1_gm_adam": dict(sketch="zeroth_order", zo_probes=1, selection="gradient_matching", normalize="adam"),
+    "zo4_gm_adam": dict(sketch="zeroth_order", zo_probes=4, selection="gradient_matching", normalize="adam"),
+    "gm_adam": dict(selection="gradient_matching", normalize="adam"),
+    "gm_adam_update": dict(selection="gradient_matching", normalize="adam_update"),
+    "gm_unconstrained": dict(selection="gradient_matching_unconstrained", normalize="adam"),
+    "gm_unconstrained_lastlayer_projection": dict(selection="gradient_matching_unconstrained", normalize="adam", sketch_modules=LAST_LAYER, sketch="projection", sketch_dim=2560),
+    "gm_adam_keep_none": dict(selection="gradient_matching", normalize="adam", keep_sources=None),
+    "gm_adam_v_proj": dict(selection="gradient_matching", normalize="adam", sketch_modules="model.layers.1.self_attn.v_proj"),
+    "gm_adam_lastlayer_topk": dict(selection="gradient_matching", normalize="adam", sketch_modules=LAST_LAYER, sketch_dim=2560),
+    "gm_adam_lastlayer_projection": dict(selection="gradient_matching", normalize="adam", sketch_modules=LAST_LAYER, sketch="projection", sketch_dim=2560),
+    "fl_cosine_lastlayer_projection": dict(selection="facility_location", similarity="cosine", normalize="adam", sketch_modules=LAST_LAYER, sketch="projection", sketch_dim=2560),
+}
+
+
+def per_example_grads(model, loss_fn, batch, params) -> torch.Tensor:
+    rows = []
+    for i in range(batch["input_ids"].shape[0]):
+        one = {k: v[i : i + 1] for k, v in batch.items()}
+        grads = torch.autograd.grad(loss_fn(one).sum(), params, allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)]))
+    return torch.stack(rows)
+
+
+def adam_space(grads: torch.Tensor, opt, params) -> torch.Tensor:
+    out, start = [], 0
+    for p in params:
+        block = grads[:, start : start + p.numel()]
+        start += p.numel()
+        m = read_adam_moments(opt, p)
+        out.append(block if m is None else adam_normalize(block, m.denominator_sq, m.step, m.beta2, m.eps))
+    return torch.cat(out, 1)
+
+
+def rel_error(weights, rows, g) -> float:
+    target = g.mean(0)
+    est = (weights[:, None] * g[rows]).sum(0) / g.shape[0]
+    return float((est - target).norm() / target.norm().clamp_min(1e-30))
+
+
+def cosine(weights, rows, g) -> float:
+    est = (weights[:, None] * g[rows]).sum(0)
+    return float(torch.nn.functional.cosine_similarity(est, g.sum(0), dim=0))
+
+
+def source_errors(weights, rows, g, codes, names) -> dict:
+    out = {}
+    for c, name in enumerate(names):
+        mask = codes == c
+        if not mask.any():
+            continue
+        target = g[mask].sum(0)
+        sel = codes[rows] == c
+        est = (weights[sel, None] * g[rows[sel]]).sum(0)
+        out[name] = float((est - target).norm() / target.norm().clamp_min(1e-30))
+    return out
+
+
+def bound(g, codes, names, k, method="gradient_matching"):
+    counts = torch.bincount(codes, minlength=len(names)).tolist()
+    keep = small_sources(counts, k)
+    valid = torch.ones(g.shape[0], dtype=torch.bool)
+    sel = select_from_sketches(g, valid, codes, len(names), k, keep, g.shape[1] + 1, "l1", method=method)
+    return sel.indices, sel.weights
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batches", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--every", type=int, default=3, help="measure every N-th training step")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--out", default="gradient_matching")
+    ap.add_argument("--replot", action="store_true", help="only redraw the markdown and PNG from the JSON")
+    args = ap.parse_args()
+    if args.replot:
+        import json
+
+        data = json.loads((RESULTS / f"{args.out}.json").read_text())
+        ks = [data["args"]["batch"] // 4, data["args"]["batch"] // 2]
+        (RESULTS / f"{args.out}.md").write_text(markdown(data["summary"], ks, argparse.Namespace(**data["args"])))
+        plot(data["records"], data["summary"], ks, RESULTS / f"{args.out}.png")
+        return
+    torch.set_num_threads(1)
+    methods = args.methods.split(",")
+    mixture = make_mixture(20000, 16, seed=args.seed)
+    model = tiny_llama(args.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    loss_fn = make_loss_fn(model)
+    stream = BatchStream(mixture.train, args.seed + 1)
+    ks = [args.batch // 4, args.batch // 2]
+    wrappers = {
+        (m, k): CoresetOptimizer(opt, model, coreset_size=k, seed=args.seed, **METHODS[m]) for m in methods for k in ks
+    }
+    bounds = {"bound": "gradient_matching", "bound_unconstrained": "gradient_matching_unconstrained"}
+    records = {f"{m}@{k}": [] for m in methods + list(bounds) for k in ks}
+    measured, step, t_start = 0, 0, time.time()
+    while measured < args.batches:
+        batch = stream.next(args.batch)
+        if step >= args.warmup and (step - args.warmup) % args.every == 0:
+            g = adam_space(per_example_grads(model, loss_fn, batch, params), opt, params)
+            codes, names = encode_sources(batch["source"].tolist(), args.batch)
+            names = [mixture.names[n] for n in names]
+            for k in ks:
+                for m in methods:
+                    opt.zero_grad()
+                    t0 = time.perf_counter()
+                    res = wrappers[(m, k)].select(batch, loss_fn, sources=batch["source"])
+                    seconds = time.perf_counter() - t0
+                    records[f"{m}@{k}"].append(_record(res.weights.double(), res.indices, g.double(), codes, names, step, seconds))
+                for label, method in bounds.items():
+                    idx, w = bound(g, codes, names, k, method)
+                    records[f"{label}@{k}"].append(_record(w.double(), idx, g.double(), codes, names, step, 0.0))
+            measured += 1
+            print(f"\rbatch {measured}/{args.batches}  {time.time() - t_start:.0f}s", end="", file=sys.stderr, flush=True)
+        opt.zero_grad()
+        loss_fn(batch).mean().backward()
+        opt.step()
+        step += 1
+    print(file=sys.stderr)
+    summary = summarize(records, ks)
+    data = {"args": vars(args), "machine": machine(), "methods": {m: {k: str(v) for k, v in METHODS.get(m, {}).items()} for m in methods},
+            "summary": summary, "records": records}
+    path = save_json(f"{args.out}.json", data)
+    (RESULTS / f"{args.out}.md").write_text(markdown(summary, ks, args))
+    plot(records, summary, ks, RESULTS / f"{args.out}.png")
+    print(markdown(summary, ks, args))
+    print("wrote", path)
+
+
+def _record(w, idx, g, codes, names, step, seconds):
+    present = set(codes.tolist())
+    covered = set(codes[idx].tolist())
+    return {
+        "step": step, "error": rel_error(w, idx, g), "cosine": cosine(w, idx, g), "per_source": source_errors(w, idx, g, codes, names),
+        "coverage": len(covered & present) / len(present), "seconds": seconds,
+    }
+
+
+def _q(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))]
+
+
+def summarize(records, ks) -> dict:
+    out = {}
+    for key, recs in records.items():
+        m, k = key.rsplit("@", 1)
+        rand = records[f"random@{k}"]
+        errs = [r["error"] for r in recs]
+        ratios = [r["error"] / q["error"] for r, q in zip(recs, rand)]
+        srcs = sorted({s for r in recs for s in r["per_source"]})
+        out[key] = {
+            "median_error": statistics.median(errs), "q25_error": _q(errs, 0.25), "q75_error": _q(errs, 0.75),
+            "ratio_of_medians": statistics.median(errs) / statistics.median(r["error"] for r in rand),
+            "median_ratio": statistics.median(ratios), "q25_ratio": _q(ratios, 0.25), "q75_ratio": _q(ratios, 0.75),
+            "coverage": statistics.mean(r["coverage"] for r in recs),
+            "median_cosine": statistics.median(r["cosine"] for r in recs),
+            "per_source_median_error": {s: statistics.median(r["per_source"][s] for r in recs if s in r["per_source"]) for s in srcs},
+            "median_seconds": statistics.median(r["seconds"] for r in recs),
+        }
+    return out
+
+
+def markdown(summary, ks, args) -> str:
+    lines = [
+        f"# Gradient matching: B={args.batch}, {args.batches} batches, all-parameter error in Adam-normalized space",
+        "",
+        "ratio = median error / random's median error (lower is better); IQR of per-batch ratios; "
+        "coverage = share of the sources present that got >= 1 example.",
+        "",
+    ]
+    for k in ks:
+        lines += [f"## k = {k}", "", "| method | median error | ratio to random | per-batch ratio IQR | median cosine | coverage | select s |", "|---|---|---|---|---|---|---|"]
+        rows = sorted(((key, s) for key, s in summary.items() if key.endswith(f"@{k}")), key=lambda t: t[1]["ratio_of_medians"])
+        for key, s in rows:
+            lines.append(f"| {key.rsplit('@', 1)[0]} | {s['median_error']:.3f} | {s['ratio_of_medians']:.2f} | "
+                         f"{s['q25_ratio']:.2f}-{s['q75_ratio']:.2f} | {s['median_cosine']:.2f} | {s['coverage']:.2f} | {s['median_seconds']:.3f} |")
+        lines.append("")
+    k = ks[0]
+    srcs = list(summary[f"random@{k}"]["per_source_median_error"])
+    lines += [f"## Per-source median error, k = {k}", "", "| method | " + " | ".join(srcs) + " |", "|---" * (len(srcs) + 1) + "|"]
+    for key, s in sorted(((key, s) for key, s in summary.items() if key.endswith(f"@{k}")), key=lambda t: t[1]["ratio_of_medians"]):
+        lines.append(f"| {key.rsplit('@', 1)[0]} | " + " | ".join(f"{s['per_source_median_error'].get(x, float('nan')):.2f}" for x in srcs) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records, summary, ks, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(ks), figsize=(7.5 * len(ks), 6.5))
+    for ax, k in zip(axes, ks):
+        keys = sorted((key for key in records if key.endswith(f"@{k}")), key=lambda key: summary[key]["ratio_of_medians"])
+        rand = records[f"random@{k}"]
+        data = [[r["error"] / q["error"] for r, q in zip(records[key], rand)] for key in keys]
+        ax.boxplot(data, orientation="horizontal", showfliers=False)
+        ax.set_yticks(range(1, len(keys) + 1), [key.rsplit("@", 1)[0] for key in keys], fontsize=8)
+        ax.axvline(1.0, color="gray", ls="--")
+        ax.set_title(f"k = {k}: error / random's error, per batch")
+        ax.set_xlabel("ratio (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Merge training runs made in separate invocations of training.py into one table and plot.
+
+Runs of a method come from the first file that has them; seconds per step come from the main file's
+round-robin measurement; a method measured only in another file gets its own seconds per step
+scaled by (main accum_B / that file's accum_B), so all costs are relative to the same yardstick.
+
+Run: PYTHONPATH=. python benchmarks/merge_training.py main.json other.json ... --out training_all
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, save_json  # noqa: E402
+from training import markdown, plot, set_times, summarize  # noqa: E402
+
+from coreset_optim.synthetic import make_mixture  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("files", nargs="+", help="training JSON files; the first is the main one")
+    ap.add_argument("--prefer", default="", help="methods whose runs are taken from the LAST file having them")
+    ap.add_argument("--out", default="training_all")
+    args = ap.parse_args()
+    data = [json.loads((RESULTS / f).read_text()) for f in args.files]
+    prefer = set(filter(None, args.prefer.split(",")))
+    main_costs = {r["method"]: r["seconds_per_step"] for r in data[0]["runs"]}
+    runs, costs, sources = [], dict(main_costs), {}
+    for i, d in enumerate(data):
+        own = {r["method"]: r["seconds_per_step"] for r in d["runs"]}
+        scale = main_costs["accum_B"] / own["accum_B"]
+        for m in dict.fromkeys(r["method"] for r in d["runs"]):
+            if m not in sources or m in prefer:
+                sources[m] = i
+            costs.setdefault(m, own[m] * scale)
+    for m, i in sources.items():
+        runs += [r for r in data[i]["runs"] if r["method"] == m]
+    set_times(runs, costs)
+    args0 = argparse.Namespace(**data[0]["args"])
+    mixture = make_mixture(20000, 64, seed=0)
+    summary = summarize(runs, mixture, args0.steps)
+    save_json(f"{args.out}.json", {"merged_from": args.files, "run_source": {m: args.files[i] for m, i in sources.items()},
+                                   "summary": summary, "costs": costs})
+    (RESULTS / f"{args.out}.md").write_text(markdown(summary, args0))
+    plot(runs, summary, RESULTS / f"{args.out}.png", args0.steps)
+    print(markdown(summary, args0))
+
+
+if __name__ == "__main__":
+    main()
