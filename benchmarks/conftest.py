@@ -1,0 +1,92 @@
+"""Shared pieces of the microbenchmarks: side-by-side timing and a results file.
+
+Every comparison is timed *interleaved* (A, B, C, A, B, C, ...) in one process and reported as
+medians and ratios, because the machine is shared and its speed drifts. pytest-benchmark times
+our own call as well; the interleaved figures go to ``benchmarks/results/micro.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+# One thread: on a loaded 2-core machine, OpenMP spinning with 2 threads made steps ~10x slower.
+THREADS = int(os.environ.get("BENCH_THREADS", "1"))
+torch.set_num_threads(THREADS)
+
+_ROWS: list[dict] = []
+
+
+def interleave(fns: dict, reps: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each function, called in alternation ``reps`` times after a warm-up."""
+    torch.set_num_threads(THREADS)  # some libraries (numba's) reset it on import
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+@pytest.fixture
+def record():
+    """``record(group, case, **figures)``: one row of the micro results file."""
+
+    def add(group: str, case: str, **figures):
+        _ROWS.append({"group": group, "case": case, **figures})
+
+    return add
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _ROWS or not session.config.getoption("benchmark_enable", default=False):
+        return
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    machine = {
+        "platform": platform.platform(),
+        "cores": os.cpu_count(),
+        "torch_threads": THREADS,
+        "torch": torch.__version__,
+        "load_average": os.getloadavg(),
+    }
+    (out / "micro.json").write_text(json.dumps({"machine": machine, "rows": _ROWS}, indent=1))
+    lines = [
+        "# Microbenchmarks (interleaved medians; shared, loaded machine: read the ratios)",
+        "",
+        f"Machine: {machine['platform']}, {machine['cores']} cores, {machine['torch_threads']} torch "
+        f"thread(s), torch {machine['torch']}, load average at the end {machine['load_average'][0]:.1f}.",
+        "",
+    ]
+    groups: dict[str, list[dict]] = {}
+    for row in _ROWS:
+        groups.setdefault(row["group"], []).append(row)
+    for group, rows in groups.items():
+        keys = [k for k in rows[0] if k != "group"]
+        for r in rows[1:]:
+            keys += [k for k in r if k not in keys and k != "group"]
+        lines += [f"## {group}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+        lines.append("")
+    (out / "micro.md").write_text("\n".join(lines))
