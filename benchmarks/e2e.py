@@ -12,12 +12,12 @@ before them (the peak is reset through /proc/self/clear_refs; glibc is then told
 freed block of 64 KiB or more to the OS, so cached memory neither hides a step's needs nor
 inflates them). On CUDA: the allocator's peak minus what was allocated before.
 
-The machine is shared and noisy, so the driver runs every configuration once per round, for
-several rounds, and reports medians over rounds; every figure in the summary is a ratio of
-configurations measured in the same run. A second part shrinks the model and alternates c and e
+The machine is shared and noisy, so times come from one process per k in which the five
+configurations alternate step by step (a, b, c, d, e, a, b, ...), repeated in a few processes;
+every time figure in the summary is a median of side-by-side ratios. A second part shrinks the model and alternates c and e
 steps in one process, to find where the coreset step stops beating accumulation.
 
-Usage: ``python benchmarks/e2e.py [--rounds 3] [--steps 4] [--out benchmarks/results]``.
+Usage: ``python benchmarks/e2e.py [--rounds 2] [--steps 5] [--out benchmarks/results]``.
 """
 
 from __future__ import annotations
@@ -191,10 +191,11 @@ def run_worker(args) -> dict:
         "k": args.k,
         "batch": args.batch,
         "times": times,
-        "median_s": {c: statistics.median(t) for c, t in times.items()},
+        "median_s": {c: statistics.median(t) for c, t in times.items() if t},
         "peak_bytes": peak,
         "base_bytes": base,
         "stages_s": stages,
+        "stage_rows": stage_rows,
         "num_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "num_params": sum(p.numel() for p in model.parameters()),
     }
@@ -202,6 +203,7 @@ def run_worker(args) -> dict:
 
 # --- driver -----------------------------------------------------------------------------------
 def spawn(config: str, k: int, args, size: str | None = None, steps: int | None = None) -> dict:
+    """Run configurations (comma-separated: alternating step by step) in a fresh process."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = str(args.threads)
@@ -209,7 +211,7 @@ def spawn(config: str, k: int, args, size: str | None = None, steps: int | None 
     cmd = [
         sys.executable, str(Path(__file__).resolve()), "--worker", config, "--k", str(k),
         "--batch", str(args.batch), "--size", size or args.size, "--seq-len", str(args.seq_len),
-        "--steps", str(steps or args.steps), "--warmup", str(args.warmup), "--device", args.device,
+        "--steps", str(args.steps if steps is None else steps), "--warmup", str(args.warmup), "--device", args.device,
         "--threads", str(args.threads), "--mem-steps", str(args.mem_steps),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -242,47 +244,44 @@ def machine_info(device: str, threads: int) -> dict:
     return info
 
 
-def summarize(rounds: list[dict], ks: list[int]) -> dict:
-    """Medians over rounds and the target ratios."""
+def summarize(time_runs: dict[int, list[dict]], mem_runs: dict[str, dict], ks: list[int]) -> dict:
+    """Medians and target ratios. Times: all configurations alternate step by step in one process
+    (several rounds); a ratio is the median over steps of (num step / den step) taken side by side.
+    Memory: one process per configuration."""
     out = {}
     for k in ks:
-        rows = {}
-        for c in CONFIGS:
-            key = "b" if c == "b" else f"{c}{k}"
-            runs = [r[key] for r in rounds]
-            rows[c] = {
-                "label": LABELS[c],
-                "time_s": statistics.median(x["median_s"][c] for x in runs),
-                "time_s_rounds": [x["median_s"][c] for x in runs],
-                "peak_mb": statistics.median(x["peak_bytes"] for x in runs) / 2**20,
-                "peak_mb_rounds": [x["peak_bytes"] / 2**20 for x in runs],
-            }
-        stage_runs = [r[f"c{k}"]["stages_s"] for r in rounds]
-        stages = {s: statistics.median(x[s] for x in stage_runs) for s in STAGES}
-        # Ratios per round (side by side), then the median over rounds.
-        def ratio(num, den, what):
-            key = lambda c: "b" if c == "b" else f"{c}{k}"  # noqa: E731
-            vals = []
-            for r in rounds:
-                if what == "time":
-                    vals.append(r[key(num)]["median_s"][num] / r[key(den)]["median_s"][den])
-                else:
-                    vals.append(r[key(num)]["peak_bytes"] / max(r[key(den)]["peak_bytes"], 1))
-            return statistics.median(vals)
+        runs = time_runs[k]
+        times = {c: [t for r in runs for t in r["times"][c]] for c in CONFIGS}
 
+        def time_ratio(num, den):
+            return statistics.median(a / b for a, b in zip(times[num], times[den]))
+
+        def mem(c):
+            return mem_runs["b" if c == "b" else f"{c}{k}"]["peak_bytes"]
+
+        rows = {
+            c: {"label": LABELS[c], "time_s": statistics.median(times[c]), "time_s_steps": times[c],
+                "peak_mb": mem(c) / 2**20}
+            for c in CONFIGS
+        }
+        stage_rows = [r["stage_rows"] for r in runs]
+        stage_rows = [row for rows_ in stage_rows for row in rows_]
+        stages = {s: statistics.median(row.get(s, 0.0) for row in stage_rows) for s in STAGES}
         selection = sum(stages[s] for s in ("normalize", "compress", "similarity", "greedy", "weights"))
-        other = stages["total"] - stages["sketch"] - stages["backward"]
+        outside = stages["total"] - sum(stages[s] for s in STAGES if s != "total")
         out[k] = {
             "configs": rows,
             "stages_s": stages,
             "ratios": {
-                "mem_c_over_a": ratio("c", "a", "mem"),
-                "mem_c_over_b": ratio("c", "b", "mem"),
-                "time_c_over_d": ratio("c", "d", "time"),
-                "time_c_over_e": ratio("c", "e", "time"),
-                "time_c_over_b": ratio("c", "b", "time"),
-                "selection_stages_over_c": selection / rows["c"]["time_s"],
-                "select_overhead_outside_stages_over_c": (other - selection) / rows["c"]["time_s"],
+                "mem_c_over_a": mem("c") / mem("a"),
+                "mem_c_over_b": mem("c") / mem("b"),
+                "time_c_over_d": time_ratio("c", "d"),
+                "time_c_over_e": time_ratio("c", "e"),
+                "time_c_over_b": time_ratio("c", "b"),
+                "time_d_over_e": time_ratio("d", "e"),
+                "selection_stages_over_c": selection / stages["total"],
+                "select_bookkeeping_over_c": outside / stages["total"],
+                "sketch_over_backward_k": stages["sketch"] / stages["backward"],
             },
         }
     return out
@@ -316,7 +315,9 @@ def write_markdown(result: dict, path: Path) -> None:
         f"{m['load_average_end'][0]:.1f} at end (shared machine: figures are ratios measured in one run).",
         f"Model: tiny Llama {result['size']} + LoRA r=8 on q/v ({result['num_params']:,} params, "
         f"{result['num_trainable']:,} trained), sequences of {result['seq_len']} tokens, B = {result['batch']}. "
-        f"{result['rounds']} rounds x {result['steps']} measured steps; medians.",
+        f"Time: the five configurations alternate step by step in one process, {result['rounds']} "
+        f"processes x {result['steps']} steps each; ratios are medians of side-by-side step ratios. "
+        "Memory: one process per configuration (peak RSS over 2 steps minus RSS before them).",
         "",
     ]
     for k, s in result["summary"].items():
@@ -334,6 +335,8 @@ def write_markdown(result: dict, path: Path) -> None:
             f"| time c / d | {r['time_c_over_d']:.2f} | <= 1.10 |",
             f"| time c / e | {r['time_c_over_e']:.2f} | <= 0.65 at k = B/4 |",
             f"| selection stages (normalize..weights) / c | {r['selection_stages_over_c']:.3f} | < 0.05 |",
+            f"| select() bookkeeping outside stages / c | {r['select_bookkeeping_over_c']:.3f} | - |",
+            f"| time d / e (the ideal against accumulation) | {r['time_d_over_e']:.2f} | - |",
             "",
             "Stages of (c), median seconds: "
             + ", ".join(f"{name} {st[name]:.4f}" for name in STAGES),
@@ -396,8 +399,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--size", default="h128-l4")
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=2, help="timing processes per k")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per configuration and process")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--mem-steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=1,
@@ -415,19 +418,21 @@ def main(argv=None) -> None:
 
     ks = [int(x) for x in args.ks.split(",")]
     info = machine_info(args.device, args.threads)
-    rounds = []
+    mem_runs = {"b": spawn("b", ks[0], args, steps=0)}
+    for k in ks:
+        for c in ("a", "c", "d", "e"):
+            mem_runs[f"{c}{k}"] = spawn(c, k, args, steps=0)
+    print("memory done", file=sys.stderr)
+    time_runs = {k: [] for k in ks}
     for r in range(args.rounds):
-        res = {"b": spawn("b", ks[0], args)}
         for k in ks:
-            for c in ("a", "c", "d", "e"):
-                res[f"{c}{k}"] = spawn(c, k, args)
-        rounds.append(res)
-        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
-    summary = summarize(rounds, ks)
+            time_runs[k].append(spawn(",".join(CONFIGS), k, args))
+        print(f"time round {r + 1}/{args.rounds} done", file=sys.stderr)
+    summary = summarize(time_runs, mem_runs, ks)
     sizes = [s for s in args.sweep_sizes.split(",") if s]
     sweep_rows = sweep(args, sizes, ks[0]) if sizes else []
     info["load_average_end"] = os.getloadavg()
-    first = rounds[0]["b"]
+    first = mem_runs["b"]
     result = {
         "machine": info,
         "size": args.size,
@@ -440,7 +445,8 @@ def main(argv=None) -> None:
         "summary": summary,
         "sweep_k": ks[0],
         "sweep": sweep_rows,
-        "raw_rounds": rounds,
+        "raw_memory": mem_runs,
+        "raw_time": time_runs,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
