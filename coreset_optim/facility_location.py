@@ -1,7 +1,8 @@
 """Facility location: F(S) = sum_i max_{j in S} sim[i, j], maximized greedily.
 
-Two implementations of the same greedy (largest gain first, ties: the lowest index), both summing
-gains in float64 so their choices agree except where two gains tie to float64 rounding:
+Two implementations of the same greedy (largest gain first; gains within ``TIE_RTOL`` of the
+largest, relative to the largest possible gain, count as tied and go to the lowest index), both
+summing gains in float64 so that they choose alike:
 
 * :func:`greedy_facility_location_dense` recomputes every gain at every step, a fixed amount of
   work on the similarity's device with no host synchronization: the path for GPUs.
@@ -31,6 +32,10 @@ def facility_location_gains(sim: torch.Tensor, coverage: torch.Tensor) -> torch.
     return (sim - coverage[:, None]).clamp_(min=0).sum(0)
 
 
+TIE_RTOL = 1e-12  # gains closer than this (relative to the largest column sum) are ties
+_DRIFT_RTOL = 1e-9  # incremental gains this close to the best are recomputed exactly
+
+
 def _check_k(sim: torch.Tensor, k: int) -> int:
     if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
         raise ValueError(f"sim must be a square Tensor[n, n], got shape {tuple(sim.shape)}")
@@ -47,9 +52,10 @@ def greedy_facility_location_dense(sim: torch.Tensor, k: int) -> torch.Tensor:
     selected = torch.empty(k, dtype=torch.long, device=sim.device)
     coverage = sim64.new_zeros(n)
     taken = torch.zeros(n, dtype=torch.bool, device=sim.device)
+    tol = sim64.clamp(min=0).sum(0).max() * TIE_RTOL
     for step in range(k):
         gains = facility_location_gains(sim64, coverage).masked_fill_(taken, -float("inf"))
-        best = gains.argmax().view(1)
+        best = (gains >= gains.max() - tol).byte().argmax().view(1)  # first of the tied
         selected[step : step + 1] = best
         taken.index_fill_(0, best, True)
         coverage = torch.maximum(coverage, sim64.index_select(1, best).squeeze(1))
@@ -61,17 +67,25 @@ def greedy_facility_location_incremental(sim: torch.Tensor, k: int) -> torch.Ten
 
     When row i's coverage rises from ``lo`` to ``hi``, candidate j's gain loses
     ``clip(sim[i, j], lo, hi) - lo``; rows whose coverage did not rise lose nothing. Clipping is
-    exact, and the sums are float64, so the gains match the plain greedy's to float64 rounding.
+    exact and the sums are float64; the few gains near the best are recomputed exactly before
+    each choice, so ties are broken as in the plain greedy.
     """
     n = _check_k(sim, k)
     dtype = np.float64 if sim.dtype == torch.float64 else np.float32
     s = np.maximum(sim.detach().cpu().to(torch.float64 if dtype is np.float64 else torch.float32).numpy(), 0)
     coverage = np.zeros(n, dtype=dtype)
     gains = s.sum(0, dtype=np.float64)
+    scale = float(gains.max()) if n else 0.0
     selected = np.empty(k, dtype=np.int64)
     buf = np.empty_like(s)
     for step in range(k):
-        best = int(np.argmax(gains))  # first maximum: ties go to the lowest index
+        # The kept gains carry float64 drift: recompute the near-best ones exactly, then break
+        # ties as the dense path does.
+        top = float(gains.max())
+        near = np.flatnonzero(gains >= top - _DRIFT_RTOL * scale)
+        exact = np.maximum(s[:, near].astype(np.float64) - coverage[:, None], 0).sum(0)
+        gains[near] = exact
+        best = int(near[np.argmax(exact >= exact.max() - TIE_RTOL * scale)])
         selected[step] = best
         column = s[:, best]
         rows = np.flatnonzero(column > coverage)

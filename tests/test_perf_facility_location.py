@@ -103,3 +103,16 @@ def test_every_prefix_is_the_greedy_of_that_size():
     full = greedy_facility_location(sim, 12).tolist()
     for k in itertools.chain(range(0, 12, 3), [12]):
         assert greedy_facility_location(sim, k).tolist() == full[:k]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_zero_gain_ties_at_the_end_go_to_the_lowest_index(seed):
+    # Once every row is covered, all remaining gains are 0 in exact arithmetic; kept (incremental)
+    # gains drift by rounding, so they must be recomputed before breaking the tie.
+    g = torch.Generator().manual_seed(seed)
+    sim = torch.rand(9, 9, generator=g, dtype=torch.float64)
+    if seed % 2:
+        sim = (sim + sim.T) / 2
+    expected = brute_force_greedy(sim, 9)
+    assert greedy_facility_location_incremental(sim, 9).tolist() == expected
+    assert greedy_facility_location_dense(sim, 9).tolist() == expected
