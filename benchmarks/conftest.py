@@ -71,7 +71,15 @@ def pytest_sessionfinish(session, exitstatus):
         "torch": torch.__version__,
         "load_average": os.getloadavg(),
     }
-    (out / "micro.json").write_text(json.dumps({"machine": machine, "rows": _ROWS}, indent=1))
+    # Merge with earlier results, so running one benchmark file updates only its own rows.
+    rows = list(_ROWS)
+    try:
+        old = json.loads((out / "micro.json").read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        old = []
+    fresh = {(r["group"], r["case"]) for r in rows}
+    rows = [r for r in old if (r["group"], r["case"]) not in fresh] + rows
+    (out / "micro.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     lines = [
         "# Microbenchmarks (interleaved medians; shared, loaded machine: read the ratios)",
         "",
@@ -80,7 +88,7 @@ def pytest_sessionfinish(session, exitstatus):
         "",
     ]
     groups: dict[str, list[dict]] = {}
-    for row in _ROWS:
+    for row in rows:
         groups.setdefault(row["group"], []).append(row)
     for group, rows in groups.items():
         keys = [k for k in rows[0] if k != "group"]

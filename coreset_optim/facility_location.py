@@ -67,8 +67,8 @@ def greedy_facility_location_incremental(sim: torch.Tensor, k: int) -> torch.Ten
 
     When row i's coverage rises from ``lo`` to ``hi``, candidate j's gain loses
     ``clip(sim[i, j], lo, hi) - lo``; rows whose coverage did not rise lose nothing. Clipping is
-    exact and the sums are float64; the few gains near the best are recomputed exactly before
-    each choice, so ties are broken as in the plain greedy.
+    exact and the sums are float64; when several gains are near the best they are recomputed
+    exactly before the choice, so ties are broken as in the plain greedy.
     """
     n = _check_k(sim, k)
     dtype = np.float64 if sim.dtype == torch.float64 else np.float32
@@ -79,13 +79,15 @@ def greedy_facility_location_incremental(sim: torch.Tensor, k: int) -> torch.Ten
     selected = np.empty(k, dtype=np.int64)
     buf = np.empty_like(s)
     for step in range(k):
-        # The kept gains carry float64 drift: recompute the near-best ones exactly, then break
-        # ties as the dense path does.
-        top = float(gains.max())
-        near = np.flatnonzero(gains >= top - _DRIFT_RTOL * scale)
-        exact = np.maximum(s[:, near].astype(np.float64) - coverage[:, None], 0).sum(0)
-        gains[near] = exact
-        best = int(near[np.argmax(exact >= exact.max() - TIE_RTOL * scale)])
+        # The kept gains carry float64 drift: when several are near the best, recompute them
+        # exactly, then break ties as the dense path does.
+        near = np.flatnonzero(gains >= gains.max() - _DRIFT_RTOL * scale)
+        if near.size == 1:  # clear winner: drift (~1e-13 relative) cannot change it
+            best = int(near[0])
+        else:
+            exact = np.maximum(s[:, near].astype(np.float64) - coverage[:, None], 0).sum(0)
+            gains[near] = exact
+            best = int(near[np.argmax(exact >= exact.max() - TIE_RTOL * scale)])
         selected[step] = best
         column = s[:, best]
         rows = np.flatnonzero(column > coverage)
