@@ -406,7 +406,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per worker (1: on a shared, loaded machine OpenMP spinning "
                         "with 2 threads made steps 10x slower)")
-    p.add_argument("--sweep-sizes", default="h64-l2,h128-l2,h128-l4,h128-l8,h256-l4")
+    p.add_argument("--sweep-sizes", default="h32-l1,h64-l1,h64-l2,h128-l2,h128-l4,h128-l8,h256-l4")
     p.add_argument("--sweep-steps", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(HERE / "results"))

@@ -30,13 +30,19 @@ def test_sketch_pass_vs_nograd_forward(benchmark, record, size):
         with torch.no_grad():
             loss_fn(batch)
 
+    def nograd_forward_chunked():
+        with torch.no_grad():
+            for start in range(0, B, K):
+                loss_fn({"input_ids": batch["input_ids"][start:start + K]})
+
     def sketch_pass():
         exact_sketches(model, opt.sketch_targets, batch, loss_fn, B, K)
 
     def sketch_pass_one_chunk():
         exact_sketches(model, opt.sketch_targets, batch, loss_fn, B, None)
 
-    m = interleave({"nograd": nograd_forward, "sketch": sketch_pass, "sketch_1chunk": sketch_pass_one_chunk}, reps=5)
+    m = interleave({"nograd": nograd_forward, "nograd_chunked": nograd_forward_chunked,
+                    "sketch": sketch_pass, "sketch_1chunk": sketch_pass_one_chunk}, reps=7)
     row = {
         "model": size,
         "sketch_dims": sum(t.numel for t in opt.sketch_targets),
@@ -44,6 +50,7 @@ def test_sketch_pass_vs_nograd_forward(benchmark, record, size):
         "sketch_s": m["sketch"],
         "sketch/nograd": m["sketch"] / m["nograd"],
         "sketch_unchunked/nograd": m["sketch_1chunk"] / m["nograd"],
+        "sketch/nograd_in_chunks_of_k": m["sketch"] / m["nograd_chunked"],
         "target": "<= 1.15",
     }
     record("sketch pass vs no-grad forward of B = 128", size, **row)

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 SIZES = {
     # name: (hidden, layers, heads, kv_heads, intermediate)
+    "h32-l1": (32, 1, 2, 1, 64),
+    "h64-l1": (64, 1, 4, 2, 128),
     "h64-l2": (64, 2, 4, 2, 128),
     "h128-l2": (128, 2, 4, 2, 256),
     "h128-l4": (128, 4, 4, 2, 384),
