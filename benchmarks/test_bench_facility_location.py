@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import interleave
+from benchutil import interleave
 from coreset_optim.facility_location import (
     facility_location_value,
     greedy_facility_location,

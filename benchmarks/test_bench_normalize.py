@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import interleave
+from benchutil import interleave
 from coreset_optim.moments import read_adam_moments
 from coreset_optim.normalize import normalize_sketches
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import interleave
+from benchutil import interleave
 from coreset_optim import CoresetOptimizer
 from coreset_optim.sketch import exact_sketches
 from tinyllm import build, make_batch
