@@ -42,12 +42,16 @@ def _check_k(sim: torch.Tensor, k: int) -> int:
     n = sim.shape[0]
     if not 0 <= k <= n:
         raise ValueError(f"k must be in [0, {n}], got {k}")
+    if not bool(torch.isfinite(sim).all()):  # one check before the loop, never inside it
+        raise ValueError("sim has NaN or infinite entries; drop those rows and columns first")
     return n
 
 
 def greedy_facility_location_dense(sim: torch.Tensor, k: int) -> torch.Tensor:
     """The plain greedy: all gains recomputed each step (float64), no host syncs in the loop."""
     n = _check_k(sim, k)
+    if k == 0:
+        return torch.empty(0, dtype=torch.long, device=sim.device)
     sim64 = sim.detach().to(torch.float64)
     selected = torch.empty(k, dtype=torch.long, device=sim.device)
     coverage = sim64.new_zeros(n)

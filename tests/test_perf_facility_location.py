@@ -87,6 +87,12 @@ def test_k_edges_and_errors():
             greedy_facility_location(sim, bad)
     with pytest.raises(ValueError, match="square"):
         greedy_facility_location(torch.ones(3, 4), 1)
+    bad_sim = sim.clone()
+    bad_sim[1, 2] = float("nan")
+    for fn in (greedy_facility_location_incremental, greedy_facility_location_dense):
+        with pytest.raises(ValueError, match="NaN"):
+            fn(bad_sim, 2)
+        assert fn(torch.zeros(0, 0), 0).numel() == 0
 
 
 def test_negative_entries_count_as_zero_like_the_plain_greedy():
