@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-e2e clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: setup
 
 bench: setup
 	$(PY) -m pytest -q benchmarks --benchmark-enable
+
+# End-to-end memory/time of a coreset step vs its alternatives -> benchmarks/results/e2e.{json,md,png}
+bench-e2e: setup
+	$(PY) benchmarks/e2e.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks

@@ -1,11 +1,22 @@
 """Facility location: F(S) = sum_i max_{j in S} sim[i, j], maximized greedily.
 
-The marginal gain is apart from the greedy loop (as in apricot), and the loop stays on the
-similarity's device with no host synchronization, so it runs as well on a GPU as on a CPU.
+Two implementations of the same greedy (largest gain first; gains within ``TIE_RTOL`` of the
+largest, relative to the largest possible gain, count as tied and go to the lowest index), both
+summing gains in float64 so that they choose alike:
+
+* :func:`greedy_facility_location_dense` recomputes every gain at every step, a fixed amount of
+  work on the similarity's device with no host synchronization: the path for GPUs.
+* :func:`greedy_facility_location_incremental` keeps the gains and, after each choice, subtracts
+  only what the rows whose coverage rose lose (few rows after the first steps): the path for CPUs,
+  where it beats lazy greedy (see docs/performance.md). Its loop needs data-dependent row sets,
+  so it runs in numpy on the host.
+
+:func:`greedy_facility_location` picks by device.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -21,21 +32,84 @@ def facility_location_gains(sim: torch.Tensor, coverage: torch.Tensor) -> torch.
     return (sim - coverage[:, None]).clamp_(min=0).sum(0)
 
 
-def greedy_facility_location(sim: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of ``k`` columns chosen greedily by largest gain (ties: the lowest index)."""
+TIE_RTOL = 1e-12  # gains closer than this (relative to the largest column sum) are ties
+_DRIFT_RTOL = 1e-9  # incremental gains this close to the best are recomputed exactly
+
+
+def _check_k(sim: torch.Tensor, k: int) -> int:
+    if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"sim must be a square Tensor[n, n], got shape {tuple(sim.shape)}")
     n = sim.shape[0]
     if not 0 <= k <= n:
         raise ValueError(f"k must be in [0, {n}], got {k}")
+    if not bool(torch.isfinite(sim).all()):  # one check before the loop, never inside it
+        raise ValueError("sim has NaN or infinite entries; drop those rows and columns first")
+    return n
+
+
+def greedy_facility_location_dense(sim: torch.Tensor, k: int) -> torch.Tensor:
+    """The plain greedy: all gains recomputed each step (float64), no host syncs in the loop."""
+    n = _check_k(sim, k)
+    if k == 0:
+        return torch.empty(0, dtype=torch.long, device=sim.device)
+    sim64 = sim.detach().to(torch.float64)
     selected = torch.empty(k, dtype=torch.long, device=sim.device)
-    coverage = sim.new_zeros(n)
+    coverage = sim64.new_zeros(n)
     taken = torch.zeros(n, dtype=torch.bool, device=sim.device)
+    tol = sim64.clamp(min=0).sum(0).max() * TIE_RTOL
     for step in range(k):
-        gains = facility_location_gains(sim, coverage).masked_fill_(taken, -float("inf"))
-        best = gains.argmax().view(1)
+        gains = facility_location_gains(sim64, coverage).masked_fill_(taken, -float("inf"))
+        best = (gains >= gains.max() - tol).byte().argmax().view(1)  # first of the tied
         selected[step : step + 1] = best
         taken.index_fill_(0, best, True)
-        coverage = torch.maximum(coverage, sim.index_select(1, best).squeeze(1))
+        coverage = torch.maximum(coverage, sim64.index_select(1, best).squeeze(1))
     return selected
+
+
+def greedy_facility_location_incremental(sim: torch.Tensor, k: int) -> torch.Tensor:
+    """The same greedy with gains updated in place (host numpy; for CPU tensors).
+
+    When row i's coverage rises from ``lo`` to ``hi``, candidate j's gain loses
+    ``clip(sim[i, j], lo, hi) - lo``; rows whose coverage did not rise lose nothing. Clipping is
+    exact and the sums are float64; when several gains are near the best they are recomputed
+    exactly before the choice, so ties are broken as in the plain greedy.
+    """
+    n = _check_k(sim, k)
+    dtype = np.float64 if sim.dtype == torch.float64 else np.float32
+    s = np.maximum(sim.detach().cpu().to(torch.float64 if dtype is np.float64 else torch.float32).numpy(), 0)
+    coverage = np.zeros(n, dtype=dtype)
+    gains = s.sum(0, dtype=np.float64)
+    scale = float(gains.max()) if n else 0.0
+    selected = np.empty(k, dtype=np.int64)
+    buf = np.empty_like(s)
+    for step in range(k):
+        # The kept gains carry float64 drift: when several are near the best, recompute them
+        # exactly, then break ties as the dense path does.
+        near = np.flatnonzero(gains >= gains.max() - _DRIFT_RTOL * scale)
+        if near.size == 1:  # clear winner: drift (~1e-13 relative) cannot change it
+            best = int(near[0])
+        else:
+            exact = np.maximum(s[:, near].astype(np.float64) - coverage[:, None], 0).sum(0)
+            gains[near] = exact
+            best = int(near[np.argmax(exact >= exact.max() - TIE_RTOL * scale)])
+        selected[step] = best
+        column = s[:, best]
+        rows = np.flatnonzero(column > coverage)
+        lo, hi = coverage[rows], column[rows]
+        block = np.take(s, rows, axis=0, out=buf[: rows.size])
+        np.clip(block, lo[:, None], hi[:, None], out=block)
+        gains -= block.sum(0, dtype=np.float64)
+        gains += lo.sum(dtype=np.float64)
+        coverage[rows] = hi
+        gains[best] = -np.inf
+    return torch.from_numpy(selected).to(sim.device)
+
+
+def greedy_facility_location(sim: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of ``k`` columns chosen greedily by largest gain (ties: the lowest index)."""
+    if sim.device.type == "cpu":
+        return greedy_facility_location_incremental(sim, k)
+    return greedy_facility_location_dense(sim, k)
 
 
 def cluster_weights(sim: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
