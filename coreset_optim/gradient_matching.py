@@ -19,14 +19,19 @@ import numpy as np
 import torch
 
 
-def nnls_gram(gram: np.ndarray, b: np.ndarray, allowed: np.ndarray, max_iter: int | None = None) -> np.ndarray:
+def nnls_gram(
+    gram: np.ndarray, b: np.ndarray, allowed: np.ndarray, max_iter: int | None = None,
+    start: np.ndarray | None = None,
+) -> np.ndarray:
     """argmin_{w >= 0, w = 0 off ``allowed``} 0.5 w^T G w - b^T w (Lawson-Hanson, Gram form).
 
-    For G = A^T A and b = A^T t this is min ||A w - t|| over non-negative w.
+    For G = A^T A and b = A^T t this is min ||A w - t|| over non-negative w. ``start``: a warm
+    start, the solution for a smaller allowed set (positive exactly on its support); the greedy
+    loop passes the previous step's weights, so each refit usually costs one small solve.
     """
     n = b.shape[0]
-    w = np.zeros(n)
-    passive = np.zeros(n, dtype=bool)
+    w = np.zeros(n) if start is None else np.where(start > 0, start, 0.0)
+    passive = w > 0
     allowed = np.asarray(allowed, dtype=bool)
     tol = 1e-12 * max(1.0, float(np.abs(b).max(initial=0.0)), float(np.abs(gram).max(initial=0.0)))
     max_iter = max_iter or 3 * n + 10
@@ -79,7 +84,7 @@ def greedy_matching(
         j = int(np.argmax(corr))
         chosen.append(j)
         taken[j] = True
-        w = nnls_gram(gram, b, taken)
+        w = nnls_gram(gram, b, taken, start=w)
     weights = w[chosen] / norms[chosen]
     total = weights.sum()
     if not rescale:

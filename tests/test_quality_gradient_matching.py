@@ -94,3 +94,33 @@ def test_unconstrained_weights_are_the_nnls_fit_of_the_sum():
     idx, w = greedy_matching(x, 4, count_weight=0.0, rescale=False)
     ref = _brute_force_nnls(x[idx].T, x.sum(0))
     torch.testing.assert_close(w.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_warm_started_greedy_equals_cold_refits():
+    """The greedy loop warm-starts each NNLS refit; a cold refit at every step gives the same."""
+    import numpy as np
+
+    from coreset_optim import gradient_matching as gm
+
+    gen = torch.Generator().manual_seed(5)
+    for trial in range(4):
+        x = torch.randn(40, 12, generator=gen) + 0.2 * trial
+        n, k = x.shape[0], 15
+        chosen, weights = gm.greedy_matching(x, k)
+        # the same loop, written out with cold refits
+        xd = x.double()
+        lam = xd.norm(dim=1).mean()
+        host = (xd @ xd.T + lam * lam).numpy()
+        norms = np.sqrt(np.diag(host))
+        gram, b = host / np.outer(norms, norms), host.sum(1) / norms
+        taken, w, order = np.zeros(n, dtype=bool), np.zeros(n), []
+        for _ in range(k):
+            corr = b - gram @ w
+            corr[taken] = -np.inf
+            j = int(np.argmax(corr))
+            order.append(j)
+            taken[j] = True
+            w = gm.nnls_gram(gram, b, taken)
+        ref = w[order] / norms[order]
+        assert chosen.tolist() == order
+        torch.testing.assert_close(weights, torch.tensor(ref * (n / ref.sum()), dtype=torch.float32))
