@@ -34,6 +34,7 @@ class CoresetConfig:
     sketch_batch_size: int | None = None
     micro_batch_size: int | None = None
     seed: int = 0
+    distributed: Any = "auto"
 
     def __post_init__(self) -> None:
         if (self.coreset_size is None) == (self.coreset_ratio is None):
@@ -69,6 +70,11 @@ class CoresetConfig:
         _check_optional_positive_int("micro_batch_size", self.micro_batch_size)
         if not _is_int(self.seed):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
+        if not (isinstance(self.distributed, bool) or self.distributed == "auto"):
+            raise ValueError(
+                f"distributed must be 'auto' (select across ranks when torch.distributed is "
+                f"initialized), True or False (select per rank), got {self.distributed!r}"
+            )
 
     def budget(self, batch_size: int) -> int:
         """Examples to select from a batch of ``batch_size``: ``coreset_size`` or ceil(ratio * B)."""

@@ -19,6 +19,7 @@ from .batching import batch_size, chunk_slices, index_batch
 from .budget import small_sources
 from .config import CoresetConfig
 from .coreset import Coreset, SourceCount
+from .distributed import Shards, process_group as distributed_group
 from .loss import LossFn, call_loss_fn
 from .normalize import normalize_sketches
 from .selection import select_from_sketches
@@ -82,6 +83,8 @@ class CoresetOptimizer(torch.optim.Optimizer):
         sketch_batch_size: int | None = None,
         micro_batch_size: int | None = None,
         seed: int = 0,
+        distributed: Any = "auto",
+        process_group: Any = None,
     ) -> None:
         if isinstance(optimizer, CoresetOptimizer):
             raise TypeError("optimizer is already a CoresetOptimizer; wrap the inner optimizer once")
@@ -103,7 +106,9 @@ class CoresetOptimizer(torch.optim.Optimizer):
             sketch_batch_size=sketch_batch_size,
             micro_batch_size=micro_batch_size,
             seed=seed,
+            distributed=distributed,
         )
+        self.process_group = process_group  # None: the default group (not saved in checkpoints)
         self.optimizer = optimizer
         self.model = model
         self.sketch_targets = resolve_sketch_modules(model, optimizer, sketch_modules)
@@ -242,19 +247,28 @@ class CoresetOptimizer(torch.optim.Optimizer):
         Afterwards every trained parameter's ``.grad`` has grown by
         ``loss_scale * sum_j w_j * grad(loss_j) / N`` (N: valid examples in the batch).
         ``loss_fn(sub_batch)`` must return one loss per example of ``sub_batch``.
+        Under torch.distributed the coreset is chosen from the global batch of all ranks and N is
+        its valid count; see ``docs/distributed.md``.
         """
         start = time.perf_counter()
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (batch -> Tensor[n]), got {type(loss_fn).__name__}")
         size = batch_size(batch)
         codes, names = encode_sources(self._source_values(batch, size, sources), size)
-        budget = self.config.budget(size)
+        shards = None
+        if (group := distributed_group(self.config.distributed, self.process_group)) is not None:
+            shards = Shards.gather(size, codes, names, group)
+            codes, names = shards.local_codes, shards.names
+        total = size if shards is None else shards.total
+        budget = self.config.budget(total)
         timings: dict[str, float] = {}
 
-        if budget >= size:
+        if budget >= total:
             t0 = time.perf_counter()
             losses = self._losses_without_grad(batch, loss_fn, size)
             valid = torch.isfinite(losses)
+            if shards is not None:
+                (losses, valid), codes, size = shards.gather_losses(losses, valid), shards.codes, total
             timings["sketch"] = time.perf_counter() - t0
             sketches = torch.empty(size, 0, device=losses.device)
             indices = torch.nonzero(valid).flatten()
@@ -270,15 +284,22 @@ class CoresetOptimizer(torch.optim.Optimizer):
             timings["sketch"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             valid = torch.isfinite(losses).to(raw.device) & torch.isfinite(raw).all(1)
-            if not bool(valid.any()):
+            if shards is None and not bool(valid.any()):
                 raise ValueError(self._no_valid_message(size))
             params = [p for t in self.sketch_targets for p in t.params]
             normalized = normalize_sketches(raw, self.optimizer, params, self.config.normalize)
             valid &= torch.isfinite(normalized).all(1)
             timings["normalize"] = time.perf_counter() - t0
+            if shards is not None:
+                t0 = time.perf_counter()
+                normalized, losses, valid = shards.gather_sketches(normalized, losses, valid, self.config.sketch_dim)
+                codes, size = shards.codes, total
+                timings["gather"] = time.perf_counter() - t0
+                if not bool(valid.any()):
+                    raise ValueError(self._no_valid_message(size))
             counts = torch.bincount(codes[valid.cpu()], minlength=len(names)).tolist()
             keep = self._keep_mask(names, counts, budget)
-            result = select_from_sketches(
+            result = (select_from_sketches if shards is None else shards.on_first_rank(select_from_sketches))(
                 normalized, valid, codes, len(names), budget, keep,
                 self.config.sketch_dim, self.config.similarity,
             )
@@ -288,10 +309,18 @@ class CoresetOptimizer(torch.optim.Optimizer):
             keep = [k and s == c for k, s, c in zip(keep, selected, counts)]
 
         t0 = time.perf_counter()
-        sub_batch = index_batch(batch, indices)
-        loss = backward_weighted(
-            sub_batch, weights, loss_fn, num_valid / loss_scale, self.config.micro_batch_size
-        )
+        local = {}
+        if shards is None:
+            sub_batch = index_batch(batch, indices)
+            loss = backward_weighted(
+                sub_batch, weights, loss_fn, num_valid / loss_scale, self.config.micro_batch_size
+            )
+        else:
+            sub_batch, local_indices, local_weights, loss = shards.backward(
+                batch, indices, weights, loss_fn, num_valid / loss_scale,
+                self.config.micro_batch_size, self.model, valid,
+            )
+            local = dict(local_indices=local_indices, local_weights=local_weights, rank_sizes=shards.sizes)
         timings["backward"] = time.perf_counter() - t0
         self.num_selections += 1
         in_batch = torch.bincount(codes, minlength=len(names)).tolist()
@@ -309,6 +338,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
             num_invalid=size - num_valid,
             loss=loss,
             timings=timings,
+            **local,
         )
 
     def _sketch(self, batch: Any, loss_fn: LossFn, size: int, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
