@@ -35,11 +35,25 @@ SCENARIOS = {
     # Rank 0 holds 6 examples of source "a", rank 1 2 of "c": the proportional split of 2 gives
     # "c" nothing, so rank 1 selects nothing and must still join DDP's all-reduce.
     "rank1_empty": dict(sizes=[6, 2], rank_sources=[["a"], ["c"]], options=dict(coreset_size=2, sketch_dim=10, keep_sources=None)),
+    # The optimizer sees the inner model (no ``no_sync`` to use), loss_fn the DDP wrapper: every
+    # rank makes as many backward calls as the busiest one (rank 0: 3 calls for 6 examples; rank 1:
+    # 2 calls for its 3 kept "c" examples, then one zero-weight call).
+    # DDP then broadcasts buffers at every forward, so the sketch pass must make the same number of
+    # forwards on every rank: one, with sketch_batch_size >= the largest shard.
+    "inner_model": dict(
+        sizes=[9, 3],
+        rank_sources=[["a", "b"], ["c"]],
+        inner=True,
+        options=dict(coreset_size=9, sketch_dim=10, sketch_batch_size=16, micro_batch_size=2, keep_sources=["c"]),
+    ),
     # coreset_size >= global batch: every valid example, no sketch pass.
     "all": dict(sizes=[5, 2], options=dict(coreset_size=100, micro_batch_size=2)),
     # ratio budget on the global batch, no compression (sketch_dim >= D).
     "ratio": dict(sizes=[7, 5], options=dict(coreset_ratio=0.5, sketch_dim=64, similarity="cosine")),
+    # distributed=False: each rank selects 3 of its own 6; DDP averages the two coreset gradients.
+    "per_rank": dict(sizes=[6, 6], options=dict(coreset_size=3, sketch_dim=10, distributed=False)),
 }
+GLOBAL_SCENARIOS = [n for n, spec in SCENARIOS.items() if spec["options"].get("distributed", "auto") is not False]
 
 
 class TinyNet(nn.Module):
@@ -141,7 +155,8 @@ def run_rank(out_dir: Path) -> None:
     for name, spec in SCENARIOS.items():
         model = make_model()
         ddp = nn.parallel.DistributedDataParallel(model)
-        opt = CoresetOptimizer(torch.optim.AdamW(model.parameters(), lr=0.05), ddp, **spec["options"])
+        wrapped = model if spec.get("inner") else ddp
+        opt = CoresetOptimizer(torch.optim.AdamW(model.parameters(), lr=0.05), wrapped, **spec["options"])
         loss_fn = per_example_loss(ddp)
         # Step 0 makes Adam's state non-trivial; step 1 is the one compared with one process.
         batch, src = shard(name, 0, rank)

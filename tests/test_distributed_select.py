@@ -44,7 +44,7 @@ def coreset_gradient(model: nn.Module, x, y, indices, weights, num_valid):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("name", list(h.SCENARIOS))
+@pytest.mark.parametrize("name", h.GLOBAL_SCENARIOS)
 def test_ranks_agree_on_the_selection(ranks, name):
     r0, r1 = ranks[0][name], ranks[1][name]
     torch.testing.assert_close(r0["indices"], r1["indices"], rtol=0, atol=0)
@@ -63,7 +63,7 @@ def test_ranks_agree_on_the_selection(ranks, name):
     torch.testing.assert_close(r1["sub_batch"][0], x[r1["local_indices"]])
 
 
-@pytest.mark.parametrize("name", list(h.SCENARIOS))
+@pytest.mark.parametrize("name", h.GLOBAL_SCENARIOS)
 def test_gradient_matches_one_process(ranks, name):
     r0, r1 = ranks[0][name], ranks[1][name]
     model, _ = reference(name, r0["before"])
@@ -74,7 +74,7 @@ def test_gradient_matches_one_process(ranks, name):
             torch.testing.assert_close(r["grads"][n], g, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", list(h.SCENARIOS))
+@pytest.mark.parametrize("name", h.GLOBAL_SCENARIOS)
 def test_selection_matches_one_process_select(ranks, name):
     """select() on the concatenated batch in one process picks the same coreset, same weights."""
     r0 = ranks[0][name]
@@ -101,3 +101,28 @@ def test_uneven_scenario_splits_the_work(ranks):
     r0, r1 = ranks[0]["uneven"], ranks[1]["uneven"]
     assert r0["local_indices"].numel() == 2  # one backward call of 2 on rank 0
     torch.testing.assert_close(r1["local_indices"], torch.arange(3))  # two calls (2 + 1) on rank 1
+
+
+def test_inner_model_scenario_pads_backward_calls(ranks):
+    r0, r1 = ranks[0]["inner_model"], ranks[1]["inner_model"]
+    assert r0["local_indices"].numel() == 6  # 3 micro-batches of 2
+    torch.testing.assert_close(r1["local_indices"], torch.arange(3))  # 2 micro-batches, padded to 3
+
+
+def test_distributed_false_selects_per_rank(ranks):
+    """Each rank's coreset is one-process select() on its own shard; DDP averages the gradients."""
+    expected = None
+    for rank in (0, 1):
+        r = ranks[rank]["per_rank"]
+        model, inner = reference("per_rank", r["before"])
+        opt = CoresetOptimizer(inner, model, **h.SCENARIOS["per_rank"]["options"])
+        (x, y), src = h.shard("per_rank", 1, rank)
+        c = opt.select((x, y), h.per_example_loss(model), sources=src)
+        torch.testing.assert_close(c.indices, r["indices"], rtol=0, atol=0)
+        torch.testing.assert_close(c.weights, r["weights"])
+        assert r["rank_sizes"] == [6]
+        grads = {n: p.grad / 2 for n, p in model.named_parameters()}
+        expected = grads if expected is None else {n: expected[n] + g for n, g in grads.items()}
+    for rank in (0, 1):
+        for n, g in expected.items():
+            torch.testing.assert_close(ranks[rank]["per_rank"]["grads"][n], g, rtol=1e-6, atol=1e-6)
