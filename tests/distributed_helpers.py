@@ -188,5 +188,64 @@ def run_rank(out_dir: Path) -> None:
     dist.destroy_process_group()
 
 
+FSDP_SCENARIO = dict(sizes=[6, 6], options=dict(coreset_size=5, sketch_dim=10, micro_batch_size=2))
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def run_fsdp_rank(out_dir: Path) -> None:
+    """FSDP2 (fully_shard) on a CPU mesh: sharded params, grads and Adam state (DTensors)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from coreset_optim import CoresetOptimizer
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    rank = dist.get_rank()
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    model = make_model()
+    fully_shard(model.head, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = CoresetOptimizer(torch.optim.AdamW(model.parameters(), lr=0.05), model, **FSDP_SCENARIO["options"])
+    loss_fn = per_example_loss(model)
+    SCENARIOS["fsdp"] = FSDP_SCENARIO
+    batch, src = shard("fsdp", 0, rank)
+    opt.zero_grad()
+    opt.select(batch, loss_fn, sources=src)
+    opt.step()
+    state = opt.optimizer.state_dict()
+    before = {
+        "model": {k: _full(v).clone() for k, v in model.state_dict().items()},
+        "optimizer": {
+            "state": {i: {k: _full(v).clone() for k, v in s.items()} for i, s in state["state"].items()},
+            "param_groups": state["param_groups"],
+        },
+    }
+    batch, src = shard("fsdp", 1, rank)
+    opt.zero_grad()
+    c = opt.select(batch, loss_fn, sources=src)
+    result = dict(
+        before=before,
+        grads={n: _full(p.grad).clone() for n, p in model.named_parameters()},
+        indices=c.indices.clone(),
+        weights=c.weights.clone(),
+        local_indices=c.local_indices.clone(),
+        num_valid=c.num_valid,
+    )
+    torch.save({"fsdp": result}, Path(out_dir) / f"rank{rank}.pt")
+    dist.barrier()
+    # FSDP2 on gloo sometimes aborts in the interpreter's shutdown ("terminate called without an
+    # active exception") after everything is done; leave without tearing down.
+    sys.stdout.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
-    run_rank(Path(sys.argv[1]))
+    if sys.argv[2:] == ["fsdp"]:
+        run_fsdp_rank(Path(sys.argv[1]))
+    else:
+        run_rank(Path(sys.argv[1]))
