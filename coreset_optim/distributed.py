@@ -180,7 +180,7 @@ class Shards:
         """``select`` run on rank 0 only, its indices and weights broadcast to the other ranks.
 
         The wrapped function's first argument is the gathered sketches; the other ranks return
-        them as ``compressed`` and report no stage timings of their own.
+        them as ``compressed`` and report rank 0's stage timings (they waited that long).
         """
 
         def run(sketches: torch.Tensor, *args: Any, **kwargs: Any) -> Selection:
