@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -94,6 +95,11 @@ def rows_on_coordinates(sketches: torch.Tensor, valid: torch.Tensor, codes: torc
     if coords is not None:
         sketches = torch.gather(sketches, 1, coords.to(sketches.device)[codes.to(sketches.device)])
     return torch.where(valid[:, None].to(sketches.device), sketches, torch.full_like(sketches, float("nan")))
+
+
+def averages_gradients(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a wrapper known to average gradients over ranks (DDP, FSDP1, FSDP2)."""
+    return callable(getattr(model, "no_sync", None)) or callable(getattr(model, "set_requires_gradient_sync", None))
 
 
 def split_selection(indices: torch.Tensor, weights: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,6 +229,14 @@ class Shards:
         pieces = chunk_slices(int(local.numel()), micro_batch_size) if local.numel() else []
         calls = [(local[p], local_w[p], True) for p in pieces]
         no_sync = getattr(model, "no_sync", None)
+        if not averages_gradients(model):
+            warnings.warn(
+                "select() chose one coreset across the ranks of the process group, but `model` is "
+                "not DDP- or FSDP-wrapped: the gradients are only right if something averages them "
+                "over the ranks (e.g. a DDP wrapper used inside loss_fn). Pass the wrapped model to "
+                "CoresetOptimizer, or distributed=False to select per rank (docs/distributed.md)",
+                stacklevel=3,
+            )
         if callable(no_sync):
             wanted = 1
         else:
