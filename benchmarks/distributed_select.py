@@ -100,6 +100,7 @@ def run(world: int, rank: int, counter: Counter | None) -> dict:
     opt = CoresetOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), wrapped, coreset_size=K, sketch_dim=SKETCH_DIM)
     loss_fn = lambda b: F.cross_entropy(wrapped(b[0]), b[1], reduction="none")  # noqa: E731
     stages: dict[str, list[float]] = {}
+    local_counts = []
     for step in range(WARMUP + STEPS):
         if world > 1:
             b, src = batch(step, rank, B_LOCAL)
@@ -113,6 +114,7 @@ def run(world: int, rank: int, counter: Counter | None) -> dict:
         c = opt.select(b, loss_fn, sources=src)
         opt.step()
         if step >= WARMUP:
+            local_counts.append(len(c.local_indices))
             for name, t in c.timings.items():
                 stages.setdefault(name, []).append(t)
     d_full = sum(p.numel() for t in opt.sketch_targets for p in t.params)
@@ -121,6 +123,7 @@ def run(world: int, rank: int, counter: Counter | None) -> dict:
         bytes=None if counter is None else counter.bytes,
         sketch_length=d_full,
         k=len(c),
+        local_counts=local_counts,
     )
 
 
@@ -174,6 +177,7 @@ def main() -> None:
         setup=dict(world=WORLD, batch_per_rank=B_LOCAL, global_batch=WORLD * B_LOCAL, k=K, sketch_dim=SKETCH_DIM,
                    sources=SOURCES, sketch_length=ranks[0]["sketch_length"], steps=STEPS),
         measured_bytes_per_rank=[r["bytes"] for r in ranks],
+        selected_per_rank_per_step=[r["local_counts"] for r in ranks],
         expected_bytes=expected,
         stages_ms={"rank0": ranks[0]["stages_ms"], "rank1": ranks[1]["stages_ms"], "one_process": single["stages_ms"]},
     )
@@ -202,6 +206,14 @@ def write_markdown(r: dict) -> None:
         lines.append(f"| {name} | {r['measured_bytes_per_rank'][0][name]:,} | {r['measured_bytes_per_rank'][1][name]:,} |")
     lines += ["", "Formula (docs/distributed.md):", "", "| term | bytes |", "|---|---|"]
     lines += [f"| {k} | {v:,} |" for k, v in r["expected_bytes"].items()]
+    counts = r["selected_per_rank_per_step"]
+    lines += [
+        "",
+        f"Selected examples per rank and step (of k = {s['k']}): "
+        + "; ".join(f"rank {i}: {c}" for i, c in enumerate(counts))
+        + f". Busiest rank's share: median {statistics.median(max(c) / s['k'] for c in zip(*counts)):.2f} "
+        f"(perfect balance {1 / len(counts):.2f}).",
+    ]
     lines += ["", "## Time per stage, ms (median)", "", "| stage | rank 0 | rank 1 | one process, same global batch |", "|---|---|---|---|"]
     st = r["stages_ms"]
     for name in st["one_process"] | st["rank0"]:
