@@ -102,6 +102,18 @@ def averages_gradients(model: torch.nn.Module) -> bool:
     return callable(getattr(model, "no_sync", None)) or callable(getattr(model, "set_requires_gradient_sync", None))
 
 
+@contextlib.contextmanager
+def paused_gradient_sync(model: torch.nn.Module):
+    """DDP's ``no_sync()`` around passes that must not arm its gradient reducer (sketch passes).
+
+    Under it only the first forward may broadcast buffers, so ranks may make different numbers of
+    sketch forwards without their collectives falling out of step. Other models: nothing.
+    """
+    no_sync = getattr(model, "no_sync", None)
+    with no_sync() if callable(no_sync) else contextlib.nullcontext():
+        yield
+
+
 def split_selection(indices: torch.Tensor, weights: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The part of a global selection on the rank holding global rows ``[start, stop)``, as local indices."""
     mine = (indices >= start) & (indices < stop)

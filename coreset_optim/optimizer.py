@@ -19,7 +19,7 @@ from .batching import batch_size, chunk_slices, index_batch
 from .budget import small_sources
 from .config import CoresetConfig
 from .coreset import Coreset, SourceCount
-from .distributed import Shards, process_group as distributed_group
+from .distributed import Shards, paused_gradient_sync, process_group as distributed_group
 from .loss import LossFn, call_loss_fn
 from .normalize import normalize_sketches
 from .selection import select_from_sketches
@@ -241,18 +241,25 @@ class CoresetOptimizer(torch.optim.Optimizer):
             return small_sources(counts, budget)
         return [name in keep for name in names]
 
-    def select(self, batch: Any, loss_fn: LossFn, *, sources: Any = None, loss_scale: float = 1.0) -> Coreset:
+    def select(
+        self, batch: Any, loss_fn: LossFn, *, sources: Any = None, loss_scale: float = 1.0, model: nn.Module | None = None
+    ) -> Coreset:
         """Choose a weighted coreset of ``batch`` and backpropagate only its examples.
 
         Afterwards every trained parameter's ``.grad`` has grown by
         ``loss_scale * sum_j w_j * grad(loss_j) / N`` (N: valid examples in the batch).
         ``loss_fn(sub_batch)`` must return one loss per example of ``sub_batch``.
         Under torch.distributed the coreset is chosen from the global batch of all ranks and N is
-        its valid count; see ``docs/distributed.md``.
+        its valid count; see ``docs/distributed.md``. ``model``: the module ``loss_fn`` runs when
+        it wraps the one given at construction (e.g. the DDP wrapper Trainer or Accelerate create
+        after the optimizer), so select() can pause its gradient sync.
         """
         start = time.perf_counter()
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (batch -> Tensor[n]), got {type(loss_fn).__name__}")
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be the torch.nn.Module loss_fn runs (or None), got {type(model).__name__}")
+        wrapper = self.model if model is None else model
         size = batch_size(batch)
         codes, names = encode_sources(self._source_values(batch, size, sources), size)
         shards = None
@@ -265,7 +272,8 @@ class CoresetOptimizer(torch.optim.Optimizer):
 
         if budget >= total:
             t0 = time.perf_counter()
-            losses = self._losses_without_grad(batch, loss_fn, size)
+            with paused_gradient_sync(wrapper):
+                losses = self._losses_without_grad(batch, loss_fn, size)
             valid = torch.isfinite(losses)
             if shards is not None:
                 (losses, valid), codes, size = shards.gather_losses(losses, valid), shards.codes, total
@@ -280,7 +288,8 @@ class CoresetOptimizer(torch.optim.Optimizer):
                 raise ValueError(self._no_valid_message(size))
         else:
             t0 = time.perf_counter()
-            raw, losses = self._sketch(batch, loss_fn, size, budget)
+            with paused_gradient_sync(wrapper):
+                raw, losses = self._sketch(batch, loss_fn, size, budget)
             timings["sketch"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             valid = torch.isfinite(losses).to(raw.device) & torch.isfinite(raw).all(1)
@@ -318,7 +327,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
         else:
             sub_batch, local_indices, local_weights, loss = shards.backward(
                 batch, indices, weights, loss_fn, num_valid / loss_scale,
-                self.config.micro_batch_size, self.model, valid,
+                self.config.micro_batch_size, wrapper, valid,
             )
             local = dict(local_indices=local_indices, local_weights=local_weights, rank_sizes=shards.sizes)
         timings["backward"] = time.perf_counter() - t0

@@ -149,18 +149,10 @@ def linear_per_example_grads(
 
 @contextlib.contextmanager
 def sketch_mode(model: nn.Module, targets: Sequence[SketchTarget]) -> Iterator[None]:
-    """Eval mode, and autograd limited to the sketch parameters; everything restored afterwards.
-
-    A DDP-wrapped model also runs under ``no_sync()``: sketch forwards then never arm DDP's gradient
-    reducer, and only the first one may broadcast buffers, so ranks may make different numbers of
-    sketch forwards without their collectives falling out of step.
-    """
+    """Eval mode, and autograd limited to the sketch parameters; everything restored afterwards."""
     keep = {id(p) for t in targets for p in t.params}
     frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
     modes = [(m, m.training) for m in model.modules()]
-    no_sync = getattr(model, "no_sync", None)
-    quiet = no_sync() if callable(no_sync) else contextlib.nullcontext()
-    quiet.__enter__()
     try:
         for p in frozen:
             p.requires_grad_(False)
@@ -171,7 +163,6 @@ def sketch_mode(model: nn.Module, targets: Sequence[SketchTarget]) -> Iterator[N
             p.requires_grad_(True)
         for m, training in modes:
             m.training = training
-        quiet.__exit__(None, None, None)
 
 
 def _capture(targets: Sequence[SketchTarget]):

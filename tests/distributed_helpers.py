@@ -46,6 +46,15 @@ SCENARIOS = {
         inner=True,
         options=dict(coreset_size=9, sketch_dim=10, sketch_batch_size=16, micro_batch_size=2, keep_sources=["c"]),
     ),
+    # As "uneven", but the optimizer was built on the inner model (as Trainer and Accelerate do)
+    # and select() is given the DDP wrapper: uneven sketch forwards are fine again.
+    "select_model": dict(
+        sizes=[9, 3],
+        rank_sources=[["a", "b"], ["c"]],
+        inner=True,
+        select_model=True,
+        options=dict(coreset_size=9, sketch_dim=10, sketch_batch_size=2, micro_batch_size=2, keep_sources=["c"]),
+    ),
     # coreset_size >= global batch: every valid example, no sketch pass.
     "all": dict(sizes=[5, 2], options=dict(coreset_size=100, micro_batch_size=2)),
     # ratio budget on the global batch, no compression (sketch_dim >= D).
@@ -158,10 +167,11 @@ def run_rank(out_dir: Path) -> None:
         wrapped = model if spec.get("inner") else ddp
         opt = CoresetOptimizer(torch.optim.AdamW(model.parameters(), lr=0.05), wrapped, **spec["options"])
         loss_fn = per_example_loss(ddp)
+        extra = dict(model=ddp) if spec.get("select_model") else {}
         # Step 0 makes Adam's state non-trivial; step 1 is the one compared with one process.
         batch, src = shard(name, 0, rank)
         opt.zero_grad()
-        opt.select(batch, loss_fn, sources=src)
+        opt.select(batch, loss_fn, sources=src, **extra)
         opt.step()
         before = {
             "model": {k: v.clone() for k, v in model.state_dict().items()},
@@ -169,7 +179,7 @@ def run_rank(out_dir: Path) -> None:
         }
         batch, src = shard(name, 1, rank)
         opt.zero_grad()
-        c = opt.select(batch, loss_fn, sources=src)
+        c = opt.select(batch, loss_fn, sources=src, **extra)
         results[name] = dict(
             before=before,
             grads={n: p.grad.clone() for n, p in model.named_parameters()},

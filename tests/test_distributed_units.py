@@ -76,3 +76,12 @@ def test_distributed_option_is_checked(bad):
     model = nn.Linear(4, 3)
     with pytest.raises(ValueError, match="distributed must be"):
         CoresetOptimizer(torch.optim.AdamW(model.parameters()), model, coreset_size=2, distributed=bad)
+
+
+def test_select_model_must_be_a_module():
+    model = nn.Linear(4, 3)
+    opt = CoresetOptimizer(torch.optim.AdamW(model.parameters()), model, coreset_size=2)
+    batch = (torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    with pytest.raises(TypeError, match="model must be"):
+        opt.select(batch, lambda b: F.cross_entropy(model(b[0]), b[1], reduction="none"), model="ddp")
+    assert all(p.grad is None for p in model.parameters())
