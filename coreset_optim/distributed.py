@@ -216,6 +216,7 @@ class Shards:
 
         return run
 
+    @torch.enable_grad()  # select() backpropagates even when called under torch.no_grad()
     def backward(
         self,
         batch: Any,
@@ -246,7 +247,8 @@ class Shards:
                 "select() chose one coreset across the ranks of the process group, but `model` is "
                 "not DDP- or FSDP-wrapped: the gradients are only right if something averages them "
                 "over the ranks (e.g. a DDP wrapper used inside loss_fn). Pass the wrapped model to "
-                "CoresetOptimizer, or distributed=False to select per rank (docs/distributed.md)",
+                "CoresetOptimizer or to select(model=...), or distributed=False to select per rank "
+                "(docs/distributed.md)",
                 stacklevel=3,
             )
         if callable(no_sync):
@@ -267,6 +269,11 @@ class Shards:
             with quiet:
                 losses = call_loss_fn(loss_fn, index_batch(batch, idx), int(idx.numel()))
                 part = (w.to(losses.device, losses.dtype) * losses).sum() * scale
+                if not part.requires_grad:
+                    raise ValueError(
+                        "loss_fn's losses do not require grad, so there is nothing to backpropagate; "
+                        "do not run the model under torch.no_grad() inside loss_fn"
+                    )
                 part.backward()
             if real:
                 total = total.to(part.device) + part.detach().float()
