@@ -41,6 +41,7 @@ class CoresetConfig:
     zo_probes: int = 1
     zo_fixed_direction: bool = False
     selection: str = PRESETS["default"]["selection"]
+    distributed: Any = "auto"
 
     def __post_init__(self) -> None:
         if (self.coreset_size is None) == (self.coreset_ratio is None):
@@ -93,6 +94,11 @@ class CoresetConfig:
             raise ValueError(
                 "zo_probes > 1 with zo_fixed_direction=True would repeat one direction; "
                 "use zo_probes=1 or zo_fixed_direction=False"
+            )
+        if not (isinstance(self.distributed, bool) or self.distributed == "auto"):
+            raise ValueError(
+                f"distributed must be 'auto' (select across ranks when torch.distributed is "
+                f"initialized), True or False (select per rank), got {self.distributed!r}"
             )
 
     def budget(self, batch_size: int) -> int:

@@ -25,6 +25,13 @@ class Coreset:
     ``sketches`` is every example's compressed, normalized sketch as used for selection (NaN rows
     for invalid examples; zero columns when no sketch pass ran). ``loss`` is the coreset's
     weighted estimate of the batch's mean loss. ``timings`` are seconds per stage.
+
+    Under ``torch.distributed`` (see ``docs/distributed.md``) the batch is the *global* batch (rank
+    0's examples, then rank 1's, ...): ``indices``, ``weights``, ``sketches``, ``losses``,
+    ``source_counts``, ``num_valid``, ``num_invalid`` and ``loss`` describe it and are identical on
+    every rank, while ``batch``, ``local_indices`` (into this rank's own batch) and
+    ``local_weights`` are this rank's share. ``rank_sizes`` are the examples each rank held. In
+    one process the local fields equal the global ones and ``rank_sizes == [len(batch)]``.
     """
 
     indices: torch.Tensor
@@ -37,6 +44,15 @@ class Coreset:
     num_invalid: int
     loss: torch.Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    local_indices: torch.Tensor | None = None
+    local_weights: torch.Tensor | None = None
+    rank_sizes: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.local_indices is None:
+            self.local_indices, self.local_weights = self.indices, self.weights
+        if self.rank_sizes is None:
+            self.rank_sizes = [int(self.losses.shape[0])]
 
     def __len__(self) -> int:
         return int(self.indices.numel())

@@ -7,6 +7,13 @@ Recognized by keys and dtype, not class names:
 * bitsandbytes ``Adam``/``AdamW`` in 8-bit (``state1``/``state2`` uint8 with code books
   ``qmap1``/``qmap2`` and per-block ``absmax1``/``absmax2``) and 32-bit (float ``state1``/``state2``),
   ``step`` an int. 8-bit values are dequantized blockwise, the block size inferred from the sizes.
+
+Sharded state (see ``docs/distributed.md``):
+
+* FSDP2 / DTensor: state tensors with ``full_tensor()`` are gathered whole (a collective: every
+  rank must read the same parameters in the same order, which ``select()`` does). Tested on CPU.
+* DeepSpeed ZeRO 1/2/3: parameters carrying ``_hp_mapping`` or ``ds_id`` are read through
+  ``deepspeed.utils.safe_get_full_optimizer_state`` (a collective). Untested here: no DeepSpeed.
 """
 
 from __future__ import annotations
@@ -66,6 +73,17 @@ def _bnb_state(state: dict, which: int) -> torch.Tensor:
     return tensor.float()
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded DTensor (FSDP2); other tensors as they are."""
+    gather = getattr(tensor, "full_tensor", None)
+    return gather() if callable(gather) else tensor
+
+
+def is_deepspeed_param(param: torch.Tensor) -> bool:
+    """Whether DeepSpeed ZeRO owns ``param``'s optimizer state (stage 1/2: ``_hp_mapping``, 3: ``ds_id``)."""
+    return getattr(param, "_hp_mapping", None) is not None or hasattr(param, "ds_id")
+
+
 def _step_of(state: dict) -> int:
     step = state.get("step", 0)
     if isinstance(step, torch.Tensor):
@@ -77,6 +95,18 @@ def find_group(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict:
     for group in optimizer.param_groups:
         if any(p is param for p in group["params"]):
             return group
+    if is_deepspeed_param(param):
+        # ZeRO replaces the groups' params by flat fp32 partitions; stage 1/2 records the index.
+        index = getattr(getattr(param, "_hp_mapping", None), "param_group_index", None)
+        if index is not None:
+            return optimizer.param_groups[index]
+        keys = {(tuple(g.get("betas", ())), g.get("eps"), g.get("amsgrad")) for g in optimizer.param_groups}
+        if len(keys) == 1:
+            return optimizer.param_groups[0]
+        raise ValueError(
+            "cannot tell which DeepSpeed param group a ZeRO-3 parameter belongs to and the groups' "
+            "betas/eps differ; give every group the same betas and eps"
+        )
     raise ValueError("parameter is not in the optimizer's param_groups")
 
 
@@ -94,6 +124,8 @@ def read_adam_moments(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> 
     group = find_group(optimizer, param)
     if not has_second_moment(group):
         return None
+    if is_deepspeed_param(param):
+        return _read_deepspeed_moments(optimizer, param, group)
     state = optimizer.state.get(param)
     if not state:
         return None
@@ -103,13 +135,13 @@ def read_adam_moments(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> 
         amsgrad = bool(group.get("amsgrad", False)) and "max_exp_avg_sq" in state
         m = state.get("exp_avg")
         return AdamMoments(
-            exp_avg=None if m is None else m.float().reshape(param.shape),
-            exp_avg_sq=state["exp_avg_sq"].float().reshape(param.shape),
+            exp_avg=None if m is None else full_tensor(m).float().reshape(param.shape),
+            exp_avg_sq=full_tensor(state["exp_avg_sq"]).float().reshape(param.shape),
             step=_step_of(state),
             beta1=beta1,
             beta2=beta2,
             eps=eps,
-            max_exp_avg_sq=state["max_exp_avg_sq"].float().reshape(param.shape) if amsgrad else None,
+            max_exp_avg_sq=full_tensor(state["max_exp_avg_sq"]).float().reshape(param.shape) if amsgrad else None,
         )
     if "state2" in state:
         # state1 is Adam's m only when shaped like the parameter (AdEMAMix stacks two EMAs there).
@@ -124,3 +156,31 @@ def read_adam_moments(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> 
             eps=eps,
         )
     return None
+
+
+def _read_deepspeed_moments(optimizer: torch.optim.Optimizer, param: torch.Tensor, group: dict) -> AdamMoments | None:
+    """Adam's moments of a ZeRO-partitioned parameter, assembled whole (untested: no DeepSpeed here).
+
+    The step count is not part of ZeRO's per-parameter fragments; it is read from the state of the
+    group's flat partition (every Adam step advances all of them together).
+    """
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    v = safe_get_full_optimizer_state(param, "exp_avg_sq")
+    if v is None:
+        return None
+    m = safe_get_full_optimizer_state(param, "exp_avg")
+    flat = [optimizer.state.get(p) for p in group["params"]]
+    steps = [_step_of(s) for s in flat if s and "step" in s]
+    if not steps:
+        return None
+    peak = safe_get_full_optimizer_state(param, "max_exp_avg_sq") if group.get("amsgrad") else None
+    return AdamMoments(
+        exp_avg=None if m is None else m.float().reshape(param.shape),
+        exp_avg_sq=v.float().reshape(param.shape),
+        step=steps[0],
+        beta1=float(group["betas"][0]),
+        beta2=float(group["betas"][1]),
+        eps=float(group["eps"]),
+        max_exp_avg_sq=None if peak is None else peak.float().reshape(param.shape),
+    )

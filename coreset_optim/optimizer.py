@@ -20,6 +20,7 @@ from .batching import batch_size, chunk_slices, index_batch
 from .budget import small_sources, sources_kept_whole
 from .config import CoresetConfig
 from .coreset import Coreset, SourceCount
+from .distributed import Shards, paused_gradient_sync, process_group as distributed_group
 from .loss import LossFn, call_loss_fn
 from .normalize import normalize_sketches
 from .presets import FROM_PRESET, resolve_preset
@@ -108,6 +109,8 @@ class CoresetOptimizer(torch.optim.Optimizer):
         zo_probes: int = 1,
         zo_fixed_direction: bool = FROM_PRESET,
         preset: str = "default",
+        distributed: Any = "auto",
+        process_group: Any = None,
     ) -> None:
         if isinstance(optimizer, CoresetOptimizer):
             raise TypeError("optimizer is already a CoresetOptimizer; wrap the inner optimizer once")
@@ -133,7 +136,9 @@ class CoresetOptimizer(torch.optim.Optimizer):
             zo_eps=zo_eps,
             zo_probes=zo_probes,
             **chosen,
+            distributed=distributed,
         )
+        self.process_group = process_group  # None: the default group (not saved in checkpoints)
         self.optimizer = optimizer
         self.model = model
         self.sketch_targets = resolve_sketch_modules(model, optimizer, sketch_modules)
@@ -292,26 +297,43 @@ class CoresetOptimizer(torch.optim.Optimizer):
             return small_sources(counts, budget)
         return [name in keep for name in names]
 
-    def select(self, batch: Any, loss_fn: LossFn, *, sources: Any = None, loss_scale: float = 1.0) -> Coreset:
+    def select(
+        self, batch: Any, loss_fn: LossFn, *, sources: Any = None, loss_scale: float = 1.0, model: nn.Module | None = None
+    ) -> Coreset:
         """Choose a weighted coreset of ``batch`` and backpropagate only its examples.
 
         Afterwards every trained parameter's ``.grad`` has grown by
         ``loss_scale * sum_j w_j * grad(loss_j) / N`` (N: valid examples in the batch).
         ``loss_fn(sub_batch)`` must return one loss per example of ``sub_batch``.
+        Under torch.distributed the coreset is chosen from the global batch of all ranks and N is
+        its valid count; see ``docs/distributed.md``. ``model``: the module ``loss_fn`` runs when
+        it wraps the one given at construction (e.g. the DDP wrapper Trainer or Accelerate create
+        after the optimizer), so select() can pause its gradient sync.
         """
         start = time.perf_counter()
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (batch -> Tensor[n]), got {type(loss_fn).__name__}")
         _check_loss_scale(loss_scale)
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be the torch.nn.Module loss_fn runs (or None), got {type(model).__name__}")
+        wrapper = self.model if model is None else model
         size = batch_size(batch)
         codes, names = encode_sources(self._source_values(batch, size, sources), size)
-        budget = self.config.budget(size)
+        shards = None
+        if (group := distributed_group(self.config.distributed, self.process_group)) is not None:
+            shards = Shards.gather(size, codes, names, group)
+            codes, names = shards.local_codes, shards.names
+        total = size if shards is None else shards.total
+        budget = self.config.budget(total)
         timings: dict[str, float] = {}
 
-        if budget >= size:
+        if budget >= total:
             t0 = time.perf_counter()
-            losses = self._losses_without_grad(batch, loss_fn, size)
+            with paused_gradient_sync(wrapper):
+                losses = self._losses_without_grad(batch, loss_fn, size)
             valid = torch.isfinite(losses)
+            if shards is not None:
+                (losses, valid), codes, size = shards.gather_losses(losses, valid), shards.codes, total
             timings["sketch"] = time.perf_counter() - t0
             sketches = torch.empty(size, 0, device=losses.device)
             indices = torch.nonzero(valid).flatten()
@@ -323,11 +345,12 @@ class CoresetOptimizer(torch.optim.Optimizer):
                 raise ValueError(self._no_valid_message(size))
         else:
             t0 = time.perf_counter()
-            raw, losses = self._sketch(batch, loss_fn, size, budget)
+            with paused_gradient_sync(wrapper):
+                raw, losses = self._sketch(batch, loss_fn, size, budget)
             timings["sketch"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             valid = torch.isfinite(losses).to(raw.device) & torch.isfinite(raw).all(1)
-            if not bool(valid.any()):
+            if shards is None and not bool(valid.any()):
                 raise ValueError(self._no_valid_message(size))
             params = [p for t in self.sketch_targets for p in t.params]
             normalized = raw
@@ -336,12 +359,19 @@ class CoresetOptimizer(torch.optim.Optimizer):
             if self.config.sketch == "projection":
                 normalized = countsketch(normalized, self.config.sketch_dim, self.config.seed)
             valid &= torch.isfinite(normalized).all(1)
-            if not bool(valid.any()):  # e.g. eps=0 and a zero second moment
+            if shards is None and not bool(valid.any()):  # e.g. eps=0 and a zero second moment
                 raise ValueError(self._no_valid_message(size) + " (after Adam normalization)")
             timings["normalize"] = time.perf_counter() - t0
+            if shards is not None:
+                t0 = time.perf_counter()
+                normalized, losses, valid = shards.gather_sketches(normalized, losses, valid, self.config.sketch_dim)
+                codes, size = shards.codes, total
+                timings["gather"] = time.perf_counter() - t0
+                if not bool(valid.any()):
+                    raise ValueError(self._no_valid_message(size))
             counts = torch.bincount(codes[valid.cpu()], minlength=len(names)).tolist()
             keep = self._keep_mask(names, counts, budget)
-            result = select_from_sketches(
+            result = (select_from_sketches if shards is None else shards.on_first_rank(select_from_sketches))(
                 normalized, valid, codes, len(names), budget, keep,
                 self.config.sketch_dim, self.config.similarity,
                 method=self.config.selection,
@@ -353,10 +383,18 @@ class CoresetOptimizer(torch.optim.Optimizer):
             keep = sources_kept_whole(counts, budget, keep)
 
         t0 = time.perf_counter()
-        sub_batch = index_batch(batch, indices)
-        loss = backward_weighted(
-            sub_batch, weights, loss_fn, num_valid / loss_scale, self.config.micro_batch_size
-        )
+        local = {}
+        if shards is None:
+            sub_batch = index_batch(batch, indices)
+            loss = backward_weighted(
+                sub_batch, weights, loss_fn, num_valid / loss_scale, self.config.micro_batch_size
+            )
+        else:
+            sub_batch, local_indices, local_weights, loss = shards.backward(
+                batch, indices, weights, loss_fn, num_valid / loss_scale,
+                self.config.micro_batch_size, wrapper, valid,
+            )
+            local = dict(local_indices=local_indices, local_weights=local_weights, rank_sizes=shards.sizes)
         loss = loss / loss_scale  # the estimate of the batch's mean loss, without the scale
         timings["backward"] = time.perf_counter() - t0
         self.num_selections += 1
@@ -375,6 +413,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
             num_invalid=size - num_valid,
             loss=loss,
             timings=timings,
+            **local,
         )
 
     def _sketch(self, batch: Any, loss_fn: LossFn, size: int, budget: int) -> tuple[torch.Tensor, torch.Tensor]:

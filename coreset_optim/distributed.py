@@ -1,0 +1,287 @@
+"""One coreset for a batch spread over the ranks of ``torch.distributed`` (DDP, torchrun, Accelerate).
+
+The *global batch* is rank 0's examples, then rank 1's, and so on. Every rank sketches and
+normalizes its own examples; the ranks agree on the compressed coordinates, all-gather the
+compressed rows (with losses, validity and source ids), rank 0 selects and broadcasts indices and
+weights (so no rank can disagree through floating-point differences), and every rank
+backpropagates only its own selected examples, scaled so that the rank-averaged gradient (DDP,
+FSDP and DeepSpeed average) equals the one-process coreset gradient of the global batch.
+
+What travels per step is listed in ``docs/distributed.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .batching import chunk_slices, index_batch
+from .compress import top_coordinates
+from .loss import LossFn, call_loss_fn
+from .selection import Selection
+
+DISTRIBUTED_MODES = ("auto", True, False)
+
+
+def process_group(setting: Any, group: Any = None) -> Any:
+    """The group ``select()`` selects across, or ``None`` to select from this process's batch only.
+
+    ``setting``: ``"auto"`` uses the group when ``torch.distributed`` is initialized and has more
+    than one rank; ``True`` requires an initialized process group; ``False`` never gathers.
+    """
+    if setting is False:
+        return None
+    ready = dist.is_available() and dist.is_initialized()
+    if not ready:
+        if setting is True:
+            raise ValueError(
+                "distributed=True but torch.distributed is not initialized; call "
+                "torch.distributed.init_process_group() first (torchrun and Accelerate do it for "
+                "you) or use distributed='auto'"
+            )
+        return None
+    group = dist.group.WORLD if group is None else group
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def comm_device(group: Any, data_device: torch.device) -> torch.device:
+    """Where collective buffers live: the data's GPU under NCCL, otherwise the CPU (gloo)."""
+    backend = str(dist.get_backend(group))
+    if "nccl" in backend:
+        if data_device.type == "cuda":
+            return data_device
+        if "gloo" not in backend:
+            return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def global_source_names(per_rank_names: Sequence[Sequence[Any]]) -> tuple[list[Any], list[list[int]]]:
+    """Source names in order of first appearance in the global batch, and each rank's code map.
+
+    ``per_rank_names[r]`` are rank r's names in their local order of first appearance; the result's
+    ``maps[r][local_code]`` is the global code of that name.
+    """
+    names: dict[Any, int] = {}
+    maps = [[names.setdefault(n, len(names)) for n in local] for local in per_rank_names]
+    return list(names), maps
+
+
+def all_gather_rows(x: torch.Tensor, sizes: Sequence[int], group: Any) -> torch.Tensor:
+    """Every rank's rows of ``x`` concatenated in rank order (padded to the largest count to gather)."""
+    rows = max(sizes)
+    padded = x.new_zeros((rows, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+def source_abs_sums(sketches: torch.Tensor, valid: torch.Tensor, codes: torch.Tensor, num_sources: int) -> torch.Tensor:
+    """``Tensor[S, D]``: per source, the sum of |sketch| over its valid rows (zeros for none)."""
+    sums = sketches.new_zeros(num_sources, sketches.shape[1])
+    rows = torch.nonzero(valid).flatten()
+    return sums.index_add_(0, codes.to(sketches.device)[rows], sketches.index_select(0, rows).abs())
+
+
+def rows_on_coordinates(sketches: torch.Tensor, valid: torch.Tensor, codes: torch.Tensor, coords: torch.Tensor | None) -> torch.Tensor:
+    """Each row on its source's coordinates ``coords[code]`` (all columns when ``None``); NaN if invalid."""
+    if coords is not None:
+        sketches = torch.gather(sketches, 1, coords.to(sketches.device)[codes.to(sketches.device)])
+    return torch.where(valid[:, None].to(sketches.device), sketches, torch.full_like(sketches, float("nan")))
+
+
+def averages_gradients(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a wrapper known to average gradients over ranks (DDP, FSDP1, FSDP2)."""
+    return callable(getattr(model, "no_sync", None)) or callable(getattr(model, "set_requires_gradient_sync", None))
+
+
+@contextlib.contextmanager
+def paused_gradient_sync(model: torch.nn.Module):
+    """DDP's ``no_sync()`` around passes that must not arm its gradient reducer (sketch passes).
+
+    Under it only the first forward may broadcast buffers, so ranks may make different numbers of
+    sketch forwards without their collectives falling out of step. Other models: nothing.
+    """
+    no_sync = getattr(model, "no_sync", None)
+    with no_sync() if callable(no_sync) else contextlib.nullcontext():
+        yield
+
+
+def split_selection(indices: torch.Tensor, weights: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The part of a global selection on the rank holding global rows ``[start, stop)``, as local indices."""
+    mine = (indices >= start) & (indices < stop)
+    return indices[mine] - start, weights[mine]
+
+
+@dataclass
+class Shards:
+    """How the global batch is laid out over the ranks, and the collectives ``select()`` uses."""
+
+    group: Any
+    rank: int
+    sizes: list[int]  # examples per rank
+    names: list[Any]  # global source names
+    codes: torch.Tensor  # LongTensor[total]: global source code of every global example
+    local_codes: torch.Tensor  # LongTensor[sizes[rank]]: this rank's examples, global codes
+
+    @classmethod
+    def gather(cls, size: int, codes: torch.Tensor, names: Sequence[Any], group: Any) -> Shards:
+        """Exchange batch sizes and source ids (one ``all_gather_object``) and agree on source codes."""
+        world = dist.get_world_size(group)
+        objects: list[Any] = [None] * world
+        dist.all_gather_object(objects, (size, list(names), codes.tolist()), group=group)
+        global_names, maps = global_source_names([o[1] for o in objects])
+        per_rank = [torch.tensor([m[c] for c in o[2]], dtype=torch.long) for o, m in zip(objects, maps)]
+        rank = dist.get_rank(group)
+        return cls(group, rank, [o[0] for o in objects], global_names, torch.cat(per_rank), per_rank[rank])
+
+    @property
+    def world_size(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def start(self) -> int:
+        return sum(self.sizes[: self.rank])
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.sizes[self.rank]
+
+    def _first(self) -> int:
+        return dist.get_global_rank(self.group, 0)
+
+    def gather_losses(self, losses: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global ``(losses[total], valid[total])`` from every rank's own."""
+        device = comm_device(self.group, losses.device)
+        packed = torch.stack([losses.detach().float(), valid.float()], 1).to(device)
+        full = all_gather_rows(packed, self.sizes, self.group).to(losses.device)
+        return full[:, 0], full[:, 1] > 0
+
+    def gather_sketches(
+        self, normalized: torch.Tensor, losses: torch.Tensor, valid: torch.Tensor, dim: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Global compressed sketches ``[total, min(dim, D)]``, losses and validity.
+
+        Compression keeps, per source, the ``dim`` coordinates with the largest mean |value| over
+        the source's valid rows of the *global* batch: the ranks sum |sketch| per source (``S*D``
+        floats reduced to rank 0), rank 0 picks the coordinates and broadcasts them (``S*dim``
+        longs), then only the compressed rows are all-gathered.
+        """
+        device = comm_device(self.group, normalized.device)
+        coords = None
+        num_sources = len(self.names)
+        if normalized.shape[1] > dim:
+            sums = source_abs_sums(normalized, valid, self.local_codes, num_sources).to(device)
+            dist.reduce(sums, dst=self._first(), group=self.group)
+            coords = torch.empty(num_sources, dim, dtype=torch.long, device=device)
+            if self.rank == 0:
+                coords = torch.stack([top_coordinates(sums[s : s + 1], dim) for s in range(num_sources)])
+            dist.broadcast(coords, src=self._first(), group=self.group)
+        rows = rows_on_coordinates(normalized, valid, self.local_codes, coords)
+        extra = torch.stack([losses.detach().float().to(rows.device), valid.float().to(rows.device)], 1)
+        packed = torch.cat([rows.float(), extra], 1).to(device)
+        full = all_gather_rows(packed, self.sizes, self.group).to(normalized.device)
+        return full[:, :-2], full[:, -2], full[:, -1] > 0
+
+    def on_first_rank(self, select: Callable[..., Selection]) -> Callable[..., Selection]:
+        """``select`` run on rank 0 only, its indices and weights broadcast to the other ranks.
+
+        The wrapped function's first argument is the gathered sketches; the other ranks return
+        them as ``compressed`` and report rank 0's stage timings (they waited that long).
+        """
+
+        def run(sketches: torch.Tensor, *args: Any, **kwargs: Any) -> Selection:
+            payload: list[Any] = [None]
+            if self.rank == 0:
+                result = select(sketches, *args, **kwargs)
+                payload = [(result.indices.cpu(), result.weights.cpu(), result.selected_per_source, result.timings)]
+            device = comm_device(self.group, sketches.device)
+            dist.broadcast_object_list(payload, src=self._first(), group=self.group, device=device)
+            indices, weights, per_source, timings = payload[0]
+            if self.rank == 0:
+                return result
+            device = sketches.device
+            return Selection(indices.to(device), weights.to(device), sketches, list(per_source), dict(timings))
+
+        return run
+
+    @torch.enable_grad()  # select() backpropagates even when called under torch.no_grad()
+    def backward(
+        self,
+        batch: Any,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        loss_fn: LossFn,
+        denominator: float,
+        micro_batch_size: int | None,
+        model: torch.nn.Module,
+        valid: torch.Tensor,
+    ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Backpropagate this rank's selected examples; returns ``(sub_batch, local indices, local weights, loss)``.
+
+        Each rank backpropagates ``sum_j w_j loss_j * world_size / denominator`` over its own
+        selected examples, so the rank average is ``sum_j w_j grad_j / denominator``. Every rank
+        makes the same number of gradient-synchronizing backward calls: with a DDP module
+        (``model.no_sync``) all but the last micro-batch run under ``no_sync`` and there is exactly
+        one; otherwise every rank runs as many calls as the busiest rank. A rank with nothing (or
+        less) to do runs zero-weight calls on one of its examples (a valid one when it has one).
+        ``loss`` is the global weighted loss (one scalar all-reduce).
+        """
+        local, local_w = split_selection(indices, weights, self.start, self.stop)
+        pieces = chunk_slices(int(local.numel()), micro_batch_size) if local.numel() else []
+        calls = [(local[p], local_w[p], True) for p in pieces]
+        no_sync = getattr(model, "no_sync", None)
+        if not averages_gradients(model):
+            warnings.warn(
+                "select() chose one coreset across the ranks of the process group, but `model` is "
+                "not DDP- or FSDP-wrapped: the gradients are only right if something averages them "
+                "over the ranks (e.g. a DDP wrapper used inside loss_fn). Pass the wrapped model to "
+                "CoresetOptimizer or to select(model=...), or distributed=False to select per rank "
+                "(docs/distributed.md)",
+                stacklevel=3,
+            )
+        if callable(no_sync):
+            wanted = 1
+        else:
+            per_rank = [split_selection(indices, weights, a, a + n)[0].numel() for a, n in zip(self._offsets(), self.sizes)]
+            step = micro_batch_size or max(1, max(per_rank))
+            wanted = max(max(1, math.ceil(k / step)) for k in per_rank)
+        local_valid = torch.nonzero(valid[self.start : self.stop]).flatten()
+        filler = local_valid[:1].cpu() if local_valid.numel() else torch.zeros(1, dtype=torch.long)
+        while len(calls) < wanted:
+            calls.append((filler, torch.zeros(1), False))
+        scale = self.world_size / denominator
+        total = torch.zeros((), dtype=torch.float32)
+        for i, (idx, w, real) in enumerate(calls):
+            last = i == len(calls) - 1
+            quiet = no_sync() if callable(no_sync) and not last else contextlib.nullcontext()
+            with quiet:
+                losses = call_loss_fn(loss_fn, index_batch(batch, idx), int(idx.numel()))
+                part = (w.to(losses.device, losses.dtype) * losses).sum() * scale
+                if not part.requires_grad:
+                    raise ValueError(
+                        "loss_fn's losses do not require grad, so there is nothing to backpropagate; "
+                        "do not run the model under torch.no_grad() inside loss_fn"
+                    )
+                part.backward()
+            if real:
+                total = total.to(part.device) + part.detach().float()
+        device = comm_device(self.group, total.device)
+        reduced = total.to(device)
+        dist.all_reduce(reduced, group=self.group)
+        loss = (reduced / self.world_size).to(total.device)
+        return index_batch(batch, local), local, local_w, loss
+
+    def _offsets(self) -> list[int]:
+        return [sum(self.sizes[:r]) for r in range(self.world_size)]
