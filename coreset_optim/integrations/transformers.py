@@ -172,10 +172,11 @@ class CoresetTrainer(Trainer):
     # --- checks before training --------------------------------------------------------------
     def _check_coreset_setup(self) -> None:
         args = self.args
-        if args.world_size > 1 or args.n_gpu > 1 or getattr(self, "is_deepspeed_enabled", False):
+        if args.n_gpu > 1 or getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
             raise ValueError(
-                "CoresetTrainer runs on one device in one process for now (world_size=1, n_gpu=1, "
-                "no DeepSpeed); multi-device selection is not wired into the Trainer yet"
+                "CoresetTrainer runs one device per process: DDP through torchrun/accelerate works "
+                "(the coreset is chosen from the global batch), but not DataParallel (n_gpu > 1), "
+                "DeepSpeed or FSDP yet (see docs/distributed.md)"
             )
         if args.fp16:
             raise ValueError(
@@ -282,6 +283,7 @@ class CoresetTrainer(Trainer):
             lambda batch: self._per_example_losses(model, batch),
             sources=sources,
             loss_scale=1.0 / steps,
+            model=model,  # the DDP wrapper under torchrun: select() pauses its sync for the sketch pass
         )
         self._record_selection(coreset)
         return coreset.loss.detach()
