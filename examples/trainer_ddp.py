@@ -11,32 +11,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from coreset_optim.integrations.transformers import CoresetTrainer, CoresetTrainingArguments
 
-LENGTH = 16
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-class Mixture(torch.utils.data.Dataset):
-    """Counting sequences from three sources of different sizes (70 / 20 / 10 %)."""
-
-    def __init__(self, n: int, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        kind = torch.randint(0, 10, (n,), generator=g)
-        step = torch.where(kind < 7, 1, torch.where(kind < 9, 3, 7))
-        start = torch.randint(0, 64, (n,), generator=g)
-        self.ids = (start[:, None] + step[:, None] * torch.arange(LENGTH)) % 64
-        self.sources = ["web" if k < 7 else "code" if k < 9 else "math" for k in kind.tolist()]
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __getitem__(self, i: int) -> dict:
-        ids = self.ids[i].tolist()
-        return {"input_ids": ids, "attention_mask": [1] * LENGTH, "labels": ids, "source": self.sources[i]}
+from trainer import LENGTH, Mixture  # noqa: E402  (examples/trainer.py: a 3-source mixture)
 
 
 def main() -> None:
@@ -75,7 +60,7 @@ def main() -> None:
             if "loss" in log:
                 counts = ", ".join(
                     f"{s} {log.get(f'coreset/selected/{s}', 0)}/{log.get(f'coreset/in_batch/{s}', 0)}"
-                    for s in ("web", "code", "math")
+                    for s in ("chat", "code", "math")
                 )
                 print(f"step {log['step']} loss {log['loss']:.3f} selected/in global batch: {counts}")
 
