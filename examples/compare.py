@@ -81,6 +81,7 @@ def compare(steps: int = 200, batch: int = 64, k: int = 16, seed: int = 0, out: 
         if i == 0:
             print("  ".join("-" * w for w in widths))
     out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
     plot(runs, summary, out, steps)
     print(f"\nplot saved to {out}")
     return summary

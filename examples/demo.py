@@ -82,4 +82,6 @@ print("\nPart 2: what a coreset buys on a 7-source mixture (examples/compare.py)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import compare  # noqa: E402
 
-compare(steps=int(os.environ.get("DEMO_COMPARE_STEPS", 120)), out=Path(__file__).resolve().parents[1] / "demo_output" / "compare.png")
+out_dir = Path(__file__).resolve().parents[1] / "demo_output"
+out_dir.mkdir(exist_ok=True)
+compare(steps=int(os.environ.get("DEMO_COMPARE_STEPS", 120)), out=out_dir / "compare.png")

@@ -336,3 +336,21 @@ def test_unreadable_second_moment_is_reported_after_the_first_step(tmp_path):
     with pytest.raises(ValueError, match="no Adam second moment .* in a layout"):
         trainer.train()
     assert trainer.coreset_optimizer.num_steps == 1
+
+
+def test_presets_and_selection_options_reach_the_optimizer(tmp_path):
+    default = make_args(tmp_path).coreset_config()
+    assert (default.sketch, default.selection, default.normalize) == ("exact", "gradient_matching", "adam")
+    colm = make_args(tmp_path, coreset_preset="colm").coreset_config()
+    assert (colm.sketch, colm.selection, colm.normalize, colm.zo_fixed_direction) == (
+        "zeroth_order", "facility_location", "adam_update", True)
+    # an option given explicitly wins over the preset
+    mixed = make_args(tmp_path, coreset_preset="colm", selection="random", normalize=None).coreset_config()
+    assert (mixed.sketch, mixed.selection, mixed.normalize) == ("zeroth_order", "random", None)
+    with pytest.raises(ValueError, match="preset"):
+        make_args(tmp_path, coreset_preset="nope")
+    args = make_args(tmp_path, selection="facility_location", similarity="cosine", max_steps=1)
+    trainer = CoresetTrainer(model=lora(tiny_llama()), args=args, train_dataset=make_dataset())
+    trainer.train()
+    config = trainer.coreset_optimizer.config
+    assert (config.selection, config.similarity) == ("facility_location", "cosine")

@@ -30,6 +30,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from ..config import CoresetConfig
+from ..presets import FROM_PRESET, PRESETS, resolve_preset
 from ..coreset import Coreset
 from ..moments import has_second_moment, read_adam_moments
 from ..optimizer import CoresetOptimizer
@@ -75,35 +76,55 @@ class CoresetTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Chunk size of the coreset's backward."}
     )
     coreset_seed: int = field(default=0, metadata={"help": "Seed of the selection's random generator."})
+    coreset_preset: str = field(
+        default="default", metadata={"help": "'default' or 'colm': fills the options left at their defaults."}
+    )
+    sketch: Optional[str] = field(
+        default=None, metadata={"help": "'exact', 'zeroth_order' or 'projection'; None: the preset's."}
+    )
+    selection: Optional[str] = field(
+        default=None,
+        metadata={"help": "'gradient_matching', 'facility_location', 'random' or 'loss'; None: the preset's."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         config = self.coreset_config()  # raises ValueError on bad options, before anything runs
-        large = self.per_device_train_batch_size
+        world = max(1, int(self.world_size))  # under torchrun the large batch spans all ranks
+        large = self.per_device_train_batch_size * world
         if config.coreset_size is not None and config.coreset_size > large:
             raise ValueError(
-                f"coreset_size={config.coreset_size} is larger than per_device_train_batch_size={large}, "
-                "the large batch it is selected from; raise per_device_train_batch_size or lower coreset_size"
+                f"coreset_size={config.coreset_size} is larger than per_device_train_batch_size={self.per_device_train_batch_size}"
+                f" x {world} process(es), the large batch it is selected from; raise "
+                "per_device_train_batch_size or lower coreset_size"
             )
         if self.source_column is not None and not isinstance(self.source_column, str):
             raise TypeError(f"source_column must be a column name (str) or None, got {self.source_column!r}")
 
     def coreset_config(self) -> CoresetConfig:
-        return CoresetConfig(**self.coreset_kwargs(with_modules=False))
+        kwargs = self.coreset_kwargs(with_modules=False)
+        preset = kwargs.pop("preset")
+        unset = dict.fromkeys(PRESETS["default"], FROM_PRESET)
+        return CoresetConfig(**resolve_preset(preset, {**unset, **kwargs}))
 
     def coreset_kwargs(self, with_modules: bool = True) -> dict[str, Any]:
         """The keyword arguments of ``CoresetOptimizer`` these arguments stand for."""
         kwargs = dict(
             coreset_size=self.coreset_size,
             coreset_ratio=self.coreset_ratio,
-            sketch_dim=self.sketch_dim,
-            normalize=self.normalize,
-            similarity=self.similarity,
-            keep_sources=self.keep_sources,
             sketch_batch_size=self.sketch_batch_size,
             micro_batch_size=self.coreset_micro_batch_size,
             seed=self.coreset_seed,
+            preset=self.coreset_preset,
         )
+        # Options left at their defaults take the preset's values (e.g. coreset_preset="colm").
+        defaults = PRESETS["default"]
+        for name in ("sketch_dim", "normalize", "similarity", "keep_sources", "sketch", "selection"):
+            value = getattr(self, name)
+            if value is not None and not (name in defaults and value == defaults[name]):
+                kwargs[name] = value
+        if self.normalize is None:
+            kwargs["normalize"] = None
         if with_modules:
             kwargs["sketch_modules"] = self.sketch_modules
         return kwargs
