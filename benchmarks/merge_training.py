@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, save_json  # noqa: E402
-from training import markdown, plot, set_times, summarize  # noqa: E402
+from common import RESULTS  # noqa: E402
+from training import set_times, summarize, write_results  # noqa: E402
 
 from coreset_optim.synthetic import make_mixture  # noqa: E402
 
@@ -44,11 +44,8 @@ def main() -> None:
     args0 = argparse.Namespace(**data[0]["args"])
     mixture = make_mixture(20000, 64, seed=0)
     summary = summarize(runs, mixture, args0.steps)
-    save_json(f"{args.out}.json", {"merged_from": args.files, "run_source": {m: args.files[i] for m, i in sources.items()},
-                                   "summary": summary, "costs": costs})
-    (RESULTS / f"{args.out}.md").write_text(markdown(summary, args0))
-    plot(runs, summary, RESULTS / f"{args.out}.png", args0.steps)
-    print(markdown(summary, args0))
+    write_results(args.out, {"merged_from": args.files, "run_source": {m: args.files[i] for m, i in sources.items()},
+                             "summary": summary, "costs": costs}, runs, summary, args0)
 
 
 if __name__ == "__main__":

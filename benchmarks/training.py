@@ -292,11 +292,16 @@ def main() -> None:
     costs = step_costs(args.methods.split(","), mixture, args.batch, args.k, args.lr)
     set_times(runs, costs)
     summary = summarize(runs, mixture, args.steps)
-    save_json(f"{args.out}.json", {"args": vars(args), "machine": machine(),
-                                   "methods": {m: {"kind": METHODS[m][0], **{k: str(v) for k, v in METHODS[m][1].items()}} for m in METHODS},
-                                   "summary": summary, "runs": runs})
-    (RESULTS / f"{args.out}.md").write_text(markdown(summary, args))
-    plot(runs, summary, RESULTS / f"{args.out}.png", args.steps)
+    write_results(args.out, {"args": vars(args), "machine": machine(),
+                             "methods": {m: {"kind": METHODS[m][0], **{k: str(v) for k, v in METHODS[m][1].items()}} for m in METHODS},
+                             "summary": summary, "runs": runs}, runs, summary, args)
+
+
+def write_results(out: str, payload: dict, runs: list, summary: dict, args) -> None:
+    """``out``.json (payload), .md (table) and .png (curves) under benchmarks/results/."""
+    save_json(f"{out}.json", payload)
+    (RESULTS / f"{out}.md").write_text(markdown(summary, args))
+    plot(runs, summary, RESULTS / f"{out}.png", args.steps)
     print(markdown(summary, args))
 
 
