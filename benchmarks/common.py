@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from coreset_optim.synthetic import VOCAB_SIZE, answer_losses, make_mixture
+from coreset_optim.synthetic import VOCAB_SIZE, answer_losses
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -17,7 +17,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 

@@ -65,7 +65,7 @@ def compare(steps: int = 200, batch: int = 64, k: int = 16, seed: int = 0, out: 
     set_times(runs, step_costs(METHODS, mixture, batch, k, lr, rounds=8))
     summary = summarize(runs, mixture, steps)
     sm = summary["smallest_source"]
-    rows = [("method", "eval loss", f"{sm} (smallest)", "activation MiB", "ms/step", f"loss at coreset's time")]
+    rows = [("method", "eval loss", f"{sm} (smallest)", "activation MiB", "ms/step", "loss at coreset's time")]
     t_core = at_step(next(r for r in runs if r["method"] == "coreset_default")["curve"], steps)["time"]
     for m in METHODS:
         s = summary["methods"][m]
