@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from .batching import chunk_slices, index_batch
 from .compress import top_coordinates
-from .loss import LossFn, call_loss_fn
+from .loss import LossFn, backward_weighted_losses
 from .selection import Selection
 
 DISTRIBUTED_MODES = ("auto", True, False)
@@ -216,7 +216,6 @@ class Shards:
 
         return run
 
-    @torch.enable_grad()  # select() backpropagates even when called under torch.no_grad()
     def backward(
         self,
         batch: Any,
@@ -261,22 +260,15 @@ class Shards:
         filler = local_valid[:1].cpu() if local_valid.numel() else torch.zeros(1, dtype=torch.long)
         while len(calls) < wanted:
             calls.append((filler, torch.zeros(1), False))
-        scale = self.world_size / denominator
+        rank_denominator = denominator / self.world_size  # DDP averages over the ranks
         total = torch.zeros((), dtype=torch.float32)
         for i, (idx, w, real) in enumerate(calls):
             last = i == len(calls) - 1
             quiet = no_sync() if callable(no_sync) and not last else contextlib.nullcontext()
             with quiet:
-                losses = call_loss_fn(loss_fn, index_batch(batch, idx), int(idx.numel()))
-                part = (w.to(losses.device, losses.dtype) * losses).sum() * scale
-                if not part.requires_grad:
-                    raise ValueError(
-                        "loss_fn's losses do not require grad, so there is nothing to backpropagate; "
-                        "do not run the model under torch.no_grad() inside loss_fn"
-                    )
-                part.backward()
+                part = backward_weighted_losses(loss_fn, index_batch(batch, idx), w, rank_denominator)
             if real:
-                total = total.to(part.device) + part.detach().float()
+                total = total.to(part.device) + part.float()
         device = comm_device(self.group, total.device)
         reduced = total.to(device)
         dist.all_reduce(reduced, group=self.group)

@@ -6,6 +6,8 @@ from typing import Any, Callable
 
 import torch
 
+from .batching import chunk_slices, index_batch
+
 LossFn = Callable[[Any], torch.Tensor]
 
 
@@ -27,3 +29,28 @@ def call_loss_fn(loss_fn: LossFn, batch: Any, num_examples: int) -> torch.Tensor
     if not losses.is_floating_point():
         raise TypeError(f"loss_fn must return floating-point losses, got dtype {losses.dtype}")
     return losses
+
+
+def losses_in_chunks(loss_fn: LossFn, batch: Any, num_examples: int, chunk: int | None) -> torch.Tensor:
+    """Detached per-example losses of the whole batch, ``chunk`` examples per ``loss_fn`` call.
+
+    The caller chooses the context (e.g. ``torch.no_grad()`` and eval mode)."""
+    rows = [
+        call_loss_fn(loss_fn, index_batch(batch, piece), piece.stop - piece.start).detach()
+        for piece in chunk_slices(num_examples, chunk)
+    ]
+    return torch.cat(rows)
+
+
+@torch.enable_grad()  # select() backpropagates even when called under torch.no_grad()
+def backward_weighted_losses(loss_fn: LossFn, batch: Any, weights: torch.Tensor, denominator: float) -> torch.Tensor:
+    """One backward of ``sum_j weights[j] * loss_j / denominator`` over ``batch``; its value, detached."""
+    losses = call_loss_fn(loss_fn, batch, int(weights.numel()))
+    part = (weights.to(losses.device, losses.dtype) * losses).sum() / denominator
+    if not part.requires_grad:
+        raise ValueError(
+            "loss_fn's losses do not require grad, so there is nothing to backpropagate; do "
+            "not run the model under torch.no_grad() inside loss_fn"
+        )
+    part.backward()
+    return part.detach()

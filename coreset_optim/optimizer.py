@@ -21,18 +21,17 @@ from .budget import small_sources, sources_kept_whole
 from .config import CoresetConfig
 from .coreset import Coreset, SourceCount
 from .distributed import Shards, paused_gradient_sync, process_group as distributed_group
-from .loss import LossFn, call_loss_fn
+from .loss import LossFn, backward_weighted_losses, losses_in_chunks
 from .normalize import normalize_sketches
 from .presets import FROM_PRESET, resolve_preset
 from .projection import countsketch
 from .selection import select_from_sketches
-from .sketch import SketchSpec, exact_sketches, resolve_sketch_modules, sketch_mode
+from .sketch import SketchSpec, exact_sketches, resolve_sketch_modules, sketch_mode, sketch_params
 from .zeroth_order import fixed_direction, sketch_numel, zeroth_order_sketches
 
 _STATE_KEY = "coreset_optim"
 
 
-@torch.enable_grad()  # select() backpropagates even when called under torch.no_grad()
 def backward_weighted(
     batch: Any,
     weights: torch.Tensor,
@@ -47,16 +46,8 @@ def backward_weighted(
     """
     total = None
     for piece in chunk_slices(int(weights.numel()), micro_batch_size):
-        n = piece.stop - piece.start
-        losses = call_loss_fn(loss_fn, index_batch(batch, piece), n)
-        part = (weights[piece].to(losses.device, losses.dtype) * losses).sum() / denominator
-        if not part.requires_grad:
-            raise ValueError(
-                "loss_fn's losses do not require grad, so there is nothing to backpropagate; do "
-                "not run the model under torch.no_grad() inside loss_fn"
-            )
-        part.backward()
-        total = part.detach() if total is None else total + part.detach()
+        part = backward_weighted_losses(loss_fn, index_batch(batch, piece), weights[piece], denominator)
+        total = part if total is None else total + part
     return total
 
 
@@ -352,7 +343,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
             valid = torch.isfinite(losses).to(raw.device) & torch.isfinite(raw).all(1)
             if shards is None and not bool(valid.any()):
                 raise ValueError(self._no_valid_message(size))
-            params = [p for t in self.sketch_targets for p in t.params]
+            params = sketch_params(self.sketch_targets)
             normalized = raw
             if raw.shape[1] > 0:  # random/loss selection need no sketch
                 normalized = normalize_sketches(raw, self.optimizer, params, self.config.normalize)
@@ -437,11 +428,8 @@ class CoresetOptimizer(torch.optim.Optimizer):
 
     def _losses_without_grad(self, batch: Any, loss_fn: LossFn, size: int) -> torch.Tensor:
         """Per-example losses in eval mode, to find the valid examples when all are selected."""
-        rows = []
         with sketch_mode(self.model, []), torch.no_grad():
-            for piece in chunk_slices(size, self.config.sketch_batch_size or self.config.micro_batch_size):
-                rows.append(call_loss_fn(loss_fn, index_batch(batch, piece), piece.stop - piece.start).detach())
-        return torch.cat(rows)
+            return losses_in_chunks(loss_fn, batch, size, self.config.sketch_batch_size or self.config.micro_batch_size)
 
     @staticmethod
     def _no_valid_message(size: int) -> str:

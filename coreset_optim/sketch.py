@@ -41,6 +41,11 @@ class SketchTarget:
         return sum(p.numel() for p in self.params)
 
 
+def sketch_params(targets: Sequence[SketchTarget]) -> list[torch.Tensor]:
+    """The sketched parameters, in the order their gradients sit side by side in a sketch row."""
+    return [p for t in targets for p in t.params]
+
+
 def _trained_param_ids(optimizer: torch.optim.Optimizer) -> set[int]:
     return {id(p) for group in optimizer.param_groups for p in group["params"] if p.requires_grad}
 

@@ -17,17 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batching import chunk_slices, index_batch
-from .loss import LossFn, call_loss_fn
-from .sketch import SketchTarget, sketch_mode
-
-
-def sketch_params(targets: Sequence[SketchTarget]) -> list[torch.Tensor]:
-    return [p for t in targets for p in t.params]
+from .loss import LossFn, losses_in_chunks
+from .sketch import SketchTarget, sketch_mode, sketch_params
 
 
 def sketch_numel(targets: Sequence[SketchTarget]) -> int:
-    return sum(p.numel() for p in sketch_params(targets))
+    return sum(t.numel for t in targets)
 
 
 def fixed_direction(numel: int, seed: int) -> torch.Tensor:
@@ -44,11 +39,9 @@ def _perturb(params: Sequence[torch.Tensor], z: torch.Tensor, scale: float) -> N
         start = stop
 
 
-def _losses(model: nn.Module, batch: Any, loss_fn: LossFn, size: int, chunk: int | None) -> torch.Tensor:
-    rows = []
-    for piece in chunk_slices(size, chunk):
-        rows.append(call_loss_fn(loss_fn, index_batch(batch, piece), piece.stop - piece.start).detach())
-    return torch.cat(rows)
+def _restore(params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor]) -> None:
+    for p, s in zip(params, saved):
+        p.copy_(s)
 
 
 @torch.no_grad()
@@ -78,21 +71,18 @@ def zeroth_order_sketches(
         with sketch_mode(model, []):
             for z in directions:
                 _perturb(params, z, eps)
-                plus = _losses(model, batch, loss_fn, num_examples, chunk_size)
-                for p, s in zip(params, saved):
-                    p.copy_(s)
+                plus = losses_in_chunks(loss_fn, batch, num_examples, chunk_size)
+                _restore(params, saved)
                 _perturb(params, z, -eps)
-                minus = _losses(model, batch, loss_fn, num_examples, chunk_size)
-                for p, s in zip(params, saved):
-                    p.copy_(s)
+                minus = losses_in_chunks(loss_fn, batch, num_examples, chunk_size)
+                _restore(params, saved)
                 coef = (plus - minus) / (2.0 * eps)
                 part = coef[:, None] * z.to(coef.device, coef.dtype)[None, :]
                 sketches = part if sketches is None else sketches + part
                 mid = (plus + minus) / 2.0
                 loss_sum = mid if loss_sum is None else loss_sum + mid
     finally:
-        for p, s in zip(params, saved):
-            p.copy_(s)
+        _restore(params, saved)
     sketches = sketches / num_probes
     losses = loss_sum / num_probes
     finite = torch.isfinite(losses)
