@@ -116,12 +116,14 @@ def has_second_moment(group: dict) -> bool:
     return isinstance(betas, (tuple, list)) and len(betas) >= 2 and "eps" in group
 
 
-def read_adam_moments(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> AdamMoments | None:
+def read_adam_moments(
+    optimizer: torch.optim.Optimizer, param: torch.Tensor, group: dict | None = None
+) -> AdamMoments | None:
     """Adam's moments of ``param`` from ``optimizer.state``; ``None`` when there are none (yet).
 
     The state is only read: no key is added, so the optimizer's lazy initialization still works.
     """
-    group = find_group(optimizer, param)
+    group = find_group(optimizer, param) if group is None else group  # callers that know it skip the search
     if not has_second_moment(group):
         return None
     if is_deepspeed_param(param):

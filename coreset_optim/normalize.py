@@ -78,7 +78,7 @@ def normalize_sketches(
         if not has_second_moment(group):
             blocks.append(block)
             continue
-        moments = read_adam_moments(optimizer, p)
+        moments = read_adam_moments(optimizer, p, group)
         if mode == "adam":
             if moments is not None:
                 block = adam_normalize(block, moments.denominator_sq, moments.step, moments.beta2, moments.eps)
