@@ -72,7 +72,7 @@ def main() -> None:
                 f"selected here {len(coreset.local_indices)}/{len(coreset)}  per source {counts}",
                 flush=True,
             )
-    if not args.accelerate:
+    if dist.is_initialized():  # torchrun's or Accelerate's group: gloo may abort at exit without it
         dist.destroy_process_group()
 
 

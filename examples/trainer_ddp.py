@@ -63,6 +63,11 @@ def main() -> None:
                     for s in ("chat", "code", "math")
                 )
                 print(f"step {log['step']} loss {log['loss']:.3f} selected/in global batch: {counts}")
+    if torch.distributed.is_initialized():
+        # Without this, gloo's worker threads can outlive the interpreter and abort the process
+        # at exit ("terminate called without an active exception") after training succeeded.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
