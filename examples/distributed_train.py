@@ -72,7 +72,12 @@ def main() -> None:
                 f"selected here {len(coreset.local_indices)}/{len(coreset)}  per source {counts}",
                 flush=True,
             )
-    if dist.is_initialized():  # torchrun's or Accelerate's group: gloo may abort at exit without it
+    if dist.is_initialized():
+        # Tear down cleanly (torchrun's or Accelerate's group). The barrier first: it returns once
+        # gloo's worker thread has run, and released, every earlier collective; without it that
+        # thread can still hold a tensor when the last reference to the group (kept by DDP) goes,
+        # and the process hangs or aborts at exit.
+        dist.barrier()
         dist.destroy_process_group()
 
 

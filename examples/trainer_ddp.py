@@ -66,6 +66,8 @@ def main() -> None:
     if torch.distributed.is_initialized():
         # Without this, gloo's worker threads can outlive the interpreter and abort the process
         # at exit ("terminate called without an active exception") after training succeeded.
+        # The barrier first: it returns once gloo has run and released every earlier collective
+        # (see examples/distributed_train.py).
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
