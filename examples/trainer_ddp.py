@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from coreset_optim.distributed import shutdown
 from coreset_optim.integrations.transformers import CoresetTrainer, CoresetTrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,13 +64,7 @@ def main() -> None:
                     for s in ("chat", "code", "math")
                 )
                 print(f"step {log['step']} loss {log['loss']:.3f} selected/in global batch: {counts}")
-    if torch.distributed.is_initialized():
-        # Without this, gloo's worker threads can outlive the interpreter and abort the process
-        # at exit ("terminate called without an active exception") after training succeeded.
-        # The barrier first: it returns once gloo has run and released every earlier collective
-        # (see examples/distributed_train.py).
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    shutdown()  # barrier, pause, destroy_process_group: gloo can hang or abort at exit without it
 
 
 if __name__ == "__main__":

@@ -156,6 +156,7 @@ def run_rank(out_dir: Path) -> None:
     import torch.distributed as dist
 
     from coreset_optim import CoresetOptimizer
+    from coreset_optim.distributed import shutdown
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank = dist.get_rank()
@@ -194,8 +195,7 @@ def run_rank(out_dir: Path) -> None:
             sub_batch=c.batch,
         )
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown()
 
 
 FSDP_SCENARIO = dict(sizes=[6, 6], options=dict(coreset_size=5, sketch_dim=10, micro_batch_size=2))
