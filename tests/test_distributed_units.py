@@ -13,6 +13,7 @@ from coreset_optim.distributed import (
     global_source_names,
     process_group,
     rows_on_coordinates,
+    shutdown,
     source_abs_sums,
     split_selection,
 )
@@ -57,6 +58,23 @@ def test_process_group_modes_without_init():
     assert process_group(False) is None
     with pytest.raises(ValueError, match="distributed=True"):
         process_group(True)
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs gloo")
+def test_shutdown_destroys_the_group_and_is_a_no_op_without_one():
+    if torch.distributed.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    shutdown()  # nothing to do
+    store = torch.distributed.HashStore()
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        work = torch.ones(3)
+        torch.distributed.all_reduce(work)
+        shutdown(settle_seconds=0.0)
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def test_distributed_true_without_process_group_fails_before_any_change():
