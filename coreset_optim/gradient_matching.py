@@ -97,9 +97,11 @@ def greedy_matching(
     )
 
 
-def gradient_matching_coreset(x: torch.Tensor, k: int, *, watch=None, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
+def gradient_matching_coreset(
+    x: torch.Tensor, k: int, *, watch=None, count_weight: float = 1.0, **_: object
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Selector for :data:`coreset_optim.selection.SELECTORS` (see :func:`greedy_matching`)."""
-    chosen, weights = greedy_matching(x, k)
+    chosen, weights = greedy_matching(x, k, count_weight=count_weight)
     if watch is not None:
         watch.lap("greedy")
     return chosen, weights
