@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from coreset_optim.synthetic import VOCAB_SIZE, answer_losses
+from coreset_optim.datasets.synthetic import VOCAB_SIZE, answer_losses
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

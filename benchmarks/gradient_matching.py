@@ -36,7 +36,7 @@ from coreset_optim.normalize import adam_normalize  # noqa: E402
 from coreset_optim.moments import read_adam_moments  # noqa: E402
 from coreset_optim.optimizer import encode_sources  # noqa: E402
 from coreset_optim.selection import select_from_sketches  # noqa: E402
-from coreset_optim.synthetic import make_mixture  # noqa: E402
+from coreset_optim.datasets.synthetic import make_mixture  # noqa: E402
 
 register_experiments()
 LAST_LAYER = r"model\.layers\.1\..*_proj|lm_head"

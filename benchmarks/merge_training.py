@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS  # noqa: E402
 from training import set_times, summarize, write_results  # noqa: E402
 
-from coreset_optim.synthetic import make_mixture  # noqa: E402
+from coreset_optim.datasets.synthetic import make_mixture  # noqa: E402
 
 
 def main() -> None:

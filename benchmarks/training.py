@@ -28,7 +28,7 @@ from common import (  # noqa: E402
 )
 
 from coreset_optim import CoresetOptimizer  # noqa: E402
-from coreset_optim.synthetic import make_mixture  # noqa: E402
+from coreset_optim.datasets.synthetic import make_mixture  # noqa: E402
 
 register_experiments()
 

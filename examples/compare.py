@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from training import at_step, interp, plot, run, set_times, step_costs, summarize  # noqa: E402
 
-from coreset_optim.synthetic import make_mixture  # noqa: E402
+from coreset_optim.datasets.synthetic import make_mixture  # noqa: E402
 
 METHODS = ["random_k", "coreset_default", "coreset_colm", "accum_B", "batch_B"]
 LABELS = {

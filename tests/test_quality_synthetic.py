@@ -1,6 +1,6 @@
 import torch
 
-from coreset_optim.synthetic import IGNORE, SEP, TASKS, VOCAB_SIZE, answer_losses, make_mixture, split_counts
+from coreset_optim.datasets.synthetic import IGNORE, SEP, TASKS, VOCAB_SIZE, answer_losses, make_mixture, split_counts
 
 
 def test_sizes_and_shares():
