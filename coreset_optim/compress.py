@@ -30,3 +30,66 @@ def compress_per_source(
         cols = top_coordinates(block, out_dim)
         out.index_copy_(0, rows, block.index_select(1, cols))
     return out
+
+
+class StreamingTopCoordinates:
+    """:func:`compress_per_source` over a sketch that arrives a block of columns at a time.
+
+    A column's score (sum of |value| over a source's valid rows, the mean times a constant) depends
+    on that column alone, so each source's top ``dim`` columns overall are the top ``dim`` of
+    (its best so far, this block's best): a running merge that holds ``B x dim`` values plus one
+    block, whatever the sketch's width. Ties between equal scores may be broken differently from
+    :func:`top_coordinates` (torch's topk on the whole row); the output columns are in ascending
+    coordinate order, as there.
+
+    ``all_reduce``: sums a tensor over the ranks in place (``None`` alone), so that ranks holding
+    different rows of one global batch keep the same columns.
+    """
+
+    def __init__(self, valid: torch.Tensor, source_codes: torch.Tensor, num_sources: int, dim: int, all_reduce=None):
+        self.dim, self.num_sources, self.all_reduce = dim, num_sources, all_reduce
+        self.valid = valid
+        self.codes = source_codes.to(valid.device)
+        self.rows = [torch.nonzero(valid & (self.codes == s)).flatten() for s in range(num_sources)]
+        self.scores: list[torch.Tensor | None] = [None] * num_sources  # [<= dim]
+        self.coords: list[torch.Tensor | None] = [None] * num_sources  # [<= dim], long
+        self.values: list[torch.Tensor | None] = [None] * num_sources  # [rows, <= dim]
+        self.width = 0
+
+    def add(self, block: torch.Tensor, start: int) -> None:
+        """Fold in columns ``start .. start+m-1`` of the (normalized) sketch, ``block[B, m]``."""
+        m = block.shape[1]
+        self.width = max(self.width, start + m)
+        valid_rows = torch.nonzero(self.valid.to(block.device)).flatten()
+        scores = block.new_zeros(self.num_sources, m)
+        scores.index_add_(0, self.codes.to(block.device)[valid_rows], block.index_select(0, valid_rows).abs())
+        if self.all_reduce is not None:
+            self.all_reduce(scores)
+        coords = torch.arange(start, start + m, device=block.device)
+        for s in range(self.num_sources):
+            rows = self.rows[s].to(block.device)
+            keep = min(self.dim, m)
+            best = scores[s].topk(keep, sorted=False).indices if keep < m else None
+            cand_scores = scores[s] if best is None else scores[s, best]
+            cand_coords = coords if best is None else coords[best]
+            part = block.index_select(0, rows)
+            cand_values = part if best is None else part.index_select(1, best)
+            if self.scores[s] is not None:
+                cand_scores = torch.cat([self.scores[s], cand_scores])
+                cand_coords = torch.cat([self.coords[s], cand_coords])
+                cand_values = torch.cat([self.values[s], cand_values], dim=1)
+            if cand_scores.numel() > self.dim:
+                top = cand_scores.topk(self.dim, sorted=False).indices
+                cand_scores, cand_coords, cand_values = cand_scores[top], cand_coords[top], cand_values[:, top]
+            self.scores[s], self.coords[s], self.values[s] = cand_scores, cand_coords, cand_values
+
+    def result(self, num_rows: int, device=None, dtype=torch.float32) -> torch.Tensor:
+        """``Tensor[B, min(dim, width)]``: each source's valid rows on its columns (ascending); NaN elsewhere."""
+        out_dim = min(self.dim, self.width)
+        out = torch.full((num_rows, out_dim), float("nan"), dtype=dtype, device=device)
+        for s in range(self.num_sources):
+            if self.values[s] is None or self.rows[s].numel() == 0:
+                continue
+            order = self.coords[s].argsort()
+            out.index_copy_(0, self.rows[s].to(out.device), self.values[s][:, order].to(out.device, dtype))
+        return out

@@ -1,0 +1,183 @@
+"""Compressed sketches built block by block: no ``[B, layer size]`` tensor ever exists.
+
+A Linear layer's per-example gradient for output rows r0:r1 needs only ``dy[..., r0:r1]`` and the
+layer's input (:func:`~coreset_optim.sketch.linear_grad_block`). Each block is normalized with the
+wrapped optimizer's moments of those coordinates only (every normalization is elementwise) and
+folded straight into the compressed sketch:
+
+* ``sketch="projection"``: CountSketch is linear with a hash per coordinate, so each block adds
+  its own projection; examples are streamed chunk by chunk and a chunk's layer inputs/output
+  gradients are dropped once folded.
+* top coordinates (``sketch="exact"``): a column's score (mean |value| over a source's valid rows)
+  depends on that column alone, so a running per-source top-``dim`` merge
+  (:class:`~coreset_optim.compress.StreamingTopCoordinates`) keeps exactly today's columns. A
+  score needs every example, so the sketch layers' inputs and output gradients of the whole
+  (local) batch are held while the blocks run: ``B x tokens x (in + out)`` values per layer, the
+  size of that layer's activations, not of its weight.
+
+Either way the extra memory is the compressed sketch (``B x sketch_dim``) plus one block, sized
+from ``block_bytes``, plus what the layer inputs/output gradients take. The result equals
+normalizing and compressing the whole per-example gradient at once (up to float summation order
+and ties between equal top-coordinate scores).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .compress import StreamingTopCoordinates
+from .loss import LossFn
+from .normalize import param_normalizer
+from .projection import countsketch_add_
+from .sketch import LayerCalls, SketchTarget, captured_chunks, linear_grad_block, sketch_mode
+
+DEFAULT_BLOCK_BYTES = 64 * 2**20
+# float32 tensors of a block's size alive at once at the peak: the einsum's result, its
+# normalized copy, and one temporary of the normalization or compression step; with margin.
+BLOCK_COPIES = 4
+
+
+@dataclass
+class Agreement:
+    """What ranks selecting from one global batch must share while they stream (None: one process).
+
+    ``all_reduce(t)`` sums ``t`` over the ranks in place; ``any_rank(flag)`` is True when the flag is
+    set on some rank; ``plan_examples`` is the largest number of examples on any rank, so that all
+    ranks cut the layers into the same blocks (and so make the same collectives).
+    """
+
+    all_reduce: Callable[[torch.Tensor], None]
+    any_rank: Callable[[bool], bool]
+    plan_examples: int
+
+
+def rows_per_block(num_examples: int, in_features: int, block_bytes: int) -> int:
+    """Output rows per block so that a block's working set stays within ``block_bytes`` (at least 1)."""
+    per_row = 4 * BLOCK_COPIES * max(1, num_examples) * in_features
+    return max(1, block_bytes // per_row)
+
+
+def _layer_width(target: SketchTarget) -> tuple[int, int]:
+    out_features, in_features = target.module.weight.shape
+    return int(out_features), int(in_features)
+
+
+def normalized_blocks(
+    targets: Sequence[SketchTarget],
+    calls: Sequence[Sequence[LayerCalls]],
+    normalizers: Sequence[Callable],
+    num_examples: int,
+    block_bytes: int,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, block[n, m])``: the normalized per-example gradients of sketch coordinates
+    ``start .. start+m-1`` (coordinates numbered as in a whole sketch row: each target's weight,
+    row-major, then its bias), every coordinate exactly once.
+
+    ``calls[c][t]``: what target t saw in chunk c; a block's rows are all chunks' examples in order.
+    ``normalizers``: one per sketched parameter, in :func:`~coreset_optim.sketch.sketch_params` order.
+    """
+    offset, which = 0, 0
+    for t, target in enumerate(targets):
+        out_features, in_features = _layer_width(target)
+        step = rows_per_block(num_examples, in_features, block_bytes)
+        weight_start, bias_start = offset, offset + out_features * in_features
+        for r0 in range(0, out_features, step):
+            rows = slice(r0, min(r0 + step, out_features))
+            parts = [linear_grad_block(chunk[t], rows, target.with_bias) for chunk in calls]
+            weight = torch.cat([w for w, _ in parts]) if len(parts) > 1 else parts[0][0]
+            yield weight_start + r0 * in_features, normalizers[which](weight, r0 * in_features)
+            del weight
+            if target.with_bias:
+                bias = torch.cat([b for _, b in parts]) if len(parts) > 1 else parts[0][1]
+                yield bias_start + r0, normalizers[which + 1](bias, r0)
+        offset = bias_start + (out_features if target.with_bias else 0)
+        which += 1 + int(target.with_bias)
+
+
+def compressed_sketches(
+    model: nn.Module,
+    targets: Sequence[SketchTarget],
+    batch: Any,
+    loss_fn: LossFn,
+    num_examples: int,
+    chunk_size: int | None,
+    *,
+    optimizer: torch.optim.Optimizer,
+    normalize: str | None,
+    sketch: str,
+    dim: int,
+    seed: int,
+    source_codes: torch.Tensor,
+    num_sources: int,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    agreement: Agreement | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalized, compressed per-example sketches, never holding a whole per-example gradient.
+
+    Returns ``(sketches[B, d], losses[B], valid[B])``: ``d = dim`` for ``sketch="projection"``,
+    ``min(dim, D)`` for top coordinates (``sketch="exact"``; each source's rows on that source's
+    columns, in ascending order). ``valid``: finite loss and finite normalized gradient; invalid
+    rows are NaN. The model's ``.grad``, modes and flags are unchanged; the optimizer's state is
+    only read.
+    """
+    params = [p for t in targets for p in t.params]
+    normalizers = [param_normalizer(optimizer, p, normalize) for p in params]
+    if sketch == "projection":
+        return _projected(model, targets, batch, loss_fn, num_examples, chunk_size, normalizers, dim, seed, block_bytes)
+    return _top_coordinates(
+        model, targets, batch, loss_fn, num_examples, chunk_size, normalizers, dim,
+        source_codes, num_sources, block_bytes, agreement,
+    )
+
+
+def _projected(model, targets, batch, loss_fn, num_examples, chunk_size, normalizers, dim, seed, block_bytes):
+    rows, loss_rows = [], []
+    with sketch_mode(model, targets), torch.enable_grad():
+        for piece, calls, losses in captured_chunks(model, targets, batch, loss_fn, num_examples, chunk_size):
+            n = piece.stop - piece.start
+            out = None
+            for start, block in normalized_blocks(targets, [calls], normalizers, n, block_bytes):
+                out = block.new_zeros(n, dim) if out is None else out
+                countsketch_add_(out, block, seed, start)
+            rows.append(out)
+            loss_rows.append(losses)
+            del calls
+    sketches, losses = torch.cat(rows), torch.cat(loss_rows)
+    valid = torch.isfinite(losses).to(sketches.device) & torch.isfinite(sketches).all(1)
+    sketches = torch.where(valid[:, None], sketches, torch.full_like(sketches, float("nan")))
+    return sketches, losses, valid
+
+
+def _top_coordinates(
+    model, targets, batch, loss_fn, num_examples, chunk_size, normalizers, dim,
+    source_codes, num_sources, block_bytes, agreement,
+):
+    with sketch_mode(model, targets), torch.enable_grad():
+        chunks = list(captured_chunks(model, targets, batch, loss_fn, num_examples, chunk_size))
+    calls = [c for _, c, _ in chunks]
+    losses = torch.cat([loss for _, _, loss in chunks])
+    device = calls[0][0].grad_outputs[0].device
+    plan_examples = num_examples if agreement is None else agreement.plan_examples
+    valid = torch.isfinite(losses).to(device)
+    while True:
+        top = StreamingTopCoordinates(
+            valid, source_codes.to(device), num_sources, dim, None if agreement is None else agreement.all_reduce
+        )
+        finite = valid.clone()
+        for start, block in normalized_blocks(targets, calls, normalizers, plan_examples, block_bytes):
+            finite &= torch.isfinite(block).all(1)
+            top.add(block, start)
+        # A row found non-finite part-way has already entered some scores: redo without it (rare:
+        # an overflowing gradient, or eps = 0 with a zero second moment).
+        changed = bool((finite != valid).any())
+        if agreement is not None:
+            changed = agreement.any_rank(changed)
+        if not changed:
+            break
+        valid = finite
+    return top.result(num_examples, device=device), losses, valid
