@@ -11,6 +11,7 @@ from .normalize import NORMALIZE_MODES
 from .presets import PRESETS, SKETCH_MODES
 from .selection import SELECTORS
 from .similarity import SIMILARITIES
+from .streaming import DEFAULT_BLOCK_BYTES
 
 
 def _is_int(x: Any) -> bool:
@@ -34,6 +35,7 @@ class CoresetConfig:
     keep_sources: Any = "auto"
     source_key: str | None = None
     sketch_batch_size: int | None = None
+    sketch_block_bytes: int = DEFAULT_BLOCK_BYTES
     micro_batch_size: int | None = None
     seed: int = 0
     sketch: str = "exact"
@@ -75,6 +77,11 @@ class CoresetConfig:
             raise TypeError(f"source_key must be a str (a batch key) or None, got {self.source_key!r}")
         _check_optional_positive_int("sketch_batch_size", self.sketch_batch_size)
         _check_optional_positive_int("micro_batch_size", self.micro_batch_size)
+        if not _is_int(self.sketch_block_bytes) or self.sketch_block_bytes <= 0:
+            raise ValueError(
+                f"sketch_block_bytes must be a positive int (bytes for one block of per-example "
+                f"gradients, e.g. 64 * 2**20), got {self.sketch_block_bytes!r}"
+            )
         if not _is_int(self.seed):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
         if self.sketch not in SKETCH_MODES:

@@ -24,9 +24,9 @@ from .distributed import Shards, paused_gradient_sync, process_group as distribu
 from .loss import LossFn, backward_weighted_losses, losses_in_chunks
 from .normalize import normalize_sketches
 from .presets import FROM_PRESET, resolve_preset
-from .projection import countsketch
 from .selection import select_from_sketches
-from .sketch import SketchSpec, exact_sketches, resolve_sketch_modules, sketch_mode, sketch_params
+from .sketch import SketchSpec, resolve_sketch_modules, sketch_mode, sketch_params
+from .streaming import DEFAULT_BLOCK_BYTES, compressed_sketches
 from .zeroth_order import fixed_direction, sketch_numel, zeroth_order_sketches
 
 _STATE_KEY = "coreset_optim"
@@ -92,6 +92,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
         keep_sources: Any = FROM_PRESET,
         source_key: str | None = None,
         sketch_batch_size: int | None = None,
+        sketch_block_bytes: int = DEFAULT_BLOCK_BYTES,
         micro_batch_size: int | None = None,
         seed: int = 0,
         sketch: str = FROM_PRESET,
@@ -122,6 +123,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
             coreset_ratio=coreset_ratio,
             source_key=source_key,
             sketch_batch_size=sketch_batch_size,
+            sketch_block_bytes=sketch_block_bytes,
             micro_batch_size=micro_batch_size,
             seed=seed,
             zo_eps=zo_eps,
@@ -337,22 +339,10 @@ class CoresetOptimizer(torch.optim.Optimizer):
         else:
             t0 = time.perf_counter()
             with paused_gradient_sync(wrapper):
-                raw, losses = self._sketch(batch, loss_fn, size, budget)
+                normalized, losses, valid = self._sketch(batch, loss_fn, size, budget, codes, len(names), shards)
             timings["sketch"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            valid = torch.isfinite(losses).to(raw.device) & torch.isfinite(raw).all(1)
             if shards is None and not bool(valid.any()):
                 raise ValueError(self._no_valid_message(size))
-            params = sketch_params(self.sketch_targets)
-            normalized = raw
-            if raw.shape[1] > 0:  # random/loss selection need no sketch
-                normalized = normalize_sketches(raw, self.optimizer, params, self.config.normalize)
-            if self.config.sketch == "projection":
-                normalized = countsketch(normalized, self.config.sketch_dim, self.config.seed)
-            valid &= torch.isfinite(normalized).all(1)
-            if shards is None and not bool(valid.any()):  # e.g. eps=0 and a zero second moment
-                raise ValueError(self._no_valid_message(size) + " (after Adam normalization)")
-            timings["normalize"] = time.perf_counter() - t0
             if shards is not None:
                 t0 = time.perf_counter()
                 normalized, losses, valid = shards.gather_sketches(normalized, losses, valid, self.config.sketch_dim)
@@ -407,24 +397,40 @@ class CoresetOptimizer(torch.optim.Optimizer):
             **local,
         )
 
-    def _sketch(self, batch: Any, loss_fn: LossFn, size: int, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw per-example sketches ``[B, D]`` (NaN rows: invalid) and per-example losses ``[B]``."""
+    def _sketch(
+        self, batch: Any, loss_fn: LossFn, size: int, budget: int, codes: torch.Tensor, num_sources: int,
+        shards: Shards | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalized, compressed sketches ``[B, d]``, per-example losses ``[B]`` and validity ``[B]``.
+
+        Exact and projected sketches are built block by block (:mod:`.streaming`): no
+        ``[B, layer size]`` tensor exists; under torch.distributed the ranks agree on the
+        top coordinates while streaming.
+        """
         c = self.config
         chunk = c.sketch_batch_size or c.micro_batch_size or budget
-        if c.selection in ("random", "loss"):
+        if c.selection in ("random", "loss"):  # these need no sketch
             losses = self._losses_without_grad(batch, loss_fn, size)
-            return torch.empty(size, 0, device=losses.device), losses
+            return torch.empty(size, 0, device=losses.device), losses, torch.isfinite(losses)
         if c.sketch == "zeroth_order":
             numel = sketch_numel(self.sketch_targets)
             if c.zo_fixed_direction:
                 directions = fixed_direction(numel, c.seed)[None, :]
             else:
                 directions = torch.randn(c.zo_probes, numel, generator=self.generator)
-            return zeroth_order_sketches(
+            raw, losses = zeroth_order_sketches(
                 self.model, self.sketch_targets, batch, loss_fn, size, chunk,
                 eps=c.zo_eps, directions=directions,
             )
-        return exact_sketches(self.model, self.sketch_targets, batch, loss_fn, size, chunk)
+            normalized = normalize_sketches(raw, self.optimizer, sketch_params(self.sketch_targets), c.normalize)
+            valid = torch.isfinite(losses).to(normalized.device) & torch.isfinite(normalized).all(1)
+            return normalized, losses, valid
+        return compressed_sketches(
+            self.model, self.sketch_targets, batch, loss_fn, size, chunk,
+            optimizer=self.optimizer, normalize=c.normalize, sketch=c.sketch, dim=c.sketch_dim,
+            seed=c.seed, source_codes=codes, num_sources=num_sources, block_bytes=c.sketch_block_bytes,
+            agreement=None if shards is None else shards.agreement(),
+        )
 
     def _losses_without_grad(self, batch: Any, loss_fn: LossFn, size: int) -> torch.Tensor:
         """Per-example losses in eval mode, to find the valid examples when all are selected."""
