@@ -55,25 +55,36 @@ class StreamingTopCoordinates:
         self.coords: list[torch.Tensor | None] = [None] * num_sources  # [<= dim], long
         self.values: list[torch.Tensor | None] = [None] * num_sources  # [rows, <= dim]
         self.width = 0
+        self.onehot: torch.Tensor | None = None  # [S, B]: 1 where a valid row belongs to the source
 
-    def add(self, block: torch.Tensor, start: int) -> None:
-        """Fold in columns ``start .. start+m-1`` of the (normalized) sketch, ``block[B, m]``."""
+    def add(self, block: torch.Tensor, start: int) -> torch.Tensor:
+        """Fold in columns ``start .. start+m-1`` of the (normalized) sketch, ``block[B, m]``.
+
+        Returns which rows of the block are all finite (a non-finite row adds nothing to the
+        scores of this block; one that was taken for valid has added to earlier blocks' scores,
+        so the caller redoes the pass without it)."""
         m = block.shape[1]
         self.width = max(self.width, start + m)
-        valid_rows = torch.nonzero(self.valid.to(block.device)).flatten()
-        scores = block.new_zeros(self.num_sources, m)
-        scores.index_add_(0, self.codes.to(block.device)[valid_rows], block.index_select(0, valid_rows).abs())
+        magnitude = block.abs()
+        finite = torch.isfinite(magnitude.amax(1))  # amax propagates NaN
+        bad = torch.nonzero(~finite).flatten()
+        if bad.numel():
+            magnitude.index_fill_(0, bad, 0.0)
+        if self.onehot is None or self.onehot.device != block.device:
+            self.onehot = torch.zeros(self.num_sources, block.shape[0], device=block.device)
+            self.onehot[self.codes.to(block.device)[self.valid.to(block.device)], torch.nonzero(self.valid.to(block.device)).flatten()] = 1.0
+        scores = self.onehot @ magnitude  # [S, m]: per source, the sum over its valid rows
+        del magnitude
         if self.all_reduce is not None:
             self.all_reduce(scores)
         coords = torch.arange(start, start + m, device=block.device)
+        keep = min(self.dim, m)
         for s in range(self.num_sources):
-            rows = self.rows[s].to(block.device)
-            keep = min(self.dim, m)
             best = scores[s].topk(keep, sorted=False).indices if keep < m else None
             cand_scores = scores[s] if best is None else scores[s, best]
             cand_coords = coords if best is None else coords[best]
-            part = block.index_select(0, rows)
-            cand_values = part if best is None else part.index_select(1, best)
+            cols = block if best is None else block.index_select(1, best)
+            cand_values = cols.index_select(0, self.rows[s].to(block.device))
             if self.scores[s] is not None:
                 cand_scores = torch.cat([self.scores[s], cand_scores])
                 cand_coords = torch.cat([self.coords[s], cand_coords])
@@ -82,6 +93,7 @@ class StreamingTopCoordinates:
                 top = cand_scores.topk(self.dim, sorted=False).indices
                 cand_scores, cand_coords, cand_values = cand_scores[top], cand_coords[top], cand_values[:, top]
             self.scores[s], self.coords[s], self.values[s] = cand_scores, cand_coords, cand_values
+        return finite
 
     def result(self, num_rows: int, device=None, dtype=torch.float32) -> torch.Tensor:
         """``Tensor[B, min(dim, width)]``: each source's valid rows on its columns (ascending); NaN elsewhere."""

@@ -27,12 +27,15 @@ BlockNormalizer = Callable[[torch.Tensor, int], torch.Tensor]  # (values[n, m], 
 NORMALIZE_MODES = ("adam", "adam_update", None)
 
 
-def adam_normalize(grads: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, beta2: float, eps: float) -> torch.Tensor:
-    """``grads[n, P] / (sqrt(v_hat) + eps)`` with ``v_hat`` Adam's bias-corrected second moment."""
+def adam_normalize(
+    grads: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, beta2: float, eps: float, inplace: bool = False
+) -> torch.Tensor:
+    """``grads[n, P] / (sqrt(v_hat) + eps)`` with ``v_hat`` Adam's bias-corrected second moment
+    (``inplace``: divides ``grads`` itself)."""
     if step <= 0:
         return grads
-    v_hat = exp_avg_sq.reshape(1, -1).to(grads.device) / (1.0 - beta2**step)
-    return grads / (v_hat.sqrt() + eps)
+    denominator = (exp_avg_sq.reshape(1, -1).to(grads.device) / (1.0 - beta2**step)).sqrt_().add_(eps)
+    return grads.div_(denominator) if inplace else grads / denominator
 
 
 def adam_update_normalize(
@@ -60,12 +63,14 @@ def adam_update_normalize(
     return m_hat / (v_hat.sqrt() + eps)
 
 
-def param_normalizer(optimizer: torch.optim.Optimizer, param: torch.Tensor, mode: str | None) -> BlockNormalizer:
+def param_normalizer(
+    optimizer: torch.optim.Optimizer, param: torch.Tensor, mode: str | None, inplace: bool = False
+) -> BlockNormalizer:
     """How to normalize any block of ``param``'s per-example gradients: ``f(values[n, m], start)``
     for the flat coordinates ``start .. start+m-1``, reading the optimizer's moments of that range only.
 
     Every mode is elementwise in the coordinates, so normalizing block by block equals
-    normalizing the whole gradient at once.
+    normalizing the whole gradient at once. ``inplace``: the "adam" mode divides the block itself.
     """
     if mode not in NORMALIZE_MODES:
         raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {mode!r}")
@@ -82,7 +87,7 @@ def param_normalizer(optimizer: torch.optim.Optimizer, param: torch.Tensor, mode
 
         def adam(values: torch.Tensor, start: int) -> torch.Tensor:
             m = ranges.read_denominator(start, start + values.shape[1])
-            return adam_normalize(values, m, ranges.step, ranges.beta2, ranges.eps)
+            return adam_normalize(values, m, ranges.step, ranges.beta2, ranges.eps, inplace=inplace)
 
         return adam
     if ranges is None:

@@ -5,9 +5,9 @@ y[b] = sum_{j: h(j) = b} s(j) x[j]. Inner products (hence distances and norms) a
 expectation, with variance falling as 1 / dim, and every coordinate contributes (top-k keeps only
 the largest ones).
 
-``h`` and ``s`` are computed from the coordinate's index, not drawn in sequence: h is a random
-linear map modulo the prime p = 2**31 - 1 (pairwise independent), s the parity of a random cubic
-modulo p (4-wise independent, what CountSketch's variance bound asks for). So any range of
+``h`` and ``s`` are computed from the coordinate's index, not drawn in sequence: one random cubic
+modulo the prime p = 2**31 - 1 (a 4-wise independent hash, what CountSketch's variance bound asks
+for) gives the sign (its lowest bit) and the bucket (the other 30 bits scaled to ``[0, dim)``). So any range of
 coordinates is hashed on its own and a layer can be projected block by block
 (:mod:`coreset_optim.streaming`) with the same result as at once. The coefficients are a function
 of the seed alone, so the same seed (saved in the optimizer's state) gives the same projection
@@ -23,25 +23,26 @@ PRIME = 2**31 - 1  # products of two residues stay below 2**62: exact in int64
 
 def _coefficients(seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randint(1, PRIME, (7,), generator=gen, dtype=torch.long)
+    return torch.randint(1, PRIME, (5,), generator=gen, dtype=torch.long)
 
 
 def _poly(keys: torch.Tensor, coefs: list[int]) -> torch.Tensor:
-    """``(c0 x^d + ... + c_d) mod p`` by Horner's rule, every intermediate < 2**63."""
+    """``(c0 x^d + ... + c_d) mod p`` by Horner's rule (in place), every intermediate < 2**63."""
     acc = torch.full_like(keys, coefs[0])
     for c in coefs[1:]:
-        acc = (acc * keys + c) % PRIME
+        acc.mul_(keys).add_(c).remainder_(PRIME)
     return acc
 
 
 def countsketch_hash(numel: int, dim: int, seed: int, start: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Buckets in ``[0, dim)`` and float signs in {-1, +1} of coordinates ``start .. start+numel-1``."""
     c = _coefficients(seed).tolist()
-    index = torch.arange(start, start + numel, dtype=torch.long, device=device)
-    keys = (index % PRIME + (index // PRIME) * c[6]) % PRIME
-    buckets = _poly(keys, c[0:2]) % dim
-    signs = (_poly(keys, c[2:6]) % 2).float().mul_(-2).add_(1)
-    return buckets, signs
+    keys = torch.arange(start, start + numel, dtype=torch.long, device=device)
+    if start + numel > PRIME:
+        keys = (keys % PRIME + (keys // PRIME) * c[4]) % PRIME
+    h = _poly(keys, c[0:4])
+    signs = (h & 1).float().mul_(-2).add_(1)
+    return h.bitwise_right_shift_(1).mul_(dim).bitwise_right_shift_(30), signs  # [0, 2**30) scaled to [0, dim)
 
 
 def countsketch_add_(out: torch.Tensor, x: torch.Tensor, seed: int, start: int = 0) -> torch.Tensor:

@@ -154,25 +154,34 @@ class LayerCalls:
         return int(self.inputs[0].shape[0])
 
 
-def linear_grad_block(calls: LayerCalls, rows: slice, with_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def linear_grad_block(
+    calls: LayerCalls, rows: slice, with_bias: bool, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-example gradients of output rows ``rows`` of a Linear layer, float32:
     ``(weight[n, rows*in] flattened row-major, bias[n, rows] or None)``.
 
     For ``y = x W^T + b``: example i's weight gradient is ``sum_t dy[i, t]^T x[i, t]``, its bias
-    gradient ``sum_t dy[i, t]``; rows r0:r1 of them need only ``dy[..., r0:r1]``.
+    gradient ``sum_t dy[i, t]``; rows r0:r1 of them need only ``dy[..., r0:r1]``. ``out``: a
+    contiguous float32 ``[n, rows*in]`` to write the weight gradients into (e.g. a slice of a
+    block that holds several chunks of examples).
     """
     weight = bias = None
     for x, dy in zip(calls.inputs, calls.grad_outputs):
         n = x.shape[0]
         x3 = x.reshape(n, -1, x.shape[-1]).float()
         dy3 = dy.reshape(n, -1, dy.shape[-1])[..., rows].float()
-        g = torch.einsum("nto,nti->noi", dy3, x3)
-        weight = g if weight is None else weight + g
+        if weight is None:
+            if out is None:
+                out = torch.empty(n, dy3.shape[-1] * x3.shape[-1], dtype=torch.float32, device=x3.device)
+            weight = out
+            torch.bmm(dy3.transpose(1, 2), x3, out=out.view(n, dy3.shape[-1], x3.shape[-1]))
+        else:
+            weight.view(n, dy3.shape[-1], x3.shape[-1]).baddbmm_(dy3.transpose(1, 2), x3)
         if with_bias:
             b = dy3.sum(1)
             bias = b if bias is None else bias + b
     assert weight is not None
-    return weight.flatten(1), bias
+    return weight, bias
 
 
 def linear_per_example_grads(

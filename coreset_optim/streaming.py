@@ -37,8 +37,9 @@ from .projection import countsketch_add_
 from .sketch import LayerCalls, SketchTarget, captured_chunks, linear_grad_block, sketch_mode
 
 DEFAULT_BLOCK_BYTES = 64 * 2**20
-# float32 tensors of a block's size alive at once at the peak: the einsum's result, its
-# normalized copy, and one temporary of the normalization or compression step; with margin.
+# float32 tensors of a block's size alive at once at the peak: the block (normalized in place),
+# its absolute values or signed copy in compression, and a temporary of "adam_update"'s
+# normalization; with margin.
 BLOCK_COPIES = 4
 
 
@@ -88,12 +89,19 @@ def normalized_blocks(
         weight_start, bias_start = offset, offset + out_features * in_features
         for r0 in range(0, out_features, step):
             rows = slice(r0, min(r0 + step, out_features))
-            parts = [linear_grad_block(chunk[t], rows, target.with_bias) for chunk in calls]
-            weight = torch.cat([w for w, _ in parts]) if len(parts) > 1 else parts[0][0]
+            weight, biases, first = None, [], 0
+            for chunk in calls:  # every chunk's examples written into one block
+                n = chunk[t].num_examples
+                if weight is None:
+                    total = sum(c[t].num_examples for c in calls)
+                    weight = torch.empty(total, (rows.stop - r0) * in_features, device=chunk[t].inputs[0].device)
+                _, bias = linear_grad_block(chunk[t], rows, target.with_bias, out=weight[first : first + n])
+                biases.append(bias)
+                first += n
             yield weight_start + r0 * in_features, normalizers[which](weight, r0 * in_features)
             del weight
             if target.with_bias:
-                bias = torch.cat([b for _, b in parts]) if len(parts) > 1 else parts[0][1]
+                bias = torch.cat(biases) if len(biases) > 1 else biases[0]
                 yield bias_start + r0, normalizers[which + 1](bias, r0)
         offset = bias_start + (out_features if target.with_bias else 0)
         which += 1 + int(target.with_bias)
@@ -126,7 +134,8 @@ def compressed_sketches(
     only read.
     """
     params = [p for t in targets for p in t.params]
-    normalizers = [param_normalizer(optimizer, p, normalize) for p in params]
+    # in place: every block is a fresh tensor of this module's own
+    normalizers = [param_normalizer(optimizer, p, normalize, inplace=True) for p in params]
     if sketch == "projection":
         return _projected(model, targets, batch, loss_fn, num_examples, chunk_size, normalizers, dim, seed, block_bytes)
     return _top_coordinates(
@@ -170,8 +179,7 @@ def _top_coordinates(
         )
         finite = valid.clone()
         for start, block in normalized_blocks(targets, calls, normalizers, plan_examples, block_bytes):
-            finite &= torch.isfinite(block).all(1)
-            top.add(block, start)
+            finite &= top.add(block, start)
         # A row found non-finite part-way has already entered some scores: redo without it (rare:
         # an overflowing gradient, or eps = 0 with a zero second moment).
         changed = bool((finite != valid).any())

@@ -96,8 +96,8 @@ def test_one_row_per_block_holds_no_whole_layer(monkeypatch):
     widths = []
     real = streaming.linear_grad_block
 
-    def spy(calls, rows, with_bias):
-        weight, bias = real(calls, rows, with_bias)
+    def spy(calls, rows, with_bias, out=None):
+        weight, bias = real(calls, rows, with_bias, out=out)
         widths.append(weight.shape[1])
         return weight, bias
 
