@@ -38,9 +38,10 @@ class StreamingTopCoordinates:
     A column's score (sum of |value| over a source's valid rows, the mean times a constant) depends
     on that column alone, so each source's top ``dim`` columns overall are the top ``dim`` of
     (its best so far, this block's best): a running merge that holds ``B x dim`` values plus one
-    block, whatever the sketch's width. Ties between equal scores may be broken differently from
-    :func:`top_coordinates` (torch's topk on the whole row); the output columns are in ascending
-    coordinate order, as there.
+    block, whatever the sketch's width. Every row belongs to one source, so row i's kept values
+    sit in one ``[B, dim]`` tensor, on its source's columns. Ties between equal scores may be
+    broken differently from :func:`top_coordinates` (torch's topk on the whole row); the output
+    columns are in ascending coordinate order, as there.
 
     ``all_reduce``: sums a tensor over the ranks in place (``None`` alone), so that ranks holding
     different rows of one global batch keep the same columns.
@@ -50,10 +51,9 @@ class StreamingTopCoordinates:
         self.dim, self.num_sources, self.all_reduce = dim, num_sources, all_reduce
         self.valid = valid
         self.codes = source_codes.to(valid.device)
-        self.rows = [torch.nonzero(valid & (self.codes == s)).flatten() for s in range(num_sources)]
-        self.scores: list[torch.Tensor | None] = [None] * num_sources  # [<= dim]
-        self.coords: list[torch.Tensor | None] = [None] * num_sources  # [<= dim], long
-        self.values: list[torch.Tensor | None] = [None] * num_sources  # [rows, <= dim]
+        self.scores: torch.Tensor | None = None  # [S, <= dim]
+        self.coords: torch.Tensor | None = None  # [S, <= dim], long
+        self.values: torch.Tensor | None = None  # [B, <= dim]: row i on its source's coords
         self.width = 0
         self.onehot: torch.Tensor | None = None  # [S, B]: 1 where a valid row belongs to the source
 
@@ -65,43 +65,46 @@ class StreamingTopCoordinates:
         so the caller redoes the pass without it)."""
         m = block.shape[1]
         self.width = max(self.width, start + m)
+        device = block.device
         magnitude = block.abs()
         finite = torch.isfinite(magnitude.amax(1))  # amax propagates NaN
         bad = torch.nonzero(~finite).flatten()
         if bad.numel():
             magnitude.index_fill_(0, bad, 0.0)
-        if self.onehot is None or self.onehot.device != block.device:
-            self.onehot = torch.zeros(self.num_sources, block.shape[0], device=block.device)
-            self.onehot[self.codes.to(block.device)[self.valid.to(block.device)], torch.nonzero(self.valid.to(block.device)).flatten()] = 1.0
+        if self.onehot is None or self.onehot.device != device:
+            valid, codes = self.valid.to(device), self.codes.to(device)
+            self.onehot = torch.zeros(self.num_sources, block.shape[0], device=device)
+            self.onehot[codes[valid], torch.nonzero(valid).flatten()] = 1.0
+            self.codes = codes
         scores = self.onehot @ magnitude  # [S, m]: per source, the sum over its valid rows
         del magnitude
         if self.all_reduce is not None:
             self.all_reduce(scores)
-        coords = torch.arange(start, start + m, device=block.device)
         keep = min(self.dim, m)
-        for s in range(self.num_sources):
-            best = scores[s].topk(keep, sorted=False).indices if keep < m else None
-            cand_scores = scores[s] if best is None else scores[s, best]
-            cand_coords = coords if best is None else coords[best]
-            cols = block if best is None else block.index_select(1, best)
-            cand_values = cols.index_select(0, self.rows[s].to(block.device))
-            if self.scores[s] is not None:
-                cand_scores = torch.cat([self.scores[s], cand_scores])
-                cand_coords = torch.cat([self.coords[s], cand_coords])
-                cand_values = torch.cat([self.values[s], cand_values], dim=1)
-            if cand_scores.numel() > self.dim:
-                top = cand_scores.topk(self.dim, sorted=False).indices
-                cand_scores, cand_coords, cand_values = cand_scores[top], cand_coords[top], cand_values[:, top]
-            self.scores[s], self.coords[s], self.values[s] = cand_scores, cand_coords, cand_values
+        if 4 * keep < m:  # narrow the block first; for narrower blocks one merge topk is cheaper
+            scores, best = scores.topk(keep, dim=1, sorted=False)  # [S, keep]
+            values = torch.gather(block, 1, best[self.codes])  # row i on its source's best columns
+        else:
+            best = torch.arange(m, device=device).expand(self.num_sources, m)
+            values = block
+        coords = best + start
+        if self.scores is not None:
+            scores = torch.cat([self.scores, scores], 1)
+            coords = torch.cat([self.coords, coords], 1)
+            values = torch.cat([self.values, values], 1)
+        if scores.shape[1] > self.dim:
+            scores, top = scores.topk(self.dim, dim=1, sorted=False)
+            coords = torch.gather(coords, 1, top)
+            values = torch.gather(values, 1, top[self.codes])
+        self.scores, self.coords, self.values = scores, coords, values
         return finite
 
     def result(self, num_rows: int, device=None, dtype=torch.float32) -> torch.Tensor:
         """``Tensor[B, min(dim, width)]``: each source's valid rows on its columns (ascending); NaN elsewhere."""
         out_dim = min(self.dim, self.width)
-        out = torch.full((num_rows, out_dim), float("nan"), dtype=dtype, device=device)
-        for s in range(self.num_sources):
-            if self.values[s] is None or self.rows[s].numel() == 0:
-                continue
-            order = self.coords[s].argsort()
-            out.index_copy_(0, self.rows[s].to(out.device), self.values[s][:, order].to(out.device, dtype))
-        return out
+        if self.values is None:
+            return torch.full((num_rows, out_dim), float("nan"), dtype=dtype, device=device)
+        order = self.coords.argsort(dim=1)
+        out = torch.gather(self.values, 1, order[self.codes]).to(device, dtype)
+        valid = self.valid.to(out.device)
+        return torch.where(valid[:, None], out, torch.full_like(out, float("nan")))

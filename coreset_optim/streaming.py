@@ -36,7 +36,7 @@ from .normalize import param_normalizer
 from .projection import countsketch_add_
 from .sketch import LayerCalls, SketchTarget, captured_chunks, linear_grad_block, sketch_mode
 
-DEFAULT_BLOCK_BYTES = 64 * 2**20
+DEFAULT_BLOCK_BYTES = 32 * 2**20
 # float32 tensors of a block's size alive at once at the peak: the block (normalized in place),
 # its absolute values or signed copy in compression, and a temporary of "adam_update"'s
 # normalization; with margin.
