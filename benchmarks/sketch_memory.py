@@ -75,7 +75,8 @@ def make_step(config: str, model, loss_fn, opt, wrapper, k: int, big: int, targe
 
     from coreset_optim.batching import index_batch
     from coreset_optim.normalize import normalize_sketches
-    from coreset_optim.optimizer import backward_weighted, encode_sources
+    from coreset_optim.loss import backward_weighted
+    from coreset_optim.optimizer import encode_sources
     from coreset_optim.selection import select_from_sketches
     from coreset_optim.sketch import exact_sketches, sketch_params
 

@@ -39,7 +39,8 @@ sys.path.insert(0, str(HERE.parent))
 from coreset_optim import CoresetOptimizer  # noqa: E402
 from coreset_optim.batching import index_batch  # noqa: E402
 from coreset_optim.normalize import normalize_sketches  # noqa: E402
-from coreset_optim.optimizer import backward_weighted, encode_sources  # noqa: E402
+from coreset_optim.loss import backward_weighted  # noqa: E402
+from coreset_optim.optimizer import encode_sources  # noqa: E402
 from coreset_optim.selection import select_from_sketches  # noqa: E402
 from coreset_optim.sketch import exact_sketches, sketch_params  # noqa: E402
 from e2e import machine_info  # noqa: E402
