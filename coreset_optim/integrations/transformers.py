@@ -31,6 +31,7 @@ from transformers import Trainer, TrainingArguments
 
 from ..config import CoresetConfig
 from ..presets import FROM_PRESET, PRESETS, resolve_preset
+from ..streaming import DEFAULT_BLOCK_BYTES
 from ..coreset import Coreset
 from ..moments import has_second_moment, read_adam_moments
 from ..optimizer import CoresetOptimizer
@@ -72,6 +73,9 @@ class CoresetTrainingArguments(TrainingArguments):
     normalize: Optional[str] = field(default="adam", metadata={"help": "'adam', 'adam_update' or None."})
     similarity: str = field(default="l1", metadata={"help": "Similarity used by facility location."})
     sketch_batch_size: Optional[int] = field(default=None, metadata={"help": "Chunk size of the sketch pass."})
+    sketch_block_bytes: int = field(
+        default=DEFAULT_BLOCK_BYTES, metadata={"help": "Bytes for one block of per-example gradients in the sketch pass."}
+    )
     coreset_micro_batch_size: Optional[int] = field(
         default=None, metadata={"help": "Chunk size of the coreset's backward."}
     )
@@ -113,6 +117,7 @@ class CoresetTrainingArguments(TrainingArguments):
             coreset_size=self.coreset_size,
             coreset_ratio=self.coreset_ratio,
             sketch_batch_size=self.sketch_batch_size,
+            sketch_block_bytes=self.sketch_block_bytes,
             micro_batch_size=self.coreset_micro_batch_size,
             seed=self.coreset_seed,
             preset=self.coreset_preset,
