@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -208,7 +209,11 @@ def main(argv=None) -> None:
     parser.add_argument("--today-limit-gb", type=float, default=4.0,
                         help="run today's whole-gradient path only where B x layer x 4 bytes x 3 fits in this")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--replot", action="store_true", help="rewrite the .md/.png from the saved JSON")
     args = parser.parse_args(argv)
+    if args.replot:
+        save(json.loads((Path(args.out) / "sketch_memory.json").read_text()), Path(args.out))
+        return
     if args.worker:
         print(json.dumps(run_worker(args)))
         return
@@ -239,6 +244,109 @@ def main(argv=None) -> None:
 def save(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "sketch_memory.json").write_text(json.dumps(result, indent=1))
+    write_markdown(result, out / "sketch_memory.md")
+    if result["sweep"]:
+        plot(result, out / "sketch_memory.png")
+
+
+MB = 2**20
+
+
+def _label(row: dict) -> str:
+    if row["config"] in ("coreset", "today"):
+        kind = "projection" if row["sketch"] == "projection" else "top coordinates"
+        return f"{row['config']} ({kind})"
+    return row["config"]
+
+
+def target_summary(result: dict) -> dict:
+    """Per model: each configuration's peak (MiB, min-max over repeats) and the target ratios
+    (each repeat's coreset over the same repeat's plain step, min-max)."""
+    out = {}
+    for model in dict.fromkeys(r["model"] for r in result["targets"]):
+        rows = [r for r in result["targets"] if r["model"] == model]
+        by = {c: [r["peak_above_base_bytes"] / MB for r in rows if r["config"] == c] for c in ("plain_k", "plain_B", "coreset")}
+        if not all(by.values()):
+            continue
+        n = min(len(v) for v in by.values())
+        ref = next(r for r in rows if r["config"] == "coreset")
+        buffer = ref["batch"] * ref["sketch_dim"] * 4 / MB
+        over_k = [by["coreset"][i] / by["plain_k"][i] for i in range(n)]
+        over_k_buffer = [(by["coreset"][i] - buffer) / by["plain_k"][i] for i in range(n)]
+        over_b = [by["coreset"][i] / by["plain_B"][i] for i in range(n)]
+        k_over_b = [by["plain_k"][i] / by["plain_B"][i] for i in range(n)]
+        out[model] = {"mib": {c: (min(v), max(v)) for c, v in by.items()}, "target": ref["target"],
+                      "buffer_mib": buffer, "coreset_over_k": (min(over_k), max(over_k)),
+                      "coreset_minus_buffer_over_k": (min(over_k_buffer), max(over_k_buffer)),
+                      "coreset_over_B": (min(over_b), max(over_b)), "k_over_B": (min(k_over_b), max(k_over_b)),
+                      "step_s": {c: statistics.median(r["step_s"] for r in rows if r["config"] == c) for c in by}}
+    return out
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    a, m = result["args"], result["machine"]
+    lines = ["# Peak memory of a full fine-tuning step: bounded sketches", "",
+             f"Produced by `benchmarks/sketch_memory.py`: B = {a['batch']}, k = {a['k']}, {a['seq_len']} tokens, "
+             f"AdamW over every parameter, default options (sketch_dim 2560, block budget 32 MiB); each row a fresh "
+             f"process, peak RSS of one step above the RSS before it (after a warm-up step). Machine: {m['cpu']}, "
+             f"{m['torch_threads']} torch thread, load average {m['load_average_start'][0]:.1f} at start "
+             "(shared with other jobs: times are indicative only).", ""]
+    summary = target_summary(result)
+    if summary:
+        lines += ["## Targets (default sketch target: the last trained Linear, lm_head)", "",
+                  "| model | sketch layer (values) | plain k MiB | plain B MiB | coreset MiB | coreset / plain k | "
+                  "(coreset - B x sketch_dim x 4) / plain k | coreset / plain B | plain k / plain B |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for model, r in summary.items():
+            mib = r["mib"]
+            rng = lambda t: f"{t[0]:.2f}" if abs(t[1] - t[0]) < 0.005 else f"{t[0]:.2f}-{t[1]:.2f}"  # noqa: E731
+            lines.append(
+                f"| {model} | {r['target'][0][0]} ({r['target'][0][1]:,}) | {mib['plain_k'][0]:.0f}-{mib['plain_k'][1]:.0f} | "
+                f"{mib['plain_B'][0]:.0f}-{mib['plain_B'][1]:.0f} | {mib['coreset'][0]:.0f}-{mib['coreset'][1]:.0f} | "
+                f"{rng(r['coreset_over_k'])} | {rng(r['coreset_minus_buffer_over_k'])} | {rng(r['coreset_over_B'])} | "
+                f"{rng(r['k_over_B'])} |")
+        lines += ["", "Ranges: over the repeats (each ratio taken within one repeat). Median step seconds:", ""]
+        for model, r in summary.items():
+            lines.append(f"- {model}: " + ", ".join(f"{c} {t:.1f} s" for c, t in r["step_s"].items()))
+        lines.append("")
+    if result["sweep"]:
+        lines += ["## Memory vs layer size (lm_head of a 2-layer Llama, hidden 256, vocabulary V)", "",
+                  "| V | lm_head values | " + " | ".join(SWEEP_LABELS) + " |",
+                  "|---|---|" + "---|" * len(SWEEP_LABELS)]
+        for vocab in sorted({r["vocab"] for r in result["sweep"]}):
+            cells = []
+            for label in SWEEP_LABELS:
+                hit = [r for r in result["sweep"] if r["vocab"] == vocab and _label(r) == label]
+                cells.append(f"{hit[0]['peak_above_base_bytes'] / MB:.0f}" if hit else "-")
+            lines.append(f"| {vocab:,} | {vocab * 256:,} | " + " | ".join(cells) + " |")
+        lines += ["", "MiB above base; '-': not run (today's path would need more than "
+                  f"{a['today_limit_gb']} GB).", ""]
+    path.write_text("\n".join(lines))
+
+
+SWEEP_LABELS = ["plain_k", "plain_B", "coreset (top coordinates)", "coreset (projection)", "today (top coordinates)"]
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label, style in zip(SWEEP_LABELS, ("k--", "k:", "o-", "s-", "x-")):
+        rows = sorted((r for r in result["sweep"] if _label(r) == label), key=lambda r: r["vocab"])
+        if rows:
+            ax.plot([r["vocab"] * 256 for r in rows], [r["peak_above_base_bytes"] / MB for r in rows], style, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("sketch layer size (lm_head values)")
+    ax.set_ylabel("peak memory above base (MiB)")
+    a = result["args"]
+    ax.set_title(f"full fine-tuning step, B = {a['batch']}, k = {a['k']}, {a['seq_len']} tokens", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

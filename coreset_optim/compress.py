@@ -56,9 +56,13 @@ class StreamingTopCoordinates:
         self.values: torch.Tensor | None = None  # [B, <= dim]: row i on its source's coords
         self.width = 0
         self.onehot: torch.Tensor | None = None  # [S, B]: 1 where a valid row belongs to the source
+        self.invalid_rows = torch.empty(0, dtype=torch.long)
+        self.buffer: torch.Tensor | None = None  # reused for |block|: no fresh pages per block
 
-    def add(self, block: torch.Tensor, start: int) -> torch.Tensor:
-        """Fold in columns ``start .. start+m-1`` of the (normalized) sketch, ``block[B, m]``.
+    def add(self, block: torch.Tensor, start: int, divisor: torch.Tensor | None = None) -> torch.Tensor:
+        """Fold in columns ``start .. start+m-1`` of the sketch: ``block[B, m] / divisor[m]``
+        (``divisor``: a per-column normalization applied only to the scores and the kept values;
+        ``None``: the block is the sketch).
 
         Returns which rows of the block are all finite (a non-finite row adds nothing to the
         scores of this block; one that was taken for valid has added to earlier blocks' scores,
@@ -66,27 +70,49 @@ class StreamingTopCoordinates:
         m = block.shape[1]
         self.width = max(self.width, start + m)
         device = block.device
-        magnitude = block.abs()
-        finite = torch.isfinite(magnitude.amax(1))  # amax propagates NaN
-        bad = torch.nonzero(~finite).flatten()
-        if bad.numel():
-            magnitude.index_fill_(0, bad, 0.0)
         if self.onehot is None or self.onehot.device != device:
             valid, codes = self.valid.to(device), self.codes.to(device)
             self.onehot = torch.zeros(self.num_sources, block.shape[0], device=device)
             self.onehot[codes[valid], torch.nonzero(valid).flatten()] = 1.0
-            self.codes = codes
+            self.codes, self.invalid_rows = codes, torch.nonzero(~valid).flatten()
+        if self.buffer is None or self.buffer.numel() < block.numel() or self.buffer.device != device:
+            self.buffer = torch.empty(block.numel(), device=device)
+        magnitude = torch.abs(block, out=self.buffer[: block.numel()].view(block.shape))
+        if self.invalid_rows.numel():  # may hold NaN, which a zero weight would not cancel
+            magnitude.index_fill_(0, self.invalid_rows, 0.0)
         scores = self.onehot @ magnitude  # [S, m]: per source, the sum over its valid rows
+        if divisor is not None:
+            scores = scores / divisor
+        finite = torch.ones(block.shape[0], dtype=torch.bool, device=device)
+        if not bool(torch.isfinite(scores).all()):
+            # Rare: some valid row is non-finite (or overflows when divided, or the sum does):
+            # find the rows exactly and score without them.
+            per_row = magnitude if divisor is None else magnitude / divisor
+            finite = torch.isfinite(per_row.amax(1))  # amax propagates NaN
+            magnitude.index_fill_(0, torch.nonzero(~finite).flatten(), 0.0)
+            scores = self.onehot @ magnitude
+            if divisor is not None:
+                scores = scores / divisor
         del magnitude
         if self.all_reduce is not None:
             self.all_reduce(scores)
         keep = min(self.dim, m)
+        if self.scores is not None and self.scores.shape[1] == self.dim:
+            # Once every source holds dim columns, only columns above its worst kept score can
+            # enter: usually few, and a small topk is much cheaper than one of dim.
+            above = scores > self.scores.amin(1, keepdim=True)
+            keep = min(keep, int(above.sum(1).max()))
+            if keep == 0:
+                return finite
+            scores = torch.where(above, scores, torch.full_like(scores, -float("inf")))
         if 4 * keep < m:  # narrow the block first; for narrower blocks one merge topk is cheaper
             scores, best = scores.topk(keep, dim=1, sorted=False)  # [S, keep]
             values = torch.gather(block, 1, best[self.codes])  # row i on its source's best columns
+            if divisor is not None:
+                values = values / divisor[best][self.codes]
         else:
             best = torch.arange(m, device=device).expand(self.num_sources, m)
-            values = block
+            values = block if divisor is None else block / divisor
         coords = best + start
         if self.scores is not None:
             scores = torch.cat([self.scores, scores], 1)

@@ -34,8 +34,13 @@ def adam_normalize(
     (``inplace``: divides ``grads`` itself)."""
     if step <= 0:
         return grads
-    denominator = (exp_avg_sq.reshape(1, -1).to(grads.device) / (1.0 - beta2**step)).sqrt_().add_(eps)
+    denominator = adam_denominator(exp_avg_sq.reshape(1, -1).to(grads.device), step, beta2, eps)
     return grads.div_(denominator) if inplace else grads / denominator
+
+
+def adam_denominator(exp_avg_sq: torch.Tensor, step: int, beta2: float, eps: float) -> torch.Tensor:
+    """``sqrt(v / (1 - beta2**step)) + eps``, what Adam divides each coordinate by (a new tensor)."""
+    return (exp_avg_sq.float() / (1.0 - beta2**step)).sqrt_().add_(eps)
 
 
 def adam_update_normalize(
@@ -103,6 +108,33 @@ def param_normalizer(
         )
 
     return adam_update
+
+
+DivisorFn = Callable[[int, int], "torch.Tensor | None"]  # (start, stop) -> per-coordinate divisor, None: raw
+
+
+def coordinate_divisor(optimizer: torch.optim.Optimizer, param: torch.Tensor, mode: str | None) -> DivisorFn | None:
+    """When ``mode`` divides each coordinate of ``param`` by one positive number for every example
+    ("adam", or raw), the function giving those numbers for a flat range (``None`` from it: raw);
+    ``None`` when it does not (``"adam_update"`` mixes in the example's own gradient).
+
+    Lets a compressor score columns and normalize only the values it keeps, the same as
+    normalizing every value first (up to float rounding): ``sum_i |g_i / d| = sum_i |g_i| / d``.
+    """
+    if mode not in NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {mode!r}")
+    raw: DivisorFn = lambda start, stop: None  # noqa: E731
+    if mode is None:
+        return raw
+    group = find_group(optimizer, param)
+    if not has_second_moment(group):
+        return raw
+    ranges = adam_moment_ranges(optimizer, param, group)
+    if mode == "adam_update":
+        return raw if ranges is None and optimizer.state.get(param) else None
+    if ranges is None or ranges.step <= 0:
+        return raw
+    return lambda start, stop: adam_denominator(ranges.read_denominator(start, stop), ranges.step, ranges.beta2, ranges.eps)
 
 
 def normalize_sketches(

@@ -45,10 +45,16 @@ def countsketch_hash(numel: int, dim: int, seed: int, start: int = 0, device=Non
     return h.bitwise_right_shift_(1).mul_(dim).bitwise_right_shift_(30), signs  # [0, 2**30) scaled to [0, dim)
 
 
-def countsketch_add_(out: torch.Tensor, x: torch.Tensor, seed: int, start: int = 0) -> torch.Tensor:
-    """``out[n, dim] += CountSketch of x[n, m]``, x being coordinates ``start .. start+m-1``."""
+def countsketch_add_(
+    out: torch.Tensor, x: torch.Tensor, seed: int, start: int = 0, divisor: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``out[n, dim] += CountSketch of x[n, m] / divisor[m]``, x being coordinates ``start .. start+m-1``
+    (the division folded into the signs: one pass over x)."""
     buckets, signs = countsketch_hash(x.shape[1], out.shape[1], seed, start, device=x.device)
-    return out.index_add_(1, buckets, x * signs.to(x.dtype))
+    signs = signs.to(x.dtype)
+    if divisor is not None:
+        signs = signs / divisor.to(x.device, x.dtype)
+    return out.index_add_(1, buckets, x * signs)
 
 
 def countsketch(x: torch.Tensor, dim: int, seed: int) -> torch.Tensor:

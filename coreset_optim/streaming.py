@@ -3,7 +3,10 @@
 A Linear layer's per-example gradient for output rows r0:r1 needs only ``dy[..., r0:r1]`` and the
 layer's input (:func:`~coreset_optim.sketch.linear_grad_block`). Each block is normalized with the
 wrapped optimizer's moments of those coordinates only (every normalization is elementwise) and
-folded straight into the compressed sketch:
+folded straight into the compressed sketch. Where the normalization divides each coordinate by
+one number for all examples ("adam", raw), the division is left to the compressor, which applies
+it to column scores and kept values only (the CountSketch folds it into the signs): one pass
+less over the block.
 
 * ``sketch="projection"``: CountSketch is linear with a hash per coordinate, so each block adds
   its own projection; examples are streamed chunk by chunk and a chunk's layer inputs/output
@@ -32,13 +35,13 @@ from torch import nn
 
 from .compress import StreamingTopCoordinates
 from .loss import LossFn
-from .normalize import param_normalizer
+from .normalize import coordinate_divisor, param_normalizer
 from .projection import countsketch_add_
 from .sketch import LayerCalls, SketchTarget, captured_chunks, linear_grad_block, sketch_mode
 
 DEFAULT_BLOCK_BYTES = 32 * 2**20
-# float32 tensors of a block's size alive at once at the peak: the block (normalized in place),
-# its absolute values or signed copy in compression, and a temporary of "adam_update"'s
+# float32 tensors of a block's size alive at once at the peak: the block, its absolute values
+# (top coordinates) or signed copy (projection), and a temporary of "adam_update"'s
 # normalization; with margin.
 BLOCK_COPIES = 4
 
@@ -68,16 +71,17 @@ def _layer_width(target: SketchTarget) -> tuple[int, int]:
     return int(out_features), int(in_features)
 
 
-def normalized_blocks(
+def sketch_blocks(
     targets: Sequence[SketchTarget],
     calls: Sequence[Sequence[LayerCalls]],
-    normalizers: Sequence[Callable],
+    normalizers: Sequence[Normalizer],
     num_examples: int,
     block_bytes: int,
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(start, block[n, m])``: the normalized per-example gradients of sketch coordinates
-    ``start .. start+m-1`` (coordinates numbered as in a whole sketch row: each target's weight,
-    row-major, then its bias), every coordinate exactly once.
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+    """``(start, block[n, m], divisor[m] or None)``: the per-example gradients of sketch coordinates
+    ``start .. start+m-1`` (numbered as in a whole sketch row: each target's weight, row-major,
+    then its bias), every coordinate exactly once; the normalized sketch is ``block / divisor``
+    (``divisor`` None: ``block`` is normalized already, or raw is wanted).
 
     ``calls[c][t]``: what target t saw in chunk c; a block's rows are all chunks' examples in order.
     ``normalizers``: one per sketched parameter, in :func:`~coreset_optim.sketch.sketch_params` order.
@@ -98,13 +102,27 @@ def normalized_blocks(
                 _, bias = linear_grad_block(chunk[t], rows, target.with_bias, out=weight[first : first + n])
                 biases.append(bias)
                 first += n
-            yield weight_start + r0 * in_features, normalizers[which](weight, r0 * in_features)
+            yield (weight_start + r0 * in_features, *normalizers[which](weight, r0 * in_features))
             del weight
             if target.with_bias:
                 bias = torch.cat(biases) if len(biases) > 1 else biases[0]
-                yield bias_start + r0, normalizers[which + 1](bias, r0)
+                yield (bias_start + r0, *normalizers[which + 1](bias, r0))
         offset = bias_start + (out_features if target.with_bias else 0)
         which += 1 + int(target.with_bias)
+
+
+Normalizer = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor | None]"]
+
+
+def block_normalizer(optimizer: torch.optim.Optimizer, param: torch.Tensor, mode: str | None) -> Normalizer:
+    """``f(block, start) -> (block, divisor)`` for ``param``'s flat coordinates from ``start``:
+    a per-coordinate divisor left to the compressor when the mode is one ("adam", raw: it then
+    divides only what it keeps), else the block normalized in place ("adam_update")."""
+    divisor = coordinate_divisor(optimizer, param, mode)
+    if divisor is not None:
+        return lambda block, start: (block, divisor(start, start + block.shape[1]))
+    normalize = param_normalizer(optimizer, param, mode, inplace=True)
+    return lambda block, start: (normalize(block, start), None)
 
 
 def compressed_sketches(
@@ -134,8 +152,7 @@ def compressed_sketches(
     only read.
     """
     params = [p for t in targets for p in t.params]
-    # in place: every block is a fresh tensor of this module's own
-    normalizers = [param_normalizer(optimizer, p, normalize, inplace=True) for p in params]
+    normalizers = [block_normalizer(optimizer, p, normalize) for p in params]
     if sketch == "projection":
         return _projected(model, targets, batch, loss_fn, num_examples, chunk_size, normalizers, dim, seed, block_bytes)
     return _top_coordinates(
@@ -150,9 +167,9 @@ def _projected(model, targets, batch, loss_fn, num_examples, chunk_size, normali
         for piece, calls, losses in captured_chunks(model, targets, batch, loss_fn, num_examples, chunk_size):
             n = piece.stop - piece.start
             out = None
-            for start, block in normalized_blocks(targets, [calls], normalizers, n, block_bytes):
+            for start, block, divisor in sketch_blocks(targets, [calls], normalizers, n, block_bytes):
                 out = block.new_zeros(n, dim) if out is None else out
-                countsketch_add_(out, block, seed, start)
+                countsketch_add_(out, block, seed, start, divisor)
             rows.append(out)
             loss_rows.append(losses)
             del calls
@@ -178,8 +195,8 @@ def _top_coordinates(
             valid, source_codes.to(device), num_sources, dim, None if agreement is None else agreement.all_reduce
         )
         finite = valid.clone()
-        for start, block in normalized_blocks(targets, calls, normalizers, plan_examples, block_bytes):
-            finite &= top.add(block, start)
+        for start, block, divisor in sketch_blocks(targets, calls, normalizers, plan_examples, block_bytes):
+            finite &= top.add(block, start, divisor)
         # A row found non-finite part-way has already entered some scores: redo without it (rare:
         # an overflowing gradient, or eps = 0 with a zero second moment).
         changed = bool((finite != valid).any())
