@@ -2,7 +2,9 @@
 
 c: ``select()`` k of B + ``step()``; d (ideal): a no-grad forward of B + forward/backward of k
 + ``step()``. Both alternate step by step in one process per (depth, mode), after a warm-up
-step each; the figure is the median over steps of the side-by-side ratio c/d. Model: random-init
+step each; the figure is the median over steps of the side-by-side ratio c/d of the process's
+CPU time (one torch thread, so CPU time is compute time; wall time on this shared machine also
+counts waiting for a core, and its ratio is recorded too). Model: random-init
 Llama, hidden 128, 4 heads (2 key/value), MLP 384, vocabulary 2,000, 32 tokens; B = 64, k = 16;
 AdamW. LoRA: r = 8 on q/v (sketch: the last v_proj's LoRA-B, the default). Full fine-tuning:
 every parameter trained, sketch target given by ``--full-target`` (default: the library's
@@ -80,26 +82,29 @@ def run(layers: int, mode: str, args) -> dict:
     batches = [make_batch(big, args.seq_len, vocab=args.vocab, seed=i) for i in range(args.steps + 1)]
     coreset(batches[0])
     ideal(batches[0])
-    ratios, times, stages = [], {"c": [], "d": []}, []
+    ratios, wall_ratios, times, stages = [], [], {"c": [], "d": []}, []
     for b in batches[1:]:
-        t0 = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.process_time()
         stages.append(coreset(b))
-        tc = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        wc, cc = time.perf_counter() - w0, time.process_time() - c0
+        w0, c0 = time.perf_counter(), time.process_time()
         ideal(b)
-        td = time.perf_counter() - t0
-        times["c"].append(tc)
-        times["d"].append(td)
-        ratios.append(tc / td)
-    sketch_share = statistics.median(s["sketch"] / t for s, t in zip(stages, times["c"]))
+        wd, cd = time.perf_counter() - w0, time.process_time() - c0
+        times["c"].append(cc)
+        times["d"].append(cd)
+        ratios.append(cc / cd)
+        wall_ratios.append(wc / wd)
+        stages[-1]["wall"] = wc
+    sketch_share = statistics.median(s["sketch"] / s["wall"] for s in stages)
     row = {
         "layers": layers, "mode": mode, "target": [t.name for t in wrapper.sketch_targets],
         "sketch_numel": sum(t.numel for t in wrapper.sketch_targets),
         "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
         "c_median_s": statistics.median(times["c"]), "d_median_s": statistics.median(times["d"]),
-        "sketch_share_of_c": sketch_share, "ratios": ratios,
+        "sketch_share_of_c": sketch_share, "ratios": ratios, "wall_ratio_median": statistics.median(wall_ratios),
+        "wall_ratios": wall_ratios,
     }
-    print(json.dumps({k: v for k, v in row.items() if k != "ratios"}), flush=True)
+    print(json.dumps({k: v for k, v in row.items() if not k.endswith("ratios")}), flush=True)
     return row
 
 
@@ -116,7 +121,11 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default="depth")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--replot", action="store_true", help="redraw the .png from the saved JSON")
     args = parser.parse_args(argv)
+    if args.replot:
+        plot(json.loads((Path(args.out) / f"{args.name}.json").read_text()), Path(args.out) / f"{args.name}.png")
+        return
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     result = {"machine": machine_info("cpu", args.threads), "args": vars(args), "rows": []}
@@ -133,13 +142,41 @@ def main(argv=None) -> None:
              f"{result['machine']['cpu']}, {args.threads} torch thread, load average "
              f"{result['machine']['load_average_start'][0]:.1f} at start, "
              f"{result['machine']['load_average_end'][0]:.1f} at end (shared machine).", "",
-             "| mode | layers | sketch target | c / d median | range | c s | d s | sketch share of c |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| mode | layers | sketch target | c / d (CPU time) median | range | wall-time c / d | c CPU s | d CPU s | sketch share of c (wall) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['mode']} | {r['layers']} | {', '.join(r['target'])[:60]} | {r['ratio_median']:.2f} | "
-                     f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f} | {r['c_median_s']:.3f} | {r['d_median_s']:.3f} | "
+                     f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f} | {r['wall_ratio_median']:.2f} | {r['c_median_s']:.3f} | {r['d_median_s']:.3f} | "
                      f"{r['sketch_share_of_c']:.0%} |")
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    plot(result, out / f"{args.name}.png")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode, style in (("lora", "o-"), ("full", "s-")):
+        rows = sorted((r for r in result["rows"] if r["mode"] == mode), key=lambda r: r["layers"])
+        if not rows:
+            continue
+        xs = [r["layers"] for r in rows]
+        ax.plot(xs, [r["ratio_median"] for r in rows], style, label=f"{mode} (sketch: {rows[0]['target'][0].split('.')[-2] if mode == 'lora' else rows[0]['target'][0]})")
+        ax.fill_between(xs, [r["ratio_min"] for r in rows], [r["ratio_max"] for r in rows], alpha=0.15)
+    ax.axhline(1.10, color="green", ls=":", lw=1, label="target 1.10")
+    ax.axhline(1.0, color="grey", ls="--", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([2, 4, 8, 16])
+    ax.set_xticklabels(["2", "4", "8", "16"])
+    ax.set_xlabel("decoder layers")
+    ax.set_ylabel("coreset step / CoLM ideal (CPU time)")
+    ax.set_title("median and range over steps, B = 64, k = 16", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
