@@ -102,26 +102,31 @@ def test_sft_trains_on_coresets_and_logs_selection_stats(tmp_path):
     ]
 
 
-def _completion_only_reference(model, tokenizer, dataset, micro_batches, coresets, accumulation):
-    """sum over micro-batches of (1/GA) sum_j w_j grad(loss_j) / N, one unpadded example at a time,
-    loss_j the mean NLL of the completion tokens (and <eos>) found from the raw text, not from SFT."""
-    completion_start = {}
+def completion_masks(tokenizer, dataset) -> dict:
+    """Unpadded token ids -> which tokens carry loss (the completion and <eos>), from the raw text."""
+    masks = {}
     for row in dataset:
         prompt_ids = tokenizer(row["prompt"])["input_ids"]
         full_ids = tokenizer(row["prompt"] + row["completion"] + tokenizer.eos_token)["input_ids"]
         assert full_ids[: len(prompt_ids)] == prompt_ids
-        completion_start[tuple(full_ids)] = len(prompt_ids)
+        masks[tuple(full_ids)] = [False] * len(prompt_ids) + [True] * (len(full_ids) - len(prompt_ids))
+    return masks
+
+
+def _reference_step_gradient(model, masks, micro_batches, coresets, accumulation):
+    """sum over micro-batches of (1/GA) sum_j w_j grad(loss_j) / N, one unpadded example at a time,
+    loss_j the mean NLL of the tokens ``masks`` marks (found from the raw data, not from SFT's labels)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     model.train()
     for batch, (_, indices, weights, num_valid) in zip(micro_batches, coresets):
-        assert num_valid == batch["input_ids"].shape[0]  # every example has completion tokens
+        assert num_valid == batch["input_ids"].shape[0]  # every example has tokens that carry loss
         for j, i in enumerate(indices):
             ids = batch["input_ids"][i][batch["attention_mask"][i].bool()]
-            start = completion_start[tuple(ids.tolist())]
+            carries = torch.tensor(masks[tuple(ids.tolist())][1:])  # token t is predicted at t - 1
             logits = model(input_ids=ids[None]).logits[0, :-1]
             nll = torch.nn.functional.cross_entropy(logits.float(), ids[1:], reduction="none")
-            loss = nll[start - 1 :].mean() * weights[j] / num_valid / accumulation
+            loss = nll[carries].mean() * weights[j] / num_valid / accumulation
             for n, g in zip(params, torch.autograd.grad(loss, list(params.values()))):
                 total[n] += g
     return total
@@ -144,7 +149,58 @@ def test_step_gradient_is_the_weighted_completion_only_reference(tmp_path, size)
     # the prompt tokens carry no label: the per-example losses the coreset saw are completion-only
     for batch in trainer.seen:
         assert bool((batch["labels"] == -100).any(1).all())
-    ref = _completion_only_reference(initial, tokenizer, data, trainer.seen, trainer.coresets, accumulation=2)
+    ref = _reference_step_gradient(initial, completion_masks(tokenizer, data), trainer.seen, trainer.coresets, 2)
+    for name, grad in capture.grads[0].items():
+        torch.testing.assert_close(grad, ref[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{{ eos_token }}"
+    "{% endgeneration %}{% else %}{{ m['content'] }} {% endif %}{% endfor %}"
+)
+
+
+def chat_dataset(n: int = 16, seed: int = 0):
+    """Two-turn conversations of random words (the user turns carry no loss under assistant_only_loss)."""
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+
+    def words():
+        count = int(torch.randint(1, 4, (1,), generator=g))
+        return " ".join(f"w{w}" for w in torch.randint(0, WORDS, (count,), generator=g).tolist())
+
+    turns = [[{"role": r, "content": words()} for r in ("user", "assistant", "user", "assistant")] for _ in range(n)]
+    return Dataset.from_dict({"messages": turns})
+
+
+def assistant_masks(tokenizer, dataset) -> dict:
+    """Unpadded token ids -> which tokens carry loss (assistant words and their <eos>), from the messages."""
+    masks = {}
+    for row in dataset:
+        ids, carries = [], []
+        for m in row["messages"]:
+            part = tokenizer(m["content"])["input_ids"] + ([tokenizer.eos_token_id] if m["role"] == "assistant" else [])
+            ids += part
+            carries += [m["role"] == "assistant"] * len(part)
+        masks[tuple(ids)] = carries
+    return masks
+
+
+def test_step_gradient_is_the_weighted_assistant_only_reference(tmp_path):
+    model = lora(tiny_llama())
+    initial = copy.deepcopy(model)
+    tokenizer, data = tiny_tokenizer(), chat_dataset()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    args = sft_args(
+        tmp_path, assistant_only_loss=True, gradient_accumulation_steps=2, max_steps=1, max_grad_norm=0.0,
+        logging_steps=1, gradient_checkpointing=False,
+    )
+    capture = GradCapture()
+    trainer = RecordingSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[capture])
+    trainer.train()
+    assert len(trainer.seen) == 2 and len(capture.grads) == 1
+    ref = _reference_step_gradient(initial, assistant_masks(tokenizer, data), trainer.seen, trainer.coresets, 2)
     for name, grad in capture.grads[0].items():
         torch.testing.assert_close(grad, ref[name], rtol=1e-4, atol=1e-7, msg=name)
 
