@@ -1,8 +1,9 @@
 """Exact per-example gradients of a few Linear layers ("sketch modules"), from hooks.
 
 For ``y = x W^T + b`` the gradient of example i's loss is ``sum_t dy[i, t]^T x[i, t]`` (and
-``sum_t dy[i, t]`` for the bias): one einsum over what a forward hook saw and what autograd gives
-for the layer's output. The pass backpropagates the *sum* of per-example losses (so every example's
+``sum_t dy[i, t]`` for the bias): a batched matmul over what a forward hook saw and what autograd
+gives for the layer's output, for any block of output rows (:func:`linear_grad_block`;
+:mod:`coreset_optim.streaming` folds block after block into the compressed sketch). The pass backpropagates the *sum* of per-example losses (so every example's
 gradient is unscaled), only as far as the sketch modules: every other parameter is excluded from
 autograd for the pass, so nothing below them is kept for backward, and ``torch.autograd.grad`` is
 used so no ``.grad`` is touched.

@@ -13,7 +13,7 @@ less over the block.
   gradients are dropped once folded.
 * top coordinates (``sketch="exact"``): a column's score (mean |value| over a source's valid rows)
   depends on that column alone, so a running per-source top-``dim`` merge
-  (:class:`~coreset_optim.compress.StreamingTopCoordinates`) keeps exactly today's columns. A
+  (:class:`~coreset_optim.compress.StreamingTopCoordinates`) keeps the columns a whole-gradient compression keeps. A
   score needs every example, so the sketch layers' inputs and output gradients of the whole
   (local) batch are held while the blocks run: ``B x tokens x (in + out)`` values per layer, the
   size of that layer's activations, not of its weight.
