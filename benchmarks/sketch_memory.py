@@ -227,6 +227,11 @@ def main(argv=None) -> None:
                 for config in ("plain_k", "plain_B", "coreset"):
                     result["targets"].append(spawn(args, config, model))
         save(result, out)
+    if "projection" in parts:
+        # The same targets with sketch="projection" (examples streamed chunk by chunk).
+        result["targets_projection"] = [spawn(args, "coreset", model, sketch="projection")
+                                        for model in MODELS for _ in range(args.repeats)]
+        save(result, out)
     if "sweep" in parts:
         # Memory vs layer size: lm_head of a 2-layer Llama (hidden 256) as the vocabulary grows.
         for vocab in (2000, 4000, 8000, 16000, 32000):
@@ -305,6 +310,14 @@ def write_markdown(result: dict, path: Path) -> None:
                 f"{mib['plain_B'][0]:.0f}-{mib['plain_B'][1]:.0f} | {mib['coreset'][0]:.0f}-{mib['coreset'][1]:.0f} | "
                 f"{rng(r['coreset_over_k'])} | {rng(r['coreset_minus_buffer_over_k'])} | {rng(r['coreset_over_B'])} | "
                 f"{rng(r['k_over_B'])} |")
+        if result.get("targets_projection"):
+            lines += ["", "With `sketch=\"projection\"` (same models; ratio to the median plain k above):", ""]
+            for model in summary:
+                mib = [r["peak_above_base_bytes"] / MB for r in result["targets_projection"] if r["model"] == model]
+                k = statistics.median(r["peak_above_base_bytes"] / MB for r in result["targets"]
+                                      if r["model"] == model and r["config"] == "plain_k")
+                if mib:
+                    lines.append(f"- {model}: {min(mib):.0f}-{max(mib):.0f} MiB, {min(mib) / k:.2f}-{max(mib) / k:.2f}x plain k")
         lines += ["", "Ranges: over the repeats (each ratio taken within one repeat). Median step seconds:", ""]
         for model, r in summary.items():
             lines.append(f"- {model}: " + ", ".join(f"{c} {t:.1f} s" for c, t in r["step_s"].items()))

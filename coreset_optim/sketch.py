@@ -301,6 +301,7 @@ def captured_chunks(
         losses = losses.detach()
         del records, outputs, grads, total
         yield piece, calls, losses
+        del calls, losses  # not alive through the next chunk's pass (the consumer may have let go)
 
 
 def exact_sketches(
