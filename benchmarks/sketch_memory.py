@@ -132,6 +132,8 @@ def run_worker(args) -> dict:
     options = {} if args.sketch is None else {"sketch": args.sketch}
     if args.block_bytes is not None:
         options["sketch_block_bytes"] = args.block_bytes
+    if args.sketch_batch_size is not None:
+        options["sketch_batch_size"] = args.sketch_batch_size
     wrapper = CoresetOptimizer(opt, model, coreset_size=args.k, sketch_modules=args.target, **options)
     step = make_step(args.worker, model, loss_fn, opt, wrapper, args.k, args.batch, args.target)
     vocab = model.config.vocab_size
@@ -164,7 +166,8 @@ def run_worker(args) -> dict:
     return {
         "config": args.worker, "model": args.model, "vocab": vocab, "hidden": model.config.hidden_size,
         "batch": args.batch, "k": args.k, "seq_len": args.seq_len, "target": targets,
-        "sketch": wrapper.config.sketch, "block_bytes": wrapper.config.sketch_block_bytes, "sketch_dim": wrapper.config.sketch_dim,
+        "sketch": wrapper.config.sketch, "block_bytes": wrapper.config.sketch_block_bytes,
+        "sketch_batch_size": wrapper.config.sketch_batch_size, "sketch_dim": wrapper.config.sketch_dim,
         "peak_above_base_bytes": peak, "base_bytes": base, "step_s": time.perf_counter() - t0, "warm_s": warm_s,
         "num_params": sum(p.numel() for p in model.parameters()),
     }
@@ -199,6 +202,7 @@ def main(argv=None) -> None:
     parser.add_argument("--target")
     parser.add_argument("--sketch")
     parser.add_argument("--block-bytes", type=int)
+    parser.add_argument("--sketch-batch-size", type=int)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=32)
@@ -231,6 +235,11 @@ def main(argv=None) -> None:
         # The same targets with sketch="projection" (examples streamed chunk by chunk).
         result["targets_projection"] = [spawn(args, "coreset", model, sketch="projection")
                                         for model in MODELS for _ in range(args.repeats)]
+        save(result, out)
+    if "chunks" in parts:
+        # The hidden-256 Llama with smaller sketch chunks (the sketch pass's working set shrinks).
+        result["chunks"] = [spawn(args, "coreset", "llama-32k-256", sketch=sketch, sketch_batch_size=4)
+                            for sketch in ("exact", "projection") for _ in range(args.repeats)]
         save(result, out)
     if "sweep" in parts:
         # Memory vs layer size: lm_head of a 2-layer Llama (hidden 256) as the vocabulary grows.
@@ -318,6 +327,13 @@ def write_markdown(result: dict, path: Path) -> None:
                                       if r["model"] == model and r["config"] == "plain_k")
                 if mib:
                     lines.append(f"- {model}: {min(mib):.0f}-{max(mib):.0f} MiB, {min(mib) / k:.2f}-{max(mib) / k:.2f}x plain k")
+        if result.get("chunks"):
+            k = statistics.median(r["peak_above_base_bytes"] / MB for r in result["targets"]
+                                  if r["model"] == "llama-32k-256" and r["config"] == "plain_k")
+            lines += ["", "llama-32k-256 with `sketch_batch_size=4` (ratio to the median plain k above):", ""]
+            for sketch in ("exact", "projection"):
+                mib = [r["peak_above_base_bytes"] / MB for r in result["chunks"] if r["sketch"] == sketch]
+                lines.append(f"- sketch={sketch}: {min(mib):.0f}-{max(mib):.0f} MiB, {min(mib) / k:.2f}-{max(mib) / k:.2f}x plain k")
         lines += ["", "Ranges: over the repeats (each ratio taken within one repeat). Median step seconds:", ""]
         for model, r in summary.items():
             lines.append(f"- {model}: " + ", ".join(f"{c} {t:.1f} s" for c, t in r["step_s"].items()))
