@@ -53,7 +53,12 @@ def countsketch_add_(
     buckets, signs = countsketch_hash(x.shape[1], out.shape[1], seed, start, device=x.device)
     signs = signs.to(x.dtype)
     if divisor is not None:
-        signs = signs / divisor.to(x.device, x.dtype)
+        divisor = divisor.to(x.device, x.dtype)
+        scale = signs / divisor
+        if bool(torch.isfinite(scale).all()):
+            signs = scale
+        else:  # a tiny divisor (eps ~ 0): divide x itself, so 0 / tiny stays 0 rather than 0 * inf
+            x = x / divisor
     return out.index_add_(1, buckets, x * signs)
 
 

@@ -175,6 +175,11 @@ def test_invalid_rows_found_part_way_are_redone(monkeypatch):
     assert torch.equal(valid, ref_valid)
     torch.testing.assert_close(got, ref, equal_nan=True)
     assert torch.isnan(got[[5, 7]]).all()
+    args = (model, opt, targets, batch, loss_fn, 9, 4, "adam", "projection", 8, 0, codes, 2)
+    got, _, valid = _stream(*args, 1)
+    ref, _, ref_valid = _today(*args)
+    assert torch.equal(valid, ref_valid) and valid.sum() == 7
+    torch.testing.assert_close(got, ref, equal_nan=True)
 
 
 def test_streaming_top_coordinates_merge_equals_whole():
