@@ -42,6 +42,9 @@ class CoresetConfig:
     zo_fixed_direction: bool = False
     selection: str = PRESETS["default"]["selection"]
     distributed: Any = "auto"
+    target_curvature: float = 0.0
+    target_refresh: int = 1
+    target_per_source: bool = False
 
     def __post_init__(self) -> None:
         if (self.coreset_size is None) == (self.coreset_ratio is None):
@@ -94,6 +97,24 @@ class CoresetConfig:
             raise ValueError(
                 "zo_probes > 1 with zo_fixed_direction=True would repeat one direction; "
                 "use zo_probes=1 or zo_fixed_direction=False"
+            )
+        if isinstance(self.target_curvature, bool) or not isinstance(self.target_curvature, (int, float)) or not (
+            math.isfinite(self.target_curvature) and self.target_curvature >= 0
+        ):
+            raise ValueError(
+                f"target_curvature must be a finite float >= 0 (0: first-order gains only), got {self.target_curvature!r}"
+            )
+        self.target_curvature = float(self.target_curvature)
+        if not _is_int(self.target_refresh) or self.target_refresh <= 0:
+            raise ValueError(
+                f"target_refresh must be a positive int (selections between target-gradient refreshes), got {self.target_refresh!r}"
+            )
+        if not isinstance(self.target_per_source, bool):
+            raise TypeError(f"target_per_source must be a bool, got {self.target_per_source!r}")
+        if self.selection == "target" and self.sketch != "exact":
+            raise ValueError(
+                f"selection='target' needs exact sketches (the target's gradient is compared with each "
+                f"example's on the same coordinates); got sketch={self.sketch!r}: use sketch='exact'"
             )
         if not (isinstance(self.distributed, bool) or self.distributed == "auto"):
             raise ValueError(

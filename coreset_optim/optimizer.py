@@ -20,13 +20,16 @@ from .batching import batch_size, chunk_slices, index_batch
 from .budget import small_sources, sources_kept_whole
 from .config import CoresetConfig
 from .coreset import Coreset, SourceCount
-from .distributed import Shards, paused_gradient_sync, process_group as distributed_group
+import torch.distributed as dist
+
+from .distributed import Shards, comm_device, paused_gradient_sync, process_group as distributed_group
 from .loss import LossFn, backward_weighted_losses, losses_in_chunks
 from .normalize import normalize_sketches
 from .presets import FROM_PRESET, resolve_preset
 from .projection import countsketch
 from .selection import select_from_sketches
 from .sketch import SketchSpec, exact_sketches, resolve_sketch_modules, sketch_mode, sketch_params
+from .target import batch_fingerprint, check_target_structure, step_sizes, target_features, target_gradient
 from .zeroth_order import fixed_direction, sketch_numel, zeroth_order_sketches
 
 _STATE_KEY = "coreset_optim"
@@ -102,6 +105,9 @@ class CoresetOptimizer(torch.optim.Optimizer):
         preset: str = "default",
         distributed: Any = "auto",
         process_group: Any = None,
+        target_curvature: float = 0.0,
+        target_refresh: int = 1,
+        target_per_source: bool = False,
     ) -> None:
         if isinstance(optimizer, CoresetOptimizer):
             raise TypeError("optimizer is already a CoresetOptimizer; wrap the inner optimizer once")
@@ -128,6 +134,9 @@ class CoresetOptimizer(torch.optim.Optimizer):
             zo_probes=zo_probes,
             **chosen,
             distributed=distributed,
+            target_curvature=target_curvature,
+            target_refresh=target_refresh,
+            target_per_source=target_per_source,
         )
         self.process_group = process_group  # None: the default group (not saved in checkpoints)
         self.optimizer = optimizer
@@ -136,6 +145,10 @@ class CoresetOptimizer(torch.optim.Optimizer):
         self.generator = torch.Generator().manual_seed(seed)
         self.num_selections = 0
         self.num_steps = 0
+        self.target: Any = None  # the held-out batch of selection="target" (set_target)
+        self._target_fingerprint: str | None = None
+        # The target's mean sketch gradient, reused for ``target_refresh`` selections; checkpointed.
+        self._target_cache: dict | None = None
         # What torch.optim.Optimizer.__init__ would create, so hooks and schedulers work.
         self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
         self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
@@ -234,6 +247,11 @@ class CoresetOptimizer(torch.optim.Optimizer):
             "num_selections": self.num_selections,
             "num_steps": self.num_steps,
             "rng_state": self.generator.get_state(),
+            "target_cache": None if self._target_cache is None else {
+                "fingerprint": self._target_cache["fingerprint"],
+                "grad": self._target_cache["grad"].detach().cpu().clone(),
+                "computed_at": self._target_cache["computed_at"],
+            },
         }
         return sd
 
@@ -254,6 +272,8 @@ class CoresetOptimizer(torch.optim.Optimizer):
             self.num_selections = int(own["num_selections"])
             self.num_steps = int(own["num_steps"])
             self.generator.set_state(own["rng_state"])
+            cache = own.get("target_cache")
+            self._target_cache = None if cache is None else dict(cache)
 
     # --- selection ----------------------------------------------------------------------------
     def _source_values(self, batch: Any, size: int, sources: Any) -> list | None:
@@ -288,8 +308,92 @@ class CoresetOptimizer(torch.optim.Optimizer):
             return small_sources(counts, budget)
         return [name in keep for name in names]
 
+    def set_target(self, target: Any) -> None:
+        """The held-out examples ``selection="target"`` aims at (``None`` to clear).
+
+        A batch like the training batches (same fields; the source field may be absent), small
+        enough for one sketch pass in ``sketch_batch_size`` chunks. Not saved in checkpoints (it is
+        data): set it again after loading; the cached target gradient is kept when it is the same.
+        """
+        if target is None:
+            self.target, self._target_fingerprint = None, None
+            return
+        self._check_target_mode()
+        batch_size(target)  # a clear error for an empty or malformed batch
+        self.target, self._target_fingerprint = target, batch_fingerprint(target)
+
+    def _check_target_mode(self) -> None:
+        if self.config.selection != "target":
+            raise ValueError(
+                f"a target is only used by selection='target' (this optimizer has selection="
+                f"{self.config.selection!r}); build CoresetOptimizer(..., selection='target')"
+            )
+
+    def _resolve_target(self, batch: Any, target: Any) -> tuple[Any, str] | None:
+        """The target this selection aims at and its fingerprint; checks before anything runs."""
+        if target is not None:
+            self._check_target_mode()
+            batch_size(target)
+            fingerprint = batch_fingerprint(target)
+        elif self.config.selection == "target":
+            if self.target is None:
+                raise ValueError(
+                    "selection='target' needs held-out target examples: call "
+                    "optimizer.set_target(batch) once, or pass select(..., target=batch)"
+                )
+            target, fingerprint = self.target, self._target_fingerprint
+        else:
+            return None
+        check_target_structure(batch, target, self.config.source_key)
+        return target, fingerprint
+
+    def _target_gradient(
+        self, target: Any, fingerprint: str, loss_fn: LossFn, wrapper: nn.Module, group: Any, chunk: int
+    ) -> torch.Tensor:
+        """The target's mean sketch gradient (over every rank's target), recomputed every
+        ``target_refresh`` selections or when the target changes; the ranks decide together."""
+        cache = self._target_cache
+        stale = int(
+            cache is None
+            or cache["fingerprint"] != fingerprint
+            or self.num_selections - cache["computed_at"] >= self.config.target_refresh
+        )
+        if group is not None:
+            flag = torch.tensor([stale], device=comm_device(group, torch.device("cpu")))
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+            stale = int(flag.item())
+        if not stale:
+            return cache["grad"]
+        size = batch_size(target)
+        with paused_gradient_sync(wrapper):
+            raw, losses = exact_sketches(self.model, self.sketch_targets, target, loss_fn, size, chunk)
+        if group is None:
+            grad = target_gradient(raw, losses)
+        else:
+            # Sum and count over the ranks' targets (identical targets give their own mean).
+            finite = torch.isfinite(losses).to(raw.device) & torch.isfinite(raw).all(1)
+            summed = torch.where(finite[:, None], raw, torch.zeros_like(raw)).double().sum(0)
+            counts = torch.tensor([float(size), float((~finite).sum())], dtype=torch.double, device=raw.device)
+            packed = torch.cat([summed, counts]).to(comm_device(group, raw.device))
+            dist.all_reduce(packed, group=group)
+            if packed[-1] > 0:
+                raise ValueError(
+                    f"{int(packed[-1])} target example(s) over the ranks have a non-finite loss or "
+                    "gradient; fix or drop them (the target must be clean held-out examples)"
+                )
+            grad = (packed[:-2] / packed[-2]).float().to(raw.device)
+        self._target_cache = {"fingerprint": fingerprint, "grad": grad, "computed_at": self.num_selections}
+        return grad
+
     def select(
-        self, batch: Any, loss_fn: LossFn, *, sources: Any = None, loss_scale: float = 1.0, model: nn.Module | None = None
+        self,
+        batch: Any,
+        loss_fn: LossFn,
+        *,
+        sources: Any = None,
+        loss_scale: float = 1.0,
+        model: nn.Module | None = None,
+        target: Any = None,
     ) -> Coreset:
         """Choose a weighted coreset of ``batch`` and backpropagate only its examples.
 
@@ -299,7 +403,8 @@ class CoresetOptimizer(torch.optim.Optimizer):
         Under torch.distributed the coreset is chosen from the global batch of all ranks and N is
         its valid count; see ``docs/distributed.md``. ``model``: the module ``loss_fn`` runs when
         it wraps the one given at construction (e.g. the DDP wrapper Trainer or Accelerate create
-        after the optimizer), so select() can pause its gradient sync.
+        after the optimizer), so select() can pause its gradient sync. ``target``: held-out
+        examples for ``selection="target"`` (this call only; ``set_target`` sets them for all).
         """
         start = time.perf_counter()
         if not callable(loss_fn):
@@ -310,6 +415,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
         wrapper = self.model if model is None else model
         size = batch_size(batch)
         codes, names = encode_sources(self._source_values(batch, size, sources), size)
+        aim = self._resolve_target(batch, target)
         shards = None
         if (group := distributed_group(self.config.distributed, self.process_group)) is not None:
             shards = Shards.gather(size, codes, names, group)
@@ -353,25 +459,47 @@ class CoresetOptimizer(torch.optim.Optimizer):
             if shards is None and not bool(valid.any()):  # e.g. eps=0 and a zero second moment
                 raise ValueError(self._no_valid_message(size) + " (after Adam normalization)")
             timings["normalize"] = time.perf_counter() - t0
+            sketch_dim = self.config.sketch_dim
+            if aim is not None:
+                # Each example's [alignment with the target | update]: what the greedy reads.
+                t0 = time.perf_counter()
+                chunk = self.config.sketch_batch_size or self.config.micro_batch_size or budget
+                target_grad = self._target_gradient(*aim, loss_fn, wrapper, group, chunk)
+                normalized = target_features(
+                    normalized, target_grad, params, step_sizes(self.optimizer, params),
+                    self.config.target_curvature, self.config.sketch_dim, self.config.seed,
+                )
+                valid &= torch.isfinite(normalized).all(1)
+                sketch_dim = normalized.shape[1]  # no further compression
+                timings["target"] = time.perf_counter() - t0
             if shards is not None:
                 t0 = time.perf_counter()
-                normalized, losses, valid = shards.gather_sketches(normalized, losses, valid, self.config.sketch_dim)
+                normalized, losses, valid = shards.gather_sketches(normalized, losses, valid, sketch_dim)
                 codes, size = shards.codes, total
                 timings["gather"] = time.perf_counter() - t0
                 if not bool(valid.any()):
                     raise ValueError(self._no_valid_message(size))
             counts = torch.bincount(codes[valid.cpu()], minlength=len(names)).tolist()
             keep = self._keep_mask(names, counts, budget)
+            extra = {"losses": losses, "generator": self.generator}
+            groups, num_groups, group_keep = codes, len(names), keep
+            if aim is not None:
+                extra.update(curvature=self.config.target_curvature, total=sum(counts))
+                if not self.config.target_per_source:  # one greedy over the whole batch
+                    groups, num_groups, group_keep = torch.zeros_like(codes), 1, [False]
             result = (select_from_sketches if shards is None else shards.on_first_rank(select_from_sketches))(
-                normalized, valid, codes, len(names), budget, keep,
-                self.config.sketch_dim, self.config.similarity,
+                normalized, valid, groups, num_groups, budget, group_keep,
+                sketch_dim, self.config.similarity,
                 method=self.config.selection,
-                extra={"losses": losses, "generator": self.generator},
+                extra=extra,
             )
             timings.update(result.timings)
             sketches, indices, weights = result.compressed, result.indices, result.weights
             selected, num_valid = result.selected_per_source, sum(counts)
             keep = sources_kept_whole(counts, budget, keep)
+            if groups is not codes:  # one group over all sources: count the picks per source
+                selected = torch.bincount(codes[indices.cpu()], minlength=len(names)).tolist()
+                keep = [False] * len(names)
 
         t0 = time.perf_counter()
         local = {}

@@ -22,11 +22,14 @@ result.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from .moments import _step_of, find_group
+from .projection import countsketch
 
 
 def target_gradient(sketches: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
@@ -133,12 +136,35 @@ def greedy_target(
     return torch.stack(chosen), torch.stack(gains)
 
 
+def target_features(
+    normalized: torch.Tensor,
+    target_grad: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    sizes: Sequence[float],
+    curvature: float,
+    dim: int,
+    seed: int,
+) -> torch.Tensor:
+    """What the greedy needs per example: ``[a_j | delta_j]`` rows, ``[B, 1 (+ d)]``.
+
+    ``a_j = g_t . delta_j`` on all sketch coordinates. The update rows are only needed for the
+    second-order term (``curvature > 0``); beyond ``dim`` coordinates they are CountSketched
+    (seeded, the same on every rank; inner products kept in expectation). Rows of invalid
+    examples stay NaN.
+    """
+    updates = scale_columns(normalized, params, sizes)
+    alignment = (updates @ target_grad.to(updates.device, updates.dtype))[:, None]
+    if curvature <= 0:
+        return alignment
+    if updates.shape[1] > dim:
+        updates = countsketch(updates, dim, seed)
+    return torch.cat([alignment, updates], dim=1)
+
+
 def target_coreset(
     x: torch.Tensor,
     k: int,
     *,
-    rows: torch.Tensor,
-    alignment: torch.Tensor,
     curvature: float,
     total: int,
     watch=None,
@@ -146,14 +172,75 @@ def target_coreset(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Selector for :data:`coreset_optim.selection.SELECTORS`: the greedy on one group of rows.
 
-    ``x[n, d]``: the group's update rows; ``rows``: their positions in the batch (to read
-    ``alignment``); ``total``: N, the valid examples of the whole batch. Every chosen example gets
-    weight n / k (the group's mean gradient, as the step applies it; weights sum to n).
+    ``x[n, 1 + d]``: the group's :func:`target_features` rows; ``total``: N, the valid examples of
+    the whole batch. Every chosen example gets weight n / k: the step applies the group's mean
+    gradient over the chosen examples, the update whose effect the greedy predicted (weights sum
+    to n).
     """
     n = x.shape[0]
-    a = alignment.to(rows.device).index_select(0, rows)
     coefficient = (n / k) / total
-    chosen, _ = greedy_target(a, x if curvature > 0 else None, k, coefficient, curvature)
+    updates = x[:, 1:] if curvature > 0 and x.shape[1] > 1 else None
+    chosen, _ = greedy_target(x[:, 0], updates, k, coefficient, curvature)
     if watch is not None:
         watch.lap("greedy")
     return chosen, torch.full((k,), n / k, device=x.device)
+
+
+# --- the target batch ---------------------------------------------------------------------------
+
+
+def _structure(batch: Any, skip: str | None, top: bool = True) -> Any:
+    if batch is None:
+        return None
+    if isinstance(batch, torch.Tensor):
+        return ("tensor", batch.ndim, batch.dtype)
+    if type(batch).__module__ == "numpy" and hasattr(batch, "ndim"):
+        return ("array", batch.ndim, str(batch.dtype))
+    if isinstance(batch, Mapping):
+        return {k: _structure(v, None, False) for k, v in batch.items() if not (top and k == skip)}
+    if isinstance(batch, (tuple, list)):
+        if top:
+            return (type(batch).__name__, tuple(_structure(v, None, False) for v in batch))
+        return "list"
+    return type(batch).__name__
+
+
+def check_target_structure(batch: Any, target: Any, source_key: str | None) -> None:
+    """``ValueError`` unless ``target`` has the batch's fields (keys, ranks, dtypes).
+
+    The source field (``source_key``) may be absent from the target: selection toward a target
+    does not need its sources.
+    """
+    want, got = _structure(batch, source_key), _structure(target, source_key)
+    if want != got:
+        raise ValueError(
+            f"target must have the batch's structure (same fields, tensor ranks and dtypes) so "
+            f"loss_fn can score it; batch: {want}, target: {got}"
+        )
+
+
+def batch_fingerprint(batch: Any) -> str:
+    """A hash of a (small) batch's structure and values: tells whether a cached target gradient
+    belongs to the target now given (e.g. after a checkpoint reload and ``set_target`` again)."""
+    digest = hashlib.sha256()
+
+    def visit(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif type(x).__module__ == "numpy" and hasattr(x, "tobytes"):
+            digest.update(f"A{x.dtype}{x.shape}".encode() + x.tobytes())
+        elif isinstance(x, Mapping):
+            for key in x:
+                digest.update(f"K{key!r}".encode())
+                visit(x[key])
+        elif isinstance(x, (tuple, list)):
+            digest.update(f"L{len(x)}".encode())
+            for v in x:
+                visit(v)
+        else:
+            digest.update(f"V{x!r}".encode())
+
+    visit(batch)
+    return digest.hexdigest()

@@ -86,12 +86,14 @@ def test_ties_go_to_the_lowest_index():
 
 def test_selector_weights_are_the_group_mean():
     updates, target, a = _random_case(n=6)
-    rows = torch.tensor([1, 3, 4, 5, 7, 8])
-    alignment = torch.zeros(10, dtype=torch.double)
-    alignment[rows] = a
-    chosen, weights = target_coreset(updates, 2, rows=rows, alignment=alignment, curvature=0.0, total=10)
+    x = torch.cat([a[:, None], updates], 1)
+    chosen, weights = target_coreset(x, 2, curvature=0.0, total=10)
     assert sorted(chosen.tolist()) == sorted(torch.topk(a, 2).indices.tolist())
     torch.testing.assert_close(weights, torch.full((2,), 3.0))
+    # With curvature, the selector runs the greedy on the update columns with c = (n / k) / N.
+    chosen, _ = target_coreset(x, 3, curvature=5.0, total=10)
+    expected, _ = greedy_target(a, updates, 3, (6 / 3) / 10, 5.0)
+    assert chosen.tolist() == expected.tolist()
 
 
 def test_target_gradient_refuses_non_finite_and_empty():
