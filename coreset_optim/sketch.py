@@ -28,6 +28,21 @@ SketchSpec = Union[str, nn.Module, Sequence[Union[str, nn.Module]], None]
 
 
 @dataclass
+class Sketches:
+    """What flows between ``select()``'s stages: one row per example of a batch.
+
+    ``rows``: Tensor[n, D] (D = 0 when the chooser needs no gradient, e.g. every example is
+    selected); ``losses``: Tensor[n]; ``valid``: BoolTensor[n], a finite loss and a finite row.
+    The sketch stage gives raw gradients, the normalize stage Adam-normalized ones, the gather
+    stage the global batch's (compressed across ranks under ``torch.distributed``).
+    """
+
+    rows: torch.Tensor
+    losses: torch.Tensor
+    valid: torch.Tensor
+
+
+@dataclass
 class SketchTarget:
     """One Linear layer whose per-example gradient is part of the sketch."""
 
