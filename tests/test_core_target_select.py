@@ -158,7 +158,13 @@ def test_exact_resume(refresh):
     model_b.load_state_dict(msd)
     opt_b.load_state_dict(sd)
     assert opt_b.config == opt_a.config
-    picks_a, picks_b = _train(model_a, opt_a, 5, 100), _train(model_b, opt_b, 5, 100)
+    assert opt_b._target_cache["computed_at"] == opt_a._target_cache["computed_at"] == 3
+    torch.testing.assert_close(opt_b._target_cache["grad"], opt_a._target_cache["grad"], rtol=0, atol=0)
+    picks_a, picks_b = _train(model_a, opt_a, 1, 100), _train(model_b, opt_b, 1, 100)
+    # The restored cache is used (refresh 3: selection 4 reuses selection 3's target gradient).
+    assert opt_b._target_cache["computed_at"] == opt_a._target_cache["computed_at"] == (3 if refresh == 3 else 4)
+    picks_a += _train(model_a, opt_a, 4, 101)
+    picks_b += _train(model_b, opt_b, 4, 101)
     assert [p.tolist() for p in picks_a] == [p.tolist() for p in picks_b]
     for p, q in zip(model_a.parameters(), model_b.parameters()):
         torch.testing.assert_close(q, p, rtol=0, atol=0)

@@ -84,7 +84,16 @@ class CoresetTrainingArguments(TrainingArguments):
     )
     selection: Optional[str] = field(
         default=None,
-        metadata={"help": "'gradient_matching', 'facility_location', 'random' or 'loss'; None: the preset's."},
+        metadata={"help": "'gradient_matching', 'facility_location', 'random', 'loss' or 'target'; None: the preset's."},
+    )
+    target_curvature: float = field(
+        default=0.0, metadata={"help": "selection='target': curvature h of the second-order term (0: first order)."}
+    )
+    target_refresh: int = field(
+        default=1, metadata={"help": "selection='target': selections between refreshes of the target's gradient."}
+    )
+    target_per_source: bool = field(
+        default=False, metadata={"help": "selection='target': per-source budgets instead of one greedy over the batch."}
     )
 
     def __post_init__(self) -> None:
@@ -116,6 +125,9 @@ class CoresetTrainingArguments(TrainingArguments):
             micro_batch_size=self.coreset_micro_batch_size,
             seed=self.coreset_seed,
             preset=self.coreset_preset,
+            target_curvature=self.target_curvature,
+            target_refresh=self.target_refresh,
+            target_per_source=self.target_per_source,
         )
         # Options left at their defaults take the preset's values (e.g. coreset_preset="colm").
         defaults = PRESETS["default"]
@@ -174,11 +186,19 @@ class CoresetTrainer(Trainer):
 
     ``per_example_loss(model, inputs) -> Tensor[n]`` gives one loss per example; the default is
     the causal-LM loss (mean over each example's label tokens, ``-100`` ignored, labels shifted).
-    Needs :class:`CoresetTrainingArguments`.
+    ``target_dataset``: held-out examples (a dataset or a list of features, collated like the
+    training data) that ``selection="target"`` aims at. Needs :class:`CoresetTrainingArguments`.
     """
 
-    def __init__(self, *args: Any, per_example_loss: PerExampleLoss | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        per_example_loss: PerExampleLoss | None = None,
+        target_dataset: Any = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.target_dataset = target_dataset
         if not isinstance(self.args, CoresetTrainingArguments):
             raise TypeError(
                 f"CoresetTrainer needs args=CoresetTrainingArguments(...), got {type(self.args).__name__}"
@@ -210,6 +230,14 @@ class CoresetTrainer(Trainer):
                 f"optim={optim!r} fuses the update into the backward pass and needs the Trainer's "
                 "own training_step; CoresetTrainer cannot wrap it. Use an Adam-type optimizer"
             )
+        target = getattr(self, "target_dataset", None)
+        if (args.selection == "target") != (target is not None):
+            raise ValueError(
+                "selection='target' and CoresetTrainer(target_dataset=...) go together: pass the "
+                "held-out examples to aim at, or leave both unset"
+            )
+        if target is not None and len(target) == 0:
+            raise ValueError("target_dataset is empty; pass at least one held-out example")
         if args.label_smoothing_factor and self.per_example_loss is None:
             raise ValueError(
                 f"label_smoothing_factor={args.label_smoothing_factor} is not applied by the default "
@@ -244,7 +272,20 @@ class CoresetTrainer(Trainer):
                 "on raw gradients"
             )
         self.optimizer = CoresetOptimizer(built, self.model if model is None else model, **self.args.coreset_kwargs())
+        if self.target_dataset is not None:
+            self.optimizer.set_target(self._target_batch())
         return self.optimizer
+
+    def _target_batch(self) -> dict[str, Any]:
+        """``target_dataset`` as one batch, collated and placed like a training batch."""
+        data = self.target_dataset
+        if self.args.remove_unused_columns and hasattr(data, "column_names") and hasattr(self, "_remove_unused_columns"):
+            data = self._remove_unused_columns(data, description="target")
+        features = [data[i] for i in range(len(data))]
+        column = self.args.source_column
+        if column is not None:
+            features = [{k: v for k, v in f.items() if k != column} if isinstance(f, Mapping) else f for f in features]
+        return dict(self._prepare_inputs(self.data_collator(features)))
 
     @property
     def coreset_optimizer(self) -> CoresetOptimizer:
