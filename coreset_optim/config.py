@@ -41,6 +41,7 @@ class CoresetConfig:
     zo_probes: int = 1
     zo_fixed_direction: bool = False
     selection: str = PRESETS["default"]["selection"]
+    temperature: float = 1.0
     distributed: Any = "auto"
 
     def __post_init__(self) -> None:
@@ -95,6 +96,14 @@ class CoresetConfig:
                 "zo_probes > 1 with zo_fixed_direction=True would repeat one direction; "
                 "use zo_probes=1 or zo_fixed_direction=False"
             )
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not (
+            self.temperature > 0 and not math.isnan(self.temperature)
+        ):
+            raise ValueError(
+                f"temperature must be a float > 0 (1: the mixture as sampled, 2: temperature sampling, "
+                f"float('inf'): every source equally), got {self.temperature!r}"
+            )
+        self.temperature = float(self.temperature)
         if not (isinstance(self.distributed, bool) or self.distributed == "auto"):
             raise ValueError(
                 f"distributed must be 'auto' (select across ranks when torch.distributed is "

@@ -96,6 +96,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
         seed: int = 0,
         sketch: str = FROM_PRESET,
         selection: str = FROM_PRESET,
+        temperature: float = FROM_PRESET,
         zo_eps: float = 1e-3,
         zo_probes: int = 1,
         zo_fixed_direction: bool = FROM_PRESET,
@@ -115,7 +116,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
         chosen = resolve_preset(preset, dict(
             sketch_dim=sketch_dim, normalize=normalize, similarity=similarity,
             keep_sources=keep_sources, sketch=sketch, selection=selection,
-            zo_fixed_direction=zo_fixed_direction,
+            zo_fixed_direction=zo_fixed_direction, temperature=temperature,
         ))
         self.config = CoresetConfig(
             coreset_size=coreset_size,
@@ -367,11 +368,12 @@ class CoresetOptimizer(torch.optim.Optimizer):
                 self.config.sketch_dim, self.config.similarity,
                 method=self.config.selection,
                 extra={"losses": losses, "generator": self.generator},
+                temperature=self.config.temperature,
             )
             timings.update(result.timings)
             sketches, indices, weights = result.compressed, result.indices, result.weights
             selected, num_valid = result.selected_per_source, sum(counts)
-            keep = sources_kept_whole(counts, budget, keep)
+            keep = sources_kept_whole(counts, budget, keep) if self.config.temperature == 1.0 else [False] * len(names)
 
         t0 = time.perf_counter()
         local = {}
