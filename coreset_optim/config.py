@@ -41,6 +41,7 @@ class CoresetConfig:
     zo_probes: int = 1
     zo_fixed_direction: bool = False
     selection: str = PRESETS["default"]["selection"]
+    temperature: float = 1.0
     distributed: Any = "auto"
     target_curvature: float = 0.0
     target_refresh: int = 1
@@ -116,6 +117,14 @@ class CoresetConfig:
                 f"selection='target' needs exact sketches (the target's gradient is compared with each "
                 f"example's on the same coordinates); got sketch={self.sketch!r}: use sketch='exact'"
             )
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not (
+            self.temperature > 0 and not math.isnan(self.temperature)
+        ):
+            raise ValueError(
+                f"temperature must be a float > 0 (1: the mixture as sampled, 2: temperature sampling, "
+                f"float('inf'): every source equally), got {self.temperature!r}"
+            )
+        self.temperature = float(self.temperature)
         if not (isinstance(self.distributed, bool) or self.distributed == "auto"):
             raise ValueError(
                 f"distributed must be 'auto' (select across ranks when torch.distributed is "

@@ -91,6 +91,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
         seed: int = 0,
         sketch: str = FROM_PRESET,
         selection: str = FROM_PRESET,
+        temperature: float = FROM_PRESET,
         zo_eps: float = 1e-3,
         zo_probes: int = 1,
         zo_fixed_direction: bool = FROM_PRESET,
@@ -113,7 +114,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
         chosen = resolve_preset(preset, dict(
             sketch_dim=sketch_dim, normalize=normalize, similarity=similarity,
             keep_sources=keep_sources, sketch=sketch, selection=selection,
-            zo_fixed_direction=zo_fixed_direction,
+            zo_fixed_direction=zo_fixed_direction, temperature=temperature,
         ))
         self.config = CoresetConfig(
             coreset_size=coreset_size,
@@ -465,11 +466,13 @@ class CoresetOptimizer(torch.optim.Optimizer):
             self._gather_dim(sketches), c.similarity,
             method=c.selection,
             extra=extra,
+            temperature=c.temperature,
         )
         if groups is not layout.codes:  # count the picks per source
             per_source = torch.bincount(layout.codes[selection.indices.cpu()], minlength=len(layout.names)).tolist()
             return dataclasses.replace(selection, selected_per_source=per_source), [False] * len(counts), sum(counts)
-        return selection, sources_kept_whole(counts, budget, keep), sum(counts)
+        kept = sources_kept_whole(counts, budget, keep) if c.temperature == 1.0 else [False] * len(counts)
+        return selection, kept, sum(counts)
 
     def _gather_dim(self, sketches: Sketches) -> int:
         """Columns kept by compression: ``sketch_dim``, or all of the target stage's features."""
