@@ -500,8 +500,9 @@ class CoresetOptimizer(torch.optim.Optimizer):
                 f"{self.config.selection!r}); build CoresetOptimizer(..., selection='target')"
             )
 
-    def _resolve_target(self, batch: Any, target: Any) -> tuple[Any, str] | None:
-        """The target this selection aims at and its fingerprint; checked before anything runs."""
+    def _resolve_target(self, batch: Any, target: Any) -> tuple[Any, str, list[str]] | None:
+        """The target this selection aims at, its fingerprint and the batch fields it lacks;
+        checked before anything runs."""
         if target is not None:
             self._check_target_mode()
             batch_size(target)
@@ -515,17 +516,24 @@ class CoresetOptimizer(torch.optim.Optimizer):
             target, fingerprint = self.target, self._target_fingerprint
         else:
             return None
-        check_target_structure(batch, target, self.config.source_key)
-        return target, fingerprint
+        return target, fingerprint, check_target_structure(batch, target, self.config.source_key)
 
     def _aim(
-        self, local: Sketches, target: Any, fingerprint: str, loss_fn: LossFn, wrapper: nn.Module,
-        layout: LocalBatch | Shards, budget: int,
+        self, local: Sketches, target: Any, fingerprint: str, missing: list[str], loss_fn: LossFn,
+        wrapper: nn.Module, layout: LocalBatch | Shards, budget: int,
     ) -> Sketches:
         """The target stage: each example's ``[alignment | update]`` row (:func:`.target.target_features`)."""
         c = self.config
         chunk = c.sketch_batch_size or c.micro_batch_size or budget
-        grad = self._target_gradient(target, fingerprint, loss_fn, wrapper, getattr(layout, "group", None), chunk)
+        try:
+            grad = self._target_gradient(target, fingerprint, loss_fn, wrapper, getattr(layout, "group", None), chunk)
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            if not missing:
+                raise
+            raise ValueError(
+                f"loss_fn failed on the target ({type(exc).__name__}: {exc}); the target lacks the "
+                f"batch's fields {missing}: give it the fields loss_fn reads"
+            ) from exc
         params = sketch_params(self.sketch_targets)
         rows = target_features(
             local.rows, grad, params, step_sizes(self.optimizer, params), c.target_curvature, c.sketch_dim, c.seed

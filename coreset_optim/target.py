@@ -205,18 +205,25 @@ def _structure(batch: Any, skip: str | None, top: bool = True) -> Any:
     return type(batch).__name__
 
 
-def check_target_structure(batch: Any, target: Any, source_key: str | None) -> None:
-    """``ValueError`` unless ``target`` has the batch's fields (keys, ranks, dtypes).
+def check_target_structure(batch: Any, target: Any, source_key: str | None) -> list[str]:
+    """``ValueError`` unless every field of ``target`` is a field of the batch of the same kind
+    (tensor rank and dtype); returns the batch's fields the target lacks.
 
-    The source field (``source_key``) may be absent from the target: selection toward a target
-    does not need its sources.
+    A target may leave out fields (the source ids, metadata): if ``loss_fn`` needs one, the target
+    pass says which (see ``CoresetOptimizer``).
     """
     want, got = _structure(batch, source_key), _structure(target, source_key)
-    if want != got:
-        raise ValueError(
-            f"target must have the batch's structure (same fields, tensor ranks and dtypes) so "
-            f"loss_fn can score it; batch: {want}, target: {got}"
-        )
+    if isinstance(want, dict) and isinstance(got, dict):
+        extra = [k for k in got if k not in want]
+        clash = [k for k in got if k in want and got[k] != want[k]]
+        if not extra and not clash:
+            return [str(k) for k in want if k not in got]
+    elif want == got:
+        return []
+    raise ValueError(
+        f"target must have the batch's structure (its fields, tensor ranks and dtypes) so loss_fn "
+        f"can score it; batch: {want}, target: {got}"
+    )
 
 
 def batch_fingerprint(batch: Any) -> str:

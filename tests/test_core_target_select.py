@@ -187,7 +187,7 @@ def _bad_targets():
     return [
         ({"x": torch.empty(0, 5), "y": torch.empty(0, 3)}, ValueError, "empty"),
         (nan, ValueError, r"target examples \[1\]"),
-        ({"x": torch.randn(3, 5)}, ValueError, "structure"),
+        ({"x": torch.randn(3, 5)}, ValueError, r"lacks the batch.s fields \[.y.\]"),
         ({"x": torch.randn(3, 5), "y": torch.randn(3, 3), "z": torch.randn(3)}, ValueError, "structure"),
         ({"x": torch.randn(3, 2, 5), "y": torch.randn(3, 2, 3)}, ValueError, "structure"),
         ({"x": torch.randn(3, 5).double(), "y": torch.randn(3, 3).double()}, ValueError, "structure"),
@@ -249,5 +249,12 @@ def test_bad_target_options(kwargs, match):
 def test_source_field_may_be_absent_from_the_target():
     model, inner, opt = _setup(source_key="source")
     batch = make_batch(10, seed=5) | {"source": ["a"] * 5 + ["b"] * 5}
+    cs = opt.select(batch, regression_loss(model), target=make_batch(3, seed=6))
+    assert len(cs) == 4
+
+
+def test_target_may_lack_fields_loss_fn_does_not_read():
+    model, inner, opt = _setup()
+    batch = make_batch(10, seed=5) | {"meta": torch.arange(10)}
     cs = opt.select(batch, regression_loss(model), target=make_batch(3, seed=6))
     assert len(cs) == 4
