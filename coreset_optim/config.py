@@ -112,6 +112,12 @@ class CoresetConfig:
             )
         if not isinstance(self.target_per_source, bool):
             raise TypeError(f"target_per_source must be a bool, got {self.target_per_source!r}")
+        if self.selection == "target" and self.normalize == "adam_update":
+            raise ValueError(
+                "selection='target' models the step as the gradient times Adam's current "
+                "preconditioner (normalize='adam', or None for SGD-like optimizers); "
+                "normalize='adam_update' is a per-example update with the momentum inside: use 'adam'"
+            )
         if self.selection == "target" and self.sketch != "exact":
             raise ValueError(
                 f"selection='target' needs exact sketches (the target's gradient is compared with each "

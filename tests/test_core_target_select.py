@@ -235,6 +235,7 @@ def test_missing_target_and_target_without_target_mode():
         ({"target_refresh": 0}, "target_refresh"),
         ({"target_refresh": 1.5}, "target_refresh"),
         ({"sketch": "zeroth_order"}, "exact"),
+        ({"normalize": "adam_update"}, "adam_update"),
     ],
 )
 def test_bad_target_options(kwargs, match):
