@@ -98,6 +98,9 @@ METHODS: dict[str, Method] = {
                                 select_kwargs=lambda ctx: {"target": ctx.target}),
     "target_last_block": Method("coreset", {"selection": "target", "sketch_modules": LAST_BLOCK_ALL},
                                 select_kwargs=lambda ctx: {"target": ctx.target}),
+    # A target spread evenly over the training sources (8 examples of each, from the training pool:
+    # disjoint from evaluation): does aiming at it beat balanced random k on the macro metric?
+    "target_spread": Method("coreset", {"selection": "target"}, select_kwargs=lambda ctx: {"target": spread_target(ctx)}),
     # Fixed source reweightings toward the skills the held-out tasks need (an oracle: it knows that
     # sort_reverse needs sort and reverse, rotr_succ needs rotr and succ): k of the large batch with
     # budgets in proportion to count * weight, random within a source, unweighted mean.
@@ -173,6 +176,13 @@ def tempered_indices(source: torch.Tensor, k: int, temperature: float, g: torch.
             rows = torch.nonzero(source == s).flatten()
             picked.append(rows[torch.randperm(rows.numel(), generator=g)[:a]])
     return torch.cat(picked).sort().values
+
+
+def spread_target(ctx, per_source: int = 8) -> dict:
+    """``per_source`` examples of every training source (the first ones of the pool)."""
+    train = ctx.mixture.train
+    rows = torch.cat([torch.nonzero(train["source"] == s).flatten()[:per_source] for s in range(len(ctx.mixture.names))])
+    return {key: train[key][rows] for key in ("input_ids", "labels")}
 
 
 def fixed_indices(source: torch.Tensor, names: list[str], k: int, weights: dict, balanced: bool,
