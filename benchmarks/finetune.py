@@ -98,6 +98,9 @@ METHODS: dict[str, Method] = {
                                 select_kwargs=lambda ctx: {"target": ctx.target}),
     "target_last_block": Method("coreset", {"selection": "target", "sketch_modules": LAST_BLOCK_ALL},
                                 select_kwargs=lambda ctx: {"target": ctx.target}),
+    "target_last_block_per_source": Method(
+        "coreset", {"selection": "target", "sketch_modules": LAST_BLOCK_ALL, "target_per_source": True},
+        select_kwargs=lambda ctx: {"target": ctx.target}),
     # A target spread evenly over the training sources (8 examples of each, from the training pool:
     # disjoint from evaluation): does aiming at it beat balanced random k on the macro metric?
     "target_spread": Method("coreset", {"selection": "target"}, select_kwargs=lambda ctx: {"target": spread_target(ctx)}),
