@@ -66,10 +66,10 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "random_k": Method("random", steps=3.0),
-    "stratified_k": Method("stratified", {"selection": "random"}, steps=3.0),
-    "balanced_k": Method("tempered", {"temperature": float("inf")}, steps=3.0),
-    "temperature2_k": Method("tempered", {"temperature": 2.0}, steps=3.0),
+    "random_k": Method("random", steps=4.5),
+    "stratified_k": Method("stratified", {"selection": "random"}, steps=4.5),
+    "balanced_k": Method("tempered", {"temperature": float("inf")}, steps=4.5),
+    "temperature2_k": Method("tempered", {"temperature": 2.0}),
     "accum_B": Method("accum", steps=1.5),
     "batch_B": Method("full"),
     "default": Method("coreset"),
@@ -80,6 +80,9 @@ METHODS: dict[str, Method] = {
     "loss": Method("coreset", {"selection": "loss"}),
     "default_last_block": Method("coreset", {"sketch_modules": LAST_BLOCK_ALL}),
     "default_no_keep": Method("coreset", {"keep_sources": None}),
+    "balanced_stratified": Method("stratified", {"selection": "random", "temperature": float("inf")}),
+    "balanced_default": Method("coreset", {"temperature": float("inf")}),
+    "temperature2_default": Method("coreset", {"temperature": 2.0}),
     "default_8bit": Method("coreset", optimizer="adamw8bit"),
     "random_k_8bit": Method("random", optimizer="adamw8bit"),
     "stratified_k_8bit": Method("stratified", {"selection": "random"}, optimizer="adamw8bit"),
@@ -230,8 +233,9 @@ def evaluate(model, mixture: FinetuneMixture) -> dict:
     return out
 
 
-def run(name: str, seed: int, args) -> dict:
-    """Train ``name`` from the base with ``seed``; evaluate every ``eval_every`` steps."""
+def run(name: str, seed: int, args, progress: Callable | None = None) -> dict:
+    """Train ``name`` from the base with ``seed``; evaluate every ``eval_every`` steps.
+    ``progress(name, step, total)`` is called after every step."""
     torch.set_num_threads(1)
     register_experiments()
     ctx = build_context(args)
@@ -247,6 +251,8 @@ def run(name: str, seed: int, args) -> dict:
         spent += time.perf_counter() - t0
         if step % args.eval_every == 0 or step == total:
             curve.append({"step": step, "measured_time": spent, **evaluate(trainer.model, ctx.mixture)})
+        if progress is not None:
+            progress(name, step, total)
     return {"method": name, "seed": seed, "steps": total, "curve": curve, "activation_bytes": trainer.meter.peak}
 
 
@@ -427,6 +433,8 @@ def plot(runs: list[dict], summary: dict, mixture: FinetuneMixture, path: Path, 
         ax_s.set_title(f"{title} vs steps", fontsize=9)
         ax_t.set_title(f"{title} vs wall-clock (s)", fontsize=9)
         ax_s.axvline(summary["steps"], color="gray", ls=":", lw=0.8)
+        for ax in (ax_s, ax_t):
+            ax.set_ylim(-0.02, 1.02)
     for j in range(len(panels), rows // 2 * cols):
         axes[2 * (j // cols)][j % cols].axis("off")
         axes[2 * (j // cols) + 1][j % cols].axis("off")
@@ -440,7 +448,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--k", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--rank", type=int, default=8)
@@ -456,6 +464,7 @@ def parse_args(argv=None):
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each")
     ap.add_argument("--quick", action="store_true", help=f"methods {QUICK_SET}, 150 steps, 2 seeds")
     ap.add_argument("--out", default="finetune")
+    ap.add_argument("--from-runs", default="", help="summarize the runs of this JSON file instead of training")
     args = ap.parse_args(argv)
     if args.quick:
         args.methods, args.steps, args.seeds, args.eval_every = ",".join(QUICK_SET), 150, "0,1", 50
@@ -469,16 +478,21 @@ def main(argv=None) -> None:
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; known: {list(METHODS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    jobs = [(m, s, args) for s in seeds for m in methods]
+    jobs = [(m, s, args) for m in methods for s in seeds]  # method-major: a cut-short run loses the last methods
     start = time.time()
     runs = []
-    with mp.get_context("spawn").Pool(args.jobs) as pool:
-        for r in pool.imap_unordered(_run_star, jobs):
-            runs.append(r)
-            last = r["curve"][-1]
-            print(f"[{time.time() - start:5.0f}s] {len(runs)}/{len(jobs)} {r['method']} seed {r['seed']}: "
-                  f"acc mixture {last['accuracy_mixture']:.3f} macro {last['accuracy_macro']:.3f}",
-                  file=sys.stderr, flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.from_runs:
+        runs = [r for r in json.loads(Path(args.from_runs).read_text())["runs"] if r["method"] in methods]
+    else:
+        with mp.get_context("spawn").Pool(args.jobs) as pool:
+            for r in pool.imap_unordered(_run_star, jobs):
+                runs.append(r)
+                last = r["curve"][-1]
+                print(f"[{time.time() - start:5.0f}s] {len(runs)}/{len(jobs)} {r['method']} seed {r['seed']}: "
+                      f"acc mixture {last['accuracy_mixture']:.3f} macro {last['accuracy_macro']:.3f}",
+                      file=sys.stderr, flush=True)
+                (RESULTS / f"{args.out}.partial.json").write_text(json.dumps({"args": vars(args), "runs": runs}))
     t_runs = time.time() - start
     costs = step_costs(methods, args, args.cost_rounds)
     ctx = build_context(args)
@@ -498,6 +512,7 @@ def main(argv=None) -> None:
     (RESULTS / f"{args.out}.md").write_text(md)
     plot(runs, summary, ctx.mixture, RESULTS / f"{args.out}.png")
     print(md)
+    (RESULTS / f"{args.out}.partial.json").unlink(missing_ok=True)
     print(f"total {time.time() - start:.0f}s", file=sys.stderr)
 
 

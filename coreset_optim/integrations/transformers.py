@@ -86,6 +86,11 @@ class CoresetTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "'gradient_matching', 'facility_location', 'random' or 'loss'; None: the preset's."},
     )
+    coreset_temperature: Optional[float] = field(
+        default=None,
+        metadata={"help": "How much each source counts: 1 as sampled, 2 temperature sampling, inf every source "
+                  "equally (CoresetOptimizer's temperature=); None: the preset's."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -123,6 +128,8 @@ class CoresetTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if value is not None and not (name in defaults and value == defaults[name]):
                 kwargs[name] = value
+        if self.coreset_temperature is not None:
+            kwargs["temperature"] = self.coreset_temperature
         if self.normalize is None:
             kwargs["normalize"] = None
         if with_modules:
