@@ -66,10 +66,10 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "random_k": Method("random", steps=3.0),
-    "stratified_k": Method("stratified", {"selection": "random"}, steps=3.0),
-    "balanced_k": Method("tempered", {"temperature": float("inf")}, steps=3.0),
-    "temperature2_k": Method("tempered", {"temperature": 2.0}, steps=3.0),
+    "random_k": Method("random", steps=4.5),
+    "stratified_k": Method("stratified", {"selection": "random"}, steps=2.0),
+    "balanced_k": Method("tempered", {"temperature": float("inf")}, steps=2.0),
+    "temperature2_k": Method("tempered", {"temperature": 2.0}),
     "accum_B": Method("accum", steps=1.5),
     "batch_B": Method("full"),
     "default": Method("coreset"),
@@ -80,6 +80,10 @@ METHODS: dict[str, Method] = {
     "loss": Method("coreset", {"selection": "loss"}),
     "default_last_block": Method("coreset", {"sketch_modules": LAST_BLOCK_ALL}),
     "default_no_keep": Method("coreset", {"keep_sources": None}),
+    "balanced_stratified": Method("stratified", {"selection": "random", "temperature": float("inf")}),
+    "balanced_default": Method("coreset", {"temperature": float("inf")}),
+    "temperature2_default": Method("coreset", {"temperature": 2.0}),
+    "gm_uniform_within": Method("coreset", {"selection": "gradient_matching_uniform"}),
     "default_8bit": Method("coreset", optimizer="adamw8bit"),
     "random_k_8bit": Method("random", optimizer="adamw8bit"),
     "stratified_k_8bit": Method("stratified", {"selection": "random"}, optimizer="adamw8bit"),
@@ -113,8 +117,29 @@ METHODS: dict[str, Method] = {
     "skills_mixed_k": Method("fixed", {"weights": {"sort": 4, "reverse": 1, "rotr": 4, "succ": 1, "copy": 0.25,
                                                    "dedupe": 0.5, "max": 0.5}}, steps=3.0),
 }
-FULL_SET = list(METHODS)
+# Run order (most needed first, so a run cut short loses the least needed).
+FULL_SET = [
+    "random_k", "default", "stratified_k", "accum_B", "balanced_k", "balanced_default", "balanced_stratified",
+    "colm", "temperature2_k", "batch_B", "default_8bit", "random_k_8bit", "stratified_k_8bit", "accum_B_8bit",
+    "default_k32", "random_k32", "stratified_k32", "fl_l1", "fl_cosine", "loss", "default_last_block",
+    "temperature2_default", "gm_unconstrained", "gm_uniform_within", "default_no_keep",
+]
 QUICK_SET = ["random_k", "stratified_k", "balanced_k", "accum_B", "default"]
+
+
+def gradient_matching_uniform(x, k, *, watch=None, **_):
+    """Experiment only: gradient matching's examples, each weighted n / k (uniform within a source)."""
+    from coreset_optim.gradient_matching import greedy_matching
+
+    chosen, _ = greedy_matching(x, k)
+    return chosen, torch.full((k,), x.shape[0] / k)
+
+
+def register_finetune_experiments() -> None:
+    from coreset_optim.selection import SELECTORS
+
+    register_experiments()
+    SELECTORS.setdefault("gradient_matching_uniform", gradient_matching_uniform)
 
 
 @dataclass
@@ -191,7 +216,7 @@ def spread_target(ctx, per_source: int = 8) -> dict:
 def fixed_indices(source: torch.Tensor, names: list[str], k: int, weights: dict, balanced: bool,
                   g: torch.Generator) -> torch.Tensor:
     """``k`` rows of a batch, source s getting a budget in proportion to ``count_s * weight_s``
-    (``balanced``: ``weight_s`` alone, among the sources present), largest remainder, capped at
+    (``balanced``: ``weight_s`` alone, among the sources present), floors then one at a time, capped at
     the source's count (the rest goes to the other weighted sources, then to any), random within."""
     counts = torch.bincount(source, minlength=len(names)).tolist()
     w = [float(weights.get(n, 0.0)) if c else 0.0 for n, c in zip(names, counts)]
@@ -300,10 +325,11 @@ def evaluate(model, mixture: FinetuneMixture) -> dict:
     return out
 
 
-def run(name: str, seed: int, args) -> dict:
-    """Train ``name`` from the base with ``seed``; evaluate every ``eval_every`` steps."""
+def run(name: str, seed: int, args, progress: Callable | None = None) -> dict:
+    """Train ``name`` from the base with ``seed``; evaluate every ``eval_every`` steps.
+    ``progress(name, step, total)`` is called after every step."""
     torch.set_num_threads(1)
-    register_experiments()
+    register_finetune_experiments()
     ctx = build_context(args)
     trainer = Trainer(name, seed, ctx)
     total = int(round(args.steps * METHODS[name].steps)) if args.equal_time else args.steps
@@ -317,6 +343,8 @@ def run(name: str, seed: int, args) -> dict:
         spent += time.perf_counter() - t0
         if step % args.eval_every == 0 or step == total:
             curve.append({"step": step, "measured_time": spent, **evaluate(trainer.model, ctx.mixture)})
+        if progress is not None:
+            progress(name, step, total)
     return {"method": name, "seed": seed, "steps": total, "curve": curve, "activation_bytes": trainer.meter.peak}
 
 
@@ -327,7 +355,7 @@ def _run_star(a):
 def step_costs(methods: list[str], args, rounds: int) -> dict[str, float]:
     """Median seconds per training step of each method, measured round-robin."""
     torch.set_num_threads(1)
-    register_experiments()
+    register_finetune_experiments()
     ctx = build_context(args)
     trainers = {m: Trainer(m, 0, ctx) for m in methods}
     stream = BatchStream(ctx.mixture.train, 12345)
@@ -410,6 +438,37 @@ def summarize(runs: list[dict], costs: dict, mixture: FinetuneMixture, steps: in
     return out
 
 
+def paired(ms: dict, a: str, b: str, key: str) -> dict | None:
+    """Per-seed ``a - b`` of ``key`` (same seeds, same batches), mean and sd."""
+    if a not in ms or b not in ms or ms[a]["seeds"] != ms[b]["seeds"]:
+        return None
+    return mean_sd([x - y for x, y in zip(ms[a][key]["per_seed"], ms[b][key]["per_seed"])])
+
+
+def targets(summary: dict, best_macro: str = "balanced_default") -> dict:
+    """The issue's targets (k = B/4): each figure with its seed spread."""
+    ms, small = summary["methods"], summary["smallest_source"]
+    out: dict = {}
+    need = ("default", "random_k", "accum_B")
+    if all(m in ms for m in need):
+        d, r, a = (ms[m]["accuracy_mixture"]["per_seed"] for m in need)
+        out["gap_closure_mixture"] = {
+            "of_means": ms["default"]["gap_closure_accuracy_mixture"],
+            "per_seed": mean_sd([(x - y) / (z - y) if z != y else float("nan") for x, y, z in zip(d, r, a)]),
+        }
+        eq = ms["default"]["references_at_equal_time"].get("accum_B:accuracy_mixture")
+        out["equal_time_default_minus_accum_B"] = None if eq is None else mean_sd(
+            [x - y for x, y in zip(d, eq["per_seed"])])
+    out["default_minus_stratified_mixture"] = paired(ms, "default", "stratified_k", "accuracy_mixture")
+    out["default_minus_random_smallest"] = paired(ms, "default", "random_k", f"accuracy:{small}")
+    out["best_macro"] = best_macro
+    out["best_macro_minus_balanced_k"] = paired(ms, best_macro, "balanced_k", "accuracy_macro")
+    for m in ("default", "stratified_k", "balanced_k", "random_k", "accum_B", best_macro):
+        if m in ms:
+            out[f"sd:{m}"] = {k: ms[m][k]["sd"] for k in ("accuracy_mixture", "accuracy_macro")}
+    return out
+
+
 def fmt(s: dict, digits: int = 3) -> str:
     return f"{s['mean']:.{digits}f} ± {s['sd']:.{digits}f}"
 
@@ -442,6 +501,20 @@ def markdown(summary: dict, mixture: FinetuneMixture, args) -> str:
             f"{fmt(s['loss_mixture'])} | {fmt(s['loss_macro'])} | {fmt(s['accuracy:' + summary['smallest_source']])} | "
             f"{s['ms_per_step']:.1f} | {s['activation_mib']:.2f} |"
         )
+    t = summary.get("targets")
+    if t:
+        f = lambda x: "n/a" if x is None else fmt(x)  # noqa: E731
+        gc = t.get("gap_closure_mixture")
+        gc_text = "n/a" if not gc else f"{gc['of_means']:.2f} / {fmt(gc['per_seed'], 2)}"
+        lines += ["", "## The issue's targets (k = B/4; differences paired by seed: mean ± sd over seeds)", "",
+                  "| figure | value | target |", "|---|---|---|",
+                  f"| gap closure, mixture accuracy: of the means / per seed | "
+                  f"{gc_text} | >= 0.5 |",
+                  f"| default - stratified k, mixture accuracy | {f(t.get('default_minus_stratified_mixture'))} | > seed spread |",
+                  f"| {t['best_macro']} - balanced k, macro accuracy | {f(t.get('best_macro_minus_balanced_k'))} | > seed spread |",
+                  f"| default - random k, smallest source ({summary['smallest_source']}) accuracy | "
+                  f"{f(t.get('default_minus_random_smallest'))} | >= 0 |",
+                  f"| equal wall-clock: default - accum B, mixture accuracy | {f(t.get('equal_time_default_minus_accum_B'))} | >= 0 |"]
     names = mixture.names + mixture.held_out
     lines += ["", f"## Accuracy per source after {steps} steps (mean over seeds; held-out tasks last)", "",
               "| method | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
@@ -497,6 +570,8 @@ def plot(runs: list[dict], summary: dict, mixture: FinetuneMixture, path: Path, 
         ax_s.set_title(f"{title} vs steps", fontsize=9)
         ax_t.set_title(f"{title} vs wall-clock (s)", fontsize=9)
         ax_s.axvline(summary["steps"], color="gray", ls=":", lw=0.8)
+        for ax in (ax_s, ax_t):
+            ax.set_ylim(-0.02, 1.02)
     for j in range(len(panels), rows // 2 * cols):
         axes[2 * (j // cols)][j % cols].axis("off")
         axes[2 * (j // cols) + 1][j % cols].axis("off")
@@ -510,7 +585,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--k", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--rank", type=int, default=8)
@@ -526,6 +601,8 @@ def parse_args(argv=None):
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each")
     ap.add_argument("--quick", action="store_true", help=f"methods {QUICK_SET}, 150 steps, 2 seeds")
     ap.add_argument("--out", default="finetune")
+    ap.add_argument("--from-runs", default="", help="summarize the runs of this JSON file instead of training")
+    ap.add_argument("--resume", default="", help="a (partial) JSON file whose runs are kept, not rerun")
     args = ap.parse_args(argv)
     if args.quick:
         args.methods, args.steps, args.seeds, args.eval_every = ",".join(QUICK_SET), 150, "0,1", 50
@@ -539,20 +616,31 @@ def main(argv=None) -> None:
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; known: {list(METHODS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    jobs = [(m, s, args) for s in seeds for m in methods]
+    jobs = [(m, s, args) for m in methods for s in seeds]  # method-major: a cut-short run loses the last methods
     start = time.time()
     runs = []
-    with mp.get_context("spawn").Pool(args.jobs) as pool:
-        for r in pool.imap_unordered(_run_star, jobs):
-            runs.append(r)
-            last = r["curve"][-1]
-            print(f"[{time.time() - start:5.0f}s] {len(runs)}/{len(jobs)} {r['method']} seed {r['seed']}: "
-                  f"acc mixture {last['accuracy_mixture']:.3f} macro {last['accuracy_macro']:.3f}",
-                  file=sys.stderr, flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.from_runs:
+        runs = [r for r in json.loads(Path(args.from_runs).read_text())["runs"] if r["method"] in methods]
+    else:
+        if args.resume:
+            done = json.loads(Path(args.resume).read_text())["runs"]
+            runs = [r for r in done if r["method"] in methods and r["seed"] in seeds]
+            have = {(r["method"], r["seed"]) for r in runs}
+            jobs = [j for j in jobs if (j[0], j[1]) not in have]
+        with mp.get_context("spawn").Pool(args.jobs) as pool:
+            for r in pool.imap_unordered(_run_star, jobs):
+                runs.append(r)
+                last = r["curve"][-1]
+                print(f"[{time.time() - start:5.0f}s] {len(runs)}/{len(jobs)} {r['method']} seed {r['seed']}: "
+                      f"acc mixture {last['accuracy_mixture']:.3f} macro {last['accuracy_macro']:.3f}",
+                      file=sys.stderr, flush=True)
+                (RESULTS / f"{args.out}.partial.json").write_text(json.dumps({"args": vars(args), "runs": runs}))
     t_runs = time.time() - start
     costs = step_costs(methods, args, args.cost_rounds)
     ctx = build_context(args)
     summary = summarize(runs, costs, ctx.mixture, args.steps)
+    summary["targets"] = targets(summary)
     payload = {
         "args": vars(args), "machine": machine(), "seconds": {"runs": t_runs, "total": time.time() - start},
         "mixture": {"names": ctx.mixture.names, "shares": ctx.mixture.shares, "kinds": ctx.mixture.kinds,
@@ -568,6 +656,7 @@ def main(argv=None) -> None:
     (RESULTS / f"{args.out}.md").write_text(md)
     plot(runs, summary, ctx.mixture, RESULTS / f"{args.out}.png")
     print(md)
+    (RESULTS / f"{args.out}.partial.json").unlink(missing_ok=True)
     print(f"total {time.time() - start:.0f}s", file=sys.stderr)
 
 

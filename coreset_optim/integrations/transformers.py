@@ -105,6 +105,11 @@ class CoresetArguments:
     target_per_source: bool = field(
         default=False, metadata={"help": "selection='target': per-source budgets instead of one greedy over the batch."}
     )
+    coreset_temperature: Optional[float] = field(
+        default=None,
+        metadata={"help": "How much each source counts: 1 as sampled, 2 temperature sampling, inf every source "
+                  "equally (CoresetOptimizer's temperature=); None: the preset's."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -145,6 +150,8 @@ class CoresetArguments:
             value = getattr(self, name)
             if value is not None and not (name in defaults and value == defaults[name]):
                 kwargs[name] = value
+        if self.coreset_temperature is not None:
+            kwargs["temperature"] = self.coreset_temperature
         if self.normalize is None:
             kwargs["normalize"] = None
         if with_modules:
