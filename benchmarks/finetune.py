@@ -92,22 +92,23 @@ METHODS: dict[str, Method] = {
     "random_k32": Method("random", k=32),
     "stratified_k32": Method("stratified", {"selection": "random"}, k=32),
     # Target-aware selection (issue 12): the held-out tasks' target split (disjoint from their
-    # evaluation split) as the target; h = target_curvature.
-    "target": Method("coreset", {"selection": "target"}, select_kwargs=lambda ctx: {"target": ctx.target}),
-    "target_h1": Method("coreset", {"selection": "target", "target_curvature": 1.0},
+    # evaluation split) as the target; h = target_curvature. "target" and most variants select with
+    # one greedy over the batch (target_per_source=False, measured first); *_per_source: the default.
+    "target": Method("coreset", {"selection": "target", "target_per_source": False}, select_kwargs=lambda ctx: {"target": ctx.target}),
+    "target_h1": Method("coreset", {"selection": "target", "target_curvature": 1.0, "target_per_source": False},
                         select_kwargs=lambda ctx: {"target": ctx.target}),
-    "target_h100": Method("coreset", {"selection": "target", "target_curvature": 100.0},
+    "target_h100": Method("coreset", {"selection": "target", "target_curvature": 100.0, "target_per_source": False},
                           select_kwargs=lambda ctx: {"target": ctx.target}),
     "target_per_source": Method("coreset", {"selection": "target", "target_per_source": True},
                                 select_kwargs=lambda ctx: {"target": ctx.target}),
-    "target_last_block": Method("coreset", {"selection": "target", "sketch_modules": LAST_BLOCK_ALL},
+    "target_last_block": Method("coreset", {"selection": "target", "sketch_modules": LAST_BLOCK_ALL, "target_per_source": False},
                                 select_kwargs=lambda ctx: {"target": ctx.target}),
     "target_last_block_per_source": Method(
         "coreset", {"selection": "target", "sketch_modules": LAST_BLOCK_ALL, "target_per_source": True},
         select_kwargs=lambda ctx: {"target": ctx.target}),
     # A target spread evenly over the training sources (8 examples of each, from the training pool:
     # disjoint from evaluation): does aiming at it beat balanced random k on the macro metric?
-    "target_spread": Method("coreset", {"selection": "target"}, select_kwargs=lambda ctx: {"target": spread_target(ctx)}),
+    "target_spread": Method("coreset", {"selection": "target", "target_per_source": False}, select_kwargs=lambda ctx: {"target": spread_target(ctx)}),
     # Fixed source reweightings toward the skills the held-out tasks need (an oracle: it knows that
     # sort_reverse needs sort and reverse, rotr_succ needs rotr and succ): k of the large batch with
     # budgets in proportion to count * weight, random within a source, unweighted mean.

@@ -18,15 +18,15 @@ import distributed_helpers as h  # noqa: E402
 
 # name: per-rank batch sizes, how the target is spread, options.
 SCENARIOS = {
-    # The same target on every rank; first-order gains; a global greedy over the sources.
-    "same_target": dict(sizes=[8, 8], target="same", options=dict(coreset_size=5)),
+    # The same target on every rank; first-order gains; one greedy over all sources.
+    "same_target": dict(sizes=[8, 8], target="same", options=dict(coreset_size=5, target_per_source=False)),
     # Each rank holds part of the target; second-order term on CountSketched updates (D = 27 >
     # sketch_dim = 10); uneven shards and chunks; the cached target gradient reused once.
     "split_target": dict(
         sizes=[9, 3],
         target="split",
         options=dict(coreset_size=4, sketch_dim=10, sketch_batch_size=2, micro_batch_size=2,
-                     target_curvature=200.0, target_refresh=2),
+                     target_curvature=200.0, target_refresh=2, target_per_source=False),
     ),
     # Per-source budgets.
     "per_source": dict(sizes=[7, 5], target="same", options=dict(coreset_size=6, target_per_source=True)),

@@ -79,7 +79,7 @@ def test_curvature_changes_the_choice_somewhere():
 
 
 def test_global_selection_ignores_source_budgets_and_reports_counts():
-    model, inner, opt = _setup(coreset_size=4)
+    model, inner, opt = _setup(coreset_size=4, target_per_source=False)
     batch, target = make_batch(10, seed=5), make_batch(3, seed=6)
     sources = ["a"] * 7 + ["b"] * 3
     expected = _hand_choice(model, inner, batch, target, 4, 0.0, 10)
@@ -91,7 +91,7 @@ def test_global_selection_ignores_source_budgets_and_reports_counts():
 
 
 def test_per_source_selection_runs_the_greedy_within_each_budget():
-    model, inner, opt = _setup(coreset_size=4, target_per_source=True, keep_sources=None)
+    model, inner, opt = _setup(coreset_size=4, keep_sources=None)  # per-source budgets: the default
     batch, target = make_batch(12, seed=7), make_batch(3, seed=8)
     sources = ["a"] * 6 + ["b"] * 6
     cs = opt.select(batch, regression_loss(model), sources=sources, target=target)
