@@ -83,7 +83,7 @@ def predicted_decrease(
 ) -> torch.Tensor:
     """``D`` for one weighted set: ``c . (U g_t) - h/2 ||U^T c||^2`` (rows of ``updates``: delta_j).
 
-    The reference the greedy is tested against, and what ``Coreset.target_decrease`` reports.
+    The reference the greedy is tested against.
     """
     u = updates.double()
     c = coefficients.double().to(u.device)
