@@ -36,6 +36,7 @@ def main() -> None:
         "default": {},
         "target": dict(selection="target"),
         "target_curvature": dict(selection="target", target_curvature=1.0),
+        "target_refresh2": dict(selection="target", target_refresh=2),
         "target_refresh4": dict(selection="target", target_refresh=4),
     }
     batches = [make_batch(args.batch, T, seed=i) for i in range(8)]
