@@ -53,7 +53,10 @@ def main(names: list[str]) -> None:
         f"Target: the target split of the held-out tasks {held_out} ({args['target_size']} examples each), "
         "disjoint from their evaluation split; they are not training sources. Accuracy: exact match on "
         f"{args['eval_size']} evaluation examples per task, after {args['steps']} steps (equal steps), "
-        "mean ± sd over seeds (per seed in brackets). Mixture / macro: over the training sources.",
+        "mean ± sd over seeds (per seed in brackets). Mixture / macro: over the training sources. "
+        "Options of each method: `METHODS` in benchmarks/finetune.py (`target`, `target_h*`, "
+        "`target_last_block`, `target_spread`: one greedy over the batch; `*_per_source`: per-source "
+        "budgets, the default; `target_spread` aims at 8 examples of each training source instead).",
         "",
         "| method | target tasks accuracy (mean) | " + " | ".join(held_out) +
         " | target tasks answer loss | accuracy mixture | accuracy macro | ms/step |",
