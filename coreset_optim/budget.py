@@ -74,3 +74,39 @@ def allocate_budget(counts: Sequence[int], budget: int, keep: Sequence[bool]) ->
     kept_total = sum(c for c, w in zip(counts, whole) if w)
     rest = proportional_split([0 if w else c for c, w in zip(counts, whole)], budget - kept_total)
     return [c if w else r for c, w, r in zip(counts, whole, rest)]
+
+
+def tempered_split(counts: Sequence[int], budget: int, temperature: float) -> list[int]:
+    """Split ``budget`` among sources in proportion to ``count ** (1 / temperature)``, capped at
+    each count (what a capped source cannot take goes to the others the same way).
+
+    Temperature sampling, the multi-task standard: ``temperature=1`` is proportional,
+    ``float("inf")`` gives every non-empty source an equal share ("balanced"). Rounding: floor,
+    then the remainder one example at a time to the largest fractional shares (ties: the larger
+    source, then the first).
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (float('inf') for balanced), got {temperature!r}")
+    alloc = [0] * len(counts)
+    left = min(budget, sum(counts))
+    open_ = [i for i, c in enumerate(counts) if c > 0]
+    while left > 0 and open_:
+        score = {i: 1.0 if temperature == float("inf") else counts[i] ** (1.0 / temperature) for i in open_}
+        total = sum(score.values())
+        share = {i: left * score[i] / total for i in open_}
+        capped = [i for i in open_ if alloc[i] + share[i] >= counts[i]]
+        if capped:  # sources that can take all they have: give it, re-split the rest
+            for i in capped:
+                left -= counts[i] - alloc[i]
+                alloc[i] = counts[i]
+            open_ = [i for i in open_ if i not in capped]
+            continue
+        floors = {i: int(share[i] + 1e-9) for i in open_}
+        for i in open_:
+            alloc[i] += floors[i]
+        left -= sum(floors.values())
+        # Fractions rounded so that shares equal in exact arithmetic tie (floats differ by noise).
+        for i in sorted(open_, key=lambda i: (-round(share[i] - floors[i], 9), -counts[i], i))[: max(left, 0)]:
+            alloc[i] += 1
+        left = 0
+    return alloc

@@ -43,7 +43,11 @@ class CoresetConfig:
     zo_probes: int = 1
     zo_fixed_direction: bool = False
     selection: str = PRESETS["default"]["selection"]
+    temperature: float = 1.0
     distributed: Any = "auto"
+    target_curvature: float = 0.0
+    target_refresh: int = 1
+    target_per_source: bool = True
 
     def __post_init__(self) -> None:
         if (self.coreset_size is None) == (self.coreset_ratio is None):
@@ -102,6 +106,38 @@ class CoresetConfig:
                 "zo_probes > 1 with zo_fixed_direction=True would repeat one direction; "
                 "use zo_probes=1 or zo_fixed_direction=False"
             )
+        if isinstance(self.target_curvature, bool) or not isinstance(self.target_curvature, (int, float)) or not (
+            math.isfinite(self.target_curvature) and self.target_curvature >= 0
+        ):
+            raise ValueError(
+                f"target_curvature must be a finite float >= 0 (0: first-order gains only), got {self.target_curvature!r}"
+            )
+        self.target_curvature = float(self.target_curvature)
+        if not _is_int(self.target_refresh) or self.target_refresh <= 0:
+            raise ValueError(
+                f"target_refresh must be a positive int (selections between target-gradient refreshes), got {self.target_refresh!r}"
+            )
+        if not isinstance(self.target_per_source, bool):
+            raise TypeError(f"target_per_source must be a bool, got {self.target_per_source!r}")
+        if self.selection == "target" and self.normalize == "adam_update":
+            raise ValueError(
+                "selection='target' models the step as the gradient times Adam's current "
+                "preconditioner (normalize='adam', or None for SGD-like optimizers); "
+                "normalize='adam_update' is a per-example update with the momentum inside: use 'adam'"
+            )
+        if self.selection == "target" and self.sketch != "exact":
+            raise ValueError(
+                f"selection='target' needs exact sketches (the target's gradient is compared with each "
+                f"example's on the same coordinates); got sketch={self.sketch!r}: use sketch='exact'"
+            )
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not (
+            self.temperature > 0 and not math.isnan(self.temperature)
+        ):
+            raise ValueError(
+                f"temperature must be a float > 0 (1: the mixture as sampled, 2: temperature sampling, "
+                f"float('inf'): every source equally), got {self.temperature!r}"
+            )
+        self.temperature = float(self.temperature)
         if not (isinstance(self.distributed, bool) or self.distributed == "auto"):
             raise ValueError(
                 f"distributed must be 'auto' (select across ranks when torch.distributed is "

@@ -30,6 +30,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "selection": "gradient_matching",
         "keep_sources": "auto",
         "zo_fixed_direction": False,
+        "temperature": 1.0,
     },
     # CoLM's released script: SPSA sketch of the last v_proj along one direction fixed for the
     # run, CoLM's per-example Adam-update transform, top-2560 coordinates per source, L1 facility
@@ -42,6 +43,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "selection": "facility_location",
         "keep_sources": "auto",
         "zo_fixed_direction": True,
+        "temperature": 1.0,
     },
 }
 

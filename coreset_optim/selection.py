@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 import torch
 
 from .baselines import loss_coreset, random_coreset
-from .budget import allocate_budget
+from .budget import allocate_budget, tempered_split
 from .compress import compress_per_source
 from .facility_location import cluster_weights, greedy_facility_location
 from .gradient_matching import gradient_matching_coreset
 from .similarity import pairwise_similarity
+from .target import target_coreset
 
 
 @dataclass
@@ -68,6 +69,7 @@ SELECTORS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
     "gradient_matching": gradient_matching_coreset,
     "random": random_coreset,
     "loss": loss_coreset,
+    "target": target_coreset,
 }
 
 
@@ -82,8 +84,14 @@ def select_from_sketches(
     similarity: str,
     method: str = "facility_location",
     extra: dict | None = None,
+    temperature: float = 1.0,
 ) -> Selection:
-    """Select ``budget`` of the valid rows of ``sketches[B, D]`` (normalized), source by source."""
+    """Select ``budget`` of the valid rows of ``sketches[B, D]`` (normalized), source by source.
+
+    ``temperature`` != 1 re-weights the mixture: source s gets a budget and a total weight in
+    proportion to ``n_s ** (1 / temperature)`` (``inf``: every source present counts equally),
+    instead of ``n_s``; the weights still sum to the number of valid examples.
+    """
     if method not in SELECTORS:
         raise ValueError(f"selection must be one of {tuple(SELECTORS)}, got {method!r}")
     selector = SELECTORS[method]
@@ -95,22 +103,29 @@ def select_from_sketches(
     compressed = compress_per_source(sketches, valid, source_codes, num_sources, sketch_dim)
     watch.lap("compress")
     counts = torch.bincount(source_codes[valid], minlength=num_sources).tolist()
-    alloc = allocate_budget(counts, budget, keep)
+    if temperature == 1.0:
+        alloc = allocate_budget(counts, budget, keep)
+        totals = [float(c) for c in counts]
+    else:
+        alloc = tempered_split(counts, budget, temperature)
+        scores = [0.0 if c == 0 else (1.0 if temperature == float("inf") else c ** (1.0 / temperature)) for c in counts]
+        totals = [sum(counts) * x / sum(scores) for x in scores]
     picked, weights = [], []
     for code in range(num_sources):
         if alloc[code] == 0:
             continue
         rows = torch.nonzero(valid & (source_codes == code)).flatten()
+        scale = totals[code] / counts[code]  # 1 unless temperature != 1
         if alloc[code] >= counts[code]:
             picked.append(rows)
-            weights.append(torch.ones(rows.numel(), device=device))
+            weights.append(torch.full((rows.numel(),), scale, device=device))
             continue
         local, w = selector(
             compressed.index_select(0, rows), alloc[code], similarity=similarity, watch=watch,
             rows=rows, **(extra or {}),
         )
         picked.append(rows.index_select(0, local))
-        weights.append(w.float())
+        weights.append(w.float() * scale)
     indices = torch.cat(picked)
     weights_t = torch.cat(weights)
     num_valid = sum(counts)

@@ -1,11 +1,15 @@
-"""The demo: what select() does, then what a coreset buys on a data mixture.
+"""The demo: what select() does, then what it buys when fine-tuning a pretrained model.
 
-Part 1: a tiny causal LM trained for a few steps on coresets of a 3-source token mixture. Each
-step: a large batch of 32 sequences, select() picks 8 of them (weighted), backpropagates only
-those, then step(). Prints what was selected, the weights, and the per-source counts.
+Part 1: the committed pretrained base (a small Llama, loaded with from_pretrained) gets LoRA
+adapters and takes a few steps on coresets of its 7-source instruction mixture. Each step: a large
+batch of 64, select() picks 16 of them (weighted), backpropagates only those, then step(). Prints
+what was selected, the weights and the per-source counts.
 
-Part 2: examples/compare.py, short: random k vs coreset k of B (default and preset="colm") vs
-batch B, with a progress bar, a table and a PNG (demo_output/compare.png).
+Part 2: the short version of benchmarks/finetune.py (one seed, DEMO_STEPS steps, default 100):
+random k, stratified random k, balanced random k, the default coreset, the balanced coreset and
+batch B accumulated in chunks of k, with a progress bar, a table of exact-match accuracy
+(mixture-weighted and macro) and a PNG of per-source accuracy vs steps and vs wall-clock
+(demo_output/finetune.png). About 2 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -15,73 +19,114 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
 
-from coreset_optim import CoresetOptimizer
+import torch  # noqa: E402
 
-torch.manual_seed(0)
-VOCAB, LENGTH, B, K, STEPS = 64, 16, 32, 8, 4
+import finetune as bench  # noqa: E402
 
+from coreset_optim import CoresetOptimizer  # noqa: E402
+from coreset_optim.datasets.tasks import decode  # noqa: E402
+from coreset_optim.integrations.causal_lm import causal_lm_per_example_loss  # noqa: E402
 
-def make_batch(generator: torch.Generator) -> dict:
-    """Three sources: counting up (60%), repeating a token (30%), alternating pairs (10%)."""
-    names = torch.multinomial(torch.tensor([0.6, 0.3, 0.1]), B, replacement=True, generator=generator)
-    rows = []
-    for s in names.tolist():
-        start = int(torch.randint(0, VOCAB, (1,), generator=generator))
-        t = torch.arange(LENGTH)
-        if s == 0:
-            rows.append((start + t) % VOCAB)
-        elif s == 1:
-            rows.append(torch.full((LENGTH,), start))
-        else:
-            rows.append(torch.where(t % 2 == 0, start, (start * 7 + 3) % VOCAB))
-    return {"input_ids": torch.stack(rows), "source": [("count", "repeat", "alternate")[s] for s in names.tolist()]}
+METHODS = ["random_k", "stratified_k", "balanced_k", "default", "balanced_default", "accum_B"]
+LABELS = {
+    "random_k": "random k",
+    "stratified_k": "stratified random k",
+    "balanced_k": "balanced random k",
+    "default": "coreset k of B (default)",
+    "balanced_default": "coreset k of B (temperature=inf)",
+    "accum_B": "batch B, accumulated",
+}
 
 
-model = LlamaForCausalLM(
-    LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=LENGTH)
-)
+def part1(args) -> None:
+    ctx = bench.build_context(args)
+    names = ctx.mixture.names
+    model = bench.lora_model(seed=0, rank=args.rank)
+    opt = CoresetOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr),
+                           model, coreset_size=args.k)
+    print(opt, "\n")
+    print("an example of each source:")
+    for n in names:
+        print(f"  {n:<8} {decode(ctx.mixture.eval[n]['input_ids'][0].tolist())}")
+    print()
+
+    def loss_fn(batch: dict) -> torch.Tensor:
+        """One loss per example: the mean cross-entropy of its answer tokens."""
+        return causal_lm_per_example_loss(model(input_ids=batch["input_ids"]), batch["labels"])
+
+    stream = bench.BatchStream(ctx.mixture.train, 1)
+    for step in range(3):
+        big = stream.next(args.batch)
+        t0 = time.perf_counter()
+        coreset = opt.select(big, loss_fn, sources=[names[s] for s in big["source"].tolist()])
+        opt.step()
+        opt.zero_grad()
+        seconds = time.perf_counter() - t0
+        counts = ", ".join(f"{name} {c.selected}/{c.in_batch}{' (kept)' if c.kept_whole else ''}"
+                           for name, c in coreset.source_counts.items())
+        print(f"step {step}: batch loss {coreset.losses.mean():.3f}  coreset estimate {coreset.loss:.3f}  "
+              f"({seconds * 1000:.0f} ms)")
+        print(f"  selected {coreset.indices.tolist()}")
+        print(f"  weights  {[round(w, 2) for w in coreset.weights.tolist()]} (sum {coreset.weights.sum():.0f} = N)")
+        print(f"  per source (selected/in batch): {counts}")
 
 
-def per_example_loss(batch: dict) -> torch.Tensor:
-    """Mean next-token cross-entropy of each sequence."""
-    ids = batch["input_ids"]
-    logits = model(input_ids=ids).logits[:, :-1]
-    tokens = F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1), reduction="none")
-    return tokens.view(ids.shape[0], -1).mean(1)
+class Progress:
+    """A one-line text progress bar on stderr (no dependency)."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.start = total, 0, time.time()
+
+    def __call__(self, method: str, step: int, steps: int) -> None:
+        self.done += 1
+        if step % 10 and step != steps:
+            return
+        frac = self.done / self.total
+        print(f"\r[{'#' * int(30 * frac):<30}] {100 * frac:5.1f}%  {LABELS[method]:<34} step {step:4d}/{steps}  "
+              f"{time.time() - self.start:5.0f}s", end="", file=sys.stderr, flush=True)
 
 
-opt = CoresetOptimizer(
-    torch.optim.AdamW(model.parameters(), lr=3e-3),
-    model,
-    coreset_size=K,
-    source_key="source",
-)
-print(opt, "\n")
-generator = torch.Generator().manual_seed(1)
-for step in range(STEPS):
-    batch = make_batch(generator)
-    t0 = time.perf_counter()
-    coreset = opt.select(batch, per_example_loss)
-    opt.step()
-    opt.zero_grad()
-    seconds = time.perf_counter() - t0
-    counts = ", ".join(f"{name} {c.selected}/{c.in_batch}{' (kept)' if c.kept_whole else ''}"
-                       for name, c in coreset.source_counts.items())
-    print(f"step {step}: batch loss {coreset.losses.mean():.3f}  coreset estimate {coreset.loss:.3f}  "
-          f"({seconds * 1000:.0f} ms)")
-    print(f"  selected {coreset.indices.tolist()}")
-    print(f"  weights  {[round(w, 2) for w in coreset.weights.tolist()]} (sum {coreset.weights.sum():.0f} = N)")
-    print(f"  per source (selected/in batch): {counts}")
+def part2(args) -> None:
+    progress = Progress(len(METHODS) * args.steps)
+    runs = [bench.run(m, 0, args, progress) for m in METHODS]
+    print("\nmeasuring time per step (methods in turn) ...", file=sys.stderr)
+    costs = bench.step_costs(METHODS, args, rounds=6)
+    ctx = bench.build_context(args)
+    summary = bench.summarize(runs, costs, ctx.mixture, args.steps)
+    ms, small = summary["methods"], summary["smallest_source"]
+    rows = [("method", "accuracy (mixture)", "accuracy (macro)", f"{small} (1 %)", "ms/step", "activation MiB")]
+    for m in METHODS:
+        s = ms[m]
+        rows.append((LABELS[m], f"{s['accuracy_mixture']['mean']:.3f}", f"{s['accuracy_macro']['mean']:.3f}",
+                     f"{s['accuracy:' + small]['mean']:.3f}", f"{s['ms_per_step']:.1f}", f"{s['activation_mib']:.2f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print(f"\nB={args.batch}, k={args.k}, {args.steps} steps, seed 0: exact-match accuracy on held-out examples "
+          "(mixture: weighted by the training shares; macro: each source once)")
+    for i, r in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    out = ROOT / "demo_output" / "finetune.png"
+    out.parent.mkdir(exist_ok=True)
+    bench.plot(runs, summary, ctx.mixture, out)
+    print(f"\nplot saved to {out}")
+    print("The full benchmark (3 seeds, more methods): PYTHONPATH=. python benchmarks/finetune.py")
 
-print("\nPart 2: what a coreset buys on a 7-source mixture (examples/compare.py)\n")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import compare  # noqa: E402
 
-out_dir = Path(__file__).resolve().parents[1] / "demo_output"
-out_dir.mkdir(exist_ok=True)
-compare(steps=int(os.environ.get("DEMO_COMPARE_STEPS", 120)), out=out_dir / "compare.png")
+def main() -> None:
+    torch.set_num_threads(1)
+    steps = int(os.environ.get("DEMO_STEPS", 100))
+    args = bench.parse_args(["--steps", str(steps), "--seeds", "0", "--no-equal-time",
+                             "--eval-every", str(max(5, steps // 5))])
+    print("Part 1: select() on the pretrained base with LoRA\n")
+    part1(args)
+    print(f"\nPart 2: fine-tuning {steps} steps, six ways (the short version of benchmarks/finetune.py)\n")
+    part2(args)
+
+
+if __name__ == "__main__":
+    main()
