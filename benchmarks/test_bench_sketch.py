@@ -4,6 +4,10 @@ Tiny Llama + LoRA r=8 on q/v, B = 128 sequences of 64 tokens, the default sketch
 layer's v_proj LoRA-B), sketched in chunks of k = 32 as select() does. The pass costs a forward
 with autograd from the sketch module up plus a backward through the layers above it: about one
 layer's worth, so its excess over a no-grad forward shrinks like 1/depth (compare l4 and l8).
+
+``sketch`` is the path select() takes (:func:`coreset_optim.streaming.compressed_sketches`: blocks of
+output rows, normalized and compressed as they come); ``whole`` is the whole-gradient
+:func:`~coreset_optim.sketch.exact_sketches`, kept as the tests' reference, timed beside it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 from benchutil import interleave
 from coreset_optim import CoresetOptimizer
 from coreset_optim.sketch import exact_sketches
+from coreset_optim.streaming import compressed_sketches
 from tinyllm import build, make_batch
 
 B, K, T = 128, 32, 64
@@ -35,14 +40,27 @@ def test_sketch_pass_vs_nograd_forward(benchmark, record, size):
             for start in range(0, B, K):
                 loss_fn({"input_ids": batch["input_ids"][start:start + K]})
 
+    c = opt.config
+
+    def bounded(chunk):
+        compressed_sketches(
+            model, opt.sketch_targets, batch, loss_fn, B, chunk, optimizer=opt.optimizer,
+            normalize=c.normalize, sketch=c.sketch, dim=c.sketch_dim, seed=c.seed,
+            source_codes=torch.zeros(B, dtype=torch.long), num_sources=1, block_bytes=c.sketch_block_bytes,
+        )
+
     def sketch_pass():
-        exact_sketches(model, opt.sketch_targets, batch, loss_fn, B, K)
+        bounded(K)
 
     def sketch_pass_one_chunk():
-        exact_sketches(model, opt.sketch_targets, batch, loss_fn, B, None)
+        bounded(None)
+
+    def whole_gradient_pass():
+        exact_sketches(model, opt.sketch_targets, batch, loss_fn, B, K)
 
     m = interleave({"nograd": nograd_forward, "nograd_chunked": nograd_forward_chunked,
-                    "sketch": sketch_pass, "sketch_1chunk": sketch_pass_one_chunk}, reps=7)
+                    "sketch": sketch_pass, "sketch_1chunk": sketch_pass_one_chunk,
+                    "whole": whole_gradient_pass}, reps=7)
     row = {
         "model": size,
         "sketch_dims": sum(t.numel for t in opt.sketch_targets),
@@ -51,6 +69,7 @@ def test_sketch_pass_vs_nograd_forward(benchmark, record, size):
         "sketch/nograd": m["sketch"] / m["nograd"],
         "sketch_unchunked/nograd": m["sketch_1chunk"] / m["nograd"],
         "sketch/nograd_in_chunks_of_k": m["sketch"] / m["nograd_chunked"],
+        "whole_gradient/nograd": m["whole"] / m["nograd"],
         "target": "<= 1.15",
     }
     record("sketch pass vs no-grad forward of B = 128", size, **row)
