@@ -6,8 +6,8 @@ batch of 64, select() picks 16 of them (weighted), backpropagates only those, th
 what was selected, the weights and the per-source counts.
 
 Part 2: the short version of benchmarks/finetune.py (one seed, DEMO_STEPS steps, default 100):
-random k, stratified random k, balanced random k, the default coreset, the balanced coreset and
-batch B accumulated in chunks of k, with a progress bar, a table of exact-match accuracy
+random k, stratified random k (the coreset's per-source budgets, random examples), balanced random
+k (equal examples per source), the default coreset and batch B accumulated in chunks of k, with a progress bar, a table of exact-match accuracy
 (mixture-weighted and macro) and a PNG of per-source accuracy vs steps and vs wall-clock
 (demo_output/finetune.png). About 2 minutes on 2 CPU cores.
 """
@@ -31,13 +31,12 @@ from coreset_optim import CoresetOptimizer  # noqa: E402
 from coreset_optim.datasets.tasks import decode  # noqa: E402
 from coreset_optim.integrations.causal_lm import causal_lm_per_example_loss  # noqa: E402
 
-METHODS = ["random_k", "stratified_k", "balanced_k", "default", "balanced_default", "accum_B"]
+METHODS = ["random_k", "stratified_k", "balanced_k", "default", "accum_B"]
 LABELS = {
     "random_k": "random k",
-    "stratified_k": "stratified random k",
+    "stratified_k": "stratified random k (selection='random')",
     "balanced_k": "balanced random k",
     "default": "coreset k of B (default)",
-    "balanced_default": "coreset k of B (temperature=inf)",
     "accum_B": "batch B, accumulated",
 }
 
@@ -86,7 +85,7 @@ class Progress:
         if step % 10 and step != steps:
             return
         frac = self.done / self.total
-        print(f"\r[{'#' * int(30 * frac):<30}] {100 * frac:5.1f}%  {LABELS[method]:<34} step {step:4d}/{steps}  "
+        print(f"\r[{'#' * int(30 * frac):<30}] {100 * frac:5.1f}%  {LABELS[method]:<42} step {step:4d}/{steps}  "
               f"{time.time() - self.start:5.0f}s", end="", file=sys.stderr, flush=True)
 
 
@@ -124,7 +123,7 @@ def main() -> None:
                              "--eval-every", str(max(5, steps // 5))])
     print("Part 1: select() on the pretrained base with LoRA\n")
     part1(args)
-    print(f"\nPart 2: fine-tuning {steps} steps, six ways (the short version of benchmarks/finetune.py)\n")
+    print(f"\nPart 2: fine-tuning {steps} steps, five ways (the short version of benchmarks/finetune.py)\n")
     part2(args)
 
 
