@@ -111,6 +111,8 @@ RENAMED = {
     "temperature2_default": "temperature2_gm", "loss": "default", "loss_8bit": "default_8bit",
     "loss_k32": "default_k32",
 }
+PLOTTED = ["random_k", "stratified_k", "balanced_k", "temperature2_k", "gradient_matching", "default", "accum_B",
+           "batch_B"]
 QUICK_SET = ["random_k", "stratified_k", "balanced_k", "accum_B", "default"]
 
 
@@ -387,7 +389,7 @@ def paired(ms: dict, a: str, b: str, key: str) -> dict | None:
     return mean_sd([x - y for x, y in zip(ms[a][key]["per_seed"], ms[b][key]["per_seed"])])
 
 
-def targets(summary: dict, best_macro: str = "temperature2_stratified") -> dict:
+def targets(summary: dict, best_macro: str = "balanced_gm") -> dict:
     """The issue's targets (k = B/4): each figure with its seed spread."""
     ms, small = summary["methods"], summary["smallest_source"]
     out: dict = {}
@@ -427,6 +429,7 @@ def markdown(summary: dict, mixture: FinetuneMixture, args) -> str:
             f"{n} ({100 * s / sum(mixture.shares):.1f} %, {k})" for n, s, k in zip(mixture.names, mixture.shares, mixture.kinds)
         ) + f". Held-out tasks (not trained on): {', '.join(mixture.held_out)}.",
         "",
+        *([f"Runs: {args.note}", ""] if getattr(args, "note", "") else []),
         f"After {steps} steps, mean ± sd over seeds. Accuracy: exact match of the greedy answer on "
         f"{args.eval_size} held-out examples per source. 'mixture': weighted by the training shares "
         "(the training objective); 'macro': each source once. Gap closure: (acc - random k) / (accum B - random k).",
@@ -495,7 +498,7 @@ def plot(runs: list[dict], summary: dict, mixture: FinetuneMixture, path: Path, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = methods or list(summary["methods"])
+    methods = methods or [m for m in PLOTTED if m in summary["methods"]] or list(summary["methods"])
     panels = ["accuracy_mixture", "accuracy_macro"] + [f"accuracy:{n}" for n in mixture.names + mixture.held_out]
     cols = 4
     rows = 2 * ((len(panels) + cols - 1) // cols)
@@ -512,12 +515,15 @@ def plot(runs: list[dict], summary: dict, mixture: FinetuneMixture, path: Path, 
         ax_s.set_title(f"{title} vs steps", fontsize=9)
         ax_t.set_title(f"{title} vs wall-clock (s)", fontsize=9)
         ax_s.axvline(summary["steps"], color="gray", ls=":", lw=0.8)
+        ax_s.set_xlim(0, 2 * summary["steps"])
         for ax in (ax_s, ax_t):
             ax.set_ylim(-0.02, 1.02)
     for j in range(len(panels), rows // 2 * cols):
         axes[2 * (j // cols)][j % cols].axis("off")
         axes[2 * (j // cols) + 1][j % cols].axis("off")
-    axes[0][0].legend(fontsize=6)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    spare = axes[-1][-1] if len(panels) % cols else fig.add_axes((0.0, 0.0, 0.01, 0.01))
+    spare.legend(handles, labels, fontsize=8, loc="center")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -544,6 +550,7 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help=f"methods {QUICK_SET}, 150 steps, 2 seeds")
     ap.add_argument("--out", default="finetune")
     ap.add_argument("--from-runs", default="", help="summarize the runs of this JSON file instead of training")
+    ap.add_argument("--note", default="", help="how and where the runs were made (kept in the JSON and the table)")
     ap.add_argument("--renamed", action="store_true", help="--from-runs: the file uses the names of RENAMED")
     ap.add_argument("--remeasure", action="store_true", help="--from-runs: measure the step costs again")
     ap.add_argument("--resume", default="", help="a (partial) JSON file whose runs are kept, not rerun")
