@@ -1,5 +1,11 @@
 """One coreset for a batch spread over the ranks of ``torch.distributed`` (DDP, torchrun, Accelerate).
 
+``select()`` talks to the ranks through one *layout* object with three stages: ``gather``
+(this rank's sketches -> the global batch's), ``on_first_rank`` (run the chooser once, share its
+result) and ``backward`` (each rank its own share). :class:`LocalBatch` is the one-process form,
+where all three are the identity or local; :class:`Shards` is the many-rank form;
+:func:`batch_layout` picks one.
+
 The *global batch* is rank 0's examples, then rank 1's, and so on. Every rank sketches and
 normalizes its own examples; the ranks agree on the compressed coordinates, all-gather the
 compressed rows (with losses, validity and source ids), rank 0 selects and broadcasts indices and
@@ -25,8 +31,9 @@ import torch.distributed as dist
 
 from .batching import chunk_slices, index_batch
 from .compress import top_coordinates
-from .loss import LossFn, backward_weighted_losses
+from .loss import LossFn, backward_weighted, backward_weighted_losses
 from .selection import Selection
+from .sketch import Sketches
 
 DISTRIBUTED_MODES = ("auto", True, False)
 
@@ -140,6 +147,54 @@ def split_selection(indices: torch.Tensor, weights: torch.Tensor, start: int, st
 
 
 @dataclass
+class LocalBatch:
+    """One process: the global batch is this batch, the gather is the identity, backward is local."""
+
+    sizes: list[int]  # [len(batch)]
+    names: list[Any]  # source names
+    codes: torch.Tensor  # LongTensor[B]: source code of every example
+    local_codes: torch.Tensor  # the same codes (this process holds the whole batch)
+
+    @classmethod
+    def of(cls, size: int, codes: torch.Tensor, names: Sequence[Any]) -> LocalBatch:
+        return cls([size], list(names), codes, codes)
+
+    @property
+    def total(self) -> int:
+        return self.sizes[0]
+
+    def gather(self, sketches: Sketches, dim: int, timings: dict[str, float]) -> Sketches:
+        return sketches
+
+    def on_first_rank(self, select: Callable[..., Selection]) -> Callable[..., Selection]:
+        return select
+
+    def backward(
+        self,
+        batch: Any,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        loss_fn: LossFn,
+        denominator: float,
+        micro_batch_size: int | None,
+        model: torch.nn.Module,
+        valid: torch.Tensor,
+    ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Backpropagate the selected examples; returns ``(sub_batch, indices, weights, loss)``."""
+        sub_batch = index_batch(batch, indices)
+        return sub_batch, indices, weights, backward_weighted(sub_batch, weights, loss_fn, denominator, micro_batch_size)
+
+
+def batch_layout(size: int, codes: torch.Tensor, names: Sequence[Any], setting: Any, group: Any = None) -> LocalBatch | Shards:
+    """The layout ``select()`` runs on: :class:`Shards` when ``process_group(setting, group)`` finds
+    ranks to select across (one ``all_gather_object`` to learn the layout), else :class:`LocalBatch`."""
+    group = process_group(setting, group)
+    if group is None:
+        return LocalBatch.of(size, codes, names)
+    return Shards.from_ranks(size, codes, names, group)
+
+
+@dataclass
 class Shards:
     """How the global batch is laid out over the ranks, and the collectives ``select()`` uses."""
 
@@ -151,7 +206,7 @@ class Shards:
     local_codes: torch.Tensor  # LongTensor[sizes[rank]]: this rank's examples, global codes
 
     @classmethod
-    def gather(cls, size: int, codes: torch.Tensor, names: Sequence[Any], group: Any) -> Shards:
+    def from_ranks(cls, size: int, codes: torch.Tensor, names: Sequence[Any], group: Any) -> Shards:
         """Exchange batch sizes and source ids (one ``all_gather_object``) and agree on source codes."""
         world = dist.get_world_size(group)
         objects: list[Any] = [None] * world
@@ -180,12 +235,12 @@ class Shards:
     def _first(self) -> int:
         return dist.get_global_rank(self.group, 0)
 
-    def gather_losses(self, losses: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Global ``(losses[total], valid[total])`` from every rank's own."""
-        device = comm_device(self.group, losses.device)
-        packed = torch.stack([losses.detach().float(), valid.float()], 1).to(device)
-        full = all_gather_rows(packed, self.sizes, self.group).to(losses.device)
-        return full[:, 0], full[:, 1] > 0
+    def gather(self, sketches: Sketches, dim: int, timings: dict[str, float]) -> Sketches:
+        """The global batch's sketches (see :meth:`gather_sketches`); its seconds go to ``timings["gather"]``."""
+        start = time.perf_counter()
+        rows, losses, valid = self.gather_sketches(sketches.rows, sketches.losses, sketches.valid, dim)
+        timings["gather"] = time.perf_counter() - start
+        return Sketches(rows, losses, valid)
 
     def gather_sketches(
         self, normalized: torch.Tensor, losses: torch.Tensor, valid: torch.Tensor, dim: int

@@ -42,6 +42,25 @@ def losses_in_chunks(loss_fn: LossFn, batch: Any, num_examples: int, chunk: int 
     return torch.cat(rows)
 
 
+def backward_weighted(
+    batch: Any,
+    weights: torch.Tensor,
+    loss_fn: LossFn,
+    denominator: float,
+    micro_batch_size: int | None,
+) -> torch.Tensor:
+    """Backpropagate ``sum_j weights[j] * loss_j / denominator`` over ``batch`` in micro-batches.
+
+    Gradients accumulate into ``.grad`` like ordinary gradient accumulation. Returns the
+    (detached) value of the weighted loss.
+    """
+    total = None
+    for piece in chunk_slices(int(weights.numel()), micro_batch_size):
+        part = backward_weighted_losses(loss_fn, index_batch(batch, piece), weights[piece], denominator)
+        total = part if total is None else total + part
+    return total
+
+
 @torch.enable_grad()  # select() backpropagates even when called under torch.no_grad()
 def backward_weighted_losses(loss_fn: LossFn, batch: Any, weights: torch.Tensor, denominator: float) -> torch.Tensor:
     """One backward of ``sum_j weights[j] * loss_j / denominator`` over ``batch``; its value, detached."""

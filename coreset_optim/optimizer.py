@@ -7,48 +7,30 @@ The class does bookkeeping (options, delegation, state); the math lives in free 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .batching import batch_size, chunk_slices, index_batch
+from .batching import batch_size
 from .budget import small_sources, sources_kept_whole
 from .config import CoresetConfig
 from .coreset import Coreset, SourceCount
-from .distributed import Shards, paused_gradient_sync, process_group as distributed_group
-from .loss import LossFn, backward_weighted_losses, losses_in_chunks
+from .distributed import LocalBatch, Shards, batch_layout, paused_gradient_sync
+from .loss import LossFn, losses_in_chunks
 from .normalize import normalize_sketches
 from .presets import FROM_PRESET, resolve_preset
 from .projection import countsketch
-from .selection import select_from_sketches
-from .sketch import SketchSpec, exact_sketches, resolve_sketch_modules, sketch_mode, sketch_params
+from .selection import Selection, select_from_sketches, take_every_valid
+from .sketch import SketchSpec, Sketches, exact_sketches, resolve_sketch_modules, sketch_mode, sketch_params
 from .zeroth_order import fixed_direction, sketch_numel, zeroth_order_sketches
 
 _STATE_KEY = "coreset_optim"
-
-
-def backward_weighted(
-    batch: Any,
-    weights: torch.Tensor,
-    loss_fn: LossFn,
-    denominator: float,
-    micro_batch_size: int | None,
-) -> torch.Tensor:
-    """Backpropagate ``sum_j weights[j] * loss_j / denominator`` over ``batch`` in micro-batches.
-
-    Gradients accumulate into ``.grad`` like ordinary gradient accumulation. Returns the
-    (detached) value of the weighted loss.
-    """
-    total = None
-    for piece in chunk_slices(int(weights.numel()), micro_batch_size):
-        part = backward_weighted_losses(loss_fn, index_batch(batch, piece), weights[piece], denominator)
-        total = part if total is None else total + part
-    return total
 
 
 def encode_sources(values: Sequence[Any] | None, size: int) -> tuple[torch.Tensor, list[Any]]:
@@ -68,6 +50,16 @@ def _check_loss_scale(loss_scale: Any) -> None:
         raise TypeError(f"loss_scale must be a float, got {type(loss_scale).__name__}")
     if not math.isfinite(loss_scale) or loss_scale == 0:
         raise ValueError(f"loss_scale must be a finite, non-zero number, got {loss_scale}")
+
+
+@contextlib.contextmanager
+def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the seconds the block takes to ``timings[stage]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
 
 
 class CoresetOptimizer(torch.optim.Optimizer):
@@ -301,132 +293,149 @@ class CoresetOptimizer(torch.optim.Optimizer):
         its valid count; see ``docs/distributed.md``. ``model``: the module ``loss_fn`` runs when
         it wraps the one given at construction (e.g. the DDP wrapper Trainer or Accelerate create
         after the optimizer), so select() can pause its gradient sync.
+
+        One pipeline for one process and many: sketch -> normalize -> gather -> choose ->
+        backward. ``layout`` does the communication (identity gather and local backward in one
+        process, :mod:`.distributed`); when the budget covers the batch, the sketch stage computes
+        losses only and the choose stage takes every valid example.
         """
         start = time.perf_counter()
+        wrapper = self._check_select_call(loss_fn, loss_scale, model)
+        size = batch_size(batch)
+        codes, names = encode_sources(self._source_values(batch, size, sources), size)
+        layout = batch_layout(size, codes, names, self.config.distributed, self.process_group)
+        budget = self.config.budget(layout.total)
+        take_all = budget >= layout.total
+        timings: dict[str, float] = {}
+        with timed(timings, "sketch"), paused_gradient_sync(wrapper):
+            raw = self._sketch(batch, loss_fn, size, budget, gradients=not take_all)
+        with timed(timings, "normalize"):
+            local = self._normalize(raw)
+        sketches = layout.gather(local, self.config.sketch_dim, timings)
+        self._require_valid(sketches, raw)
+        choose = self._take_all if take_all else self._choose
+        selection, kept, num_valid = choose(sketches, layout, budget)
+        timings.update(selection.timings)
+        with timed(timings, "backward"):
+            share = layout.backward(
+                batch, selection.indices, selection.weights, loss_fn, num_valid / loss_scale,
+                self.config.micro_batch_size, wrapper, sketches.valid,
+            )
+        self.num_selections += 1
+        timings["total"] = time.perf_counter() - start
+        return self._coreset(layout, sketches, selection, kept, num_valid, share, loss_scale, timings)
+
+    # --- the stages of select() ----------------------------------------------------------------
+    def _coreset(
+        self,
+        layout: LocalBatch | Shards,
+        sketches: Sketches,
+        selection: Selection,
+        kept: list[bool],
+        num_valid: int,
+        share: tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor],
+        loss_scale: Any,
+        timings: dict[str, float],
+    ) -> Coreset:
+        """The :class:`Coreset` of one selection; ``share``: :meth:`backward`'s ``(sub_batch,
+        local indices, local weights, loss)``."""
+        sub_batch, local_indices, local_weights, loss = share
+        names = layout.names  # under torch.distributed: the global batch's sources
+        in_batch = torch.bincount(layout.codes, minlength=len(names)).tolist()
+        return Coreset(
+            indices=selection.indices,
+            weights=selection.weights,
+            batch=sub_batch,
+            sketches=selection.compressed,
+            losses=sketches.losses,
+            source_counts={
+                n: SourceCount(in_batch[i], selection.selected_per_source[i], kept[i]) for i, n in enumerate(names)
+            },
+            num_valid=num_valid,
+            num_invalid=layout.total - num_valid,
+            loss=loss / loss_scale,  # the estimate of the batch's mean loss, without the scale
+            timings=timings,
+            local_indices=local_indices,
+            local_weights=local_weights,
+            rank_sizes=layout.sizes,
+        )
+
+    def _check_select_call(self, loss_fn: LossFn, loss_scale: Any, model: Any) -> nn.Module:
+        """The module whose gradient sync select() pauses; TypeError/ValueError on bad arguments."""
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (batch -> Tensor[n]), got {type(loss_fn).__name__}")
         _check_loss_scale(loss_scale)
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be the torch.nn.Module loss_fn runs (or None), got {type(model).__name__}")
-        wrapper = self.model if model is None else model
-        size = batch_size(batch)
-        codes, names = encode_sources(self._source_values(batch, size, sources), size)
-        shards = None
-        if (group := distributed_group(self.config.distributed, self.process_group)) is not None:
-            shards = Shards.gather(size, codes, names, group)
-            codes, names = shards.local_codes, shards.names
-        total = size if shards is None else shards.total
-        budget = self.config.budget(total)
-        timings: dict[str, float] = {}
+        return self.model if model is None else model
 
-        if budget >= total:
-            t0 = time.perf_counter()
-            with paused_gradient_sync(wrapper):
-                losses = self._losses_without_grad(batch, loss_fn, size)
-            valid = torch.isfinite(losses)
-            if shards is not None:
-                (losses, valid), codes, size = shards.gather_losses(losses, valid), shards.codes, total
-            timings["sketch"] = time.perf_counter() - t0
-            sketches = torch.empty(size, 0, device=losses.device)
-            indices = torch.nonzero(valid).flatten()
-            weights = torch.ones(indices.numel(), device=losses.device)
-            selected = torch.bincount(codes[valid.cpu()], minlength=len(names)).tolist()
-            keep = [False] * len(names)
-            num_valid = int(indices.numel())
-            if num_valid == 0:
-                raise ValueError(self._no_valid_message(size))
-        else:
-            t0 = time.perf_counter()
-            with paused_gradient_sync(wrapper):
-                raw, losses = self._sketch(batch, loss_fn, size, budget)
-            timings["sketch"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            valid = torch.isfinite(losses).to(raw.device) & torch.isfinite(raw).all(1)
-            if shards is None and not bool(valid.any()):
-                raise ValueError(self._no_valid_message(size))
-            params = sketch_params(self.sketch_targets)
-            normalized = raw
-            if raw.shape[1] > 0:  # random/loss selection need no sketch
-                normalized = normalize_sketches(raw, self.optimizer, params, self.config.normalize)
-            if self.config.sketch == "projection":
-                normalized = countsketch(normalized, self.config.sketch_dim, self.config.seed)
-            valid &= torch.isfinite(normalized).all(1)
-            if shards is None and not bool(valid.any()):  # e.g. eps=0 and a zero second moment
-                raise ValueError(self._no_valid_message(size) + " (after Adam normalization)")
-            timings["normalize"] = time.perf_counter() - t0
-            if shards is not None:
-                t0 = time.perf_counter()
-                normalized, losses, valid = shards.gather_sketches(normalized, losses, valid, self.config.sketch_dim)
-                codes, size = shards.codes, total
-                timings["gather"] = time.perf_counter() - t0
-                if not bool(valid.any()):
-                    raise ValueError(self._no_valid_message(size))
-            counts = torch.bincount(codes[valid.cpu()], minlength=len(names)).tolist()
-            keep = self._keep_mask(names, counts, budget)
-            result = (select_from_sketches if shards is None else shards.on_first_rank(select_from_sketches))(
-                normalized, valid, codes, len(names), budget, keep,
-                self.config.sketch_dim, self.config.similarity,
-                method=self.config.selection,
-                extra={"losses": losses, "generator": self.generator},
-                temperature=self.config.temperature,
-            )
-            timings.update(result.timings)
-            sketches, indices, weights = result.compressed, result.indices, result.weights
-            selected, num_valid = result.selected_per_source, sum(counts)
-            keep = sources_kept_whole(counts, budget, keep) if self.config.temperature == 1.0 else [False] * len(names)
+    def _sketch(self, batch: Any, loss_fn: LossFn, size: int, budget: int, gradients: bool = True) -> Sketches:
+        """This process's raw per-example sketches ``[B, D]`` and losses; ``valid``: both finite.
 
-        t0 = time.perf_counter()
-        local = {}
-        if shards is None:
-            sub_batch = index_batch(batch, indices)
-            loss = backward_weighted(
-                sub_batch, weights, loss_fn, num_valid / loss_scale, self.config.micro_batch_size
-            )
-        else:
-            sub_batch, local_indices, local_weights, loss = shards.backward(
-                batch, indices, weights, loss_fn, num_valid / loss_scale,
-                self.config.micro_batch_size, wrapper, valid,
-            )
-            local = dict(local_indices=local_indices, local_weights=local_weights, rank_sizes=shards.sizes)
-        loss = loss / loss_scale  # the estimate of the batch's mean loss, without the scale
-        timings["backward"] = time.perf_counter() - t0
-        self.num_selections += 1
-        in_batch = torch.bincount(codes, minlength=len(names)).tolist()
-        timings["total"] = time.perf_counter() - start
-        return Coreset(
-            indices=indices,
-            weights=weights,
-            batch=sub_batch,
-            sketches=sketches,
-            losses=losses,
-            source_counts={
-                n: SourceCount(in_batch[i], selected[i], keep[i]) for i, n in enumerate(names)
-            },
-            num_valid=num_valid,
-            num_invalid=size - num_valid,
-            loss=loss,
-            timings=timings,
-            **local,
-        )
-
-    def _sketch(self, batch: Any, loss_fn: LossFn, size: int, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw per-example sketches ``[B, D]`` (NaN rows: invalid) and per-example losses ``[B]``."""
+        ``gradients=False`` (or a chooser that reads no sketch: random, loss): losses only, D = 0.
+        """
         c = self.config
         chunk = c.sketch_batch_size or c.micro_batch_size or budget
-        if c.selection in ("random", "loss"):
+        if not gradients or c.selection in ("random", "loss"):
             losses = self._losses_without_grad(batch, loss_fn, size)
-            return torch.empty(size, 0, device=losses.device), losses
-        if c.sketch == "zeroth_order":
+            rows = torch.empty(size, 0, device=losses.device)
+        elif c.sketch == "zeroth_order":
             numel = sketch_numel(self.sketch_targets)
             if c.zo_fixed_direction:
                 directions = fixed_direction(numel, c.seed)[None, :]
             else:
                 directions = torch.randn(c.zo_probes, numel, generator=self.generator)
-            return zeroth_order_sketches(
+            rows, losses = zeroth_order_sketches(
                 self.model, self.sketch_targets, batch, loss_fn, size, chunk,
                 eps=c.zo_eps, directions=directions,
             )
-        return exact_sketches(self.model, self.sketch_targets, batch, loss_fn, size, chunk)
+        else:
+            rows, losses = exact_sketches(self.model, self.sketch_targets, batch, loss_fn, size, chunk)
+        valid = torch.isfinite(losses).to(rows.device) & torch.isfinite(rows).all(1)
+        return Sketches(rows, losses, valid)
+
+    def _normalize(self, raw: Sketches) -> Sketches:
+        """Rows as Adam will scale them (then CountSketch-projected under ``sketch="projection"``);
+        rows the normalization makes non-finite become invalid. No columns: nothing to do."""
+        rows = raw.rows
+        if rows.shape[1] > 0:
+            rows = normalize_sketches(rows, self.optimizer, sketch_params(self.sketch_targets), self.config.normalize)
+            if self.config.sketch == "projection":
+                rows = countsketch(rows, self.config.sketch_dim, self.config.seed)
+        return Sketches(rows, raw.losses, raw.valid & torch.isfinite(rows).all(1))
+
+    def _require_valid(self, sketches: Sketches, raw: Sketches) -> None:
+        """ValueError, before any gradient is touched, when no example of the (global) batch is valid.
+
+        Every rank sees the same gathered validity, so all raise together."""
+        if not bool(sketches.valid.any()):
+            lost = bool(raw.valid.any())  # valid before normalization: Adam's scaling made them NaN
+            raise ValueError(self._no_valid_message(int(sketches.valid.numel())) + (" (after Adam normalization)" if lost else ""))
+
+    def _source_counts(self, sketches: Sketches, layout: LocalBatch | Shards) -> list[int]:
+        """Valid examples per source of the (global) batch."""
+        return torch.bincount(layout.codes[sketches.valid.cpu()], minlength=len(layout.names)).tolist()
+
+    def _choose(self, sketches: Sketches, layout: LocalBatch | Shards, budget: int) -> tuple[Selection, list[bool], int]:
+        """The configured selector on the gathered sketches (run on the first rank, shared);
+        returns the selection, the sources kept whole and the number of valid examples."""
+        counts = self._source_counts(sketches, layout)
+        keep = self._keep_mask(layout.names, counts, budget)
+        c = self.config
+        selection = layout.on_first_rank(select_from_sketches)(
+            sketches.rows, sketches.valid, layout.codes, len(layout.names), budget, keep,
+            c.sketch_dim, c.similarity,
+            method=c.selection,
+            extra={"losses": sketches.losses, "generator": self.generator},
+            temperature=c.temperature,
+        )
+        kept = sources_kept_whole(counts, budget, keep) if c.temperature == 1.0 else [False] * len(counts)
+        return selection, kept, sum(counts)
+
+    def _take_all(self, sketches: Sketches, layout: LocalBatch | Shards, budget: int) -> tuple[Selection, list[bool], int]:
+        """The shortcut when the budget covers the batch: every valid example, weight 1."""
+        counts = self._source_counts(sketches, layout)
+        return take_every_valid(sketches.rows, sketches.valid, counts), [False] * len(counts), sum(counts)
 
     def _losses_without_grad(self, batch: Any, loss_fn: LossFn, size: int) -> torch.Tensor:
         """Per-example losses in eval mode, to find the valid examples when all are selected."""

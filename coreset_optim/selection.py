@@ -133,3 +133,10 @@ def select_from_sketches(
     order = indices.argsort()
     watch.lap("weights")
     return Selection(indices[order], weights_t[order], compressed, alloc, timings)
+
+
+def take_every_valid(sketches: torch.Tensor, valid: torch.Tensor, counts: Sequence[int]) -> Selection:
+    """The selection when the budget covers the batch: every valid row, weight 1 (``counts``: valid
+    rows per source). Nothing to compare, so no sketch is needed and no stage is timed."""
+    indices = torch.nonzero(valid).flatten()
+    return Selection(indices, torch.ones(indices.numel(), device=valid.device), sketches, list(counts))

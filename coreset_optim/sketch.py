@@ -20,11 +20,25 @@ import torch
 from torch import nn
 
 from .batching import chunk_slices, index_batch
-from .integrations.peft import check_lora_targets, default_lora_sketch_modules
-from .integrations.training_features import training_features_off
+from .extensions import check_sketch_targets, extension_default_sketch_modules, sketch_pass_contexts
 from .loss import LossFn, call_loss_fn
 
 SketchSpec = Union[str, nn.Module, Sequence[Union[str, nn.Module]], None]
+
+
+@dataclass
+class Sketches:
+    """What flows between ``select()``'s stages: one row per example of a batch.
+
+    ``rows``: Tensor[n, D] (D = 0 when the chooser needs no gradient, e.g. every example is
+    selected); ``losses``: Tensor[n]; ``valid``: BoolTensor[n], a finite loss and a finite row.
+    The sketch stage gives raw gradients, the normalize stage Adam-normalized ones, the gather
+    stage the global batch's (compressed across ranks under ``torch.distributed``).
+    """
+
+    rows: torch.Tensor
+    losses: torch.Tensor
+    valid: torch.Tensor
 
 
 @dataclass
@@ -53,13 +67,13 @@ def _trained_param_ids(optimizer: torch.optim.Optimizer) -> set[int]:
 def default_sketch_modules(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """The last ``nn.Linear`` (in ``named_modules()`` order) whose weight the optimizer trains.
 
-    For a peft LoRA model: the last block's ``v_proj`` LoRA-B of each active adapter (CoLM's choice),
-    see :func:`coreset_optim.integrations.peft.default_lora_sketch_modules`.
+    A registered :class:`~coreset_optim.extensions.ModelExtension` answers first: for a peft LoRA
+    model, the last block's ``v_proj`` LoRA-B of each active adapter (CoLM's choice).
     """
     trained = _trained_param_ids(optimizer)
-    lora = default_lora_sketch_modules(model, trained)
-    if lora is not None:
-        return lora
+    named = extension_default_sketch_modules(model, trained)
+    if named is not None:
+        return named
     last = None
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and id(module.weight) in trained:
@@ -137,7 +151,7 @@ def resolve_sketch_modules(
         with_bias = module.bias is not None and id(module.bias) in trained
         params = [module.weight] + ([module.bias] if with_bias else [])
         targets.append(SketchTarget(name, module, with_bias, params))
-    check_lora_targets(model, [t.name for t in targets])
+    check_sketch_targets(model, [t.name for t in targets])
     return targets
 
 
@@ -171,8 +185,8 @@ def linear_per_example_grads(
 def sketch_mode(model: nn.Module, targets: Sequence[SketchTarget]) -> Iterator[None]:
     """Eval mode, and autograd limited to the sketch parameters; everything restored afterwards.
 
-    Gradient checkpointing and input-require-grads hooks are off for the pass too
-    (:func:`~coreset_optim.integrations.training_features.training_features_off`).
+    Every registered extension's sketch-pass context is entered too (the built-in one switches
+    gradient checkpointing and input-require-grads hooks off, :mod:`coreset_optim.extensions`).
     """
     keep = {id(p) for t in targets for p in t.params}
     frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
@@ -181,7 +195,7 @@ def sketch_mode(model: nn.Module, targets: Sequence[SketchTarget]) -> Iterator[N
         for p in frozen:
             p.requires_grad_(False)
         model.eval()
-        with training_features_off(model):
+        with sketch_pass_contexts(model):
             yield
     finally:
         for p in frozen:

@@ -36,6 +36,33 @@ def test_imports_stay_lazy():
     assert out.stdout.strip() == "[]"
 
 
+def test_lora_default_without_importing_the_integrations():
+    """peft loaded after coreset_optim, coreset_optim.integrations never named: the LoRA default holds."""
+    code = (
+        "import sys, torch\n"
+        "from coreset_optim import CoresetOptimizer\n"
+        "assert 'peft' not in sys.modules and 'transformers' not in sys.modules\n"
+        "from peft import LoraConfig, get_peft_model\n"
+        "class Block(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.q_proj = torch.nn.Linear(4, 4); self.v_proj = torch.nn.Linear(4, 4)\n"
+        "    def forward(self, x): return self.v_proj(self.q_proj(x))\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.layers = torch.nn.ModuleList([Block(), Block()]); self.head = torch.nn.Linear(4, 2)\n"
+        "    def forward(self, x):\n"
+        "        for b in self.layers: x = b(x)\n"
+        "        return self.head(x)\n"
+        "model = get_peft_model(Net(), LoraConfig(r=2, target_modules=['q_proj', 'v_proj']))\n"
+        "params = [p for p in model.parameters() if p.requires_grad]\n"
+        "opt = CoresetOptimizer(torch.optim.AdamW(params), model, coreset_size=2)\n"
+        "print([t.name for t in opt.sketch_targets])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['base_model.model.layers.1.v_proj.lora_B.default']"
+
+
 def test_default_target_is_last_v_proj_lora_b():
     model = lora(tiny_llama())
     opt = _wrap(model)

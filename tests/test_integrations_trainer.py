@@ -354,3 +354,17 @@ def test_presets_and_selection_options_reach_the_optimizer(tmp_path):
     trainer.train()
     config = trainer.coreset_optimizer.config
     assert (config.selection, config.similarity) == ("facility_location", "cosine")
+
+
+def test_causal_lm_loss_fn_builds_no_kv_cache():
+    """The sketch pass runs in eval mode, where HF models build a KV cache unless told not to."""
+    model = tiny_llama().eval()
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("use_cache")), with_kwargs=True)
+    ids = torch.randint(0, 256, (2, 8))
+    batch = {"input_ids": ids, "labels": ids}
+    losses = causal_lm_loss_fn(model)(batch)
+    causal_lm_loss_fn(model)({**batch, "use_cache": True})
+    assert seen == [False, True]
+    expected = torch.stack([causal_lm_per_example_loss(model(input_ids=ids[i : i + 1]), ids[i : i + 1])[0] for i in range(2)])
+    torch.testing.assert_close(losses, expected)

@@ -58,7 +58,10 @@ def causal_lm_loss_fn(
     model: nn.Module, *, labels_key: str = "labels", shift: bool = True, ignore_index: int = IGNORE_INDEX
 ) -> Callable[[Mapping[str, Any]], torch.Tensor]:
     """A ``loss_fn`` for ``select()``: calls ``model(**batch)`` without the labels (so the model does
-    not compute its own batch-mean loss) and returns :func:`causal_lm_per_example_loss`."""
+    not compute its own batch-mean loss) and returns :func:`causal_lm_per_example_loss`.
+
+    A Hugging Face model (one whose config has ``use_cache``) is called with ``use_cache=False``
+    unless the batch says otherwise: in eval mode (the sketch pass) it would build a KV cache."""
 
     def loss_fn(batch: Mapping[str, Any]) -> torch.Tensor:
         if not isinstance(batch, Mapping) or labels_key not in batch:
@@ -66,6 +69,8 @@ def causal_lm_loss_fn(
                 f"causal_lm_loss_fn: the batch must be a mapping with the labels under {labels_key!r}"
             )
         inputs = {k: v for k, v in batch.items() if k != labels_key}
+        if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+            inputs.setdefault("use_cache", False)  # a KV cache is never read here: don't build one
         return causal_lm_per_example_loss(model(**inputs), batch[labels_key], shift=shift, ignore_index=ignore_index)
 
     return loss_fn

@@ -3,7 +3,9 @@
 CoLM sketches the LoRA-B matrix of the last layer's ``v_proj``; that is the default here for any
 model holding peft ``LoraLayer`` s (a ``PeftModel`` or a model with injected adapters), for every
 active adapter. peft is never imported by this module: a model can only hold LoRA layers when peft
-is already loaded, so the check is ``"peft" in sys.modules``.
+is already loaded, so the check is ``"peft" in sys.modules``. The default and the variant check
+reach the core through :mod:`coreset_optim.extensions` (registered when this module is imported,
+which ``import coreset_optim`` does).
 
 LoRA variants (DoRA, ...) change the layer's forward so that ``lora_B``'s gradient no longer comes
 only from its own call; their sketches would be wrong, so they are refused.
@@ -16,6 +18,8 @@ import sys
 from collections.abc import Sequence
 
 from torch import nn
+
+from ..extensions import ModelExtension, register_extension
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)(?:\.|$)")
 
@@ -179,3 +183,7 @@ def check_lora_targets(model: nn.Module, target_names: Sequence[str]) -> None:
                     "be wrong. Train plain LoRA, or sketch a Linear layer without a variant"
                 )
 
+
+register_extension(
+    ModelExtension("peft", default_sketch_modules=default_lora_sketch_modules, check_sketch_targets=check_lora_targets)
+)

@@ -18,6 +18,9 @@
   keeps ``Linear4bit`` modules in training mode (they have no dropout: same output).
 
 All are restored exactly: the same flags, the same hook functions under the same ids, in order.
+The core enters :func:`training_features_off` around every sketch pass through
+:mod:`coreset_optim.extensions` (registered when this module is imported, which
+``import coreset_optim`` does).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import sys
 from collections.abc import Iterator
 
 from torch import nn
+
+from ..extensions import ModelExtension, register_extension
 
 _HOOK_NAMES = ("make_inputs_require_grads", "make_inputs_require_grad")
 
@@ -87,3 +92,6 @@ def training_features_off(model: nn.Module) -> Iterator[None]:
             hooks.clear()
             hooks.update(items)
             hooks.update(added)
+
+
+register_extension(ModelExtension("training_features", sketch_pass=training_features_off))

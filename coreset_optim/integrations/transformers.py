@@ -1,5 +1,12 @@
 """``CoresetTrainer``: the Hugging Face ``Trainer`` training on a weighted coreset of each micro-batch.
 
+The method lives in two mixins that compose with any ``transformers.Trainer`` subclass:
+:class:`CoresetArguments` (the options, mixed into the trainer's arguments dataclass) and
+:class:`CoresetTrainerMixin` (the overrides below). ``CoresetTrainer`` is
+``CoresetTrainerMixin + Trainer`` with ``CoresetTrainingArguments = CoresetArguments +
+TrainingArguments``; :mod:`coreset_optim.integrations.trl` builds ``CoresetSFTTrainer`` the same
+way on TRL's ``SFTTrainer``.
+
 Two overrides carry the method; nothing of the inner training loop is copied:
 
 * ``create_optimizer`` lets the Trainer build whatever ``optim=`` names (or take the optimizer the
@@ -37,7 +44,9 @@ from ..optimizer import CoresetOptimizer
 from .causal_lm import causal_lm_loss_fn, causal_lm_per_example_loss
 
 __all__ = [
+    "CoresetArguments",
     "CoresetTrainer",
+    "CoresetTrainerMixin",
     "CoresetTrainingArguments",
     "causal_lm_per_example_loss",
     "unwrap_coreset_optimizer",
@@ -47,12 +56,13 @@ PerExampleLoss = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
 
 
 @dataclass
-class CoresetTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus the :class:`~coreset_optim.CoresetOptimizer` options.
+class CoresetArguments:
+    """The :class:`~coreset_optim.CoresetOptimizer` options, mixed into a ``TrainingArguments`` dataclass.
 
     ``per_device_train_batch_size`` is the large batch a coreset is selected from; give exactly one
     of ``coreset_size`` / ``coreset_ratio``. ``coreset_seed`` and ``coreset_micro_batch_size`` are
     ``CoresetOptimizer``'s ``seed`` and ``micro_batch_size`` (renamed: the Trainer has a ``seed``).
+    Use it first among the bases: ``@dataclass class MyArgs(CoresetArguments, TrainingArguments)``.
     """
 
     coreset_size: Optional[int] = field(default=None, metadata={"help": "Examples selected per micro-batch."})
@@ -137,6 +147,11 @@ class CoresetTrainingArguments(TrainingArguments):
         return kwargs
 
 
+@dataclass
+class CoresetTrainingArguments(CoresetArguments, TrainingArguments):
+    """``TrainingArguments`` plus the :class:`~coreset_optim.CoresetOptimizer` options (:class:`CoresetArguments`)."""
+
+
 def unwrap_coreset_optimizer(optimizer: Any) -> Any:
     """The innermost optimizer short of a CoresetOptimizer (peels accelerate's AcceleratedOptimizer)."""
     while not isinstance(optimizer, CoresetOptimizer) and isinstance(
@@ -176,51 +191,59 @@ def _first_example(dataset: Any) -> Any:
         return None
 
 
-class CoresetTrainer(Trainer):
-    """``transformers.Trainer`` that backpropagates a weighted coreset of every micro-batch.
+class CoresetTrainerMixin:
+    """The coreset training step for a ``transformers.Trainer`` subclass: put it first among the bases.
 
     ``per_example_loss(model, inputs) -> Tensor[n]`` gives one loss per example; the default is
     the causal-LM loss (mean over each example's label tokens, ``-100`` ignored, labels shifted).
-    Needs :class:`CoresetTrainingArguments`.
+    The arguments must be a :class:`CoresetArguments` dataclass (``arguments_class``).
     """
 
+    arguments_class: type = CoresetArguments
+
     def __init__(self, *args: Any, per_example_loss: PerExampleLoss | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if not isinstance(self.args, CoresetTrainingArguments):
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if not isinstance(training_args, CoresetArguments):
             raise TypeError(
-                f"CoresetTrainer needs args=CoresetTrainingArguments(...), got {type(self.args).__name__}"
+                f"{type(self).__name__} needs args={self.arguments_class.__name__}(...), got "
+                f"{type(training_args).__name__}"
             )
         if per_example_loss is not None and not callable(per_example_loss):
             raise TypeError("per_example_loss must be callable (model, inputs) -> Tensor[n]")
+        self._check_coreset_arguments(training_args, per_example_loss)
+        super().__init__(*args, **kwargs)
         self.per_example_loss = per_example_loss
         self._coreset_stats: dict[str, float] = {}
         self._moments_checked = False
         self._check_coreset_setup()
+
+    def _check_coreset_arguments(self, args: Any, per_example_loss: PerExampleLoss | None) -> None:
+        """Refuse options the coreset step cannot honour, before the base trainer is built (subclasses add)."""
 
     # --- checks before training --------------------------------------------------------------
     def _check_coreset_setup(self) -> None:
         args = self.args
         if args.n_gpu > 1 or getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
             raise ValueError(
-                "CoresetTrainer runs one device per process: DDP through torchrun/accelerate works "
+                f"{type(self).__name__} runs one device per process: DDP through torchrun/accelerate works "
                 "(the coreset is chosen from the global batch), but not DataParallel (n_gpu > 1), "
                 "DeepSpeed or FSDP yet (see docs/distributed.md)"
             )
         if args.fp16:
             raise ValueError(
-                "CoresetTrainer does not support fp16 with a gradient scaler (the coreset's backward "
+                f"{type(self).__name__} does not support fp16 with a gradient scaler (the coreset's backward "
                 "is not scaled); use bf16=True or fp32"
             )
         optim = getattr(args.optim, "value", args.optim)
         if optim in ("lomo", "adalomo"):
             raise ValueError(
                 f"optim={optim!r} fuses the update into the backward pass and needs the Trainer's "
-                "own training_step; CoresetTrainer cannot wrap it. Use an Adam-type optimizer"
+                f"own training_step; {type(self).__name__} cannot wrap it. Use an Adam-type optimizer"
             )
         if args.label_smoothing_factor and self.per_example_loss is None:
             raise ValueError(
                 f"label_smoothing_factor={args.label_smoothing_factor} is not applied by the default "
-                "causal-LM per-example loss; pass CoresetTrainer(per_example_loss=...) that applies it, "
+                f"causal-LM per-example loss; pass {type(self).__name__}(per_example_loss=...) that applies it, "
                 "or set label_smoothing_factor=0"
             )
         column = args.source_column
@@ -300,7 +323,7 @@ class CoresetTrainer(Trainer):
             if self.args.source_column not in inputs:
                 raise ValueError(
                     f"source_column={self.args.source_column!r} is missing from the batch; keep it in "
-                    "the dataset (CoresetTrainer keeps it through remove_unused_columns and the collator)"
+                    f"the dataset ({type(self).__name__} keeps it through remove_unused_columns and the collator)"
                 )
             sources = inputs.pop(self.args.source_column)
         opt = self.coreset_optimizer
@@ -356,3 +379,14 @@ class CoresetTrainer(Trainer):
                 logs[key] = value / n if key.startswith("coreset/time_") else value
             self._coreset_stats = {}
         super().log(logs, *args, **kwargs)
+
+
+class CoresetTrainer(CoresetTrainerMixin, Trainer):
+    """``transformers.Trainer`` that backpropagates a weighted coreset of every micro-batch.
+
+    ``per_example_loss(model, inputs) -> Tensor[n]`` gives one loss per example; the default is
+    the causal-LM loss (mean over each example's label tokens, ``-100`` ignored, labels shifted).
+    Needs :class:`CoresetTrainingArguments`.
+    """
+
+    arguments_class = CoresetTrainingArguments

@@ -1,0 +1,77 @@
+"""The seams of select()'s pipeline: the one-process layout, the stages, the all-selected stage."""
+
+from __future__ import annotations
+
+import torch
+
+from coreset_optim.distributed import LocalBatch, batch_layout
+from coreset_optim.selection import take_every_valid
+from coreset_optim.sketch import Sketches
+
+from core_utils import build, make_batch, per_example_grads_loop, regression_loss, weighted_grad_reference
+
+
+def test_one_process_layout_is_the_identity():
+    codes = torch.tensor([0, 1, 0, 1, 1])
+    layout = batch_layout(5, codes, ["a", "b"], "auto")
+    assert isinstance(layout, LocalBatch)
+    assert layout.total == 5 and layout.sizes == [5] and layout.names == ["a", "b"]
+    assert layout.codes is codes and layout.local_codes is codes
+    sketches = Sketches(torch.randn(5, 3), torch.rand(5), torch.ones(5, dtype=torch.bool))
+    timings: dict[str, float] = {}
+    assert layout.gather(sketches, 2, timings) is sketches and timings == {}
+
+    def chooser(*args):
+        return args
+
+    assert layout.on_first_rank(chooser) is chooser
+
+
+def test_one_process_backward_is_the_weighted_reference():
+    model, _, _ = build()
+    batch, loss_fn = make_batch(8), regression_loss(model)
+    indices, weights = torch.tensor([1, 4, 6]), torch.tensor([2.0, 3.5, 2.5])
+    layout = LocalBatch.of(8, torch.zeros(8, dtype=torch.long), ["all"])
+    sub, local, local_w, loss = layout.backward(batch, indices, weights, loss_fn, 8.0, 2, model, torch.ones(8, dtype=torch.bool))
+    assert local is indices and local_w is weights
+    torch.testing.assert_close(sub["x"], batch["x"][indices])
+    for p, expected in weighted_grad_reference(model, batch, loss_fn, indices, weights, 8).items():
+        torch.testing.assert_close(p.grad, expected)
+    with torch.no_grad():
+        torch.testing.assert_close(loss, (weights * loss_fn(sub)).sum() / 8.0)
+
+
+def test_take_every_valid_keeps_valid_rows_with_weight_one():
+    valid = torch.tensor([True, False, True, True, False])
+    rows = torch.empty(5, 0)
+    selection = take_every_valid(rows, valid, [2, 1])
+    assert selection.indices.tolist() == [0, 2, 3]
+    torch.testing.assert_close(selection.weights, torch.ones(3))
+    assert selection.compressed is rows and selection.selected_per_source == [2, 1]
+
+
+def test_stages_compose_to_select():
+    """sketch -> normalize -> choose by hand gives select()'s coreset and sketches."""
+    model, _, wrapper = build(coreset_size=4, sketch_dim=1000)
+    batch, loss_fn = make_batch(10), regression_loss(model)
+    raw = wrapper._sketch(batch, loss_fn, 10, 4)
+    params = [p for t in wrapper.sketch_targets for p in t.params]
+    loop = per_example_grads_loop(model, params, batch, loss_fn, 10)
+    torch.testing.assert_close(raw.rows, loop)
+    normalized = wrapper._normalize(raw)
+    layout = LocalBatch.of(10, torch.zeros(10, dtype=torch.long), ["all"])
+    selection, kept, num_valid = wrapper._choose(normalized, layout, 4)
+    assert kept == [False] and num_valid == 10
+    cs = wrapper.select(batch, loss_fn)
+    assert cs.indices.tolist() == selection.indices.tolist()
+    torch.testing.assert_close(cs.weights, selection.weights)
+    torch.testing.assert_close(cs.sketches, normalized.rows)
+
+
+def test_chooser_without_sketches_reports_no_sketch_columns():
+    """random/loss read no sketch: zero columns, as when every example is selected."""
+    for selection in ("random", "loss"):
+        _, _, wrapper = build(coreset_size=3, selection=selection, sketch="projection", sketch_dim=4)
+        model = wrapper.model
+        cs = wrapper.select(make_batch(9), regression_loss(model))
+        assert len(cs) == 3 and cs.sketches.shape == (9, 0)
