@@ -95,6 +95,32 @@ METHODS: dict[str, Method] = {
     "gm_k32": Method("coreset", GM, k=32),
     "random_k32": Method("random", k=32),
     "stratified_k32": Method("stratified", {"selection": "random"}, k=32),
+    # Target-aware selection (issue 12): the held-out tasks' target split (disjoint from their
+    # evaluation split) as the target; h = target_curvature. "target" and most variants select with
+    # one greedy over the batch (target_per_source=False, measured first); *_per_source: the default.
+    "target": Method("coreset", {"selection": "target", "target_per_source": False}, select_kwargs=lambda ctx: {"target": ctx.target}),
+    "target_h1": Method("coreset", {"selection": "target", "target_curvature": 1.0, "target_per_source": False},
+                        select_kwargs=lambda ctx: {"target": ctx.target}),
+    "target_h100": Method("coreset", {"selection": "target", "target_curvature": 100.0, "target_per_source": False},
+                          select_kwargs=lambda ctx: {"target": ctx.target}),
+    "target_per_source": Method("coreset", {"selection": "target", "target_per_source": True},
+                                select_kwargs=lambda ctx: {"target": ctx.target}),
+    "target_last_block": Method("coreset", {"selection": "target", "sketch_modules": LAST_BLOCK_ALL, "target_per_source": False},
+                                select_kwargs=lambda ctx: {"target": ctx.target}),
+    "target_last_block_per_source": Method(
+        "coreset", {"selection": "target", "sketch_modules": LAST_BLOCK_ALL, "target_per_source": True},
+        select_kwargs=lambda ctx: {"target": ctx.target}),
+    # A target spread evenly over the training sources (8 examples of each, from the training pool:
+    # disjoint from evaluation): does aiming at it beat balanced random k on the macro metric?
+    "target_spread": Method("coreset", {"selection": "target", "target_per_source": False}, select_kwargs=lambda ctx: {"target": spread_target(ctx)}),
+    # Fixed source reweightings toward the skills the held-out tasks need (an oracle: it knows that
+    # sort_reverse needs sort and reverse, rotr_succ needs rotr and succ): k of the large batch with
+    # budgets in proportion to count * weight, random within a source, unweighted mean.
+    "skills_k": Method("fixed", {"weights": {"sort": 1, "reverse": 1, "rotr": 1, "succ": 1}}, steps=3.0),
+    "skills_balanced_k": Method("fixed", {"weights": {"sort": 1, "reverse": 1, "rotr": 1, "succ": 1},
+                                          "balanced": True}, steps=3.0),
+    "skills_mixed_k": Method("fixed", {"weights": {"sort": 4, "reverse": 1, "rotr": 4, "succ": 1, "copy": 0.25,
+                                                   "dedupe": 0.5, "max": 0.5}}, steps=3.0),
 }
 # Run order (most needed first, so a run cut short loses the least needed).
 FULL_SET = [
@@ -195,6 +221,46 @@ def tempered_indices(source: torch.Tensor, k: int, temperature: float, g: torch.
     return torch.cat(picked).sort().values
 
 
+def spread_target(ctx, per_source: int = 8) -> dict:
+    """``per_source`` examples of every training source (the first ones of the pool)."""
+    train = ctx.mixture.train
+    rows = torch.cat([torch.nonzero(train["source"] == s).flatten()[:per_source] for s in range(len(ctx.mixture.names))])
+    return {key: train[key][rows] for key in ("input_ids", "labels")}
+
+
+def fixed_indices(source: torch.Tensor, names: list[str], k: int, weights: dict, balanced: bool,
+                  g: torch.Generator) -> torch.Tensor:
+    """``k`` rows of a batch, source s getting a budget in proportion to ``count_s * weight_s``
+    (``balanced``: ``weight_s`` alone, among the sources present), floors then one at a time, capped at
+    the source's count (the rest goes to the other weighted sources, then to any), random within."""
+    counts = torch.bincount(source, minlength=len(names)).tolist()
+    w = [float(weights.get(n, 0.0)) if c else 0.0 for n, c in zip(names, counts)]
+    score = [wi if balanced else wi * c for wi, c in zip(w, counts)]
+    alloc = [0] * len(names)
+    left = k
+    for _ in range(2):  # weighted sources first, then every source for what is left
+        while left > 0:
+            open_ = [s for s in range(len(names)) if alloc[s] < counts[s] and score[s] > 0]
+            if not open_:
+                break
+            total = sum(score[s] for s in open_)
+            raw = {s: left * score[s] / total for s in open_}
+            give = {s: min(int(raw[s]), counts[s] - alloc[s]) for s in open_}
+            if sum(give.values()) == 0:  # hand out one by one, largest remainder first
+                s = max(open_, key=lambda s: (raw[s] - int(raw[s]), score[s], -s))
+                give = {s: 1}
+            for s, n in give.items():
+                alloc[s] += n
+                left -= n
+        score = [1.0 if c else 0.0 for c in counts]
+    picked = []
+    for s, a in enumerate(alloc):
+        if a:
+            rows = torch.nonzero(source == s).flatten()
+            picked.append(rows[torch.randperm(rows.numel(), generator=g)[:a]])
+    return torch.cat(picked).sort().values
+
+
 class Trainer:
     """One method's model, optimizer and training step on a large batch."""
 
@@ -215,6 +281,7 @@ class Trainer:
         if self.method.kind in ("coreset", "stratified"):
             self.wrapper = CoresetOptimizer(self.opt, self.model, coreset_size=self.k, seed=seed, **self.method.options)
         self.select_kwargs = self.method.select_kwargs(ctx) if self.method.select_kwargs else {}
+        self.names = ctx.mixture.names
 
     def step(self, big: dict) -> None:
         k, kind, loss_fn = self.k, self.method.kind, self.loss_fn
@@ -222,6 +289,10 @@ class Trainer:
             loss_fn({key: v[:k] for key, v in big.items()}).mean().backward()
         elif kind == "tempered":
             idx = tempered_indices(big["source"], k, self.method.options["temperature"], self.gen)
+            loss_fn({key: v[idx] for key, v in big.items()}).mean().backward()
+        elif kind == "fixed":
+            o = self.method.options
+            idx = fixed_indices(big["source"], self.names, k, o["weights"], o.get("balanced", False), self.gen)
             loss_fn({key: v[idx] for key, v in big.items()}).mean().backward()
         elif kind == "full":
             loss_fn(big).mean().backward()

@@ -11,6 +11,7 @@ from .normalize import NORMALIZE_MODES
 from .presets import PRESETS, SKETCH_MODES
 from .selection import SELECTORS
 from .similarity import SIMILARITIES
+from .streaming import DEFAULT_BLOCK_BYTES
 
 
 def _is_int(x: Any) -> bool:
@@ -34,6 +35,7 @@ class CoresetConfig:
     keep_sources: Any = "auto"
     source_key: str | None = None
     sketch_batch_size: int | None = None
+    sketch_block_bytes: int = DEFAULT_BLOCK_BYTES
     micro_batch_size: int | None = None
     seed: int = 0
     sketch: str = "exact"
@@ -43,6 +45,9 @@ class CoresetConfig:
     selection: str = PRESETS["default"]["selection"]
     temperature: float = 1.0
     distributed: Any = "auto"
+    target_curvature: float = 0.0
+    target_refresh: int = 1
+    target_per_source: bool = True
 
     def __post_init__(self) -> None:
         if (self.coreset_size is None) == (self.coreset_ratio is None):
@@ -76,6 +81,11 @@ class CoresetConfig:
             raise TypeError(f"source_key must be a str (a batch key) or None, got {self.source_key!r}")
         _check_optional_positive_int("sketch_batch_size", self.sketch_batch_size)
         _check_optional_positive_int("micro_batch_size", self.micro_batch_size)
+        if not _is_int(self.sketch_block_bytes) or self.sketch_block_bytes <= 0:
+            raise ValueError(
+                f"sketch_block_bytes must be a positive int (bytes for one block of per-example "
+                f"gradients, e.g. 64 * 2**20), got {self.sketch_block_bytes!r}"
+            )
         if not _is_int(self.seed):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
         if self.sketch not in SKETCH_MODES:
@@ -95,6 +105,30 @@ class CoresetConfig:
             raise ValueError(
                 "zo_probes > 1 with zo_fixed_direction=True would repeat one direction; "
                 "use zo_probes=1 or zo_fixed_direction=False"
+            )
+        if isinstance(self.target_curvature, bool) or not isinstance(self.target_curvature, (int, float)) or not (
+            math.isfinite(self.target_curvature) and self.target_curvature >= 0
+        ):
+            raise ValueError(
+                f"target_curvature must be a finite float >= 0 (0: first-order gains only), got {self.target_curvature!r}"
+            )
+        self.target_curvature = float(self.target_curvature)
+        if not _is_int(self.target_refresh) or self.target_refresh <= 0:
+            raise ValueError(
+                f"target_refresh must be a positive int (selections between target-gradient refreshes), got {self.target_refresh!r}"
+            )
+        if not isinstance(self.target_per_source, bool):
+            raise TypeError(f"target_per_source must be a bool, got {self.target_per_source!r}")
+        if self.selection == "target" and self.normalize == "adam_update":
+            raise ValueError(
+                "selection='target' models the step as the gradient times Adam's current "
+                "preconditioner (normalize='adam', or None for SGD-like optimizers); "
+                "normalize='adam_update' is a per-example update with the momentum inside: use 'adam'"
+            )
+        if self.selection == "target" and self.sketch != "exact":
+            raise ValueError(
+                f"selection='target' needs exact sketches (the target's gradient is compared with each "
+                f"example's on the same coordinates); got sketch={self.sketch!r}: use sketch='exact'"
             )
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not (
             self.temperature > 0 and not math.isnan(self.temperature)

@@ -34,6 +34,7 @@ from .compress import top_coordinates
 from .loss import LossFn, backward_weighted, backward_weighted_losses
 from .selection import Selection
 from .sketch import Sketches
+from .streaming import Agreement
 
 DISTRIBUTED_MODES = ("auto", True, False)
 
@@ -166,6 +167,10 @@ class LocalBatch:
     def gather(self, sketches: Sketches, dim: int, timings: dict[str, float]) -> Sketches:
         return sketches
 
+    def agreement(self) -> None:
+        """Nothing to agree on with other ranks while streaming sketch blocks."""
+        return None
+
     def on_first_rank(self, select: Callable[..., Selection]) -> Callable[..., Selection]:
         return select
 
@@ -235,6 +240,23 @@ class Shards:
     def _first(self) -> int:
         return dist.get_global_rank(self.group, 0)
 
+    def agreement(self) -> Agreement:
+        """What the ranks share while streaming sketch blocks: summed top-coordinate scores (each
+        rank gets the same sums, so all keep the same columns), a "some rank must redo" flag, and
+        the largest shard, so every rank cuts the layers into the same blocks."""
+
+        def all_reduce(t: torch.Tensor) -> None:
+            buffer = t.to(comm_device(self.group, t.device))
+            dist.all_reduce(buffer, group=self.group)
+            t.copy_(buffer)
+
+        def any_rank(flag: bool) -> bool:
+            buffer = torch.tensor([float(flag)], device=comm_device(self.group, torch.device("cpu")))
+            dist.all_reduce(buffer, op=dist.ReduceOp.MAX, group=self.group)
+            return bool(buffer.item() > 0)
+
+        return Agreement(all_reduce, any_rank, max(self.sizes))
+
     def gather(self, sketches: Sketches, dim: int, timings: dict[str, float]) -> Sketches:
         """The global batch's sketches (see :meth:`gather_sketches`); its seconds go to ``timings["gather"]``."""
         start = time.perf_counter()
@@ -247,7 +269,9 @@ class Shards:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Global compressed sketches ``[total, min(dim, D)]``, losses and validity.
 
-        Compression keeps, per source, the ``dim`` coordinates with the largest mean |value| over
+        ``select()`` passes sketches already compressed on agreed coordinates
+        (:meth:`agreement`), which are only gathered. Wider ones (zeroth-order) are compressed
+        here: compression keeps, per source, the ``dim`` coordinates with the largest mean |value| over
         the source's valid rows of the *global* batch: the ranks sum |sketch| per source (``S*D``
         floats reduced to rank 0), rank 0 picks the coordinates and broadcasts them (``S*dim``
         longs), then only the compressed rows are all-gathered.

@@ -18,6 +18,7 @@ Sharded state (see ``docs/distributed.md``):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,16 +52,24 @@ def infer_block_size(numel: int, num_blocks: int) -> int:
     raise ValueError(f"cannot infer a block size for {numel} values in {num_blocks} blocks")
 
 
-def dequantize_blockwise(codes: torch.Tensor, code_book: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
-    """``code_book[codes] * absmax[block]`` as float32, shaped like ``codes`` (bitsandbytes layout)."""
+def dequantize_range(codes: torch.Tensor, code_book: torch.Tensor, absmax: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Flat values ``start .. stop-1`` of a blockwise-quantized tensor, float32: only that range is decoded."""
     flat = codes.reshape(-1)
     block = infer_block_size(flat.numel(), absmax.numel())
-    values = code_book.float().to(flat.device)[flat.long()]
-    scale = absmax.float().to(flat.device).repeat_interleave(block)[: flat.numel()]
-    return (values * scale).reshape(codes.shape)
+    values = code_book.float().to(flat.device)[flat[start:stop].long()]
+    which = torch.arange(start, stop, device=flat.device) // block
+    return values * absmax.float().to(flat.device)[which]
 
 
-def _bnb_state(state: dict, which: int) -> torch.Tensor:
+def dequantize_blockwise(codes: torch.Tensor, code_book: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """``code_book[codes] * absmax[block]`` as float32, shaped like ``codes`` (bitsandbytes layout)."""
+    return dequantize_range(codes, code_book, absmax, 0, codes.numel()).reshape(codes.shape)
+
+
+RangeReader = Callable[[int, int], torch.Tensor]  # (start, stop) -> float32 flat values
+
+
+def _bnb_reader(state: dict, which: int) -> RangeReader:
     tensor = state[f"state{which}"]
     if tensor.dtype == torch.uint8:
         qmap, absmax = state.get(f"qmap{which}"), state.get(f"absmax{which}")
@@ -69,8 +78,21 @@ def _bnb_state(state: dict, which: int) -> torch.Tensor:
                 f"8-bit state{which} without qmap{which}/absmax{which}: blockwise quantization "
                 "is required (bitsandbytes' default, block_wise=True)"
             )
-        return dequantize_blockwise(tensor, qmap, absmax)
-    return tensor.float()
+        return lambda a, b: dequantize_range(tensor, qmap, absmax, a, b)
+    flat = tensor.reshape(-1)
+    return lambda a, b: flat[a:b].float()
+
+
+def _tensor_reader(tensor: torch.Tensor) -> RangeReader:
+    """Slices of a state tensor; a sharded one (DTensor) is gathered once, at the first read."""
+    whole: list[torch.Tensor] = []
+
+    def read(a: int, b: int) -> torch.Tensor:
+        if not whole:
+            whole.append(full_tensor(tensor).reshape(-1))
+        return whole[0][a:b].float()
+
+    return read
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -116,10 +138,44 @@ def has_second_moment(group: dict) -> bool:
     return isinstance(betas, (tuple, list)) and len(betas) >= 2 and "eps" in group
 
 
-def read_adam_moments(
+@dataclass
+class MomentRanges:
+    """Adam's moments of one parameter, read one flat range of coordinates at a time.
+
+    Lets a layer be normalized block by block without a float32 copy of its whole state
+    (bitsandbytes 8-bit: only the quantization blocks a range touches are decoded).
+    """
+
+    exp_avg: RangeReader | None
+    exp_avg_sq: RangeReader
+    step: int
+    beta1: float
+    beta2: float
+    eps: float
+    max_exp_avg_sq: RangeReader | None = None
+
+    def read_denominator(self, start: int, stop: int) -> torch.Tensor:
+        """The second moment Adam divides by (the amsgrad maximum when there is one), for a range."""
+        reader = self.exp_avg_sq if self.max_exp_avg_sq is None else self.max_exp_avg_sq
+        return reader(start, stop)
+
+    def read(self, start: int, stop: int) -> AdamMoments:
+        """The moments of flat coordinates ``start .. stop-1`` (1-D float32 tensors)."""
+        return AdamMoments(
+            exp_avg=None if self.exp_avg is None else self.exp_avg(start, stop),
+            exp_avg_sq=self.exp_avg_sq(start, stop),
+            step=self.step,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            eps=self.eps,
+            max_exp_avg_sq=None if self.max_exp_avg_sq is None else self.max_exp_avg_sq(start, stop),
+        )
+
+
+def adam_moment_ranges(
     optimizer: torch.optim.Optimizer, param: torch.Tensor, group: dict | None = None
-) -> AdamMoments | None:
-    """Adam's moments of ``param`` from ``optimizer.state``; ``None`` when there are none (yet).
+) -> MomentRanges | None:
+    """Range readers of ``param``'s Adam moments; ``None`` when there are none (yet).
 
     The state is only read: no key is added, so the optimizer's lazy initialization still works.
     """
@@ -127,7 +183,12 @@ def read_adam_moments(
     if not has_second_moment(group):
         return None
     if is_deepspeed_param(param):
-        return _read_deepspeed_moments(optimizer, param, group)
+        whole = _read_deepspeed_moments(optimizer, param, group)
+        if whole is None:
+            return None
+        flat = {k: None if v is None else _tensor_reader(v) for k, v in
+                (("m", whole.exp_avg), ("v", whole.exp_avg_sq), ("max", whole.max_exp_avg_sq))}
+        return MomentRanges(flat["m"], flat["v"], whole.step, whole.beta1, whole.beta2, whole.eps, flat["max"])
     state = optimizer.state.get(param)
     if not state:
         return None
@@ -136,28 +197,43 @@ def read_adam_moments(
     if "exp_avg_sq" in state:
         amsgrad = bool(group.get("amsgrad", False)) and "max_exp_avg_sq" in state
         m = state.get("exp_avg")
-        return AdamMoments(
-            exp_avg=None if m is None else full_tensor(m).float().reshape(param.shape),
-            exp_avg_sq=full_tensor(state["exp_avg_sq"]).float().reshape(param.shape),
+        return MomentRanges(
+            exp_avg=None if m is None else _tensor_reader(m),
+            exp_avg_sq=_tensor_reader(state["exp_avg_sq"]),
             step=_step_of(state),
             beta1=beta1,
             beta2=beta2,
             eps=eps,
-            max_exp_avg_sq=full_tensor(state["max_exp_avg_sq"]).float().reshape(param.shape) if amsgrad else None,
+            max_exp_avg_sq=_tensor_reader(state["max_exp_avg_sq"]) if amsgrad else None,
         )
     if "state2" in state:
         # state1 is Adam's m only when shaped like the parameter (AdEMAMix stacks two EMAs there).
         s1 = state.get("state1")
-        m = _bnb_state(state, 1) if s1 is not None and s1.numel() == param.numel() else None
-        return AdamMoments(
-            exp_avg=None if m is None else m.reshape(param.shape),
-            exp_avg_sq=_bnb_state(state, 2).reshape(param.shape),
+        m = _bnb_reader(state, 1) if s1 is not None and s1.numel() == param.numel() else None
+        return MomentRanges(
+            exp_avg=m,
+            exp_avg_sq=_bnb_reader(state, 2),
             step=_step_of(state),
             beta1=beta1,
             beta2=beta2,
             eps=eps,
         )
     return None
+
+
+def read_adam_moments(
+    optimizer: torch.optim.Optimizer, param: torch.Tensor, group: dict | None = None
+) -> AdamMoments | None:
+    """Adam's moments of ``param`` from ``optimizer.state``, whole and shaped like it; ``None`` when none (yet)."""
+    ranges = adam_moment_ranges(optimizer, param, group)
+    if ranges is None:
+        return None
+    whole = ranges.read(0, param.numel())
+    reshape = lambda t: None if t is None else t.reshape(param.shape)  # noqa: E731
+    return AdamMoments(
+        exp_avg=reshape(whole.exp_avg), exp_avg_sq=reshape(whole.exp_avg_sq), step=whole.step,
+        beta1=whole.beta1, beta2=whole.beta2, eps=whole.eps, max_exp_avg_sq=reshape(whole.max_exp_avg_sq),
+    )
 
 
 def _read_deepspeed_moments(optimizer: torch.optim.Optimizer, param: torch.Tensor, group: dict) -> AdamMoments | None:

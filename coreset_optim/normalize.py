@@ -16,21 +16,31 @@ then) and gets raw gradients once it has state.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from .moments import find_group, has_second_moment, read_adam_moments
+from .moments import adam_moment_ranges, find_group, has_second_moment
+
+BlockNormalizer = Callable[[torch.Tensor, int], torch.Tensor]  # (values[n, m], flat start) -> normalized
 
 NORMALIZE_MODES = ("adam", "adam_update", None)
 
 
-def adam_normalize(grads: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, beta2: float, eps: float) -> torch.Tensor:
-    """``grads[n, P] / (sqrt(v_hat) + eps)`` with ``v_hat`` Adam's bias-corrected second moment."""
+def adam_normalize(
+    grads: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, beta2: float, eps: float, inplace: bool = False
+) -> torch.Tensor:
+    """``grads[n, P] / (sqrt(v_hat) + eps)`` with ``v_hat`` Adam's bias-corrected second moment
+    (``inplace``: divides ``grads`` itself)."""
     if step <= 0:
         return grads
-    v_hat = exp_avg_sq.reshape(1, -1).to(grads.device) / (1.0 - beta2**step)
-    return grads / (v_hat.sqrt() + eps)
+    denominator = adam_denominator(exp_avg_sq.reshape(1, -1).to(grads.device), step, beta2, eps)
+    return grads.div_(denominator) if inplace else grads / denominator
+
+
+def adam_denominator(exp_avg_sq: torch.Tensor, step: int, beta2: float, eps: float) -> torch.Tensor:
+    """``sqrt(v / (1 - beta2**step)) + eps``, what Adam divides each coordinate by (a new tensor)."""
+    return (exp_avg_sq.float() / (1.0 - beta2**step)).sqrt_().add_(eps)
 
 
 def adam_update_normalize(
@@ -58,6 +68,75 @@ def adam_update_normalize(
     return m_hat / (v_hat.sqrt() + eps)
 
 
+def param_normalizer(
+    optimizer: torch.optim.Optimizer, param: torch.Tensor, mode: str | None, inplace: bool = False
+) -> BlockNormalizer:
+    """How to normalize any block of ``param``'s per-example gradients: ``f(values[n, m], start)``
+    for the flat coordinates ``start .. start+m-1``, reading the optimizer's moments of that range only.
+
+    Every mode is elementwise in the coordinates, so normalizing block by block equals
+    normalizing the whole gradient at once. ``inplace``: the "adam" mode divides the block itself.
+    """
+    if mode not in NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {mode!r}")
+    raw: BlockNormalizer = lambda values, start: values  # noqa: E731
+    if mode is None:
+        return raw
+    group = find_group(optimizer, param)
+    if not has_second_moment(group):
+        return raw
+    ranges = adam_moment_ranges(optimizer, param, group)
+    if mode == "adam":
+        if ranges is None:
+            return raw
+
+        def adam(values: torch.Tensor, start: int) -> torch.Tensor:
+            m = ranges.read_denominator(start, start + values.shape[1])
+            return adam_normalize(values, m, ranges.step, ranges.beta2, ranges.eps, inplace=inplace)
+
+        return adam
+    if ranges is None:
+        if optimizer.state.get(param):  # state without an Adam second moment (Lion, Adamax): raw
+            return raw
+        beta1, beta2, eps = group["betas"][0], group["betas"][1], float(group["eps"])
+        return lambda values, start: adam_update_normalize(values, None, None, 0, beta1, beta2, eps)  # noqa: E731
+
+    def adam_update(values: torch.Tensor, start: int) -> torch.Tensor:
+        m = ranges.read(start, start + values.shape[1])
+        return adam_update_normalize(
+            values, m.exp_avg, m.exp_avg_sq, m.step, m.beta1, m.beta2, m.eps, amsgrad_max=m.max_exp_avg_sq
+        )
+
+    return adam_update
+
+
+DivisorFn = Callable[[int, int], "torch.Tensor | None"]  # (start, stop) -> per-coordinate divisor, None: raw
+
+
+def coordinate_divisor(optimizer: torch.optim.Optimizer, param: torch.Tensor, mode: str | None) -> DivisorFn | None:
+    """When ``mode`` divides each coordinate of ``param`` by one positive number for every example
+    ("adam", or raw), the function giving those numbers for a flat range (``None`` from it: raw);
+    ``None`` when it does not (``"adam_update"`` mixes in the example's own gradient).
+
+    Lets a compressor score columns and normalize only the values it keeps, the same as
+    normalizing every value first (up to float rounding): ``sum_i |g_i / d| = sum_i |g_i| / d``.
+    """
+    if mode not in NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {mode!r}")
+    raw: DivisorFn = lambda start, stop: None  # noqa: E731
+    if mode is None:
+        return raw
+    group = find_group(optimizer, param)
+    if not has_second_moment(group):
+        return raw
+    ranges = adam_moment_ranges(optimizer, param, group)
+    if mode == "adam_update":
+        return raw if ranges is None and optimizer.state.get(param) else None
+    if ranges is None or ranges.step <= 0:
+        return raw
+    return lambda start, stop: adam_denominator(ranges.read_denominator(start, stop), ranges.step, ranges.beta2, ranges.eps)
+
+
 def normalize_sketches(
     sketches: torch.Tensor,
     optimizer: torch.optim.Optimizer,
@@ -72,32 +151,6 @@ def normalize_sketches(
     blocks, start = [], 0
     for p in params:
         stop = start + p.numel()
-        block = sketches[:, start:stop]
+        blocks.append(param_normalizer(optimizer, p, mode)(sketches[:, start:stop], 0))
         start = stop
-        group = find_group(optimizer, p)
-        if not has_second_moment(group):
-            blocks.append(block)
-            continue
-        moments = read_adam_moments(optimizer, p, group)
-        if mode == "adam":
-            if moments is not None:
-                block = adam_normalize(block, moments.denominator_sq, moments.step, moments.beta2, moments.eps)
-        elif moments is None:
-            if optimizer.state.get(p):  # state without an Adam second moment (Lion, Adamax): raw
-                blocks.append(block)
-                continue
-            beta1, beta2 = group["betas"][0], group["betas"][1]
-            block = adam_update_normalize(block, None, None, 0, beta1, beta2, float(group["eps"]))
-        else:
-            block = adam_update_normalize(
-                block,
-                moments.exp_avg,
-                moments.exp_avg_sq,
-                moments.step,
-                moments.beta1,
-                moments.beta2,
-                moments.eps,
-                amsgrad_max=moments.max_exp_avg_sq,
-            )
-        blocks.append(block)
     return torch.cat(blocks, dim=1)

@@ -8,6 +8,7 @@ The class does bookkeeping (options, delegation, state); the math lives in free 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections import OrderedDict
@@ -15,19 +16,21 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .batching import batch_size
 from .budget import small_sources, sources_kept_whole
 from .config import CoresetConfig
 from .coreset import Coreset, SourceCount
-from .distributed import LocalBatch, Shards, batch_layout, paused_gradient_sync
+from .distributed import LocalBatch, Shards, batch_layout, comm_device, paused_gradient_sync
 from .loss import LossFn, losses_in_chunks
 from .normalize import normalize_sketches
 from .presets import FROM_PRESET, resolve_preset
-from .projection import countsketch
 from .selection import Selection, select_from_sketches, take_every_valid
 from .sketch import SketchSpec, Sketches, exact_sketches, resolve_sketch_modules, sketch_mode, sketch_params
+from .streaming import DEFAULT_BLOCK_BYTES, compressed_sketches
+from .target import batch_fingerprint, check_target_structure, step_sizes, target_features, target_gradient
 from .zeroth_order import fixed_direction, sketch_numel, zeroth_order_sketches
 
 _STATE_KEY = "coreset_optim"
@@ -84,6 +87,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
         keep_sources: Any = FROM_PRESET,
         source_key: str | None = None,
         sketch_batch_size: int | None = None,
+        sketch_block_bytes: int = DEFAULT_BLOCK_BYTES,
         micro_batch_size: int | None = None,
         seed: int = 0,
         sketch: str = FROM_PRESET,
@@ -95,6 +99,9 @@ class CoresetOptimizer(torch.optim.Optimizer):
         preset: str = "default",
         distributed: Any = "auto",
         process_group: Any = None,
+        target_curvature: float = 0.0,
+        target_refresh: int = 1,
+        target_per_source: bool = True,
     ) -> None:
         if isinstance(optimizer, CoresetOptimizer):
             raise TypeError("optimizer is already a CoresetOptimizer; wrap the inner optimizer once")
@@ -115,12 +122,16 @@ class CoresetOptimizer(torch.optim.Optimizer):
             coreset_ratio=coreset_ratio,
             source_key=source_key,
             sketch_batch_size=sketch_batch_size,
+            sketch_block_bytes=sketch_block_bytes,
             micro_batch_size=micro_batch_size,
             seed=seed,
             zo_eps=zo_eps,
             zo_probes=zo_probes,
             **chosen,
             distributed=distributed,
+            target_curvature=target_curvature,
+            target_refresh=target_refresh,
+            target_per_source=target_per_source,
         )
         self.process_group = process_group  # None: the default group (not saved in checkpoints)
         self.optimizer = optimizer
@@ -129,6 +140,10 @@ class CoresetOptimizer(torch.optim.Optimizer):
         self.generator = torch.Generator().manual_seed(seed)
         self.num_selections = 0
         self.num_steps = 0
+        self.target: Any = None  # the held-out batch of selection="target" (set_target)
+        self._target_fingerprint: str | None = None
+        # The target's mean sketch gradient, reused for ``target_refresh`` selections; checkpointed.
+        self._target_cache: dict | None = None
         # What torch.optim.Optimizer.__init__ would create, so hooks and schedulers work.
         self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
         self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
@@ -227,6 +242,11 @@ class CoresetOptimizer(torch.optim.Optimizer):
             "num_selections": self.num_selections,
             "num_steps": self.num_steps,
             "rng_state": self.generator.get_state(),
+            "target_cache": None if self._target_cache is None else {
+                "fingerprint": self._target_cache["fingerprint"],
+                "grad": self._target_cache["grad"].detach().cpu().clone(),
+                "computed_at": self._target_cache["computed_at"],
+            },
         }
         return sd
 
@@ -247,6 +267,8 @@ class CoresetOptimizer(torch.optim.Optimizer):
             self.num_selections = int(own["num_selections"])
             self.num_steps = int(own["num_steps"])
             self.generator.set_state(own["rng_state"])
+            cache = own.get("target_cache")
+            self._target_cache = None if cache is None else dict(cache)
 
     # --- selection ----------------------------------------------------------------------------
     def _source_values(self, batch: Any, size: int, sources: Any) -> list | None:
@@ -282,7 +304,14 @@ class CoresetOptimizer(torch.optim.Optimizer):
         return [name in keep for name in names]
 
     def select(
-        self, batch: Any, loss_fn: LossFn, *, sources: Any = None, loss_scale: float = 1.0, model: nn.Module | None = None
+        self,
+        batch: Any,
+        loss_fn: LossFn,
+        *,
+        sources: Any = None,
+        loss_scale: float = 1.0,
+        model: nn.Module | None = None,
+        target: Any = None,
     ) -> Coreset:
         """Choose a weighted coreset of ``batch`` and backpropagate only its examples.
 
@@ -292,26 +321,32 @@ class CoresetOptimizer(torch.optim.Optimizer):
         Under torch.distributed the coreset is chosen from the global batch of all ranks and N is
         its valid count; see ``docs/distributed.md``. ``model``: the module ``loss_fn`` runs when
         it wraps the one given at construction (e.g. the DDP wrapper Trainer or Accelerate create
-        after the optimizer), so select() can pause its gradient sync.
+        after the optimizer), so select() can pause its gradient sync. ``target``: held-out
+        examples for ``selection="target"`` (this call only; :meth:`set_target` sets them for all).
 
         One pipeline for one process and many: sketch -> normalize -> gather -> choose ->
         backward. ``layout`` does the communication (identity gather and local backward in one
         process, :mod:`.distributed`); when the budget covers the batch, the sketch stage computes
-        losses only and the choose stage takes every valid example.
+        losses only and the choose stage takes every valid example. ``selection="target"`` adds
+        one stage after normalize: each example's alignment with the target (and its update).
         """
         start = time.perf_counter()
         wrapper = self._check_select_call(loss_fn, loss_scale, model)
         size = batch_size(batch)
         codes, names = encode_sources(self._source_values(batch, size, sources), size)
+        aim = self._resolve_target(batch, target)
         layout = batch_layout(size, codes, names, self.config.distributed, self.process_group)
         budget = self.config.budget(layout.total)
         take_all = budget >= layout.total
         timings: dict[str, float] = {}
         with timed(timings, "sketch"), paused_gradient_sync(wrapper):
-            raw = self._sketch(batch, loss_fn, size, budget, gradients=not take_all)
+            raw = self._sketch(batch, loss_fn, size, budget, gradients=not take_all, layout=layout)
         with timed(timings, "normalize"):
             local = self._normalize(raw)
-        sketches = layout.gather(local, self.config.sketch_dim, timings)
+        if aim is not None and not take_all:
+            with timed(timings, "target"):
+                local = self._aim(local, *aim, loss_fn, wrapper, layout, budget)
+        sketches = layout.gather(local, self._gather_dim(local), timings)
         self._require_valid(sketches, raw)
         choose = self._take_all if take_all else self._choose
         selection, kept, num_valid = choose(sketches, layout, budget)
@@ -369,10 +404,17 @@ class CoresetOptimizer(torch.optim.Optimizer):
             raise TypeError(f"model must be the torch.nn.Module loss_fn runs (or None), got {type(model).__name__}")
         return self.model if model is None else model
 
-    def _sketch(self, batch: Any, loss_fn: LossFn, size: int, budget: int, gradients: bool = True) -> Sketches:
-        """This process's raw per-example sketches ``[B, D]`` and losses; ``valid``: both finite.
+    def _sketch(
+        self, batch: Any, loss_fn: LossFn, size: int, budget: int, gradients: bool = True,
+        layout: LocalBatch | Shards | None = None,
+    ) -> Sketches:
+        """This process's sketches ``[B, d]`` and losses; ``valid``: both finite.
 
-        ``gradients=False`` (or a chooser that reads no sketch: random, loss): losses only, D = 0.
+        Exact and projected sketches come out Adam-normalized and compressed, built block by
+        block (:mod:`.streaming`: no ``[B, layer size]`` tensor exists); ``layout``'s sources
+        choose the top coordinates, and under torch.distributed the ranks agree on them while
+        streaming (``None``: one source). Zeroth-order sketches come out raw, for the normalize
+        stage. ``gradients=False`` (or a chooser that reads no sketch: random, loss): losses only, d = 0.
         """
         c = self.config
         chunk = c.sketch_batch_size or c.micro_batch_size or budget
@@ -389,19 +431,27 @@ class CoresetOptimizer(torch.optim.Optimizer):
                 self.model, self.sketch_targets, batch, loss_fn, size, chunk,
                 eps=c.zo_eps, directions=directions,
             )
-        else:
+        elif c.selection == "target":  # the target stage reads every coordinate (see _aim)
             rows, losses = exact_sketches(self.model, self.sketch_targets, batch, loss_fn, size, chunk)
+            rows = normalize_sketches(rows, self.optimizer, sketch_params(self.sketch_targets), c.normalize)
+        else:
+            codes = torch.zeros(size, dtype=torch.long) if layout is None else layout.local_codes
+            return Sketches(*compressed_sketches(
+                self.model, self.sketch_targets, batch, loss_fn, size, chunk,
+                optimizer=self.optimizer, normalize=c.normalize, sketch=c.sketch, dim=c.sketch_dim,
+                seed=c.seed, source_codes=codes, num_sources=1 if layout is None else len(layout.names),
+                block_bytes=c.sketch_block_bytes, agreement=None if layout is None else layout.agreement(),
+            ))
         valid = torch.isfinite(losses).to(rows.device) & torch.isfinite(rows).all(1)
         return Sketches(rows, losses, valid)
 
     def _normalize(self, raw: Sketches) -> Sketches:
-        """Rows as Adam will scale them (then CountSketch-projected under ``sketch="projection"``);
-        rows the normalization makes non-finite become invalid. No columns: nothing to do."""
+        """Zeroth-order rows as Adam will scale them; rows the normalization makes non-finite
+        become invalid. Exact and projected sketches were normalized while streaming."""
         rows = raw.rows
-        if rows.shape[1] > 0:
-            rows = normalize_sketches(rows, self.optimizer, sketch_params(self.sketch_targets), self.config.normalize)
-            if self.config.sketch == "projection":
-                rows = countsketch(rows, self.config.sketch_dim, self.config.seed)
+        if rows.shape[1] == 0 or self.config.sketch != "zeroth_order":
+            return raw
+        rows = normalize_sketches(rows, self.optimizer, sketch_params(self.sketch_targets), self.config.normalize)
         return Sketches(rows, raw.losses, raw.valid & torch.isfinite(rows).all(1))
 
     def _require_valid(self, sketches: Sketches, raw: Sketches) -> None:
@@ -422,15 +472,128 @@ class CoresetOptimizer(torch.optim.Optimizer):
         counts = self._source_counts(sketches, layout)
         keep = self._keep_mask(layout.names, counts, budget)
         c = self.config
+        extra = {"losses": sketches.losses, "generator": self.generator}
+        groups, num_groups, group_keep = layout.codes, len(layout.names), keep
+        if c.selection == "target":
+            extra.update(curvature=c.target_curvature, total=sum(counts))
+            if not c.target_per_source:  # one greedy over the whole batch, no per-source budgets
+                groups, num_groups, group_keep = torch.zeros_like(layout.codes), 1, [False]
         selection = layout.on_first_rank(select_from_sketches)(
-            sketches.rows, sketches.valid, layout.codes, len(layout.names), budget, keep,
-            c.sketch_dim, c.similarity,
+            sketches.rows, sketches.valid, groups, num_groups, budget, group_keep,
+            self._gather_dim(sketches), c.similarity,
             method=c.selection,
-            extra={"losses": sketches.losses, "generator": self.generator},
+            extra=extra,
             temperature=c.temperature,
         )
+        if groups is not layout.codes:  # count the picks per source
+            per_source = torch.bincount(layout.codes[selection.indices.cpu()], minlength=len(layout.names)).tolist()
+            return dataclasses.replace(selection, selected_per_source=per_source), [False] * len(counts), sum(counts)
         kept = sources_kept_whole(counts, budget, keep) if c.temperature == 1.0 else [False] * len(counts)
         return selection, kept, sum(counts)
+
+    def _gather_dim(self, sketches: Sketches) -> int:
+        """Columns kept by compression: ``sketch_dim``, or all of the target stage's features."""
+        return sketches.rows.shape[1] if self.config.selection == "target" else self.config.sketch_dim
+
+    # --- the target of selection="target" -------------------------------------------------------
+    def set_target(self, target: Any) -> None:
+        """The held-out examples ``selection="target"`` aims at (``None`` to clear).
+
+        A batch like the training batches (same fields; the source field may be absent), small
+        enough for one sketch pass in ``sketch_batch_size`` chunks. Not saved in checkpoints (it is
+        data): set it again after loading; the cached target gradient is kept when it is the same.
+        """
+        if target is None:
+            self.target, self._target_fingerprint = None, None
+            return
+        self._check_target_mode()
+        batch_size(target)  # a clear error for an empty or malformed batch
+        self.target, self._target_fingerprint = target, batch_fingerprint(target)
+
+    def _check_target_mode(self) -> None:
+        if self.config.selection != "target":
+            raise ValueError(
+                f"a target is only used by selection='target' (this optimizer has selection="
+                f"{self.config.selection!r}); build CoresetOptimizer(..., selection='target')"
+            )
+
+    def _resolve_target(self, batch: Any, target: Any) -> tuple[Any, str, list[str]] | None:
+        """The target this selection aims at, its fingerprint and the batch fields it lacks;
+        checked before anything runs."""
+        if target is not None:
+            self._check_target_mode()
+            batch_size(target)
+            fingerprint = batch_fingerprint(target)
+        elif self.config.selection == "target":
+            if self.target is None:
+                raise ValueError(
+                    "selection='target' needs held-out target examples: call "
+                    "optimizer.set_target(batch) once, or pass select(..., target=batch)"
+                )
+            target, fingerprint = self.target, self._target_fingerprint
+        else:
+            return None
+        return target, fingerprint, check_target_structure(batch, target, self.config.source_key)
+
+    def _aim(
+        self, local: Sketches, target: Any, fingerprint: str, missing: list[str], loss_fn: LossFn,
+        wrapper: nn.Module, layout: LocalBatch | Shards, budget: int,
+    ) -> Sketches:
+        """The target stage: each example's ``[alignment | update]`` row (:func:`.target.target_features`)."""
+        c = self.config
+        chunk = c.sketch_batch_size or c.micro_batch_size or budget
+        try:
+            grad = self._target_gradient(target, fingerprint, loss_fn, wrapper, getattr(layout, "group", None), chunk)
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            if not missing:
+                raise
+            raise ValueError(
+                f"loss_fn failed on the target ({type(exc).__name__}: {exc}); the target lacks the "
+                f"batch's fields {missing}: give it the fields loss_fn reads"
+            ) from exc
+        params = sketch_params(self.sketch_targets)
+        rows = target_features(
+            local.rows, grad, params, step_sizes(self.optimizer, params), c.target_curvature, c.sketch_dim, c.seed
+        )
+        return Sketches(rows, local.losses, local.valid & torch.isfinite(rows).all(1))
+
+    def _target_gradient(
+        self, target: Any, fingerprint: str, loss_fn: LossFn, wrapper: nn.Module, group: Any, chunk: int
+    ) -> torch.Tensor:
+        """The target's mean sketch gradient (over every rank's target), recomputed every
+        ``target_refresh`` selections or when the target changes; the ranks decide together."""
+        cache = self._target_cache
+        stale = int(
+            cache is None
+            or cache["fingerprint"] != fingerprint
+            or self.num_selections - cache["computed_at"] >= self.config.target_refresh
+        )
+        if group is not None:
+            flag = torch.tensor([stale], device=comm_device(group, torch.device("cpu")))
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+            stale = int(flag.item())
+        if not stale:
+            return cache["grad"]
+        size = batch_size(target)
+        with paused_gradient_sync(wrapper):
+            raw, losses = exact_sketches(self.model, self.sketch_targets, target, loss_fn, size, chunk)
+        if group is None:
+            grad = target_gradient(raw, losses)
+        else:
+            # Sum and count over the ranks' targets (identical targets give their own mean).
+            finite = torch.isfinite(losses).to(raw.device) & torch.isfinite(raw).all(1)
+            summed = torch.where(finite[:, None], raw, torch.zeros_like(raw)).double().sum(0)
+            counts = torch.tensor([float(size), float((~finite).sum())], dtype=torch.double, device=raw.device)
+            packed = torch.cat([summed, counts]).to(comm_device(group, raw.device))
+            dist.all_reduce(packed, group=group)
+            if packed[-1] > 0:
+                raise ValueError(
+                    f"{int(packed[-1])} target example(s) over the ranks have a non-finite loss or "
+                    "gradient; fix or drop them (the target must be clean held-out examples)"
+                )
+            grad = (packed[:-2] / packed[-2]).float().to(raw.device)
+        self._target_cache = {"fingerprint": fingerprint, "grad": grad, "computed_at": self.num_selections}
+        return grad
 
     def _take_all(self, sketches: Sketches, layout: LocalBatch | Shards, budget: int) -> tuple[Selection, list[bool], int]:
         """The shortcut when the budget covers the batch: every valid example, weight 1."""

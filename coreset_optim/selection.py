@@ -18,6 +18,7 @@ from .compress import compress_per_source
 from .facility_location import cluster_weights, greedy_facility_location
 from .gradient_matching import gradient_matching_coreset
 from .similarity import pairwise_similarity
+from .target import target_coreset
 
 
 @dataclass
@@ -68,6 +69,7 @@ SELECTORS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
     "gradient_matching": gradient_matching_coreset,
     "random": random_coreset,
     "loss": loss_coreset,
+    "target": target_coreset,
 }
 
 

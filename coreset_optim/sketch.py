@@ -1,8 +1,9 @@
 """Exact per-example gradients of a few Linear layers ("sketch modules"), from hooks.
 
 For ``y = x W^T + b`` the gradient of example i's loss is ``sum_t dy[i, t]^T x[i, t]`` (and
-``sum_t dy[i, t]`` for the bias): one einsum over what a forward hook saw and what autograd gives
-for the layer's output. The pass backpropagates the *sum* of per-example losses (so every example's
+``sum_t dy[i, t]`` for the bias): a batched matmul over what a forward hook saw and what autograd
+gives for the layer's output, for any block of output rows (:func:`linear_grad_block`;
+:mod:`coreset_optim.streaming` folds block after block into the compressed sketch). The pass backpropagates the *sum* of per-example losses (so every example's
 gradient is unscaled), only as far as the sketch modules: every other parameter is excluded from
 autograd for the pass, so nothing below them is kept for backward, and ``torch.autograd.grad`` is
 used so no ``.grad`` is touched.
@@ -155,30 +156,59 @@ def resolve_sketch_modules(
     return targets
 
 
+@dataclass
+class LayerCalls:
+    """What one sketch layer saw in a pass over some examples: its inputs and output gradients,
+    one pair per call (a layer called twice in one forward, e.g. tied weights, adds its calls up)."""
+
+    inputs: list[torch.Tensor]  # [n, ..., in] each
+    grad_outputs: list[torch.Tensor]  # [n, ..., out] each
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.inputs[0].shape[0])
+
+
+def linear_grad_block(
+    calls: LayerCalls, rows: slice, with_bias: bool, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-example gradients of output rows ``rows`` of a Linear layer, float32:
+    ``(weight[n, rows*in] flattened row-major, bias[n, rows] or None)``.
+
+    For ``y = x W^T + b``: example i's weight gradient is ``sum_t dy[i, t]^T x[i, t]``, its bias
+    gradient ``sum_t dy[i, t]``; rows r0:r1 of them need only ``dy[..., r0:r1]``. ``out``: a
+    contiguous float32 ``[n, rows*in]`` to write the weight gradients into (e.g. a slice of a
+    block that holds several chunks of examples).
+    """
+    weight = bias = None
+    for x, dy in zip(calls.inputs, calls.grad_outputs):
+        n = x.shape[0]
+        x3 = x.reshape(n, -1, x.shape[-1]).float()
+        dy3 = dy.reshape(n, -1, dy.shape[-1])[..., rows].float()
+        if weight is None:
+            if out is None:
+                out = torch.empty(n, dy3.shape[-1] * x3.shape[-1], dtype=torch.float32, device=x3.device)
+            weight = out
+            torch.bmm(dy3.transpose(1, 2), x3, out=out.view(n, dy3.shape[-1], x3.shape[-1]))
+        else:
+            weight.view(n, dy3.shape[-1], x3.shape[-1]).baddbmm_(dy3.transpose(1, 2), x3)
+        if with_bias:
+            b = dy3.sum(1)
+            bias = b if bias is None else bias + b
+    assert weight is not None
+    return weight, bias
+
+
 def linear_per_example_grads(
     inputs: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor], with_bias: bool
 ) -> torch.Tensor:
-    """Per-example gradient of a Linear layer, flattened: Tensor[n, out*in (+ out)], float32.
+    """Per-example gradient of a whole Linear layer, flattened: Tensor[n, out*in (+ out)], float32.
 
-    ``inputs[c]`` / ``grad_outputs[c]`` are the layer's input and output gradient on its c-th call
-    (a layer called twice in one forward, e.g. tied weights, adds up its calls).
+    Holds the full ``[n, layer]`` tensor: for tests and analysis; ``select()`` folds blocks of it
+    into the compressed sketch instead (:mod:`coreset_optim.streaming`).
     """
-    weight_grad = None
-    bias_grad = None
-    for x, dy in zip(inputs, grad_outputs):
-        n = x.shape[0]
-        x3 = x.reshape(n, -1, x.shape[-1]).float()
-        dy3 = dy.reshape(n, -1, dy.shape[-1]).float()
-        g = torch.einsum("nto,nti->noi", dy3, x3)
-        weight_grad = g if weight_grad is None else weight_grad + g
-        if with_bias:
-            b = dy3.sum(1)
-            bias_grad = b if bias_grad is None else bias_grad + b
-    assert weight_grad is not None
-    flat = weight_grad.flatten(1)
-    if with_bias:
-        flat = torch.cat([flat, bias_grad], dim=1)
-    return flat
+    weight, bias = linear_grad_block(LayerCalls(list(inputs), list(grad_outputs)), slice(None), with_bias)
+    return weight if bias is None else torch.cat([weight, bias], dim=1)
 
 
 @contextlib.contextmanager
@@ -219,6 +249,61 @@ def _capture(targets: Sequence[SketchTarget]):
     return records, handles
 
 
+def captured_chunks(
+    model: nn.Module,
+    targets: Sequence[SketchTarget],
+    batch: Any,
+    loss_fn: LossFn,
+    num_examples: int,
+    chunk_size: int | None,
+) -> Iterator[tuple[slice, list[LayerCalls], torch.Tensor]]:
+    """For each chunk of examples: ``(examples, per-target LayerCalls, losses[n])``.
+
+    One forward and one backward of the chunk's summed finite losses, stopping at the sketch
+    layers (:func:`sketch_mode`); a non-finite loss contributes nothing. Each chunk's autograd
+    graph is freed before the next one starts. Must be consumed inside ``sketch_mode(model, targets)``
+    with grad enabled.
+    """
+    for piece in chunk_slices(num_examples, chunk_size):
+        n = piece.stop - piece.start
+        records, handles = _capture(targets)
+        try:
+            losses = call_loss_fn(loss_fn, index_batch(batch, piece), n)
+        finally:
+            for h in handles:
+                h.remove()
+        finite = torch.isfinite(losses)
+        outputs = [out for rec in records for _, out in rec]
+        if not outputs:
+            raise ValueError(
+                "the sketch modules were not called by loss_fn; sketch layers that the "
+                "model's forward uses"
+            )
+        if not losses.requires_grad or any(not o.requires_grad for o in outputs):
+            raise ValueError(
+                "loss_fn's losses do not depend on the sketch modules through autograd; "
+                "do not run the model under torch.no_grad() inside loss_fn"
+            )
+        total = torch.where(finite, losses, torch.zeros_like(losses)).sum()
+        grads = torch.autograd.grad(total, outputs, allow_unused=True)
+        grads = [torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grads)]
+        calls, pos = [], 0
+        for target, rec in zip(targets, records):
+            if not rec:
+                raise ValueError(f"sketch module {target.name!r} was not called by loss_fn")
+            if rec[0][0].shape[0] != n:
+                raise ValueError(
+                    f"sketch module {target.name!r} saw a leading dimension of "
+                    f"{rec[0][0].shape[0]} for {n} examples; its inputs must be batch-first"
+                )
+            calls.append(LayerCalls([x for x, _ in rec], list(grads[pos : pos + len(rec)])))
+            pos += len(rec)
+        losses = losses.detach()
+        del records, outputs, grads, total
+        yield piece, calls, losses
+        del calls, losses  # not alive through the next chunk's pass (the consumer may have let go)
+
+
 def exact_sketches(
     model: nn.Module,
     targets: Sequence[SketchTarget],
@@ -227,52 +312,19 @@ def exact_sketches(
     num_examples: int,
     chunk_size: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example gradients of the sketch parameters and the per-example losses.
+    """Whole per-example gradients of the sketch parameters and the per-example losses.
 
-    Returns ``(sketches[B, D] float32, losses[B])``. Rows of examples whose loss is not finite are
-    NaN. The model's ``.grad`` fields, train/eval modes and ``requires_grad`` flags are unchanged.
+    Returns ``(sketches[B, D] float32, losses[B])``: a ``[B, layer size]`` tensor, for tests and
+    analysis only (``select()`` uses :func:`coreset_optim.streaming.compressed_sketches`, which
+    never holds it). Rows of examples whose loss is not finite are NaN. The model's ``.grad``
+    fields, train/eval modes and ``requires_grad`` flags are unchanged.
     """
     sketch_rows, loss_rows = [], []
     with sketch_mode(model, targets), torch.enable_grad():
-        for piece in chunk_slices(num_examples, chunk_size):
-            n = piece.stop - piece.start
-            records, handles = _capture(targets)
-            try:
-                losses = call_loss_fn(loss_fn, index_batch(batch, piece), n)
-            finally:
-                for h in handles:
-                    h.remove()
-            finite = torch.isfinite(losses)
-            outputs = [out for rec in records for _, out in rec]
-            if not outputs:
-                raise ValueError(
-                    "the sketch modules were not called by loss_fn; sketch layers that the "
-                    "model's forward uses"
-                )
-            if not losses.requires_grad or any(not o.requires_grad for o in outputs):
-                raise ValueError(
-                    "loss_fn's losses do not depend on the sketch modules through autograd; "
-                    "do not run the model under torch.no_grad() inside loss_fn"
-                )
-            total = torch.where(finite, losses, torch.zeros_like(losses)).sum()
-            grads = torch.autograd.grad(total, outputs, allow_unused=True)
-            grads = [torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grads)]
-            parts, pos = [], 0
-            for target, rec in zip(targets, records):
-                if not rec:
-                    raise ValueError(f"sketch module {target.name!r} was not called by loss_fn")
-                xs = [x for x, _ in rec]
-                dys = grads[pos : pos + len(rec)]
-                pos += len(rec)
-                if xs[0].shape[0] != n:
-                    raise ValueError(
-                        f"sketch module {target.name!r} saw a leading dimension of "
-                        f"{xs[0].shape[0]} for {n} examples; its inputs must be batch-first"
-                    )
-                parts.append(linear_per_example_grads(xs, dys, target.with_bias))
+        for _, calls, losses in captured_chunks(model, targets, batch, loss_fn, num_examples, chunk_size):
+            parts = [linear_per_example_grads(c.inputs, c.grad_outputs, t.with_bias) for t, c in zip(targets, calls)]
             rows = torch.cat(parts, dim=1)
-            rows = torch.where(finite[:, None].to(rows.device), rows, torch.full_like(rows, float("nan")))
-            sketch_rows.append(rows)
-            loss_rows.append(losses.detach())
-            del records, outputs, grads
+            finite = torch.isfinite(losses)[:, None].to(rows.device)
+            sketch_rows.append(torch.where(finite, rows, torch.full_like(rows, float("nan"))))
+            loss_rows.append(losses)
     return torch.cat(sketch_rows), torch.cat(loss_rows)

@@ -55,6 +55,14 @@ SCENARIOS = {
         select_model=True,
         options=dict(coreset_size=9, sketch_dim=10, sketch_batch_size=2, micro_batch_size=2, keep_sources=["c"]),
     ),
+    # As "uneven" with one output row per sketch block: the ranks sum every block's per-source
+    # scores (one all-reduce per block, as many blocks on both ranks although their shards differ).
+    "row_blocks": dict(
+        sizes=[9, 3],
+        rank_sources=[["a", "b"], ["c", "a"]],
+        options=dict(coreset_size=5, sketch_dim=4, sketch_batch_size=2, micro_batch_size=2, sketch_block_bytes=1,
+                     sketch_modules=r"(module[.])?(hidden|head)"),
+    ),
     # coreset_size >= global batch: every valid example, no sketch pass.
     "all": dict(sizes=[5, 2], options=dict(coreset_size=100, micro_batch_size=2)),
     # ratio budget on the global batch, no compression (sketch_dim >= D).

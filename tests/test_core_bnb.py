@@ -150,3 +150,34 @@ def test_bnb_ademamix_reads_second_moment():
     expected = g / ((v.flatten() / (1 - b2**5)).sqrt() + eps)
     torch.testing.assert_close(normalize_sketches(g, opt, [p], "adam"), expected)
     assert bool(torch.isfinite(normalize_sketches(g, opt, [p], "adam_update")).all())
+
+
+@pytest.mark.parametrize("mode", ["adam", "adam_update"])
+def test_8bit_state_streamed_in_blocks_equals_whole(mode):
+    """Block-by-block normalization decodes only the 8-bit blocks it needs and gives the whole path's sketches."""
+    from coreset_optim.compress import compress_per_source
+    from coreset_optim.normalize import normalize_sketches
+    from coreset_optim.sketch import exact_sketches, resolve_sketch_modules, sketch_params
+    from coreset_optim.streaming import compressed_sketches
+
+    torch.manual_seed(0)
+    model = TwoLayer(d_in=40, hidden=30, d_out=3)
+    opt = bnb.optim.Adam8bit(model.parameters(), lr=1e-3, min_8bit_size=0)
+    loss_fn = regression_loss(model)
+    for s in range(3):
+        opt.zero_grad()
+        loss_fn(make_batch(8, d_in=40, d_out=3, seed=s)).mean().backward()
+        opt.step()
+    opt.zero_grad()
+    assert opt.state[model.fc1.weight]["state2"].dtype == torch.uint8
+    targets = resolve_sketch_modules(model, opt, ["fc1", "fc2"])
+    batch = make_batch(9, d_in=40, d_out=3, tokens=2, seed=7)
+    codes = torch.tensor([0, 1] * 4 + [0])
+    got, _, valid = compressed_sketches(
+        model, targets, batch, loss_fn, 9, 4, optimizer=opt, normalize=mode, sketch="exact", dim=50,
+        seed=0, source_codes=codes, num_sources=2, block_bytes=1,
+    )
+    raw, _ = exact_sketches(model, targets, batch, loss_fn, 9, 4)
+    whole = normalize_sketches(raw, opt, sketch_params(targets), mode)
+    assert valid.all()
+    torch.testing.assert_close(got, compress_per_source(whole, valid, codes, 2, 50), rtol=1e-5, atol=1e-6)

@@ -38,6 +38,7 @@ from transformers import Trainer, TrainingArguments
 
 from ..config import CoresetConfig
 from ..presets import FROM_PRESET, PRESETS, resolve_preset
+from ..streaming import DEFAULT_BLOCK_BYTES
 from ..coreset import Coreset
 from ..moments import has_second_moment, read_adam_moments
 from ..optimizer import CoresetOptimizer
@@ -82,6 +83,9 @@ class CoresetArguments:
     normalize: Optional[str] = field(default="adam", metadata={"help": "'adam', 'adam_update' or None."})
     similarity: str = field(default="l1", metadata={"help": "Similarity used by facility location."})
     sketch_batch_size: Optional[int] = field(default=None, metadata={"help": "Chunk size of the sketch pass."})
+    sketch_block_bytes: int = field(
+        default=DEFAULT_BLOCK_BYTES, metadata={"help": "Bytes for one block of per-example gradients in the sketch pass."}
+    )
     coreset_micro_batch_size: Optional[int] = field(
         default=None, metadata={"help": "Chunk size of the coreset's backward."}
     )
@@ -94,7 +98,16 @@ class CoresetArguments:
     )
     selection: Optional[str] = field(
         default=None,
-        metadata={"help": "'gradient_matching', 'facility_location', 'random' or 'loss'; None: the preset's."},
+        metadata={"help": "'gradient_matching', 'facility_location', 'random', 'loss' or 'target'; None: the preset's."},
+    )
+    target_curvature: float = field(
+        default=0.0, metadata={"help": "selection='target': curvature h of the second-order term (0: first order)."}
+    )
+    target_refresh: int = field(
+        default=1, metadata={"help": "selection='target': selections between refreshes of the target's gradient."}
+    )
+    target_per_source: bool = field(
+        default=True, metadata={"help": "selection='target': per-source budgets (False: one greedy over the batch)."}
     )
     coreset_temperature: Optional[float] = field(
         default=None,
@@ -128,9 +141,13 @@ class CoresetArguments:
             coreset_size=self.coreset_size,
             coreset_ratio=self.coreset_ratio,
             sketch_batch_size=self.sketch_batch_size,
+            sketch_block_bytes=self.sketch_block_bytes,
             micro_batch_size=self.coreset_micro_batch_size,
             seed=self.coreset_seed,
             preset=self.coreset_preset,
+            target_curvature=self.target_curvature,
+            target_refresh=self.target_refresh,
+            target_per_source=self.target_per_source,
         )
         # Options left at their defaults take the preset's values (e.g. coreset_preset="colm").
         defaults = PRESETS["default"]
@@ -196,12 +213,16 @@ class CoresetTrainerMixin:
 
     ``per_example_loss(model, inputs) -> Tensor[n]`` gives one loss per example; the default is
     the causal-LM loss (mean over each example's label tokens, ``-100`` ignored, labels shifted).
+    ``target_dataset``: held-out examples (a dataset or a list of features, collated like the
+    training data) that ``selection="target"`` aims at.
     The arguments must be a :class:`CoresetArguments` dataclass (``arguments_class``).
     """
 
     arguments_class: type = CoresetArguments
 
-    def __init__(self, *args: Any, per_example_loss: PerExampleLoss | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, per_example_loss: PerExampleLoss | None = None, target_dataset: Any = None, **kwargs: Any
+    ) -> None:
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if not isinstance(training_args, CoresetArguments):
             raise TypeError(
@@ -211,6 +232,7 @@ class CoresetTrainerMixin:
         if per_example_loss is not None and not callable(per_example_loss):
             raise TypeError("per_example_loss must be callable (model, inputs) -> Tensor[n]")
         self._check_coreset_arguments(training_args, per_example_loss)
+        self.target_dataset = target_dataset
         super().__init__(*args, **kwargs)
         self.per_example_loss = per_example_loss
         self._coreset_stats: dict[str, float] = {}
@@ -240,6 +262,14 @@ class CoresetTrainerMixin:
                 f"optim={optim!r} fuses the update into the backward pass and needs the Trainer's "
                 f"own training_step; {type(self).__name__} cannot wrap it. Use an Adam-type optimizer"
             )
+        target = getattr(self, "target_dataset", None)
+        if (args.selection == "target") != (target is not None):
+            raise ValueError(
+                f"selection='target' and {type(self).__name__}(target_dataset=...) go together: pass the "
+                "held-out examples to aim at, or leave both unset"
+            )
+        if target is not None and len(target) == 0:
+            raise ValueError("target_dataset is empty; pass at least one held-out example")
         if args.label_smoothing_factor and self.per_example_loss is None:
             raise ValueError(
                 f"label_smoothing_factor={args.label_smoothing_factor} is not applied by the default "
@@ -274,7 +304,20 @@ class CoresetTrainerMixin:
                 "on raw gradients"
             )
         self.optimizer = CoresetOptimizer(built, self.model if model is None else model, **self.args.coreset_kwargs())
+        if self.target_dataset is not None:
+            self.optimizer.set_target(self._target_batch())
         return self.optimizer
+
+    def _target_batch(self) -> dict[str, Any]:
+        """``target_dataset`` as one batch, collated and placed like a training batch."""
+        data = self.target_dataset
+        if self.args.remove_unused_columns and hasattr(data, "column_names") and hasattr(self, "_remove_unused_columns"):
+            data = self._remove_unused_columns(data, description="target")
+        features = [data[i] for i in range(len(data))]
+        column = self.args.source_column
+        if column is not None:
+            features = [{k: v for k, v in f.items() if k != column} if isinstance(f, Mapping) else f for f in features]
+        return dict(self._prepare_inputs(self.data_collator(features)))
 
     @property
     def coreset_optimizer(self) -> CoresetOptimizer:

@@ -1,0 +1,208 @@
+"""Compressed sketches built block by block: no ``[B, layer size]`` tensor ever exists.
+
+A Linear layer's per-example gradient for output rows r0:r1 needs only ``dy[..., r0:r1]`` and the
+layer's input (:func:`~coreset_optim.sketch.linear_grad_block`). Each block is normalized with the
+wrapped optimizer's moments of those coordinates only (every normalization is elementwise) and
+folded straight into the compressed sketch. Where the normalization divides each coordinate by
+one number for all examples ("adam", raw), the division is left to the compressor, which applies
+it to column scores and kept values only (the CountSketch folds it into the signs): one pass
+less over the block.
+
+* ``sketch="projection"``: CountSketch is linear with a hash per coordinate, so each block adds
+  its own projection; examples are streamed chunk by chunk and a chunk's layer inputs/output
+  gradients are dropped once folded.
+* top coordinates (``sketch="exact"``): a column's score (mean |value| over a source's valid rows)
+  depends on that column alone, so a running per-source top-``dim`` merge
+  (:class:`~coreset_optim.compress.StreamingTopCoordinates`) keeps the columns a whole-gradient compression keeps. A
+  score needs every example, so the sketch layers' inputs and output gradients of the whole
+  (local) batch are held while the blocks run: ``B x tokens x (in + out)`` values per layer, the
+  size of that layer's activations, not of its weight.
+
+Either way the extra memory is the compressed sketch (``B x sketch_dim``) plus one block, sized
+from ``block_bytes``, plus what the layer inputs/output gradients take. The result equals
+normalizing and compressing the whole per-example gradient at once (up to float summation order
+and ties between equal top-coordinate scores).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .compress import StreamingTopCoordinates
+from .loss import LossFn
+from .normalize import coordinate_divisor, param_normalizer
+from .projection import countsketch_add_
+from .sketch import LayerCalls, SketchTarget, captured_chunks, linear_grad_block, sketch_mode
+
+DEFAULT_BLOCK_BYTES = 32 * 2**20
+# float32 tensors of a block's size alive at once at the peak: the block, its absolute values
+# (top coordinates) or signed copy (projection), and a temporary of "adam_update"'s
+# normalization; with margin.
+BLOCK_COPIES = 4
+
+
+@dataclass
+class Agreement:
+    """What ranks selecting from one global batch must share while they stream (None: one process).
+
+    ``all_reduce(t)`` sums ``t`` over the ranks in place; ``any_rank(flag)`` is True when the flag is
+    set on some rank; ``plan_examples`` is the largest number of examples on any rank, so that all
+    ranks cut the layers into the same blocks (and so make the same collectives).
+    """
+
+    all_reduce: Callable[[torch.Tensor], None]
+    any_rank: Callable[[bool], bool]
+    plan_examples: int
+
+
+def rows_per_block(num_examples: int, in_features: int, block_bytes: int) -> int:
+    """Output rows per block so that a block's working set stays within ``block_bytes`` (at least 1)."""
+    per_row = 4 * BLOCK_COPIES * max(1, num_examples) * in_features
+    return max(1, block_bytes // per_row)
+
+
+def _layer_width(target: SketchTarget) -> tuple[int, int]:
+    out_features, in_features = target.module.weight.shape
+    return int(out_features), int(in_features)
+
+
+def sketch_blocks(
+    targets: Sequence[SketchTarget],
+    calls: Sequence[Sequence[LayerCalls]],
+    normalizers: Sequence[Normalizer],
+    num_examples: int,
+    block_bytes: int,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+    """``(start, block[n, m], divisor[m] or None)``: the per-example gradients of sketch coordinates
+    ``start .. start+m-1`` (numbered as in a whole sketch row: each target's weight, row-major,
+    then its bias), every coordinate exactly once; the normalized sketch is ``block / divisor``
+    (``divisor`` None: ``block`` is normalized already, or raw is wanted).
+
+    ``calls[c][t]``: what target t saw in chunk c; a block's rows are all chunks' examples in order.
+    ``normalizers``: one per sketched parameter, in :func:`~coreset_optim.sketch.sketch_params` order.
+    """
+    offset, which = 0, 0
+    for t, target in enumerate(targets):
+        out_features, in_features = _layer_width(target)
+        step = rows_per_block(num_examples, in_features, block_bytes)
+        weight_start, bias_start = offset, offset + out_features * in_features
+        for r0 in range(0, out_features, step):
+            rows = slice(r0, min(r0 + step, out_features))
+            weight, biases, first = None, [], 0
+            for chunk in calls:  # every chunk's examples written into one block
+                n = chunk[t].num_examples
+                if weight is None:
+                    total = sum(c[t].num_examples for c in calls)
+                    weight = torch.empty(total, (rows.stop - r0) * in_features, device=chunk[t].inputs[0].device)
+                _, bias = linear_grad_block(chunk[t], rows, target.with_bias, out=weight[first : first + n])
+                biases.append(bias)
+                first += n
+            yield (weight_start + r0 * in_features, *normalizers[which](weight, r0 * in_features))
+            del weight
+            if target.with_bias:
+                bias = torch.cat(biases) if len(biases) > 1 else biases[0]
+                yield (bias_start + r0, *normalizers[which + 1](bias, r0))
+        offset = bias_start + (out_features if target.with_bias else 0)
+        which += 1 + int(target.with_bias)
+
+
+Normalizer = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor | None]"]
+
+
+def block_normalizer(optimizer: torch.optim.Optimizer, param: torch.Tensor, mode: str | None) -> Normalizer:
+    """``f(block, start) -> (block, divisor)`` for ``param``'s flat coordinates from ``start``:
+    a per-coordinate divisor left to the compressor when the mode is one ("adam", raw: it then
+    divides only what it keeps), else the block normalized in place ("adam_update")."""
+    divisor = coordinate_divisor(optimizer, param, mode)
+    if divisor is not None:
+        return lambda block, start: (block, divisor(start, start + block.shape[1]))
+    normalize = param_normalizer(optimizer, param, mode, inplace=True)
+    return lambda block, start: (normalize(block, start), None)
+
+
+def compressed_sketches(
+    model: nn.Module,
+    targets: Sequence[SketchTarget],
+    batch: Any,
+    loss_fn: LossFn,
+    num_examples: int,
+    chunk_size: int | None,
+    *,
+    optimizer: torch.optim.Optimizer,
+    normalize: str | None,
+    sketch: str,
+    dim: int,
+    seed: int,
+    source_codes: torch.Tensor,
+    num_sources: int,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    agreement: Agreement | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalized, compressed per-example sketches, never holding a whole per-example gradient.
+
+    Returns ``(sketches[B, d], losses[B], valid[B])``: ``d = dim`` for ``sketch="projection"``,
+    ``min(dim, D)`` for top coordinates (``sketch="exact"``; each source's rows on that source's
+    columns, in ascending order). ``valid``: finite loss and finite normalized gradient; invalid
+    rows are NaN. The model's ``.grad``, modes and flags are unchanged; the optimizer's state is
+    only read.
+    """
+    params = [p for t in targets for p in t.params]
+    normalizers = [block_normalizer(optimizer, p, normalize) for p in params]
+    if sketch == "projection":
+        return _projected(model, targets, batch, loss_fn, num_examples, chunk_size, normalizers, dim, seed, block_bytes)
+    return _top_coordinates(
+        model, targets, batch, loss_fn, num_examples, chunk_size, normalizers, dim,
+        source_codes, num_sources, block_bytes, agreement,
+    )
+
+
+def _projected(model, targets, batch, loss_fn, num_examples, chunk_size, normalizers, dim, seed, block_bytes):
+    rows, loss_rows = [], []
+    with sketch_mode(model, targets), torch.enable_grad():
+        for piece, calls, losses in captured_chunks(model, targets, batch, loss_fn, num_examples, chunk_size):
+            n = piece.stop - piece.start
+            out = None
+            for start, block, divisor in sketch_blocks(targets, [calls], normalizers, n, block_bytes):
+                out = block.new_zeros(n, dim) if out is None else out
+                countsketch_add_(out, block, seed, start, divisor)
+            rows.append(out)
+            loss_rows.append(losses)
+            del calls
+    sketches, losses = torch.cat(rows), torch.cat(loss_rows)
+    valid = torch.isfinite(losses).to(sketches.device) & torch.isfinite(sketches).all(1)
+    sketches = torch.where(valid[:, None], sketches, torch.full_like(sketches, float("nan")))
+    return sketches, losses, valid
+
+
+def _top_coordinates(
+    model, targets, batch, loss_fn, num_examples, chunk_size, normalizers, dim,
+    source_codes, num_sources, block_bytes, agreement,
+):
+    with sketch_mode(model, targets), torch.enable_grad():
+        chunks = list(captured_chunks(model, targets, batch, loss_fn, num_examples, chunk_size))
+    calls = [c for _, c, _ in chunks]
+    losses = torch.cat([loss for _, _, loss in chunks])
+    device = calls[0][0].grad_outputs[0].device
+    plan_examples = num_examples if agreement is None else agreement.plan_examples
+    valid = torch.isfinite(losses).to(device)
+    while True:
+        top = StreamingTopCoordinates(
+            valid, source_codes.to(device), num_sources, dim, None if agreement is None else agreement.all_reduce
+        )
+        finite = valid.clone()
+        for start, block, divisor in sketch_blocks(targets, calls, normalizers, plan_examples, block_bytes):
+            finite &= top.add(block, start, divisor)
+        # A row found non-finite part-way has already entered some scores: redo without it (rare:
+        # an overflowing gradient, or eps = 0 with a zero second moment).
+        changed = bool((finite != valid).any())
+        if agreement is not None:
+            changed = agreement.any_rank(changed)
+        if not changed:
+            break
+        valid = finite
+    return top.result(num_examples, device=device), losses, valid

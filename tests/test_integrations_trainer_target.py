@@ -1,0 +1,72 @@
+"""CoresetTrainer with selection="target": the held-out set reaches the optimizer, the coreset is
+the one select() picks for it, resume is exact, and mismatched options fail before training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+from _integrations_models import lora, make_args, make_dataset, one_thread, tiny_llama  # noqa: E402,F401
+
+from coreset_optim.integrations.transformers import CoresetTrainer  # noqa: E402
+
+
+class Recording(CoresetTrainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.coresets = []
+
+    def _record_selection(self, coreset):
+        self.coresets.append((coreset.indices.tolist(), coreset.weights.clone()))
+        super()._record_selection(coreset)
+
+
+def _run(tmp_path, max_steps, resume=None, model=None, **kwargs):
+    args = make_args(
+        tmp_path, per_device_train_batch_size=8, coreset_size=3, max_steps=max_steps, save_strategy="steps",
+        save_steps=2, logging_steps=1, source_column="source", selection="target", target_refresh=3,
+        target_curvature=10.0, **kwargs,
+    )
+    trainer = Recording(
+        model=lora(tiny_llama()) if model is None else model, args=args, train_dataset=make_dataset(n=32),
+        target_dataset=make_dataset(n=4, seed=9),
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def test_target_reaches_the_optimizer_and_is_timed(tmp_path):
+    trainer = _run(tmp_path, 3)
+    opt = trainer.coreset_optimizer
+    assert opt.config.selection == "target" and opt.config.target_refresh == 3
+    assert opt.target["input_ids"].shape[0] == 4 and "source" not in opt.target
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert all(log["coreset/time_target"] >= 0 for log in logs)
+    assert opt._target_cache["computed_at"] == 0  # refreshed at selection 0, reused at 1 and 2
+
+
+def test_resume_is_exact(tmp_path):
+    full = _run(tmp_path / "a", 5)
+    model = lora(tiny_llama())
+    resumed = _run(tmp_path / "b", 5, resume=str(tmp_path / "a" / "out" / "checkpoint-2"), model=model)
+    assert [c[0] for c in resumed.coresets] == [c[0] for c in full.coresets[2:]]
+    pa = dict(full.model.named_parameters())
+    for name, p in resumed.model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, pa[name]), name
+
+
+def test_target_options_must_agree(tmp_path):
+    with pytest.raises(ValueError, match="target_dataset"):
+        CoresetTrainer(model=lora(tiny_llama()), args=make_args(tmp_path, selection="target"), train_dataset=make_dataset())
+    with pytest.raises(ValueError, match="target_dataset"):
+        CoresetTrainer(
+            model=lora(tiny_llama()), args=make_args(tmp_path), train_dataset=make_dataset(),
+            target_dataset=make_dataset(n=4),
+        )
+    with pytest.raises(ValueError, match="target_curvature"):
+        make_args(tmp_path, selection="target", target_curvature=-1.0)
