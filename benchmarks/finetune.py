@@ -65,6 +65,7 @@ class Method:
     k: int | None = None  # None: the benchmark's --k
 
 
+GM = {"selection": "gradient_matching"}
 METHODS: dict[str, Method] = {
     "random_k": Method("random", steps=4.5),
     "stratified_k": Method("stratified", {"selection": "random"}, steps=2.0),
@@ -72,23 +73,26 @@ METHODS: dict[str, Method] = {
     "temperature2_k": Method("tempered", {"temperature": 2.0}),
     "accum_B": Method("accum", steps=1.5),
     "batch_B": Method("full"),
-    "default": Method("coreset"),
+    "default": Method("coreset"),  # the library's default: selection="loss" since this benchmark
+    "gradient_matching": Method("coreset", GM),  # the default before it
     "colm": Method("coreset", {"preset": "colm"}),
     "fl_l1": Method("coreset", {"selection": "facility_location", "similarity": "l1"}),
     "fl_cosine": Method("coreset", {"selection": "facility_location", "similarity": "cosine"}),
     "gm_unconstrained": Method("coreset", {"selection": "gradient_matching_unconstrained"}),
-    "loss": Method("coreset", {"selection": "loss"}),
-    "default_last_block": Method("coreset", {"sketch_modules": LAST_BLOCK_ALL}),
-    "default_no_keep": Method("coreset", {"keep_sources": None}),
-    "balanced_stratified": Method("stratified", {"selection": "random", "temperature": float("inf")}),
-    "balanced_default": Method("coreset", {"temperature": float("inf")}),
-    "temperature2_default": Method("coreset", {"temperature": 2.0}),
+    "gm_last_block": Method("coreset", {**GM, "sketch_modules": LAST_BLOCK_ALL}),
+    "gm_no_keep": Method("coreset", {**GM, "keep_sources": None}),
     "gm_uniform_within": Method("coreset", {"selection": "gradient_matching_uniform"}),
+    "balanced_stratified": Method("stratified", {"selection": "random", "temperature": float("inf")}),
+    "balanced_gm": Method("coreset", {**GM, "temperature": float("inf")}),
+    "temperature2_stratified": Method("stratified", {"selection": "random", "temperature": 2.0}),
+    "temperature2_gm": Method("coreset", {**GM, "temperature": 2.0}),
     "default_8bit": Method("coreset", optimizer="adamw8bit"),
+    "gm_8bit": Method("coreset", GM, optimizer="adamw8bit"),
     "random_k_8bit": Method("random", optimizer="adamw8bit"),
     "stratified_k_8bit": Method("stratified", {"selection": "random"}, optimizer="adamw8bit"),
     "accum_B_8bit": Method("accum", optimizer="adamw8bit"),
     "default_k32": Method("coreset", k=32),
+    "gm_k32": Method("coreset", GM, k=32),
     "random_k32": Method("random", k=32),
     "stratified_k32": Method("stratified", {"selection": "random"}, k=32),
     # Target-aware selection (issue 12): the held-out tasks' target split (disjoint from their
@@ -120,11 +124,21 @@ METHODS: dict[str, Method] = {
 }
 # Run order (most needed first, so a run cut short loses the least needed).
 FULL_SET = [
-    "random_k", "default", "stratified_k", "accum_B", "balanced_k", "balanced_default", "balanced_stratified",
-    "colm", "temperature2_k", "batch_B", "default_8bit", "random_k_8bit", "stratified_k_8bit", "accum_B_8bit",
-    "default_k32", "random_k32", "stratified_k32", "fl_l1", "fl_cosine", "loss", "default_last_block",
-    "temperature2_default", "gm_unconstrained", "gm_uniform_within", "default_no_keep",
+    "random_k", "default", "stratified_k", "accum_B", "gradient_matching", "balanced_k", "temperature2_k",
+    "temperature2_stratified", "balanced_stratified", "balanced_gm", "batch_B", "colm", "default_8bit",
+    "gm_8bit", "random_k_8bit", "stratified_k_8bit", "accum_B_8bit", "default_k32", "gm_k32", "random_k32",
+    "stratified_k32", "gm_last_block", "gm_uniform_within", "fl_l1", "fl_cosine", "temperature2_gm",
+    "gm_unconstrained", "gm_no_keep",
 ]
+# Runs made before the default became selection="loss" (the JSON of 2026-11-30): their names then.
+RENAMED = {
+    "default": "gradient_matching", "default_8bit": "gm_8bit", "default_k32": "gm_k32",
+    "default_last_block": "gm_last_block", "default_no_keep": "gm_no_keep", "balanced_default": "balanced_gm",
+    "temperature2_default": "temperature2_gm", "loss": "default", "loss_8bit": "default_8bit",
+    "loss_k32": "default_k32",
+}
+PLOTTED = ["random_k", "stratified_k", "balanced_k", "temperature2_k", "gradient_matching", "default", "accum_B",
+           "batch_B"]
 QUICK_SET = ["random_k", "stratified_k", "balanced_k", "accum_B", "default"]
 
 
@@ -446,7 +460,7 @@ def paired(ms: dict, a: str, b: str, key: str) -> dict | None:
     return mean_sd([x - y for x, y in zip(ms[a][key]["per_seed"], ms[b][key]["per_seed"])])
 
 
-def targets(summary: dict, best_macro: str = "balanced_default") -> dict:
+def targets(summary: dict, best_macro: str = "balanced_gm") -> dict:
     """The issue's targets (k = B/4): each figure with its seed spread."""
     ms, small = summary["methods"], summary["smallest_source"]
     out: dict = {}
@@ -486,6 +500,7 @@ def markdown(summary: dict, mixture: FinetuneMixture, args) -> str:
             f"{n} ({100 * s / sum(mixture.shares):.1f} %, {k})" for n, s, k in zip(mixture.names, mixture.shares, mixture.kinds)
         ) + f". Held-out tasks (not trained on): {', '.join(mixture.held_out)}.",
         "",
+        *([f"Runs: {args.note}", ""] if getattr(args, "note", "") else []),
         f"After {steps} steps, mean ± sd over seeds. Accuracy: exact match of the greedy answer on "
         f"{args.eval_size} held-out examples per source. 'mixture': weighted by the training shares "
         "(the training objective); 'macro': each source once. Gap closure: (acc - random k) / (accum B - random k).",
@@ -554,7 +569,7 @@ def plot(runs: list[dict], summary: dict, mixture: FinetuneMixture, path: Path, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = methods or list(summary["methods"])
+    methods = methods or [m for m in PLOTTED if m in summary["methods"]] or list(summary["methods"])
     panels = ["accuracy_mixture", "accuracy_macro"] + [f"accuracy:{n}" for n in mixture.names + mixture.held_out]
     cols = 4
     rows = 2 * ((len(panels) + cols - 1) // cols)
@@ -571,12 +586,15 @@ def plot(runs: list[dict], summary: dict, mixture: FinetuneMixture, path: Path, 
         ax_s.set_title(f"{title} vs steps", fontsize=9)
         ax_t.set_title(f"{title} vs wall-clock (s)", fontsize=9)
         ax_s.axvline(summary["steps"], color="gray", ls=":", lw=0.8)
+        ax_s.set_xlim(0, 2 * summary["steps"])
         for ax in (ax_s, ax_t):
             ax.set_ylim(-0.02, 1.02)
     for j in range(len(panels), rows // 2 * cols):
         axes[2 * (j // cols)][j % cols].axis("off")
         axes[2 * (j // cols) + 1][j % cols].axis("off")
-    axes[0][0].legend(fontsize=6)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    spare = axes[-1][-1] if len(panels) % cols else fig.add_axes((0.0, 0.0, 0.01, 0.01))
+    spare.legend(handles, labels, fontsize=8, loc="center")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -603,6 +621,9 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help=f"methods {QUICK_SET}, 150 steps, 2 seeds")
     ap.add_argument("--out", default="finetune")
     ap.add_argument("--from-runs", default="", help="summarize the runs of this JSON file instead of training")
+    ap.add_argument("--note", default="", help="how and where the runs were made (kept in the JSON and the table)")
+    ap.add_argument("--renamed", action="store_true", help="--from-runs: the file uses the names of RENAMED")
+    ap.add_argument("--remeasure", action="store_true", help="--from-runs: measure the step costs again")
     ap.add_argument("--resume", default="", help="a (partial) JSON file whose runs are kept, not rerun")
     args = ap.parse_args(argv)
     if args.quick:
@@ -621,24 +642,34 @@ def main(argv=None) -> None:
     start = time.time()
     runs = []
     RESULTS.mkdir(parents=True, exist_ok=True)
+    costs = None
     if args.from_runs:
-        runs = [r for r in json.loads(Path(args.from_runs).read_text())["runs"] if r["method"] in methods]
+        old = json.loads(Path(args.from_runs).read_text())
+        rename = RENAMED if args.renamed else {}
+        for r in old["runs"]:
+            r["method"] = rename.get(r["method"], r["method"])
+        runs = [r for r in old["runs"] if r["method"] in methods]
+        if "costs_seconds_per_step" in old and not args.remeasure:
+            costs = {rename.get(m, m): c for m, c in old["costs_seconds_per_step"].items()}
     else:
         if args.resume:
             done = json.loads(Path(args.resume).read_text())["runs"]
             runs = [r for r in done if r["method"] in methods and r["seed"] in seeds]
             have = {(r["method"], r["seed"]) for r in runs}
             jobs = [j for j in jobs if (j[0], j[1]) not in have]
+        total = len(runs) + len(jobs)
         with mp.get_context("spawn").Pool(args.jobs) as pool:
             for r in pool.imap_unordered(_run_star, jobs):
                 runs.append(r)
                 last = r["curve"][-1]
-                print(f"[{time.time() - start:5.0f}s] {len(runs)}/{len(jobs)} {r['method']} seed {r['seed']}: "
+                print(f"[{time.time() - start:5.0f}s] {len(runs)}/{total} {r['method']} seed {r['seed']}: "
                       f"acc mixture {last['accuracy_mixture']:.3f} macro {last['accuracy_macro']:.3f}",
                       file=sys.stderr, flush=True)
                 (RESULTS / f"{args.out}.partial.json").write_text(json.dumps({"args": vars(args), "runs": runs}))
     t_runs = time.time() - start
-    costs = step_costs(methods, args, args.cost_rounds)
+    methods = [m for m in methods if any(r["method"] == m for r in runs)]
+    if costs is None:
+        costs = step_costs(methods, args, args.cost_rounds)
     ctx = build_context(args)
     summary = summarize(runs, costs, ctx.mixture, args.steps)
     summary["targets"] = targets(summary)

@@ -206,7 +206,7 @@ def run_rank(out_dir: Path) -> None:
     shutdown()
 
 
-FSDP_SCENARIO = dict(sizes=[6, 6], options=dict(coreset_size=5, sketch_dim=10, micro_batch_size=2))
+FSDP_SCENARIO = dict(sizes=[6, 6], options=dict(coreset_size=5, sketch_dim=10, micro_batch_size=2, selection="gradient_matching"))
 
 
 def _full(t):

@@ -171,7 +171,7 @@ def test_source_key_missing(trained):
 
 def test_sketch_module_not_called(trained):
     model, opt, _ = trained
-    wrapper = CoresetOptimizer(opt, model, coreset_size=3, sketch_modules="fc2")
+    wrapper = CoresetOptimizer(opt, model, coreset_size=3, sketch_modules="fc2", selection="gradient_matching")
     snap = Snapshot(model, opt)
 
     def loss_fn(b):  # never calls fc2

@@ -37,7 +37,7 @@ def test_compress_per_source_matches_loop(dim):
 
 
 def test_select_sketch_dim_shapes():
-    model, opt, wrapper = build(coreset_size=3, sketch_dim=4)
+    model, opt, wrapper = build(coreset_size=3, sketch_dim=4, selection="gradient_matching")
     cs = wrapper.select(make_batch(9), regression_loss(model))
     assert cs.sketches.shape == (9, 4)
     model, opt, wrapper = build(coreset_size=30)

@@ -41,7 +41,7 @@ def test_nonfinite_losses_never_selected(size, chunk):
 
 def test_finite_loss_with_nonfinite_sketch_is_invalid():
     """loss = ||out - y|| has an undefined (NaN) gradient where out == y."""
-    model, opt, wrapper = build(coreset_size=3, bias=False)
+    model, opt, wrapper = build(coreset_size=3, bias=False, selection="gradient_matching")
     batch = make_batch(8)
     batch["x"][4] = 0.0  # bias-free model: output 0
     batch["y"][4] = 0.0  # loss 0 (finite), gradient 0/0
@@ -72,7 +72,7 @@ def test_all_invalid_raises_and_changes_nothing(size):
 
 def test_all_invalid_after_normalization_raises_clearly():
     """eps=0 and a zero second moment make every normalized sketch infinite."""
-    model, opt, wrapper = build(coreset_size=3, opt_kwargs={"eps": 0.0})
+    model, opt, wrapper = build(coreset_size=3, opt_kwargs={"eps": 0.0}, selection="gradient_matching")
     for p in model.parameters():  # the state of a step whose gradients were all zero
         opt.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
     snap = Snapshot(model, opt)

@@ -170,7 +170,7 @@ def test_select_sketches_are_normalized_per_example_grads(mode):
     """Coreset.sketches (sketch_dim >= D keeps every coordinate) == loop grads, normalized."""
     model, opt = _model_and_adam(amsgrad=False)
     opt.zero_grad()
-    wrapper = CoresetOptimizer(opt, model, coreset_size=3, normalize=mode)
+    wrapper = CoresetOptimizer(opt, model, coreset_size=3, normalize=mode, selection="gradient_matching")
     batch, loss_fn = make_batch(8), regression_loss(model)
     params = [model.fc2.weight, model.fc2.bias]
     raw = per_example_grads_loop(model, params, batch, loss_fn, 8)

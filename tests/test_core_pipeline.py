@@ -52,7 +52,7 @@ def test_take_every_valid_keeps_valid_rows_with_weight_one():
 
 def test_stages_compose_to_select():
     """sketch -> normalize -> choose by hand gives select()'s coreset and sketches."""
-    model, _, wrapper = build(coreset_size=4, sketch_dim=1000)
+    model, _, wrapper = build(coreset_size=4, sketch_dim=1000, selection="gradient_matching")
     batch, loss_fn = make_batch(10), regression_loss(model)
     raw = wrapper._sketch(batch, loss_fn, 10, 4)
     params = [p for t in wrapper.sketch_targets for p in t.params]

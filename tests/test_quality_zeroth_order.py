@@ -57,7 +57,8 @@ def test_cosine_with_exact_sketch_grows_with_probes():
 def test_fixed_direction_makes_every_sketch_parallel():
     model, opt, _, batch = _setup(torch.float32)
     wrapper = CoresetOptimizer(
-        opt, model, coreset_size=6, sketch="zeroth_order", zo_fixed_direction=True, normalize=None
+        opt, model, coreset_size=6, sketch="zeroth_order", zo_fixed_direction=True, normalize=None,
+        selection="gradient_matching",
     )
     result = wrapper.select(batch, make_loss_fn(model))
     s = result.sketches
