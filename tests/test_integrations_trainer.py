@@ -347,6 +347,9 @@ def test_presets_and_selection_options_reach_the_optimizer(tmp_path):
     # an option given explicitly wins over the preset
     mixed = make_args(tmp_path, coreset_preset="colm", selection="random", normalize=None).coreset_config()
     assert (mixed.sketch, mixed.selection, mixed.normalize) == ("zeroth_order", "random", None)
+    # ... also when the value given is the default preset's own (it was once dropped as "unset")
+    given = make_args(tmp_path, coreset_preset="colm", selection="loss", sketch="exact").coreset_config()
+    assert (given.sketch, given.selection) == ("exact", "loss")
     with pytest.raises(ValueError, match="preset"):
         make_args(tmp_path, coreset_preset="nope")
     args = make_args(tmp_path, selection="facility_location", similarity="cosine", max_steps=1)

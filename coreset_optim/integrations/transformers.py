@@ -151,10 +151,13 @@ class CoresetArguments:
         )
         # Options left at their defaults take the preset's values (e.g. coreset_preset="colm").
         defaults = PRESETS["default"]
-        for name in ("sketch_dim", "normalize", "similarity", "keep_sources", "sketch", "selection"):
+        for name in ("sketch_dim", "normalize", "similarity", "keep_sources"):
             value = getattr(self, name)
             if value is not None and not (name in defaults and value == defaults[name]):
                 kwargs[name] = value
+        for name in ("sketch", "selection"):  # default None ("the preset's"): any value was given
+            if getattr(self, name) is not None:
+                kwargs[name] = getattr(self, name)
         if self.coreset_temperature is not None:
             kwargs["temperature"] = self.coreset_temperature
         if self.normalize is None:
