@@ -20,11 +20,14 @@ class SourceCount(NamedTuple):
 class Coreset:
     """A weighted subset of a large batch.
 
-    ``indices`` point into the batch (ascending); ``weights`` (one per index) sum to ``num_valid``,
-    so ``sum_j weights[j] * grad(loss_j) / num_valid`` estimates the batch's mean gradient.
+    ``indices`` point into the batch (ascending); ``weights`` (one per index) sum to ``num_valid``;
+    the step applies ``sum_j weights[j] * grad(loss_j) / num_valid`` (for gradient matching and
+    facility location an estimate of the batch's mean gradient; for ``"loss"`` and ``"target"`` a
+    deliberately different one: the hardest, or the most useful, examples).
     ``sketches`` is every example's compressed, normalized sketch as used for selection (NaN rows
     for invalid examples; zero columns when no sketch pass ran). ``loss`` is the coreset's
-    weighted estimate of the batch's mean loss. ``timings`` are seconds per stage.
+    weighted loss ``sum_j weights[j] * loss_j / num_valid`` (detached: what was backpropagated;
+    an estimate of the batch's mean loss only when the selector estimates its gradient). ``timings`` are seconds per stage.
 
     Under ``torch.distributed`` (see ``docs/distributed.md``) the batch is the *global* batch (rank
     0's examples, then rank 1's, ...): ``indices``, ``weights``, ``sketches``, ``losses``,

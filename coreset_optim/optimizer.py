@@ -388,7 +388,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
             },
             num_valid=num_valid,
             num_invalid=layout.total - num_valid,
-            loss=loss / loss_scale,  # the estimate of the batch's mean loss, without the scale
+            loss=loss / loss_scale,  # the weighted loss backpropagated, without the scale
             timings=timings,
             local_indices=local_indices,
             local_weights=local_weights,
