@@ -25,12 +25,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 import finetune as bench  # noqa: E402
 
 from coreset_optim import CoresetOptimizer  # noqa: E402
 from coreset_optim.datasets.tasks import decode  # noqa: E402
 from coreset_optim.integrations.causal_lm import causal_lm_per_example_loss  # noqa: E402
+
+hf_logging.disable_progress_bar()  # the base is loaded once per method: keep the demo's own bar readable
 
 METHODS = ["random_k", "stratified_k", "balanced_k", "default", "accum_B"]
 LABELS = {
