@@ -416,8 +416,8 @@ class CoresetOptimizer(torch.optim.Optimizer):
         block (:mod:`.streaming`: no ``[B, layer size]`` tensor exists); ``layout``'s sources
         choose the top coordinates, and under torch.distributed the ranks agree on them while
         streaming (``None``: one source). ``selection="target"``: each example's ``[alignment |
-        update]`` row against ``target_grad`` (:func:`.streaming.target_sketches`), built the same way. Zeroth-order sketches come out raw, for the normalize
-        stage. ``gradients=False`` (or a chooser that reads no sketch: random, loss): losses only, d = 0.
+        update]`` row against ``target_grad``, built the same way (:func:`.streaming.target_sketches`).
+        Zeroth-order sketches come out raw, for the normalize stage. ``gradients=False`` (or a chooser that reads no sketch: random, loss): losses only, d = 0.
         """
         c = self.config
         chunk = c.sketch_batch_size or c.micro_batch_size or budget

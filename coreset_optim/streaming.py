@@ -251,7 +251,9 @@ def summed_gradients(
                 total[start : start + block.shape[1]] += rows.sum(0, dtype=torch.float64)
             flags.append(finite)
             del calls
-    assert total is not None
+    if total is None:  # no examples
+        device = params[0].device
+        return torch.zeros(sum(p.numel() for p in params), dtype=torch.float64, device=device), torch.zeros(0, dtype=torch.bool, device=device)
     return total, torch.cat(flags)
 
 

@@ -162,3 +162,19 @@ def test_select_target_same_coreset_for_any_block_budget():
         picks.append((cs.indices, opt._target_cache["grad"]))
     assert torch.equal(picks[0][0], picks[1][0])
     torch.testing.assert_close(picks[0][1], picks[1][1])
+
+
+def test_zero_step_size_gives_zero_rows_like_whole_rows():
+    """A zero learning rate (an infinite divisor of the update): zero rows, valid, as whole rows give."""
+    model, opt = _setup()
+    targets = resolve_sketch_modules(model, opt, ["fc1", "fc2"])
+    params = sketch_params(targets)
+    batch = make_batch(5, seed=1)
+    g_t = torch.randn(sum(p.numel() for p in params))
+    for dim in (5, 10**4):
+        got, _, valid = target_sketches(
+            model, targets, batch, regression_loss(model), 5, None, optimizer=opt, normalize="adam",
+            target_grad=g_t, step_sizes=[0.0] * len(params), curvature=1.0, dim=dim, seed=0, block_bytes=1,
+        )
+        assert valid.all()
+        torch.testing.assert_close(got, torch.zeros_like(got), rtol=0, atol=0)
