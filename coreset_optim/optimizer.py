@@ -590,7 +590,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
         else:
             # Sum and count over the ranks' targets (identical targets give their own mean).
             counts = torch.tensor([float(size), float((~finite).sum())], dtype=torch.double, device=summed.device)
-            packed = torch.cat([summed, counts]).to(comm_device(group, summed.device))
+            packed = torch.cat([summed.double(), counts]).to(comm_device(group, summed.device))
             dist.all_reduce(packed, group=group)
             if packed[-1] > 0:
                 raise ValueError(

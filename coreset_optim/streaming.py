@@ -227,8 +227,9 @@ def summed_gradients(
     chunk_size: int | None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum[D] float64, finite[n])``: the sum of the finite examples' raw sketch gradients, and
-    which examples have a finite loss and gradient; one ``[D]`` vector, never ``[n, D]``.
+    """``(sum[D] float32, finite[n])``: the sum of the finite examples' raw sketch gradients, and
+    which examples have a finite loss and gradient; one ``[D]`` vector, never ``[n, D]`` (float32,
+    as a whole-row mean would be: for an ``lm_head`` the vector is the size of its weight).
 
     For the target of ``selection="target"``, whose mean gradient is ``sum / n`` when every
     example is finite (the caller refuses the target otherwise). The model's ``.grad``, modes and
@@ -242,18 +243,19 @@ def summed_gradients(
             finite = None
             for start, block, _ in sketch_blocks(targets, [calls], [_raw] * len(params), n, block_bytes):
                 if total is None:
-                    total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64, device=block.device)
+                    total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=block.device)
                 if finite is None:
                     finite = torch.isfinite(losses).to(block.device)
                 ok = torch.isfinite(block).all(1)
                 finite &= ok
                 rows = block if bool(ok.all()) else block[ok]
-                total[start : start + block.shape[1]] += rows.sum(0, dtype=torch.float64)
+                total[start : start + block.shape[1]] += rows.sum(0)
             flags.append(finite)
             del calls
     if total is None:  # no examples
         device = params[0].device
-        return torch.zeros(sum(p.numel() for p in params), dtype=torch.float64, device=device), torch.zeros(0, dtype=torch.bool, device=device)
+        total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=device)
+        return total, torch.zeros(0, dtype=torch.bool, device=device)
     return total, torch.cat(flags)
 
 

@@ -39,14 +39,14 @@ def target_gradient(sketches: torch.Tensor, losses: torch.Tensor) -> torch.Tenso
     with a NaN would silently drop an example the user chose, or poison every gain.
     """
     finite = torch.isfinite(losses).to(sketches.device) & torch.isfinite(sketches).all(1)
-    summed = torch.where(finite[:, None], sketches, torch.zeros_like(sketches)).sum(0, dtype=torch.float64)
+    summed = torch.where(finite[:, None], sketches, torch.zeros_like(sketches)).sum(0)
     return mean_target_gradient(summed, finite)
 
 
 def mean_target_gradient(summed: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
     """The target's mean gradient (float32) from the sum of its examples' gradients and which
     examples are finite (:func:`~coreset_optim.streaming.summed_gradients`); the checks of
-    :func:`target_gradient`."""
+    :func:`target_gradient`. Divides ``summed`` in place (no second layer-sized vector)."""
     if finite.numel() == 0:
         raise ValueError("target is empty (0 examples); pass at least one held-out example")
     if not bool(finite.all()):
@@ -55,7 +55,7 @@ def mean_target_gradient(summed: torch.Tensor, finite: torch.Tensor) -> torch.Te
             f"target examples {bad[:10]} have a non-finite loss or gradient; fix or drop them "
             "(the target must be clean held-out examples)"
         )
-    return (summed / finite.numel()).float()
+    return summed.div_(finite.numel()).float()
 
 
 def step_sizes(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> list[float]:
