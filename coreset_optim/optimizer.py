@@ -28,9 +28,9 @@ from .loss import LossFn, losses_in_chunks
 from .normalize import normalize_sketches
 from .presets import FROM_PRESET, resolve_preset
 from .selection import Selection, select_from_sketches, take_every_valid
-from .sketch import SketchSpec, Sketches, exact_sketches, resolve_sketch_modules, sketch_mode, sketch_params
-from .streaming import DEFAULT_BLOCK_BYTES, compressed_sketches
-from .target import batch_fingerprint, check_target_structure, step_sizes, target_features, target_gradient
+from .sketch import SketchSpec, Sketches, resolve_sketch_modules, sketch_mode, sketch_params
+from .streaming import DEFAULT_BLOCK_BYTES, compressed_sketches, summed_gradients, target_sketches
+from .target import batch_fingerprint, check_target_structure, mean_target_gradient, step_sizes
 from .zeroth_order import fixed_direction, sketch_numel, zeroth_order_sketches
 
 _STATE_KEY = "coreset_optim"
@@ -328,7 +328,8 @@ class CoresetOptimizer(torch.optim.Optimizer):
         backward. ``layout`` does the communication (identity gather and local backward in one
         process, :mod:`.distributed`); when the budget covers the batch, the sketch stage computes
         losses only and the choose stage takes every valid example. ``selection="target"`` adds
-        one stage after normalize: each example's alignment with the target (and its update).
+        one stage before sketch: the target's mean gradient, with which the sketch stage folds
+        each example's alignment (and its update) instead of a compressed sketch.
         """
         start = time.perf_counter()
         wrapper = self._check_select_call(loss_fn, loss_scale, model)
@@ -339,13 +340,14 @@ class CoresetOptimizer(torch.optim.Optimizer):
         budget = self.config.budget(layout.total)
         take_all = budget >= layout.total
         timings: dict[str, float] = {}
-        with timed(timings, "sketch"), paused_gradient_sync(wrapper):
-            raw = self._sketch(batch, loss_fn, size, budget, gradients=not take_all, layout=layout)
-        with timed(timings, "normalize"):
-            local = self._normalize(raw)
+        target_grad = None
         if aim is not None and not take_all:
             with timed(timings, "target"):
-                local = self._aim(local, *aim, loss_fn, wrapper, layout, budget)
+                target_grad = self._aim(*aim, loss_fn, wrapper, layout, budget)
+        with timed(timings, "sketch"), paused_gradient_sync(wrapper):
+            raw = self._sketch(batch, loss_fn, size, budget, gradients=not take_all, layout=layout, target_grad=target_grad)
+        with timed(timings, "normalize"):
+            local = self._normalize(raw)
         sketches = layout.gather(local, self._gather_dim(local), timings)
         self._require_valid(sketches, raw)
         choose = self._take_all if take_all else self._choose
@@ -406,15 +408,16 @@ class CoresetOptimizer(torch.optim.Optimizer):
 
     def _sketch(
         self, batch: Any, loss_fn: LossFn, size: int, budget: int, gradients: bool = True,
-        layout: LocalBatch | Shards | None = None,
+        layout: LocalBatch | Shards | None = None, target_grad: torch.Tensor | None = None,
     ) -> Sketches:
         """This process's sketches ``[B, d]`` and losses; ``valid``: both finite.
 
         Exact and projected sketches come out Adam-normalized and compressed, built block by
         block (:mod:`.streaming`: no ``[B, layer size]`` tensor exists); ``layout``'s sources
         choose the top coordinates, and under torch.distributed the ranks agree on them while
-        streaming (``None``: one source). Zeroth-order sketches come out raw, for the normalize
-        stage. ``gradients=False`` (or a chooser that reads no sketch: random, loss): losses only, d = 0.
+        streaming (``None``: one source). ``selection="target"``: each example's ``[alignment |
+        update]`` row against ``target_grad``, built the same way (:func:`.streaming.target_sketches`).
+        Zeroth-order sketches come out raw, for the normalize stage. ``gradients=False`` (or a chooser that reads no sketch: random, loss): losses only, d = 0.
         """
         c = self.config
         chunk = c.sketch_batch_size or c.micro_batch_size or budget
@@ -431,9 +434,15 @@ class CoresetOptimizer(torch.optim.Optimizer):
                 self.model, self.sketch_targets, batch, loss_fn, size, chunk,
                 eps=c.zo_eps, directions=directions,
             )
-        elif c.selection == "target":  # the target stage reads every coordinate (see _aim)
-            rows, losses = exact_sketches(self.model, self.sketch_targets, batch, loss_fn, size, chunk)
-            rows = normalize_sketches(rows, self.optimizer, sketch_params(self.sketch_targets), c.normalize)
+        elif c.selection == "target":
+            assert target_grad is not None
+            params = sketch_params(self.sketch_targets)
+            return Sketches(*target_sketches(
+                self.model, self.sketch_targets, batch, loss_fn, size, chunk,
+                optimizer=self.optimizer, normalize=c.normalize, target_grad=target_grad,
+                step_sizes=step_sizes(self.optimizer, params), curvature=c.target_curvature,
+                dim=c.sketch_dim, seed=c.seed, block_bytes=c.sketch_block_bytes,
+            ))
         else:
             codes = torch.zeros(size, dtype=torch.long) if layout is None else layout.local_codes
             return Sketches(*compressed_sketches(
@@ -536,10 +545,11 @@ class CoresetOptimizer(torch.optim.Optimizer):
         return target, fingerprint, check_target_structure(batch, target, self.config.source_key)
 
     def _aim(
-        self, local: Sketches, target: Any, fingerprint: str, missing: list[str], loss_fn: LossFn,
+        self, target: Any, fingerprint: str, missing: list[str], loss_fn: LossFn,
         wrapper: nn.Module, layout: LocalBatch | Shards, budget: int,
-    ) -> Sketches:
-        """The target stage: each example's ``[alignment | update]`` row (:func:`.target.target_features`)."""
+    ) -> torch.Tensor:
+        """The target stage: the target's mean sketch gradient, which the sketch stage aligns each
+        example's update with (:func:`.streaming.target_sketches`)."""
         c = self.config
         chunk = c.sketch_batch_size or c.micro_batch_size or budget
         try:
@@ -551,11 +561,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
                 f"loss_fn failed on the target ({type(exc).__name__}: {exc}); the target lacks the "
                 f"batch's fields {missing}: give it the fields loss_fn reads"
             ) from exc
-        params = sketch_params(self.sketch_targets)
-        rows = target_features(
-            local.rows, grad, params, step_sizes(self.optimizer, params), c.target_curvature, c.sketch_dim, c.seed
-        )
-        return Sketches(rows, local.losses, local.valid & torch.isfinite(rows).all(1))
+        return grad
 
     def _target_gradient(
         self, target: Any, fingerprint: str, loss_fn: LossFn, wrapper: nn.Module, group: Any, chunk: int
@@ -576,22 +582,22 @@ class CoresetOptimizer(torch.optim.Optimizer):
             return cache["grad"]
         size = batch_size(target)
         with paused_gradient_sync(wrapper):
-            raw, losses = exact_sketches(self.model, self.sketch_targets, target, loss_fn, size, chunk)
+            summed, finite = summed_gradients(
+                self.model, self.sketch_targets, target, loss_fn, size, chunk, self.config.sketch_block_bytes
+            )
         if group is None:
-            grad = target_gradient(raw, losses)
+            grad = mean_target_gradient(summed, finite)
         else:
             # Sum and count over the ranks' targets (identical targets give their own mean).
-            finite = torch.isfinite(losses).to(raw.device) & torch.isfinite(raw).all(1)
-            summed = torch.where(finite[:, None], raw, torch.zeros_like(raw)).double().sum(0)
-            counts = torch.tensor([float(size), float((~finite).sum())], dtype=torch.double, device=raw.device)
-            packed = torch.cat([summed, counts]).to(comm_device(group, raw.device))
+            counts = torch.tensor([float(size), float((~finite).sum())], dtype=torch.double, device=summed.device)
+            packed = torch.cat([summed.double(), counts]).to(comm_device(group, summed.device))
             dist.all_reduce(packed, group=group)
             if packed[-1] > 0:
                 raise ValueError(
                     f"{int(packed[-1])} target example(s) over the ranks have a non-finite loss or "
                     "gradient; fix or drop them (the target must be clean held-out examples)"
                 )
-            grad = (packed[:-2] / packed[-2]).float().to(raw.device)
+            grad = (packed[:-2] / packed[-2]).float().to(summed.device)
         self._target_cache = {"fingerprint": fingerprint, "grad": grad, "computed_at": self.num_selections}
         return grad
 

@@ -18,6 +18,11 @@ less over the block.
   (local) batch are held while the blocks run: ``B x tokens x (in + out)`` values per layer, the
   size of that layer's activations, not of its weight.
 
+* the target stage (``selection="target"``, :mod:`~coreset_optim.target`): an example's
+  alignment ``a_j = g_t . delta_j`` is linear in its gradient, so each block adds its share
+  (:func:`target_sketches`), and the update rows of the second-order term add their CountSketch
+  as above; the target's own mean gradient is a sum of blocks (:func:`summed_gradients`).
+
 Either way the extra memory is the compressed sketch (``B x sketch_dim``) plus one block, sized
 from ``block_bytes``, plus what the layer inputs/output gradients take. The result equals
 normalizing and compressing the whole per-example gradient at once (up to float summation order
@@ -26,6 +31,7 @@ and ties between equal top-coordinate scores).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -206,3 +212,129 @@ def _top_coordinates(
             break
         valid = finite
     return top.result(num_examples, device=device), losses, valid
+
+
+def _raw(block: torch.Tensor, start: int) -> tuple[torch.Tensor, None]:
+    return block, None
+
+
+def summed_gradients(
+    model: nn.Module,
+    targets: Sequence[SketchTarget],
+    batch: Any,
+    loss_fn: LossFn,
+    num_examples: int,
+    chunk_size: int | None,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum[D] float32, finite[n])``: the sum of the finite examples' raw sketch gradients, and
+    which examples have a finite loss and gradient; one ``[D]`` vector, never ``[n, D]`` (float32,
+    as a whole-row mean would be: for an ``lm_head`` the vector is the size of its weight).
+
+    For the target of ``selection="target"``, whose mean gradient is ``sum / n`` when every
+    example is finite (the caller refuses the target otherwise). The model's ``.grad``, modes and
+    flags are unchanged.
+    """
+    params = [p for t in targets for p in t.params]
+    total, flags = None, []
+    with sketch_mode(model, targets), torch.enable_grad():
+        for piece, calls, losses in captured_chunks(model, targets, batch, loss_fn, num_examples, chunk_size):
+            n = piece.stop - piece.start
+            finite = None
+            for start, block, _ in sketch_blocks(targets, [calls], [_raw] * len(params), n, block_bytes):
+                if total is None:
+                    total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=block.device)
+                if finite is None:
+                    finite = torch.isfinite(losses).to(block.device)
+                ok = torch.isfinite(block).all(1)
+                finite &= ok
+                rows = block if bool(ok.all()) else block[ok]
+                total[start : start + block.shape[1]] += rows.sum(0)
+            flags.append(finite)
+            del calls
+    if total is None:  # no examples
+        device = params[0].device
+        total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=device)
+        return total, torch.zeros(0, dtype=torch.bool, device=device)
+    return total, torch.cat(flags)
+
+
+def target_sketches(
+    model: nn.Module,
+    targets: Sequence[SketchTarget],
+    batch: Any,
+    loss_fn: LossFn,
+    num_examples: int,
+    chunk_size: int | None,
+    *,
+    optimizer: torch.optim.Optimizer,
+    normalize: str | None,
+    target_grad: torch.Tensor,
+    step_sizes: Sequence[float],
+    curvature: float,
+    dim: int,
+    seed: int,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The target stage's rows ``[a_j | delta_j]`` (:func:`~coreset_optim.target.target_features`),
+    folded block by block: never a ``[B, layer size]`` tensor.
+
+    ``delta_j``: example j's gradient divided by the optimizer's per-coordinate divisor (``normalize``
+    must be one, "adam" or raw) times its parameter's step size (``step_sizes``, one per sketched
+    parameter); ``a_j = g_t . delta_j`` over every sketch coordinate. The update rows are only
+    built when ``curvature > 0``: whole when the sketch has at most ``dim`` coordinates, else their
+    seeded CountSketch (the same hash as on whole rows). Returns ``(rows[B, 1 (+ d)], losses[B],
+    valid[B])``; invalid rows are NaN, as in :func:`compressed_sketches`.
+    """
+    params = [p for t in targets for p in t.params]
+    divisors = [coordinate_divisor(optimizer, p, normalize) for p in params]
+    if any(d is None for d in divisors):
+        raise ValueError(f"the target stage needs a per-coordinate normalization ('adam' or None), got {normalize!r}")
+    ends = list(itertools.accumulate(p.numel() for p in params))
+    numel = ends[-1]
+    width = 0 if curvature <= 0 else min(dim, numel)
+    compress = width > 0 and numel > dim
+    # the divisor of the update (gradient / divisor * step size), per parameter: divisor / size
+    normalizers = [_scaled_divisor(divisor, float(size)) for divisor, size in zip(divisors, step_sizes)]
+    rows, loss_rows = [], []
+    with sketch_mode(model, targets), torch.enable_grad():
+        for piece, calls, losses in captured_chunks(model, targets, batch, loss_fn, num_examples, chunk_size):
+            n = piece.stop - piece.start
+            alignment = updates = None
+            for start, block, divisor in sketch_blocks(targets, [calls], normalizers, n, block_bytes):
+                if alignment is None:
+                    alignment = block.new_zeros(n, dtype=torch.float64)
+                    updates = block.new_zeros(n, width)
+                stop = start + block.shape[1]
+                g = target_grad[start:stop].to(block.device, block.dtype)
+                weights = g / divisor
+                if bool(torch.isfinite(weights).all()):
+                    alignment += block @ weights
+                else:  # a tiny divisor (eps ~ 0): divide the block itself, as a whole row would
+                    alignment += (block / divisor) @ g
+                if compress:
+                    countsketch_add_(updates, block, seed, start, divisor)
+                elif width:
+                    updates[:, start:stop] = block / divisor
+            out = torch.cat([alignment.to(updates.dtype)[:, None], updates], dim=1)
+            rows.append(out)
+            loss_rows.append(losses)
+            del calls
+    sketches, losses = torch.cat(rows), torch.cat(loss_rows)
+    valid = torch.isfinite(losses).to(sketches.device) & torch.isfinite(sketches).all(1)
+    sketches = torch.where(valid[:, None], sketches, torch.full_like(sketches, float("nan")))
+    return sketches, losses, valid
+
+
+def _scaled_divisor(divisor, size: float) -> Normalizer:
+    """``f(block, start) -> (block, divisor / size)``: the update is ``block / (divisor / size)``
+    (size 0, a zero learning rate: an infinite divisor, a zero update)."""
+
+    def f(block: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        d = divisor(start, start + block.shape[1])
+        if d is None:
+            d = torch.ones(block.shape[1], dtype=block.dtype, device=block.device)
+        d = d.to(block.device, block.dtype)
+        return block, d / size if size != 0 else torch.full_like(d, float("inf"))
+
+    return f

@@ -16,8 +16,8 @@ is GREATS's identity Hessian, ``h = 0`` the first-order term alone). ``D`` is in
 target loss: the predicted decrease from the sketched parameters' part of the step.
 
 The functions here are pure tensor math; :class:`~coreset_optim.CoresetOptimizer` computes the
-inputs (sketches of the batch and of the target, the optimizer's step sizes) and applies the
-result.
+inputs (the target's mean gradient and each example's ``[a_j | delta_j]`` row, both folded block by
+block in :mod:`coreset_optim.streaming`; the optimizer's step sizes) and applies the result.
 """
 
 from __future__ import annotations
@@ -38,16 +38,24 @@ def target_gradient(sketches: torch.Tensor, losses: torch.Tensor) -> torch.Tenso
     Raises ``ValueError`` unless every target example has a finite loss and gradient: a target
     with a NaN would silently drop an example the user chose, or poison every gain.
     """
-    if sketches.shape[0] == 0:
-        raise ValueError("target is empty (0 examples); pass at least one held-out example")
     finite = torch.isfinite(losses).to(sketches.device) & torch.isfinite(sketches).all(1)
+    summed = torch.where(finite[:, None], sketches, torch.zeros_like(sketches)).sum(0)
+    return mean_target_gradient(summed, finite)
+
+
+def mean_target_gradient(summed: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """The target's mean gradient (float32) from the sum of its examples' gradients and which
+    examples are finite (:func:`~coreset_optim.streaming.summed_gradients`); the checks of
+    :func:`target_gradient`. Divides ``summed`` in place (no second layer-sized vector)."""
+    if finite.numel() == 0:
+        raise ValueError("target is empty (0 examples); pass at least one held-out example")
     if not bool(finite.all()):
         bad = torch.nonzero(~finite).flatten().tolist()
         raise ValueError(
             f"target examples {bad[:10]} have a non-finite loss or gradient; fix or drop them "
             "(the target must be clean held-out examples)"
         )
-    return sketches.mean(0)
+    return summed.div_(finite.numel()).float()
 
 
 def step_sizes(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> list[float]:
@@ -145,7 +153,9 @@ def target_features(
     dim: int,
     seed: int,
 ) -> torch.Tensor:
-    """What the greedy needs per example: ``[a_j | delta_j]`` rows, ``[B, 1 (+ d)]``.
+    """What the greedy needs per example: ``[a_j | delta_j]`` rows, ``[B, 1 (+ d)]``, from whole
+    normalized rows (the reference: ``select()`` folds the same rows block by block,
+    :func:`coreset_optim.streaming.target_sketches`, never holding ``normalized``).
 
     ``a_j = g_t . delta_j`` on all sketch coordinates. The update rows are only needed for the
     second-order term (``curvature > 0``); beyond ``dim`` coordinates they are CountSketched
