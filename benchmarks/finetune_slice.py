@@ -143,11 +143,21 @@ def markdown(ms, args, slice_name, mixture, refs):
         f"seeds {args.seeds}, LoRA r={args.rank}, {args.optimizer}, lr {args.lr}",
         "",
         f"Slice: `{slice_name}` = source `{args.source}` ({100 * share[args.source]:.1f} % of the pool) restricted to "
-        f"inputs of length {sl.lengths[0]}-{sl.lengths[1]} (the source draws lengths 3-8 uniformly, so the slice is about "
+        f"inputs of length {sl.lengths[0] if sl.lengths[0] == sl.lengths[1] else f'{sl.lengths[0]}-{sl.lengths[1]}'} "
+        f"(the source draws lengths 3-8 uniformly, so the slice is about "
         f"{100 * share[args.source] * (sl.lengths[1] - sl.lengths[0] + 1) / 6:.1f} % of the pool). Target: {args.target_size} "
         f"slice examples; slice evaluation: {args.eval_size} others; both disjoint from the pool. "
         "Every method runs the same steps on the same large batches per seed. Mean ± sd over seeds; "
         "differences paired by seed (mean ± sd of the per-seed differences).",
+        "",
+        "Methods: `target_slice` = `selection=\"target\"` with default options (per-source budgets, h = 0, target "
+        "refreshed every step), target = the slice's target split; `target_slice_one_greedy` = the same with "
+        "`target_per_source=False` (one greedy over the batch, free to move budget across sources); "
+        f"`{args.source}_x4_k` / `{args.source}_x16_k` = fixed reweighting: k of the large batch with budgets in proportion "
+        f"to count x weight, `{args.source}` weighted 4 / 16, random within a source, unweighted mean (an oracle: it "
+        "knows the slice's source); random / stratified / balanced k and accum B as in finetune.py. "
+        "'train ms/step': mean training time per step of each run, 2 runs in parallel on a 2-core machine shared "
+        "with other jobs (load 4-5): not an overhead measurement.",
         "",
         "| method | slice accuracy | slice answer loss | accuracy mixture | accuracy macro | train ms/step |",
         "|---|---|---|---|---|---|",
