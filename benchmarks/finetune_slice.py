@@ -14,6 +14,7 @@ Metrics after the last step: the slice's accuracy and answer loss, mixture-weigh
 accuracy over the 7 sources; differences paired by seed.
 
 Run: PYTHONPATH=. python benchmarks/finetune_slice.py --probe      (random k, one seed, candidate slices)
+     PYTHONPATH=. python benchmarks/finetune_slice.py --diagnose   (seed 0: what the target modes pick)
      PYTHONPATH=. python benchmarks/finetune_slice.py              (the comparison)
 """
 
@@ -34,7 +35,7 @@ import finetune as ft  # noqa: E402
 from common import RESULTS, machine  # noqa: E402
 
 from coreset_optim.datasets.evaluation import evaluate_tasks, macro, mixture_weighted  # noqa: E402
-from coreset_optim.datasets.tasks import Task, make_finetune_mixture  # noqa: E402
+from coreset_optim.datasets.tasks import SEP, Task, make_finetune_mixture  # noqa: E402
 
 # Candidate slices (probe): one source's operation on a narrow length range.
 CANDIDATES = {
@@ -100,6 +101,36 @@ def run(name: str, seed: int, args, slice_names: list[str]) -> dict:
         spent += time.perf_counter() - t0
     return {"method": name, "seed": seed, "steps": args.steps, "train_seconds": spent,
             **evaluate(trainer.model, ctx.mixture)}
+
+
+def diagnose(name: str, seed: int, args) -> dict:
+    """What ``name`` (a target mode) picks: the share of its coreset from the slice's source and
+    from the slice itself (the source's examples of the slice's lengths), against the batches'."""
+    torch.set_num_threads(1)
+    ft.register_finetune_experiments()
+    register_methods(args.source)
+    sl = CANDIDATES[args.slice]
+    ctx = build(args, [sl])
+    trainer = ft.Trainer(name, seed, ctx)
+    stream = ft.BatchStream(ctx.mixture.train, seed + 1)
+    src = ctx.mixture.names.index(args.source)
+    counts = {"batch_source": 0, "batch_slice": 0, "picked_source": 0, "picked_slice": 0, "batch": 0, "picked": 0}
+    for _ in range(args.steps):
+        big = stream.next(args.batch)
+        length = (big["input_ids"] == SEP).float().argmax(1) - 2  # SEP position - BOS - one op token
+        in_source = big["source"] == src
+        in_slice = in_source & (length >= sl.lengths[0]) & (length <= sl.lengths[1])
+        cs = trainer.wrapper.select(big, trainer.loss_fn, sources=big["source"], **trainer.select_kwargs)
+        trainer.opt.step()
+        trainer.opt.zero_grad(set_to_none=True)
+        idx = cs.indices
+        counts["batch"] += big["source"].numel()
+        counts["picked"] += idx.numel()
+        counts["batch_source"] += int(in_source.sum())
+        counts["batch_slice"] += int(in_slice.sum())
+        counts["picked_source"] += int(in_source[idx].sum())
+        counts["picked_slice"] += int(in_slice[idx].sum())
+    return {"method": name, "seed": seed, "steps": args.steps, **counts}
 
 
 def _run_star(a):
@@ -202,11 +233,20 @@ def main(argv=None):
                                          "target_slice_one_greedy,sort_x16_k")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--probe", action="store_true", help="random k, seed 0, every candidate slice evaluated")
+    ap.add_argument("--diagnose", action="store_true", help="seed 0: what the two target modes pick")
     ap.add_argument("--out", default="finetune_slice")
     ap.add_argument("--resume", default="")
     args = ap.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    if args.diagnose:
+        out = [diagnose(m, 0, args) for m in ("target_slice_one_greedy", "target_slice")]
+        (RESULTS / f"{args.out}_picks.json").write_text(json.dumps({"args": vars(args), "picks": out}, indent=1))
+        for d in out:
+            print(f"{d['method']}: {args.source} {d['picked_source'] / d['picked']:.3f} of picks vs "
+                  f"{d['batch_source'] / d['batch']:.3f} of batches; slice {d['picked_slice'] / d['picked']:.3f} vs "
+                  f"{d['batch_slice'] / d['batch']:.3f}")
+        return
     if args.probe:
         r = run("random_k", 0, args, list(CANDIDATES))
         print(json.dumps({n: (r["accuracy"][n], r["loss"][n]) for n in r["accuracy"]}, indent=1))
