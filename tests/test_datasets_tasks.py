@@ -63,6 +63,23 @@ def test_mixture_shares_and_disjoint_splits():
     assert torch.equal(again.train["input_ids"], m.train["input_ids"])
 
 
+def test_slice_splits_disjoint_and_in_range():
+    """A slice (sort on 3-symbol inputs) gets eval and target splits, disjoint from each other and
+    from the pool (whose sort source still holds other 3-symbol inputs); no slices: same draws."""
+    sl = Task("sort_len3", ("sort",), lengths=(3, 3))
+    m = make_finetune_mixture(num_train=1000, num_eval=10, num_target=5, seed=3, held_out=(), slices=[sl])
+    assert set(m.target) == {"sort_len3"} and m.held_out == [] and "sort_len3" not in m.names
+    rows = lambda d: {tuple(r.tolist()) for r in d["input_ids"]}  # noqa: E731
+    ev, tg, train = rows(m.eval["sort_len3"]), rows(m.target["sort_len3"]), rows(m.train)
+    assert len(ev) == 10 and len(tg) == 5 and not ev & tg and not (ev | tg) & train
+    assert (m.eval["sort_len3"]["prompt_length"] == 2 + 3 + 1).all()
+    sort_rows = m.train["input_ids"][m.train["source"] == m.names.index("sort")]
+    assert ((sort_rows[:, 5] == SEP)).any()  # the source has 3-symbol inputs the slice did not take
+    plain = make_finetune_mixture(num_train=1000, num_eval=10, num_target=5, seed=3)
+    same = make_finetune_mixture(num_train=1000, num_eval=10, num_target=5, seed=3, slices=())
+    assert torch.equal(plain.train["input_ids"], same.train["input_ids"])
+
+
 def test_pretraining_uses_only_pretrained_ops():
     batch = pretraining_batch(64, torch.Generator().manual_seed(0))
     new = {OP_TOKEN[o] for o in ("sort", "max", "rotr")}

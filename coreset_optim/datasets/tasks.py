@@ -212,15 +212,20 @@ def split_counts(total: int, shares: Sequence[float]) -> list[int]:
 
 def make_finetune_mixture(
     num_train: int = 20000, num_eval: int = 200, num_target: int = 32, seed: int = 0,
-    sources: Sequence[Source] = SOURCES, held_out: Sequence[Task] = HELD_OUT,
+    sources: Sequence[Source] = SOURCES, held_out: Sequence[Task] = HELD_OUT, slices: Sequence[Task] = (),
 ) -> FinetuneMixture:
     """The training pool (split by shares), ``num_eval`` held-out examples per source and
-    held-out task, and ``num_target`` target examples per held-out task. No (ops, input) appears in
-    two of train / eval / target. Deterministic in ``seed``."""
+    held-out task, and ``num_target`` target examples per held-out task. ``slices``: tasks that are
+    narrow parts of a source (same ops, e.g. a length range), with eval and target splits like the
+    held-out tasks' (their names are not added to ``held_out``). No (ops, input) appears in two of
+    train / eval / target. Deterministic in ``seed``; no slices: the same draws as before."""
     g = torch.Generator().manual_seed(seed)
     seen: set = set()
     evals = {t.name: make_examples(t, num_eval, g, seen) for t in [s.task for s in sources] + list(held_out)}
     targets = {t.name: make_examples(t, num_target, g, seen) for t in held_out}
+    for t in slices:
+        evals[t.name] = make_examples(t, num_eval, g, seen)
+        targets[t.name] = make_examples(t, num_target, g, seen)
     counts = split_counts(num_train, [s.share for s in sources])
     ids, labels, src = [], [], []
     for i, (source, count) in enumerate(zip(sources, counts)):
