@@ -97,7 +97,7 @@ METHODS: dict[str, Method] = {
     "stratified_k32": Method("stratified", {"selection": "random"}, k=32),
     # Target-aware selection (issue 12): the held-out tasks' target split (disjoint from their
     # evaluation split) as the target; h = target_curvature. "target" and most variants select with
-    # one greedy over the batch (target_per_source=False, measured first); *_per_source: the default.
+    # one greedy over the batch (target_per_source=False, measured first); *_per_source: per-source budgets.
     "target": Method("coreset", {"selection": "target", "target_per_source": False}, select_kwargs=lambda ctx: {"target": ctx.target}),
     "target_h1": Method("coreset", {"selection": "target", "target_curvature": 1.0, "target_per_source": False},
                         select_kwargs=lambda ctx: {"target": ctx.target}),

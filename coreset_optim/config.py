@@ -47,7 +47,7 @@ class CoresetConfig:
     distributed: Any = "auto"
     target_curvature: float = 0.0
     target_refresh: int = 1
-    target_per_source: bool = True
+    target_per_source: bool = False
 
     def __post_init__(self) -> None:
         if (self.coreset_size is None) == (self.coreset_ratio is None):

@@ -101,7 +101,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
         process_group: Any = None,
         target_curvature: float = 0.0,
         target_refresh: int = 1,
-        target_per_source: bool = True,
+        target_per_source: bool = False,
     ) -> None:
         if isinstance(optimizer, CoresetOptimizer):
             raise TypeError("optimizer is already a CoresetOptimizer; wrap the inner optimizer once")

@@ -107,7 +107,7 @@ class CoresetArguments:
         default=1, metadata={"help": "selection='target': selections between refreshes of the target's gradient."}
     )
     target_per_source: bool = field(
-        default=True, metadata={"help": "selection='target': per-source budgets (False: one greedy over the batch)."}
+        default=False, metadata={"help": "selection='target': True for per-source budgets (False: one greedy over the batch)."}
     )
     coreset_temperature: Optional[float] = field(
         default=None,
