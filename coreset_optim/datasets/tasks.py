@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .synthetic import split_counts  # the same largest-remainder split as the from-scratch mixture
+
 PAD, BOS, SEP, EOS = 0, 1, 2, 3
 FIRST_SYMBOL = 4
 NUM_SYMBOLS = 20  # 10 digits then 10 letters
@@ -193,21 +195,6 @@ class FinetuneMixture:
     shares: list[float]
     kinds: list[str]
     held_out: list[str]
-
-
-def split_counts(total: int, shares: Sequence[float]) -> list[int]:
-    """``total`` split by ``shares`` (largest remainder), every share getting at least one."""
-    s = sum(shares)
-    raw = [total * x / s for x in shares]
-    counts = [max(1, int(r)) for r in raw]
-    order = sorted(range(len(raw)), key=lambda i: -(raw[i] - int(raw[i])))
-    i = 0
-    while sum(counts) < total:
-        counts[order[i % len(order)]] += 1
-        i += 1
-    while sum(counts) > total:
-        counts[max(range(len(counts)), key=lambda c: counts[c])] -= 1
-    return counts
 
 
 def make_finetune_mixture(
