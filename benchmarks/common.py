@@ -51,6 +51,29 @@ def make_loss_fn(model):
     return loss_fn
 
 
+class ActivationMeter:
+    """Largest bytes saved for backward by one forward (parameters excluded)."""
+
+    def __init__(self, model):
+        self.params = {p.data_ptr() for p in model.parameters()}
+        self.current = self.peak = 0
+
+    def pack(self, t):
+        if t.data_ptr() not in self.params:
+            self.current += t.numel() * t.element_size()
+        return t
+
+    def wrap(self, loss_fn):
+        def measured(batch):
+            self.current = 0
+            with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t):
+                out = loss_fn(batch)
+            self.peak = max(self.peak, self.current)
+            return out
+
+        return measured
+
+
 class BatchStream:
     """Large batches drawn uniformly (without replacement within an epoch) from the pool."""
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, register_experiments  # noqa: E402
+from common import RESULTS, ActivationMeter, BatchStream, machine, register_experiments  # noqa: E402
 
 from coreset_optim import CoresetOptimizer  # noqa: E402
 from coreset_optim.budget import tempered_split  # noqa: E402
@@ -164,29 +164,6 @@ class Context:
     args: argparse.Namespace
 
 
-class ActivationMeter:
-    """Largest bytes saved for backward by one forward (parameters excluded)."""
-
-    def __init__(self, model):
-        self.params = {p.data_ptr() for p in model.parameters()}
-        self.current = self.peak = 0
-
-    def pack(self, t):
-        if t.data_ptr() not in self.params:
-            self.current += t.numel() * t.element_size()
-        return t
-
-    def wrap(self, loss_fn):
-        def measured(batch):
-            self.current = 0
-            with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t):
-                out = loss_fn(batch)
-            self.peak = max(self.peak, self.current)
-            return out
-
-        return measured
-
-
 def lora_model(seed: int, rank: int):
     """The committed base with fresh LoRA adapters (attention and MLP), initialised from ``seed``."""
     from peft import LoraConfig, get_peft_model
@@ -304,22 +281,6 @@ class Trainer:
             self.wrapper.select(big, loss_fn, sources=big["source"], **self.select_kwargs)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-
-
-class BatchStream:
-    """Large batches drawn uniformly (without replacement within an epoch) from the pool."""
-
-    def __init__(self, train: dict, seed: int):
-        self.train, self.n = train, train["input_ids"].shape[0]
-        self.gen = torch.Generator().manual_seed(seed)
-        self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
-
-    def next(self, size: int) -> dict:
-        if self.pos + size > self.n:
-            self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
-        idx = self.perm[self.pos : self.pos + size]
-        self.pos += size
-        return {k: v[idx] for k, v in self.train.items()}
 
 
 def build_context(args) -> Context:

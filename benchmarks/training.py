@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    RESULTS, BatchStream, evaluate, machine, make_loss_fn, register_experiments, save_json, tiny_llama,
+    RESULTS, ActivationMeter, BatchStream, evaluate, machine, make_loss_fn, register_experiments, save_json,
+    tiny_llama,
 )
 
 from coreset_optim import CoresetOptimizer  # noqa: E402
@@ -47,29 +48,6 @@ METHODS: dict[str, tuple[str, dict, float]] = {
     "coreset_gm_unconstrained": ("coreset", {"selection": "gradient_matching_unconstrained"}, 1.0),
     "coreset_zo_fresh": ("coreset", {"sketch": "zeroth_order", "selection": "gradient_matching", "zo_probes": 1}, 1.0),
 }
-
-
-class ActivationMeter:
-    """Largest bytes saved for backward by one forward (parameters excluded)."""
-
-    def __init__(self, model):
-        self.params = {p.data_ptr() for p in model.parameters()}
-        self.current = self.peak = 0
-
-    def pack(self, t):
-        if t.data_ptr() not in self.params:
-            self.current += t.numel() * t.element_size()
-        return t
-
-    def wrap(self, loss_fn):
-        def measured(batch):
-            self.current = 0
-            with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t):
-                out = loss_fn(batch)
-            self.peak = max(self.peak, self.current)
-            return out
-
-        return measured
 
 
 class Trainer:
