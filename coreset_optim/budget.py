@@ -76,6 +76,12 @@ def allocate_budget(counts: Sequence[int], budget: int, keep: Sequence[bool]) ->
     return [c if w else r for c, w, r in zip(counts, whole, rest)]
 
 
+def tempered_scores(counts: Sequence[int], temperature: float) -> list[float]:
+    """Each source's weight under temperature sampling: ``count ** (1 / temperature)`` (``inf``: 1
+    for every non-empty source), 0 for an empty one."""
+    return [0.0 if c == 0 else (1.0 if temperature == float("inf") else c ** (1.0 / temperature)) for c in counts]
+
+
 def tempered_split(counts: Sequence[int], budget: int, temperature: float) -> list[int]:
     """Split ``budget`` among sources in proportion to ``count ** (1 / temperature)``, capped at
     each count (what a capped source cannot take goes to the others the same way).
@@ -90,9 +96,9 @@ def tempered_split(counts: Sequence[int], budget: int, temperature: float) -> li
     alloc = [0] * len(counts)
     left = min(budget, sum(counts))
     open_ = [i for i, c in enumerate(counts) if c > 0]
+    score = tempered_scores(counts, temperature)
     while left > 0 and open_:
-        score = {i: 1.0 if temperature == float("inf") else counts[i] ** (1.0 / temperature) for i in open_}
-        total = sum(score.values())
+        total = sum(score[i] for i in open_)
         share = {i: left * score[i] / total for i in open_}
         capped = [i for i in open_ if alloc[i] + share[i] >= counts[i]]
         if capped:  # sources that can take all they have: give it, re-split the rest

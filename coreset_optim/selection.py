@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .baselines import loss_coreset, random_coreset
-from .budget import allocate_budget, tempered_split
+from .budget import allocate_budget, tempered_scores, tempered_split
 from .compress import compress_per_source
 from .facility_location import cluster_weights, greedy_facility_location
 from .gradient_matching import gradient_matching_coreset
@@ -108,7 +108,7 @@ def select_from_sketches(
         totals = [float(c) for c in counts]
     else:
         alloc = tempered_split(counts, budget, temperature)
-        scores = [0.0 if c == 0 else (1.0 if temperature == float("inf") else c ** (1.0 / temperature)) for c in counts]
+        scores = tempered_scores(counts, temperature)
         totals = [sum(counts) * x / sum(scores) for x in scores]
     picked, weights = [], []
     for code in range(num_sources):
