@@ -112,3 +112,34 @@ def make_args(tmp_path, **kwargs):
     from coreset_optim.integrations.transformers import CoresetTrainingArguments
 
     return CoresetTrainingArguments(**defaults)
+
+
+class Recording:
+    """Trainer mixin (before the trainer class): keeps every micro-batch it saw and every coreset
+    it selected, for the reference checks."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen, self.coresets = [], []
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.seen.append({k: v.clone() if torch.is_tensor(v) else list(v) for k, v in inputs.items()})
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _record_selection(self, coreset):
+        self.coresets.append((self.state.global_step, coreset.indices.tolist(), coreset.weights.clone(), coreset.num_valid))
+        super()._record_selection(coreset)
+
+
+def grad_capture():
+    """A TrainerCallback whose ``grads`` holds every trained parameter's ``.grad`` before each step."""
+    from transformers import TrainerCallback
+
+    class GradCapture(TrainerCallback):
+        def __init__(self):
+            self.grads = []
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            self.grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+
+    return GradCapture()

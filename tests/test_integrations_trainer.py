@@ -15,12 +15,13 @@ from _integrations_models import (  # noqa: E402,F401
     lora,
     make_args,
     make_dataset,
+    Recording,
+    grad_capture,
     one_thread,
     pattern_batch,
     tiny_gpt2,
     tiny_llama,
 )
-from transformers import TrainerCallback  # noqa: E402
 
 from coreset_optim import CoresetOptimizer  # noqa: E402
 from coreset_optim.integrations.causal_lm import causal_lm_loss_fn, causal_lm_per_example_loss  # noqa: E402
@@ -96,28 +97,8 @@ def test_gpt2_lora_bnb_optims_are_read(tmp_path, optim):
     assert "coreset/selected/all" not in train_logs(trainer)[0]
 
 
-class RecordingTrainer(CoresetTrainer):
+class RecordingTrainer(Recording, CoresetTrainer):
     """Keeps every micro-batch it saw and every coreset it selected (for the reference checks)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.seen, self.coresets = [], []
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        self.seen.append({k: v.clone() if torch.is_tensor(v) else list(v) for k, v in inputs.items()})
-        return super().training_step(model, inputs, num_items_in_batch)
-
-    def _record_selection(self, coreset):
-        self.coresets.append((self.state.global_step, coreset.indices.tolist(), coreset.weights.clone(), coreset.num_valid))
-        super()._record_selection(coreset)
-
-
-class GradCapture(TrainerCallback):
-    def __init__(self):
-        self.grads = []
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self.grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
 
 
 def _reference_step_gradient(model, micro_batches, coresets, accumulation):
@@ -149,7 +130,7 @@ def test_step_gradient_matches_hand_written_loop_under_accumulation(tmp_path, si
         tmp_path, per_device_train_batch_size=8, gradient_accumulation_steps=2, max_steps=1,
         max_grad_norm=0.0, logging_steps=1, **{"coreset_size": None, **size},
     )
-    capture = GradCapture()
+    capture = grad_capture()
     trainer = RecordingTrainer(model=model, args=args, train_dataset=data, callbacks=[capture])
     trainer.train()
     assert len(trainer.seen) == 2 and len(capture.grads) == 1

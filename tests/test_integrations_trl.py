@@ -13,8 +13,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("trl")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-from _integrations_models import lora, one_thread, tiny_llama  # noqa: E402,F401
-from transformers import TrainerCallback  # noqa: E402
+from _integrations_models import Recording, grad_capture, lora, one_thread, tiny_llama  # noqa: E402,F401
 
 from coreset_optim.integrations.causal_lm import causal_lm_per_example_loss  # noqa: E402
 from coreset_optim.integrations.transformers import CoresetTrainingArguments  # noqa: E402
@@ -59,28 +58,8 @@ def sft_args(tmp_path, **kwargs):
     return CoresetSFTConfig(**defaults)
 
 
-class RecordingSFTTrainer(CoresetSFTTrainer):
+class RecordingSFTTrainer(Recording, CoresetSFTTrainer):
     """Keeps every micro-batch it saw and every coreset it selected."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.seen, self.coresets = [], []
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        self.seen.append({k: v.clone() if torch.is_tensor(v) else list(v) for k, v in inputs.items()})
-        return super().training_step(model, inputs, num_items_in_batch)
-
-    def _record_selection(self, coreset):
-        self.coresets.append((self.state.global_step, coreset.indices.tolist(), coreset.weights.clone(), coreset.num_valid))
-        super()._record_selection(coreset)
-
-
-class GradCapture(TrainerCallback):
-    def __init__(self):
-        self.grads = []
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self.grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
 
 
 def test_sft_trains_on_coresets_and_logs_selection_stats(tmp_path):
@@ -141,7 +120,7 @@ def test_step_gradient_is_the_weighted_completion_only_reference(tmp_path, size)
         tmp_path, gradient_accumulation_steps=2, max_steps=1, max_grad_norm=0.0, logging_steps=1,
         gradient_checkpointing=False, **size,
     )
-    capture = GradCapture()
+    capture = grad_capture()
     trainer = RecordingSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[capture])
     assert trainer.completion_only_loss  # SFT's default for prompt-completion data
     trainer.train()
@@ -196,7 +175,7 @@ def test_step_gradient_is_the_weighted_assistant_only_reference(tmp_path):
         tmp_path, assistant_only_loss=True, gradient_accumulation_steps=2, max_steps=1, max_grad_norm=0.0,
         logging_steps=1, gradient_checkpointing=False,
     )
-    capture = GradCapture()
+    capture = grad_capture()
     trainer = RecordingSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[capture])
     trainer.train()
     assert len(trainer.seen) == 2 and len(capture.grads) == 1
