@@ -12,23 +12,41 @@ def top_coordinates(sketches: torch.Tensor, dim: int) -> torch.Tensor:
     return sketches.abs().mean(0).topk(dim, sorted=False).indices.sort().values
 
 
+def rows_per_source(valid: torch.Tensor, source_codes: torch.Tensor, num_sources: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Each source's valid rows (ascending) and their counts, with one host read for all sources
+    (a stable sort and one ``tolist``, not a ``nonzero`` per source)."""
+    key = torch.where(valid, source_codes.to(valid.device), num_sources)
+    order = torch.sort(key, stable=True).indices
+    counts = torch.bincount(key, minlength=num_sources + 1).tolist()
+    return counts[:num_sources], list(torch.split(order, counts))[:num_sources]
+
+
 def compress_per_source(
-    sketches: torch.Tensor, valid: torch.Tensor, source_codes: torch.Tensor, num_sources: int, dim: int
+    sketches: torch.Tensor,
+    valid: torch.Tensor,
+    source_codes: torch.Tensor,
+    num_sources: int,
+    dim: int,
+    rows: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``Tensor[B, min(dim, D)]``: each source's valid rows on that source's top coordinates.
 
     Coordinates are chosen per source from its valid examples, so two sources' rows may hold
     different coordinates (selection never compares across sources). Invalid rows are NaN.
+    ``rows``: :func:`rows_per_source`'s rows, when the caller has them.
     """
-    out_dim = min(dim, sketches.shape[1])
-    out = torch.full((sketches.shape[0], out_dim), float("nan"), dtype=sketches.dtype, device=sketches.device)
-    for code in range(num_sources):
-        rows = torch.nonzero(valid & (source_codes == code)).flatten()
-        if rows.numel() == 0:
+    nan = torch.full((), float("nan"), dtype=sketches.dtype, device=sketches.device)
+    if sketches.shape[1] <= dim:  # already narrow (streamed sketches): every column is kept
+        return torch.where(valid.to(sketches.device)[:, None], sketches, nan)
+    if rows is None:
+        rows = rows_per_source(valid, source_codes, num_sources)[1]
+    out = torch.full((sketches.shape[0], dim), float("nan"), dtype=sketches.dtype, device=sketches.device)
+    for source_rows in rows:
+        if source_rows.numel() == 0:
             continue
-        block = sketches.index_select(0, rows)
-        cols = top_coordinates(block, out_dim)
-        out.index_copy_(0, rows, block.index_select(1, cols))
+        block = sketches.index_select(0, source_rows)
+        cols = top_coordinates(block, dim)
+        out.index_copy_(0, source_rows, block.index_select(1, cols))
     return out
 
 
@@ -80,31 +98,17 @@ class StreamingTopCoordinates:
         magnitude = torch.abs(block, out=self.buffer[: block.numel()].view(block.shape))
         if self.invalid_rows.numel():  # may hold NaN, which a zero weight would not cancel
             magnitude.index_fill_(0, self.invalid_rows, 0.0)
+        # Rows with a non-finite value add nothing to the scores: found on the device, no host
+        # check (a sync per block would stall the GPU inside the loop). amax propagates NaN.
+        finite = torch.isfinite(magnitude.amax(1))
+        magnitude.masked_fill_(~finite[:, None], 0.0)
         scores = self.onehot @ magnitude  # [S, m]: per source, the sum over its valid rows
-        if divisor is not None:
+        if divisor is not None:  # positive (block_normalizer folds only such divisors)
             scores = scores / divisor
-        finite = torch.ones(block.shape[0], dtype=torch.bool, device=device)
-        if not bool(torch.isfinite(scores).all()):
-            # Rare: some valid row is non-finite (or overflows when divided, or the sum does):
-            # find the rows exactly and score without them.
-            per_row = magnitude if divisor is None else magnitude / divisor
-            finite = torch.isfinite(per_row.amax(1))  # amax propagates NaN
-            magnitude.index_fill_(0, torch.nonzero(~finite).flatten(), 0.0)
-            scores = self.onehot @ magnitude
-            if divisor is not None:
-                scores = scores / divisor
         del magnitude
         if self.all_reduce is not None:
             self.all_reduce(scores)
         keep = min(self.dim, m)
-        if self.scores is not None and self.scores.shape[1] == self.dim:
-            # Once every source holds dim columns, only columns above its worst kept score can
-            # enter: usually few, and a small topk is much cheaper than one of dim.
-            above = scores > self.scores.amin(1, keepdim=True)
-            keep = min(keep, int(above.sum(1).max()))
-            if keep == 0:
-                return finite
-            scores = torch.where(above, scores, torch.full_like(scores, -float("inf")))
         if 4 * keep < m:  # narrow the block first; for narrower blocks one merge topk is cheaper
             scores, best = scores.topk(keep, dim=1, sorted=False)  # [S, keep]
             values = torch.gather(block, 1, best[self.codes])  # row i on its source's best columns

@@ -422,7 +422,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
         c = self.config
         chunk = c.sketch_batch_size or c.micro_batch_size or budget
         if not gradients or c.selection in ("random", "loss"):
-            losses = self._losses_without_grad(batch, loss_fn, size)
+            losses = self._losses_without_grad(batch, loss_fn, size, chunk)
             rows = torch.empty(size, 0, device=losses.device)
         elif c.sketch == "zeroth_order":
             numel = sketch_numel(self.sketch_targets)
@@ -606,10 +606,12 @@ class CoresetOptimizer(torch.optim.Optimizer):
         counts = self._source_counts(sketches, layout)
         return take_every_valid(sketches.rows, sketches.valid, counts), [False] * len(counts), sum(counts)
 
-    def _losses_without_grad(self, batch: Any, loss_fn: LossFn, size: int) -> torch.Tensor:
-        """Per-example losses in eval mode, to find the valid examples when all are selected."""
+    def _losses_without_grad(self, batch: Any, loss_fn: LossFn, size: int, chunk: int) -> torch.Tensor:
+        """Per-example losses in eval mode, ``chunk`` examples per call (the coreset size unless
+        ``sketch_batch_size``/``micro_batch_size`` say otherwise): the pass over the large batch
+        never holds more activations than a forward of the coreset does."""
         with sketch_mode(self.model, []), torch.no_grad():
-            return losses_in_chunks(loss_fn, batch, size, self.config.sketch_batch_size or self.config.micro_batch_size)
+            return losses_in_chunks(loss_fn, batch, size, chunk)
 
     @staticmethod
     def _no_valid_message(size: int) -> str:

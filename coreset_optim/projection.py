@@ -16,14 +16,18 @@ after a checkpoint reload. Indices beyond p are folded in (j mod p plus a multip
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 PRIME = 2**31 - 1  # products of two residues stay below 2**62: exact in int64
 
 
-def _coefficients(seed: int) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def _coefficients(seed: int) -> tuple[int, ...]:
+    """The hash's five coefficients for ``seed`` (host ints, computed once per seed)."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.randint(1, PRIME, (5,), generator=gen, dtype=torch.long)
+    return tuple(torch.randint(1, PRIME, (5,), generator=gen, dtype=torch.long).tolist())
 
 
 def _poly(keys: torch.Tensor, coefs: list[int]) -> torch.Tensor:
@@ -36,7 +40,7 @@ def _poly(keys: torch.Tensor, coefs: list[int]) -> torch.Tensor:
 
 def countsketch_hash(numel: int, dim: int, seed: int, start: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Buckets in ``[0, dim)`` and float signs in {-1, +1} of coordinates ``start .. start+numel-1``."""
-    c = _coefficients(seed).tolist()
+    c = _coefficients(seed)
     keys = torch.arange(start, start + numel, dtype=torch.long, device=device)
     if start + numel > PRIME:
         keys = (keys % PRIME + (keys // PRIME) * c[4]) % PRIME
@@ -49,16 +53,13 @@ def countsketch_add_(
     out: torch.Tensor, x: torch.Tensor, seed: int, start: int = 0, divisor: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``out[n, dim] += CountSketch of x[n, m] / divisor[m]``, x being coordinates ``start .. start+m-1``
-    (the division folded into the signs: one pass over x)."""
+    (the division folded into the signs: one pass over x, no host check). ``divisor`` must be
+    positive with a finite reciprocal (e.g. Adam's with eps > 0); otherwise divide x first and
+    pass ``divisor=None``, so that 0 / 0 is NaN as on whole rows, not 0 * inf."""
     buckets, signs = countsketch_hash(x.shape[1], out.shape[1], seed, start, device=x.device)
     signs = signs.to(x.dtype)
     if divisor is not None:
-        divisor = divisor.to(x.device, x.dtype)
-        scale = signs / divisor
-        if bool(torch.isfinite(scale).all()):
-            signs = scale
-        else:  # a tiny divisor (eps ~ 0): divide x itself, so 0 / tiny stays 0 rather than 0 * inf
-            x = x / divisor
+        signs = signs / divisor.to(x.device, x.dtype)
     return out.index_add_(1, buckets, x * signs)
 
 

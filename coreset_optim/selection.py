@@ -14,7 +14,7 @@ import torch
 
 from .baselines import loss_coreset, random_coreset
 from .budget import allocate_budget, tempered_scores, tempered_split
-from .compress import compress_per_source
+from .compress import compress_per_source, rows_per_source
 from .facility_location import cluster_weights, greedy_facility_location
 from .gradient_matching import gradient_matching_coreset
 from .similarity import pairwise_similarity
@@ -100,9 +100,9 @@ def select_from_sketches(
     watch = _Stopwatch(timings, device)
     valid = valid.to(device)
     source_codes = source_codes.to(device)
-    compressed = compress_per_source(sketches, valid, source_codes, num_sources, sketch_dim)
+    counts, source_rows = rows_per_source(valid, source_codes, num_sources)
+    compressed = compress_per_source(sketches, valid, source_codes, num_sources, sketch_dim, source_rows)
     watch.lap("compress")
-    counts = torch.bincount(source_codes[valid], minlength=num_sources).tolist()
     if temperature == 1.0:
         alloc = allocate_budget(counts, budget, keep)
         totals = [float(c) for c in counts]
@@ -114,7 +114,7 @@ def select_from_sketches(
     for code in range(num_sources):
         if alloc[code] == 0:
             continue
-        rows = torch.nonzero(valid & (source_codes == code)).flatten()
+        rows = source_rows[code]
         scale = totals[code] / counts[code]  # 1 unless temperature != 1
         if alloc[code] >= counts[code]:
             picked.append(rows)

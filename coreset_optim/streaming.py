@@ -41,7 +41,7 @@ from torch import nn
 
 from .compress import StreamingTopCoordinates
 from .loss import LossFn
-from .normalize import coordinate_divisor, param_normalizer
+from .normalize import coordinate_divisor, divisor_is_positive, param_normalizer
 from .projection import countsketch_add_
 from .sketch import LayerCalls, SketchTarget, captured_chunks, linear_grad_block, sketch_mode
 
@@ -123,9 +123,10 @@ Normalizer = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor | N
 def block_normalizer(optimizer: torch.optim.Optimizer, param: torch.Tensor, mode: str | None) -> Normalizer:
     """``f(block, start) -> (block, divisor)`` for ``param``'s flat coordinates from ``start``:
     a per-coordinate divisor left to the compressor when the mode is one ("adam", raw: it then
-    divides only what it keeps), else the block normalized in place ("adam_update")."""
+    divides only what it keeps) and it is known positive (eps > 0), else the block normalized in
+    place ("adam_update", or eps = 0, where folding ``1 / divisor`` could multiply 0 by inf)."""
     divisor = coordinate_divisor(optimizer, param, mode)
-    if divisor is not None:
+    if divisor is not None and divisor_is_positive(optimizer, param):
         return lambda block, start: (block, divisor(start, start + block.shape[1]))
     normalize = param_normalizer(optimizer, param, mode, inplace=True)
     return lambda block, start: (normalize(block, start), None)
@@ -159,40 +160,57 @@ def compressed_sketches(
     """
     params = [p for t in targets for p in t.params]
     normalizers = [block_normalizer(optimizer, p, normalize) for p in params]
-    if sketch == "projection":
-        return _projected(model, targets, batch, loss_fn, num_examples, chunk_size, normalizers, dim, seed, block_bytes)
-    return _top_coordinates(
-        model, targets, batch, loss_fn, num_examples, chunk_size, normalizers, dim,
-        source_codes, num_sources, block_bytes, agreement,
-    )
-
-
-def _projected(model, targets, batch, loss_fn, num_examples, chunk_size, normalizers, dim, seed, block_bytes):
-    rows, loss_rows = [], []
     with sketch_mode(model, targets), torch.enable_grad():
-        for piece, calls, losses in captured_chunks(model, targets, batch, loss_fn, num_examples, chunk_size):
-            n = piece.stop - piece.start
-            out = None
-            for start, block, divisor in sketch_blocks(targets, [calls], normalizers, n, block_bytes):
-                out = block.new_zeros(n, dim) if out is None else out
-                countsketch_add_(out, block, seed, start, divisor)
-            rows.append(out)
-            loss_rows.append(losses)
-            del calls
+        chunks = captured_chunks(model, targets, batch, loss_fn, num_examples, chunk_size)
+        if sketch == "auto":
+            first = next(chunks)
+            chunks = itertools.chain([first], chunks)
+            sketch = "exact" if _hold_fits(first, num_examples, block_bytes, agreement) else "projection"
+        if sketch == "projection":
+            return _projected(chunks, targets, normalizers, dim, seed, block_bytes)
+        held = list(chunks)
+    return _top_coordinates(held, targets, num_examples, normalizers, dim, source_codes, num_sources, block_bytes, agreement)
+
+
+# Top coordinates hold every example's sketch-layer inputs and output gradients (their scores need
+# the whole batch); sketch="auto" does so while that stays within this many blocks, and streams a
+# CountSketch chunk by chunk beyond (e.g. an lm_head: B x tokens x vocabulary output gradients).
+HOLD_BLOCKS = 16
+
+
+def _hold_fits(first: tuple[slice, list[LayerCalls], torch.Tensor], num_examples: int, block_bytes: int,
+               agreement: Agreement | None) -> bool:
+    """Whether holding the whole batch's layer calls (estimated from the first chunk's) stays within
+    ``HOLD_BLOCKS`` blocks; under torch.distributed, on every rank."""
+    piece, calls, _ = first
+    held = sum(t.numel() * t.element_size() for c in calls for t in (*c.inputs, *c.grad_outputs))
+    fits = held * num_examples / max(1, piece.stop - piece.start) <= HOLD_BLOCKS * block_bytes
+    return fits if agreement is None else not agreement.any_rank(not fits)
+
+
+def _projected(chunks, targets, normalizers, dim, seed, block_bytes):
+    """Stream: each chunk's blocks folded into its CountSketch rows, then the chunk is dropped."""
+    rows, loss_rows = [], []
+    for piece, calls, losses in chunks:
+        n = piece.stop - piece.start
+        out = None
+        for start, block, divisor in sketch_blocks(targets, [calls], normalizers, n, block_bytes):
+            out = block.new_zeros(n, dim) if out is None else out
+            countsketch_add_(out, block, seed, start, divisor)
+        rows.append(out)
+        loss_rows.append(losses)
+        del calls
     sketches, losses = torch.cat(rows), torch.cat(loss_rows)
     valid = torch.isfinite(losses).to(sketches.device) & torch.isfinite(sketches).all(1)
     sketches = torch.where(valid[:, None], sketches, torch.full_like(sketches, float("nan")))
     return sketches, losses, valid
 
 
-def _top_coordinates(
-    model, targets, batch, loss_fn, num_examples, chunk_size, normalizers, dim,
-    source_codes, num_sources, block_bytes, agreement,
-):
-    with sketch_mode(model, targets), torch.enable_grad():
-        chunks = list(captured_chunks(model, targets, batch, loss_fn, num_examples, chunk_size))
+def _top_coordinates(chunks, targets, num_examples, normalizers, dim, source_codes, num_sources, block_bytes, agreement):
+    """Hold every chunk's layer calls, then score the whole batch's columns block by block."""
     calls = [c for _, c, _ in chunks]
     losses = torch.cat([loss for _, _, loss in chunks])
+    del chunks
     device = calls[0][0].grad_outputs[0].device
     plan_examples = num_examples if agreement is None else agreement.plan_examples
     valid = torch.isfinite(losses).to(device)
@@ -248,8 +266,8 @@ def summed_gradients(
                     finite = torch.isfinite(losses).to(block.device)
                 ok = torch.isfinite(block).all(1)
                 finite &= ok
-                rows = block if bool(ok.all()) else block[ok]
-                total[start : start + block.shape[1]] += rows.sum(0)
+                # A non-finite row adds nothing (no host check: the block is summed either way).
+                total[start : start + block.shape[1]] += torch.where(ok[:, None], block, 0.0).sum(0)
             flags.append(finite)
             del calls
     if total is None:  # no examples
@@ -290,6 +308,9 @@ def target_sketches(
     divisors = [coordinate_divisor(optimizer, p, normalize) for p in params]
     if any(d is None for d in divisors):
         raise ValueError(f"the target stage needs a per-coordinate normalization ('adam' or None), got {normalize!r}")
+    # eps > 0: 1 / divisor is finite, so it folds into the target's weights and the CountSketch's
+    # signs (no host check per block); eps = 0: the block itself is divided, as a whole row would be.
+    fold = all(divisor_is_positive(optimizer, p) for p in params)
     ends = list(itertools.accumulate(p.numel() for p in params))
     numel = ends[-1]
     width = 0 if curvature <= 0 else min(dim, numel)
@@ -307,15 +328,13 @@ def target_sketches(
                     updates = block.new_zeros(n, width)
                 stop = start + block.shape[1]
                 g = target_grad[start:stop].to(block.device, block.dtype)
-                weights = g / divisor
-                if bool(torch.isfinite(weights).all()):
-                    alignment += block @ weights
-                else:  # a tiny divisor (eps ~ 0): divide the block itself, as a whole row would
-                    alignment += (block / divisor) @ g
+                if not fold:
+                    block, divisor = block / divisor, None
+                alignment += block @ (g if divisor is None else g / divisor)
                 if compress:
                     countsketch_add_(updates, block, seed, start, divisor)
                 elif width:
-                    updates[:, start:stop] = block / divisor
+                    updates[:, start:stop] = block if divisor is None else block / divisor
             out = torch.cat([alignment.to(updates.dtype)[:, None], updates], dim=1)
             rows.append(out)
             loss_rows.append(losses)
