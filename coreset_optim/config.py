@@ -38,7 +38,7 @@ class CoresetConfig:
     sketch_block_bytes: int = DEFAULT_BLOCK_BYTES
     micro_batch_size: int | None = None
     seed: int = 0
-    sketch: str = "exact"
+    sketch: str = PRESETS["default"]["sketch"]
     zo_eps: float = 1e-3
     zo_probes: int = 1
     zo_fixed_direction: bool = False
@@ -125,10 +125,10 @@ class CoresetConfig:
                 "preconditioner (normalize='adam', or None for SGD-like optimizers); "
                 "normalize='adam_update' is a per-example update with the momentum inside: use 'adam'"
             )
-        if self.selection == "target" and self.sketch != "exact":
+        if self.selection == "target" and self.sketch not in ("auto", "exact"):
             raise ValueError(
                 f"selection='target' needs exact sketches (the target's gradient is compared with each "
-                f"example's on the same coordinates); got sketch={self.sketch!r}: use sketch='exact'"
+                f"example's on the same coordinates); got sketch={self.sketch!r}: use sketch='exact' (or 'auto')"
             )
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not (
             self.temperature > 0 and not math.isnan(self.temperature)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-SKETCH_MODES = ("exact", "zeroth_order", "projection")
+SKETCH_MODES = ("auto", "exact", "zeroth_order", "projection")
 
 
 class _FromPreset:
@@ -27,9 +27,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # stratified random 0.833 +- 0.019, random 0.829 +- 0.018, batch B accumulated 0.904 +- 0.011;
     # with 8-bit AdamW 0.864 / 0.844 / 0.819; at k = 32 0.882 / 0.878 / 0.861. "loss" needs no
     # sketch pass (one no-grad forward of the batch). The sketch options below apply when
-    # selection="gradient_matching" or "facility_location" is chosen.
+    # selection="gradient_matching" or "facility_location" is chosen. sketch="auto": top
+    # coordinates ("exact") while the whole batch's sketch-layer activations fit in 16 blocks,
+    # else a streamed CountSketch ("projection"; e.g. an lm_head at a 32k+ vocabulary), so that the
+    # sketch pass stays near a plain step of k (docs/performance.md#real-shapes).
     "default": {
-        "sketch": "exact",
+        "sketch": "auto",
         "normalize": "adam",
         "sketch_dim": 2560,
         "similarity": "l1",

@@ -98,8 +98,10 @@ def select_from_sketches(
     device = sketches.device
     timings: dict[str, float] = {}
     watch = _Stopwatch(timings, device)
-    valid = valid.to(device)
-    source_codes = source_codes.to(device)
+    if getattr(selector, "runs_on_host", False):  # one copy to the host, not one per source
+        sketches = sketches.cpu()
+    valid = valid.to(sketches.device)
+    source_codes = source_codes.to(sketches.device)
     counts, source_rows = rows_per_source(valid, source_codes, num_sources)
     compressed = compress_per_source(sketches, valid, source_codes, num_sources, sketch_dim, source_rows)
     watch.lap("compress")
@@ -118,7 +120,7 @@ def select_from_sketches(
         scale = totals[code] / counts[code]  # 1 unless temperature != 1
         if alloc[code] >= counts[code]:
             picked.append(rows)
-            weights.append(torch.full((rows.numel(),), scale, device=device))
+            weights.append(torch.full((rows.numel(),), scale, device=rows.device))
             continue
         local, w = selector(
             compressed.index_select(0, rows), alloc[code], similarity=similarity, watch=watch,
@@ -134,7 +136,7 @@ def select_from_sketches(
         weights_t = weights_t * (num_valid / weights_t.sum())
     order = indices.argsort()
     watch.lap("weights")
-    return Selection(indices[order], weights_t[order], compressed, alloc, timings)
+    return Selection(indices[order].to(device), weights_t[order].to(device), compressed.to(device), alloc, timings)
 
 
 def take_every_valid(sketches: torch.Tensor, valid: torch.Tensor, counts: Sequence[int]) -> Selection:

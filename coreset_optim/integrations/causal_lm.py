@@ -94,7 +94,7 @@ class _TokenNLL(torch.autograd.Function):
         step = _rows_per_chunk(vocab)
         for r0 in range(0, num_rows, step):
             rows = slice(r0, r0 + step)
-            p = logits[rows].float().sub_(lse[rows, None]).exp_()  # softmax of the chunk
+            p = (logits[rows].float() - lse[rows, None]).exp_()  # softmax of the chunk (a new tensor)
             p.scatter_add_(1, safe[rows, None], torch.full_like(p[:, :1], -1.0))
             out[rows] = p.mul_(scale[rows, None])
         return out, None, None

@@ -94,7 +94,7 @@ class CoresetArguments:
         default="default", metadata={"help": "'default' or 'colm': fills the options left at their defaults."}
     )
     sketch: Optional[str] = field(
-        default=None, metadata={"help": "'exact', 'zeroth_order' or 'projection'; None: the preset's."}
+        default=None, metadata={"help": "'auto', 'exact', 'zeroth_order' or 'projection'; None: the preset's."}
     )
     selection: Optional[str] = field(
         default=None,

@@ -1,0 +1,303 @@
+"""Peak memory and time of one coreset step at the shapes users train: 128-2048 tokens,
+vocabularies of 32k, 50k and 128k, LoRA and full fine-tuning, every selection method.
+
+Question: does a coreset step of k from B stay near a plain step of k in memory (and near CoLM's
+ideal in time) once the logits dominate, with the library's defaults and no memory option set?
+
+Each configuration runs in a fresh process (random init from a config, no hub): AdamW, one
+warm-up step on a 16-token batch (Adam's state exists), then one measured step on the real batch.
+Memory above base = peak RSS during the measured step minus the RSS just before it (the peak reset
+through /proc/self/clear_refs; freed blocks of 64 KiB or more go back to the OS, so RSS follows
+live tensors). Time = that step's wall-clock (shared 2-core machine: read the ratios, which are
+measured in one run, not the seconds).
+
+Configurations (B = 32 examples, k = 8 unless given):
+  plain_k / plain_B   forward/backward of k (or B) examples with the model's own loss + step
+  accum_B             B in micro-batches of k, one step (the exact large-batch gradient)
+  ideal               CoLM's ideal: a no-grad forward of B (in chunks of k) + forward/backward of k
+  coreset:<selection> ``select()`` k of B with ``causal_lm_loss_fn`` + step, only ``selection``
+                      set (``target``: 8 held-out examples)
+
+Usage: ``PYTHONPATH=. python benchmarks/real_shapes.py [--quick]``
+Results: benchmarks/results/real_shapes.{json,md,png}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from e2e import _release_host_memory, _set_malloc_mmap_threshold, _status_kb, machine_info  # noqa: E402
+
+# name: (family, vocab); hidden 64, 2 layers: the logits, not the blocks, are what grows with T.
+MODELS = {"llama-32k": ("llama", 32000), "gpt2-50k": ("gpt2", 50257), "llama-128k": ("llama", 128256)}
+HIDDEN, LAYERS = 64, 2
+SELECTIONS = ["loss", "random", "gradient_matching", "facility_location", "target"]
+
+
+def build(model_name: str, seq_len: int, lora: bool):
+    import torch
+
+    family, vocab = MODELS[model_name]
+    torch.manual_seed(0)
+    if family == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=HIDDEN, n_layer=LAYERS, n_head=4,
+                                           n_positions=max(seq_len, 16)))
+        modules = ["c_attn"]
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(seq_len, 16)))
+        modules = ["q_proj", "v_proj"]
+    model.config.use_cache = False
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=modules, lora_dropout=0.0))
+    return model
+
+
+def batch(size: int, seq_len: int, vocab: int, seed: int) -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (size, seq_len), generator=g)
+    labels = ids.clone()
+    labels[:, : seq_len // 4] = -100  # a prompt without loss
+    return {"input_ids": ids, "labels": labels, "source": [("a", "b", "c", "d")[i % 4] for i in range(size)]}
+
+
+def make_step(config: str, model, opt, k: int, big: int):
+    import torch
+
+    from coreset_optim import CoresetOptimizer
+    from coreset_optim.batching import index_batch
+    from coreset_optim.integrations.causal_lm import causal_lm_loss_fn
+
+    def hf_backward(b: dict, scale: float) -> None:
+        out = model(input_ids=b["input_ids"], labels=b["labels"])
+        (out.loss * scale).backward()
+
+    def plain(b: dict, n: int) -> None:
+        hf_backward(index_batch({"input_ids": b["input_ids"], "labels": b["labels"]}, torch.arange(n)), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if config == "plain_k":
+        return lambda b: plain(b, k)
+    if config == "plain_B":
+        return lambda b: plain(b, big)
+    if config == "accum_B":
+        def accum(b: dict) -> None:
+            for s in range(0, big, k):
+                hf_backward({"input_ids": b["input_ids"][s : s + k], "labels": b["labels"][s : s + k]}, k / big)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return accum
+    loss_fn = causal_lm_loss_fn(model)
+    if config == "ideal":
+        def ideal(b: dict) -> None:
+            fields = {"input_ids": b["input_ids"], "labels": b["labels"]}
+            was = model.training
+            model.eval()
+            with torch.no_grad():
+                for s in range(0, big, k):
+                    loss_fn(index_batch(fields, torch.arange(s, min(s + k, big))))
+            model.train(was)
+            plain(b, k)
+        return ideal
+    selection = config.split(":", 1)[1]
+    wrapper = CoresetOptimizer(opt, model, coreset_size=k, selection=selection)
+    if selection == "target":
+        wrapper.set_target({key: v for key, v in batch(8, 16, model.config.vocab_size, 99).items() if key != "source"})
+
+    def coreset(b: dict) -> None:
+        wrapper.select({"input_ids": b["input_ids"], "labels": b["labels"]}, loss_fn, sources=b["source"])
+        wrapper.step()
+        wrapper.zero_grad(set_to_none=True)
+
+    coreset.wrapper = wrapper
+    return coreset
+
+
+def run_worker(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model = build(args.model, args.seq_len, args.lora)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    step = make_step(args.worker, model, opt, args.k, args.batch)
+    vocab = model.config.vocab_size
+    step(batch(args.batch, 16, vocab, 0))  # warm-up: Adam's state
+    real = batch(args.batch, args.seq_len, vocab, 1)
+    _set_malloc_mmap_threshold(65536)
+    _release_host_memory()
+    base = _status_kb("VmRSS") * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    t0 = time.perf_counter()
+    step(real)
+    seconds = time.perf_counter() - t0
+    peak = _status_kb("VmHWM") * 1024 - base
+    wrapper = getattr(step, "wrapper", None)
+    row = {"config": args.worker, "model": args.model, "lora": args.lora, "vocab": vocab, "seq_len": args.seq_len,
+           "batch": args.batch, "k": args.k, "peak_above_base_bytes": peak, "base_bytes": base, "step_s": seconds}
+    if wrapper is not None:
+        c = wrapper.config
+        row.update(sketch=c.sketch, sketch_modules=[t.name for t in wrapper.sketch_targets])
+    return row
+
+
+def spawn(args, config: str, model: str, seq_len: int, lora: bool) -> dict | None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS=str(args.threads), TRANSFORMERS_VERBOSITY="error")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--model", model,
+           "--seq-len", str(seq_len), "--batch", str(args.batch), "--k", str(args.k), "--threads", str(args.threads)]
+    if lora:
+        cmd.append("--lora")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"FAILED {config} {model} T={seq_len} lora={lora}: {proc.stderr[-1500:]}", flush=True)
+        return None
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"{model:10s} {'lora' if lora else 'full'} T={seq_len:5d} {config:28s} "
+          f"{row['peak_above_base_bytes'] / 2**30:6.2f} GiB {row['step_s']:6.1f} s", flush=True)
+    return row
+
+
+def fits(model: str, seq_len: int, n: int) -> bool:
+    """Whether a plain step of n examples fits this 24 GiB machine (logits + the loss's float32
+    copy + their gradient, about 3 x n x T x vocab x 4 bytes, with margin)."""
+    return 3.5 * n * seq_len * MODELS[model][1] * 4 < 18 * 2**30
+
+
+def grid(quick: bool) -> list[tuple[str, int]]:
+    if quick:
+        return [("llama-32k", 128)]
+    return [("llama-32k", 128), ("llama-32k", 512), ("llama-32k", 2048), ("gpt2-50k", 512), ("gpt2-50k", 2048),
+            ("llama-128k", 512)]
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One line per (model, lora, T, method): memory / plain k, / plain B, time / ideal, / accumulation."""
+    out = []
+    key = lambda r: (r["model"], r["lora"], r["seq_len"])  # noqa: E731
+    shapes = sorted({key(r) for r in rows}, key=lambda s: (s[0], s[1], s[2]))
+    for shape in shapes:
+        by = {r["config"]: r for r in rows if key(r) == shape}
+        plain_k, plain_b = by.get("plain_k"), by.get("plain_B")
+        ideal, accum = by.get("ideal"), by.get("accum_B")
+        for name, r in by.items():
+            if not name.startswith("coreset:"):
+                continue
+            mem = r["peak_above_base_bytes"]
+            out.append({
+                "model": shape[0], "lora": shape[1], "seq_len": shape[2], "selection": name.split(":")[1],
+                "sketch": r.get("sketch"), "coreset_gib": mem / 2**30,
+                "plain_k_gib": plain_k and plain_k["peak_above_base_bytes"] / 2**30,
+                "plain_B_gib": plain_b and plain_b["peak_above_base_bytes"] / 2**30,
+                "over_plain_k": plain_k and mem / plain_k["peak_above_base_bytes"],
+                "over_plain_B": plain_b and mem / plain_b["peak_above_base_bytes"],
+                "time_over_ideal": ideal and r["step_s"] / ideal["step_s"],
+                "time_over_accum": accum and r["step_s"] / accum["step_s"],
+            })
+    return out
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    f = lambda x, d=2: "n/a" if x is None else f"{x:.{d}f}"  # noqa: E731
+    lines = [
+        "# Coreset step at real shapes: memory and time (`benchmarks/real_shapes.py`)", "",
+        f"Written by `benchmarks/real_shapes.py` at commit {result['commit']}, {m['when']}, on {m['cpu']} "
+        f"({m.get('cores')} cores, {result['threads']} thread per process; a shared machine). "
+        f"B = {result['batch']}, k = {result['k']}, hidden {HIDDEN}, {LAYERS} layers, random init, AdamW; "
+        "LoRA r = 8 on q/v (GPT-2: c_attn). Peak RSS of the measured step above the RSS before it; one step "
+        "per configuration, each in a fresh process. 'plain B' is n/a where it does not fit in 24 GiB.", "",
+        "| model | tuning | T | selection | sketch | coreset GiB | plain k GiB | plain B GiB | / plain k | / plain B "
+        "| time / ideal | time / accum B |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in result["summary"]:
+        lines.append(
+            f"| {s['model']} | {'LoRA' if s['lora'] else 'full'} | {s['seq_len']} | {s['selection']} | "
+            f"{s['sketch'] or '-'} | {f(s['coreset_gib'])} | {f(s['plain_k_gib'])} | {f(s['plain_B_gib'])} | "
+            f"{f(s['over_plain_k'])} | {f(s['over_plain_B'])} | {f(s['time_over_ideal'])} | {f(s['time_over_accum'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["summary"]
+    panels = sorted({(s["model"], s["lora"]) for s in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
+    for ax, (model, lora) in zip(axes[0], panels):
+        for sel in SELECTIONS:
+            pts = sorted((s["seq_len"], s["over_plain_k"]) for s in rows
+                         if s["model"] == model and s["lora"] == lora and s["selection"] == sel and s["over_plain_k"])
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=sel)
+        ax.axhline(1.2, color="grey", ls="--", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{model}, {'LoRA' if lora else 'full'}", fontsize=9)
+        ax.set_xlabel("tokens per example")
+    axes[0][0].set_ylabel("peak memory / plain step of k")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker")
+    parser.add_argument("--model", default="llama-32k", choices=list(MODELS))
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=str(HERE / "results" / "real_shapes"))
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_worker(args)))
+        return
+    rows = []
+    for model, seq_len in grid(args.quick):
+        for lora in (True, False):
+            configs = ["plain_k", "ideal", "accum_B"] + (["plain_B"] if fits(model, seq_len, args.batch) else [])
+            configs += [f"coreset:{s}" for s in SELECTIONS]
+            for config in configs:
+                row = spawn(args, config, model, seq_len, lora)
+                if row is not None:
+                    rows.append(row)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    result = {"script": "benchmarks/real_shapes.py", "commit": commit, "machine": machine_info("cpu", args.threads),
+              "threads": args.threads, "batch": args.batch, "k": args.k, "rows": rows, "summary": summarize(rows)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(markdown(result))
+    plot(result, out.with_suffix(".png"))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
