@@ -19,8 +19,15 @@ Add a method: ``METHODS["name"] = Method("coreset", {CoresetOptimizer options}, 
 ``select_kwargs(ctx)`` returns extra keyword arguments for ``select()``; ``ctx.target`` is the
 held-out tasks' target split (a batch with input_ids/labels), disjoint from their evaluation split.
 
+Label noise (``--noise MODEL --noise-rate R --noise-placement per_source|concentrated``): wrong answers
+in the training pool only (:mod:`coreset_optim.datasets.noise`); scores stay on the clean held-out data,
+and the results are saved under a name that carries the settings (``finetune_noise-random_tokens-0.2``).
+Every training row carries its pool row in ``index`` (sliced with the batch, never given to the model),
+and ``ctx.corrupted`` marks the pool rows with wrong answers: what a report of rejected rows needs.
+
 Run: PYTHONPATH=. python benchmarks/finetune.py            (the full benchmark)
      PYTHONPATH=. python benchmarks/finetune.py --quick    (a few minutes)
+     PYTHONPATH=. python benchmarks/finetune.py --quick --noise random_tokens --noise-rate 0.2
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -44,6 +52,7 @@ from coreset_optim import CoresetOptimizer  # noqa: E402
 from coreset_optim.budget import tempered_split  # noqa: E402
 from coreset_optim.datasets.base_model import load_base  # noqa: E402
 from coreset_optim.datasets.evaluation import evaluate_tasks, macro, mixture_weighted  # noqa: E402
+from coreset_optim.datasets.noise import NOISE_MODELS, PLACEMENTS, check_noise, corrupt_mixture  # noqa: E402
 from coreset_optim.datasets.tasks import FinetuneMixture, make_finetune_mixture  # noqa: E402
 from coreset_optim.integrations.causal_lm import causal_lm_per_example_loss  # noqa: E402
 
@@ -159,9 +168,13 @@ def register_finetune_experiments() -> None:
 
 @dataclass
 class Context:
+    """``corrupted``: ``BoolTensor[N]``, the pool rows whose answer the label noise made wrong (None:
+    a clean pool); ``mixture.train["index"]`` numbers the pool rows, so a batch's rows can be matched to it."""
+
     mixture: FinetuneMixture
     target: dict
     args: argparse.Namespace
+    corrupted: torch.Tensor | None = None
 
 
 def lora_model(seed: int, rank: int):
@@ -284,12 +297,48 @@ class Trainer:
 
 
 def build_context(args) -> Context:
+    """The mixture (training pool with label noise if ``args.noise``; evaluation and target splits
+    always clean), each pool row numbered in ``train["index"]``, and the held-out tasks' target."""
     mixture = make_finetune_mixture(args.pool, args.eval_size, args.target_size, seed=0)
+    noise, corrupted = noise_settings(args), None
+    if noise is not None:
+        mixture, corrupted = corrupt_mixture(mixture, noise["model"], noise["rate"], noise["placement"], noise["seed"])
+    mixture = replace(mixture, train={**mixture.train, "index": torch.arange(mixture.train["source"].shape[0])})
     target = {
         key: torch.cat([mixture.target[t][key] for t in mixture.held_out])
         for key in ("input_ids", "labels")
     }
-    return Context(mixture, target, args)
+    return Context(mixture, target, args, corrupted)
+
+
+def noise_settings(args) -> dict | None:
+    """The run's label-noise settings, or None for the clean pool."""
+    if not getattr(args, "noise", None):
+        return None
+    return {"model": args.noise, "rate": args.noise_rate, "placement": args.noise_placement, "seed": args.noise_seed}
+
+
+def result_name(out: str, noise: dict | None) -> str:
+    """``out`` for a clean pool; with noise, ``out`` plus the settings (placement and seed when not
+    the defaults), so that noisy results never overwrite clean ones or each other."""
+    if noise is None:
+        return out
+    name = f"{out}_noise-{noise['model']}-{noise['rate']:g}"
+    if noise["placement"] != "per_source":
+        name += f"-{noise['placement']}"
+    return name + (f"-seed{noise['seed']}" if noise["seed"] else "")
+
+
+def noise_record(ctx: Context) -> dict | None:
+    """What the JSON keeps of the noise: settings and corrupted rows per source (the mask itself is
+    :func:`corrupt_mixture` of the same settings)."""
+    noise = noise_settings(ctx.args)
+    if noise is None:
+        return None
+    source, names = ctx.mixture.train["source"], ctx.mixture.names
+    per = torch.bincount(source[ctx.corrupted], minlength=len(names)).tolist()
+    return {**noise, "corrupted": int(ctx.corrupted.sum()), "pool": int(source.shape[0]),
+            "corrupted_per_source": dict(zip(names, per)), "applied_to": "training pool only; evaluation clean"}
 
 
 def evaluate(model, mixture: FinetuneMixture) -> dict:
@@ -449,18 +498,30 @@ def fmt(s: dict, digits: int = 3) -> str:
     return f"{s['mean']:.{digits}f} ± {s['sd']:.{digits}f}"
 
 
-def markdown(summary: dict, mixture: FinetuneMixture, args) -> str:
+def noise_line(noise: dict | None) -> list[str]:
+    """The markdown's line on label noise (none for a clean pool)."""
+    if noise is None:
+        return []
+    per = ", ".join(f"{n} {c}" for n, c in noise["corrupted_per_source"].items())
+    return [f"Label noise in the training pool only (scores are on clean held-out data): {noise['model']}, rate "
+            f"{noise['rate']:g}, {noise['placement']}, seed {noise['seed']}: {noise['corrupted']} of {noise['pool']} "
+            f"rows have a wrong answer ({per}).", ""]
+
+
+def markdown(summary: dict, mixture: FinetuneMixture, args, noise: dict | None = None) -> str:
     ms = summary["methods"]
     order = sorted(ms, key=lambda m: -ms[m]["accuracy_mixture"]["mean"])
     steps = summary["steps"]
     lines = [
         f"# Fine-tuning benchmark: B={args.batch}, k={args.k}, {steps} steps, seeds {args.seeds}, "
-        f"LoRA r={args.rank} (attention+MLP), {args.optimizer}, lr {args.lr}",
+        f"LoRA r={args.rank} (attention+MLP), {args.optimizer}, lr {args.lr}"
+        + (f", label noise {noise['model']} {noise['rate']:g}" if noise else ""),
         "",
         "Sources (share, kind): " + ", ".join(
             f"{n} ({100 * s / sum(mixture.shares):.1f} %, {k})" for n, s, k in zip(mixture.names, mixture.shares, mixture.kinds)
         ) + f". Held-out tasks (not trained on): {', '.join(mixture.held_out)}.",
         "",
+        *noise_line(noise),
         *([f"Runs: {args.note}", ""] if getattr(args, "note", "") else []),
         f"After {steps} steps, mean ± sd over seeds. Accuracy: exact match of the greedy answer on "
         f"{args.eval_size} held-out examples per source. 'mixture': weighted by the training shares "
@@ -586,9 +647,29 @@ def parse_args(argv=None):
     ap.add_argument("--renamed", action="store_true", help="--from-runs: the file uses the names of RENAMED")
     ap.add_argument("--remeasure", action="store_true", help="--from-runs: measure the step costs again")
     ap.add_argument("--resume", default="", help="a (partial) JSON file whose runs are kept, not rerun")
+    ap.add_argument("--noise", choices=list(NOISE_MODELS), default=None,
+                    help="label noise in the training pool (evaluation stays clean); results go to "
+                         "<out>_noise-<model>-<rate>[-<placement>][-seed<n>]")
+    ap.add_argument("--noise-rate", type=float, default=None, help="share of the pool's rows corrupted (default 0.2)")
+    ap.add_argument("--noise-placement", choices=list(PLACEMENTS), default=None,
+                    help="per_source (default): each source gets the rate; concentrated: the same count, all "
+                         "in the largest source")
+    ap.add_argument("--noise-seed", type=int, default=None, help="which rows and wrong answers (default 0)")
     args = ap.parse_args(argv)
     if args.quick:
         args.methods, args.steps, args.seeds, args.eval_every = ",".join(QUICK_SET), 150, "0,1", 50
+    noise_options = (args.noise_rate, args.noise_placement, args.noise_seed)
+    if args.noise is None and any(o is not None for o in noise_options):
+        ap.error("--noise-rate, --noise-placement and --noise-seed need --noise MODEL")
+    if args.noise is not None:
+        args.noise_rate = 0.2 if args.noise_rate is None else args.noise_rate
+        args.noise_placement = args.noise_placement or "per_source"
+        args.noise_seed = args.noise_seed or 0
+        try:
+            check_noise(args.noise, args.noise_rate, args.noise_placement)
+        except ValueError as e:
+            ap.error(str(e))
+    args.out = result_name(args.out, noise_settings(args))
     return args
 
 
@@ -619,8 +700,9 @@ def main(argv=None) -> None:
             have = {(r["method"], r["seed"]) for r in runs}
             jobs = [j for j in jobs if (j[0], j[1]) not in have]
         total = len(runs) + len(jobs)
-        with mp.get_context("spawn").Pool(args.jobs) as pool:
-            for r in pool.imap_unordered(_run_star, jobs):
+        # --jobs 1: in this process (no worker start-up; what the tiny test runs)
+        with (mp.get_context("spawn").Pool(args.jobs) if args.jobs > 1 else nullcontext()) as pool:
+            for r in (pool.imap_unordered(_run_star, jobs) if pool else map(_run_star, jobs)):
                 runs.append(r)
                 last = r["curve"][-1]
                 print(f"[{time.time() - start:5.0f}s] {len(runs)}/{total} {r['method']} seed {r['seed']}: "
@@ -638,6 +720,7 @@ def main(argv=None) -> None:
         "args": vars(args), "machine": machine(), "seconds": {"runs": t_runs, "total": time.time() - start},
         "mixture": {"names": ctx.mixture.names, "shares": ctx.mixture.shares, "kinds": ctx.mixture.kinds,
                     "held_out": ctx.mixture.held_out},
+        "noise": noise_record(ctx),
         "methods": {m: {"kind": METHODS[m].kind, "options": {k: str(v) for k, v in METHODS[m].options.items()},
                         "optimizer": METHODS[m].optimizer or args.optimizer, "k": METHODS[m].k or args.k}
                     for m in methods},
@@ -645,7 +728,7 @@ def main(argv=None) -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(payload, indent=1))
-    md = markdown(summary, ctx.mixture, args)
+    md = markdown(summary, ctx.mixture, args, noise_record(ctx))
     (RESULTS / f"{args.out}.md").write_text(md)
     plot(runs, summary, ctx.mixture, RESULTS / f"{args.out}.png")
     print(md)
