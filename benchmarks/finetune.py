@@ -84,6 +84,7 @@ METHODS: dict[str, Method] = {
     "batch_B": Method("full"),
     "default": Method("coreset"),  # the library's default: selection="loss" since this benchmark
     "gradient_matching": Method("coreset", GM),  # the default before it
+    "trimmed_loss": Method("coreset", {"selection": "trimmed_loss"}),  # loss without the high-loss cluster
     "colm": Method("coreset", {"preset": "colm"}),
     "fl_l1": Method("coreset", {"selection": "facility_location", "similarity": "l1"}),
     "fl_cosine": Method("coreset", {"selection": "facility_location", "similarity": "cosine"}),

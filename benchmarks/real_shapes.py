@@ -184,11 +184,13 @@ def fits(model: str, seq_len: int, n: int) -> bool:
     return 3.5 * n * seq_len * MODELS[model][1] * 4 < 18 * 2**30
 
 
-def grid(quick: bool) -> list[tuple[str, int]]:
+def grid(quick: bool) -> list[tuple[str, int, list[str]]]:
+    """(model, T, selections). Beyond the first shape, one selection per kind of pass (random and
+    facility location make the same passes as loss and gradient matching): 2 shared CPU cores."""
     if quick:
-        return [("llama-32k", 128)]
-    return [("llama-32k", 128), ("llama-32k", 512), ("llama-32k", 2048), ("gpt2-50k", 512), ("gpt2-50k", 2048),
-            ("llama-128k", 512)]
+        return [("llama-32k", 128, SELECTIONS)]
+    few = ["loss", "gradient_matching", "target"]
+    return [("llama-32k", 512, SELECTIONS), ("llama-32k", 2048, few), ("gpt2-50k", 512, few), ("llama-128k", 512, few)]
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -280,14 +282,19 @@ def main(argv=None) -> None:
         print(json.dumps(run_worker(args)))
         return
     rows = []
-    for model, seq_len in grid(args.quick):
+    for model, seq_len, selections in grid(args.quick):
         for lora in (True, False):
             configs = ["plain_k", "ideal", "accum_B"] + (["plain_B"] if fits(model, seq_len, args.batch) else [])
-            configs += [f"coreset:{s}" for s in SELECTIONS]
+            configs += [f"coreset:{s}" for s in selections]
             for config in configs:
                 row = spawn(args, config, model, seq_len, lora)
                 if row is not None:
                     rows.append(row)
+            save(args, rows)  # after every shape: a cut-short run keeps what it measured
+    print(markdown(save(args, rows)))
+
+
+def save(args, rows: list[dict]) -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result = {"script": "benchmarks/real_shapes.py", "commit": commit, "machine": machine_info("cpu", args.threads),
               "threads": args.threads, "batch": args.batch, "k": args.k, "rows": rows, "summary": summarize(rows)}
@@ -296,7 +303,7 @@ def main(argv=None) -> None:
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     out.with_suffix(".md").write_text(markdown(result))
     plot(result, out.with_suffix(".png"))
-    print(markdown(result))
+    return result
 
 
 if __name__ == "__main__":

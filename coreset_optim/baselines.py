@@ -30,3 +30,8 @@ def loss_coreset(
     # Stable descending order: equal losses keep their batch order.
     order = torch.sort(local, descending=True, stable=True).indices
     return order[:k], torch.full((k,), n / k, device=rows.device)
+
+
+# Neither reads a gradient sketch: select() runs one no-grad pass for the losses only.
+random_coreset.needs_sketch = False  # type: ignore[attr-defined]
+loss_coreset.needs_sketch = False  # type: ignore[attr-defined]

@@ -50,6 +50,9 @@ class Coreset:
     local_indices: torch.Tensor | None = None
     local_weights: torch.Tensor | None = None
     rank_sizes: list[int] | None = None
+    # BoolTensor[B]: examples the selector judged likely mislabeled ("trimmed_loss": their loss
+    # sits in a separate high component of their source's losses); None for selectors that do not judge.
+    suspects: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.local_indices is None:

@@ -27,7 +27,7 @@ from .distributed import LocalBatch, Shards, batch_layout, comm_device, paused_g
 from .loss import LossFn, losses_in_chunks
 from .normalize import normalize_sketches
 from .presets import FROM_PRESET, resolve_preset
-from .selection import Selection, select_from_sketches, take_every_valid
+from .selection import SELECTORS, Selection, select_from_sketches, take_every_valid
 from .sketch import SketchSpec, Sketches, resolve_sketch_modules, sketch_mode, sketch_params
 from .streaming import DEFAULT_BLOCK_BYTES, compressed_sketches, summed_gradients, target_sketches
 from .target import batch_fingerprint, check_target_structure, mean_target_gradient, step_sizes
@@ -379,6 +379,8 @@ class CoresetOptimizer(torch.optim.Optimizer):
         sub_batch, local_indices, local_weights, loss = share
         names = layout.names  # under torch.distributed: the global batch's sources
         in_batch = torch.bincount(layout.codes, minlength=len(names)).tolist()
+        flag = getattr(SELECTORS[self.config.selection], "suspects", None)
+        suspects = None if flag is None else flag(sketches.losses, sketches.valid, layout.codes, len(names))
         return Coreset(
             indices=selection.indices,
             weights=selection.weights,
@@ -395,6 +397,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
             local_indices=local_indices,
             local_weights=local_weights,
             rank_sizes=layout.sizes,
+            suspects=suspects,
         )
 
     def _check_select_call(self, loss_fn: LossFn, loss_scale: Any, model: Any) -> nn.Module:
@@ -421,7 +424,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
         """
         c = self.config
         chunk = c.sketch_batch_size or c.micro_batch_size or budget
-        if not gradients or c.selection in ("random", "loss"):
+        if not gradients or not getattr(SELECTORS[c.selection], "needs_sketch", True):
             losses = self._losses_without_grad(batch, loss_fn, size, chunk)
             rows = torch.empty(size, 0, device=losses.device)
         elif c.sketch == "zeroth_order":

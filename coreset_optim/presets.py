@@ -28,7 +28,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # with 8-bit AdamW 0.864 / 0.844 / 0.819; at k = 32 0.882 / 0.878 / 0.861. "loss" needs no
     # sketch pass (one no-grad forward of the batch). The sketch options below apply when
     # selection="gradient_matching" or "facility_location" is chosen. sketch="auto": top
-    # coordinates ("exact") while the whole batch's sketch-layer activations fit in 16 blocks,
+    # coordinates ("exact") while the whole batch's sketch-layer activations fit in 4 blocks,
     # else a streamed CountSketch ("projection"; e.g. an lm_head at a 32k+ vocabulary), so that the
     # sketch pass stays near a plain step of k (docs/performance.md#real-shapes).
     "default": {

@@ -19,6 +19,7 @@ from .facility_location import cluster_weights, greedy_facility_location
 from .gradient_matching import gradient_matching_coreset
 from .similarity import pairwise_similarity
 from .target import target_coreset
+from .trimmed_loss import trimmed_loss_coreset
 
 
 @dataclass
@@ -69,6 +70,7 @@ SELECTORS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
     "gradient_matching": gradient_matching_coreset,
     "random": random_coreset,
     "loss": loss_coreset,
+    "trimmed_loss": trimmed_loss_coreset,
     "target": target_coreset,
 }
 

@@ -164,8 +164,9 @@ def compressed_sketches(
         chunks = captured_chunks(model, targets, batch, loss_fn, num_examples, chunk_size)
         if sketch == "auto":
             first = next(chunks)
-            chunks = itertools.chain([first], chunks)
             sketch = "exact" if _hold_fits(first, num_examples, block_bytes, agreement) else "projection"
+            chunks = itertools.chain([first], chunks)
+            del first  # else the first chunk's activations stay alive through the whole pass
         if sketch == "projection":
             return _projected(chunks, targets, normalizers, dim, seed, block_bytes)
         held = list(chunks)
@@ -175,7 +176,7 @@ def compressed_sketches(
 # Top coordinates hold every example's sketch-layer inputs and output gradients (their scores need
 # the whole batch); sketch="auto" does so while that stays within this many blocks, and streams a
 # CountSketch chunk by chunk beyond (e.g. an lm_head: B x tokens x vocabulary output gradients).
-HOLD_BLOCKS = 16
+HOLD_BLOCKS = 4
 
 
 def _hold_fits(first: tuple[slice, list[LayerCalls], torch.Tensor], num_examples: int, block_bytes: int,
