@@ -85,6 +85,9 @@ METHODS: dict[str, Method] = {
     "default": Method("coreset"),  # the library's default: selection="loss" since this benchmark
     "gradient_matching": Method("coreset", GM),  # the default before it
     "trimmed_loss": Method("coreset", {"selection": "trimmed_loss"}),  # loss without the high-loss cluster
+    "consensus_positive": Method("coreset", {"selection": "consensus_loss_positive"}),
+    "consensus_half": Method("coreset", {"selection": "consensus_loss_half"}),
+    "consensus_product": Method("coreset", {"selection": "consensus_loss_product"}),
     "colm": Method("coreset", {"preset": "colm"}),
     "fl_l1": Method("coreset", {"selection": "facility_location", "similarity": "l1"}),
     "fl_cosine": Method("coreset", {"selection": "facility_location", "similarity": "cosine"}),
@@ -160,11 +163,38 @@ def gradient_matching_uniform(x, k, *, watch=None, **_):
     return chosen, torch.full((k,), x.shape[0] / k)
 
 
+def agreement(x: torch.Tensor) -> torch.Tensor:
+    """Cosine of each row with the mean of the other rows of its source (leave-one-out)."""
+    n = x.shape[0]
+    others = (x.sum(0, keepdim=True) - x) / max(1, n - 1)
+    return torch.nn.functional.cosine_similarity(x, others, dim=1)
+
+
+def consensus_loss(x, k, *, losses, rows, mode="positive", **_):
+    """Experiment: highest loss among the rows that agree with their source's consensus."""
+    n = rows.numel()
+    local = losses.to(rows.device).index_select(0, rows).double()
+    a = agreement(x.double())
+    if mode == "positive":
+        ok = a > 0
+    elif mode == "half":
+        ok = a >= a.median()
+    else:  # product
+        key = local * a.clamp(min=0)
+        return torch.sort(key, descending=True, stable=True).indices[:k], torch.full((k,), n / k)
+    key = torch.where(ok, local, -local - (local.abs().max() + 1.0) * 4)
+    return torch.sort(key, descending=True, stable=True).indices[:k], torch.full((k,), n / k)
+
+
 def register_finetune_experiments() -> None:
+    from functools import partial
+
     from coreset_optim.selection import SELECTORS
 
     register_experiments()
     SELECTORS.setdefault("gradient_matching_uniform", gradient_matching_uniform)
+    for mode in ("positive", "half", "product"):
+        SELECTORS.setdefault(f"consensus_loss_{mode}", partial(consensus_loss, mode=mode))
 
 
 @dataclass

@@ -224,8 +224,8 @@ def markdown(result: dict) -> str:
     f = lambda x, d=2: "n/a" if x is None else f"{x:.{d}f}"  # noqa: E731
     lines = [
         "# Coreset step at real shapes: memory and time (`benchmarks/real_shapes.py`)", "",
-        f"Written by `benchmarks/real_shapes.py` at commit {result['commit']}, {m['when']}, on {m['cpu']} "
-        f"({m.get('cores')} cores, {result['threads']} thread per process; a shared machine). "
+        f"Written by `benchmarks/real_shapes.py` at commit {result['commit']}, {result['when']}, on {m.get('cpu')} "
+        f"({m.get('cores', m.get('cpu_count'))} cores, {result['threads']} thread per process; a shared machine). "
         f"B = {result['batch']}, k = {result['k']}, hidden {HIDDEN}, {LAYERS} layers, random init, AdamW; "
         "LoRA r = 8 on q/v (GPT-2: c_attn). Peak RSS of the measured step above the RSS before it; one step "
         "per configuration, each in a fresh process. 'plain B' is n/a where it does not fit in 24 GiB.", "",
@@ -276,17 +276,22 @@ def main(argv=None) -> None:
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="keep the rows of the existing results, run the rest")
     parser.add_argument("--out", default=str(HERE / "results" / "real_shapes"))
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(run_worker(args)))
         return
-    rows = []
+    out = Path(args.out).with_suffix(".json")
+    rows = json.loads(out.read_text())["rows"] if args.resume and out.exists() else []
+    done = {(r["config"], r["model"], r["seq_len"], r["lora"]) for r in rows}
     for model, seq_len, selections in grid(args.quick):
         for lora in (True, False):
             configs = ["plain_k", "ideal", "accum_B"] + (["plain_B"] if fits(model, seq_len, args.batch) else [])
             configs += [f"coreset:{s}" for s in selections]
             for config in configs:
+                if (config, model, seq_len, lora) in done:
+                    continue
                 row = spawn(args, config, model, seq_len, lora)
                 if row is not None:
                     rows.append(row)
@@ -297,6 +302,7 @@ def main(argv=None) -> None:
 def save(args, rows: list[dict]) -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result = {"script": "benchmarks/real_shapes.py", "commit": commit, "machine": machine_info("cpu", args.threads),
+              "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "threads": args.threads, "batch": args.batch, "k": args.k, "rows": rows, "summary": summarize(rows)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -242,3 +242,23 @@ def test_select_uses_bounded_path_same_coreset_as_whole():
     assert torch.equal(chosen[0][0], chosen[1][0])
     torch.testing.assert_close(chosen[0][1], chosen[1][1])
     torch.testing.assert_close(chosen[0][2], chosen[1][2])
+
+
+@pytest.mark.parametrize("block_bytes, expected", [(2**20, "exact"), (64, "projection")])
+def test_auto_holds_top_coordinates_only_while_the_batch_fits(block_bytes, expected):
+    """sketch='auto' equals top coordinates while the whole batch's layer calls fit in
+    HOLD_BLOCKS blocks, and the streamed CountSketch beyond; both against the whole-gradient math."""
+    model, opt = _setup()
+    targets = resolve_sketch_modules(model, opt, ["fc1", "fc2"])
+    loss_fn = regression_loss(model)
+    batch = make_batch(9, 5, 3, tokens=2, seed=3)
+    codes = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 0])
+    # 9 examples x 2 tokens x (5 + 4 + 4 + 3) floats = 1,152 bytes of held calls
+    held = 9 * 2 * (5 + 4 + 4 + 3) * 4
+    assert (held <= streaming.HOLD_BLOCKS * block_bytes) == (expected == "exact")
+    args = (model, opt, targets, batch, loss_fn, 9, 4, "adam", "auto", 6, 0, codes, 2)
+    got, losses, valid = _stream(*args, block_bytes)
+    ref, ref_losses, ref_valid = _today(*args[:8], expected, *args[9:])
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(losses, ref_losses)
+    assert torch.equal(valid, ref_valid)
