@@ -60,5 +60,12 @@ class Coreset:
         if self.rank_sizes is None:
             self.rank_sizes = [int(self.losses.shape[0])]
 
+    @property
+    def batch_loss(self) -> torch.Tensor:
+        """The large batch's mean per-example loss over its finite losses (what plain training on
+        the batch would report; from the selection pass, in eval mode), a 0-d tensor (no host sync)."""
+        finite = torch.isfinite(self.losses)
+        return torch.where(finite, self.losses, 0.0).sum() / finite.sum()
+
     def __len__(self) -> int:
         return int(self.indices.numel())

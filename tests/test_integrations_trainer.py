@@ -352,3 +352,47 @@ def test_causal_lm_loss_fn_builds_no_kv_cache():
     assert seen == [False, True]
     expected = torch.stack([causal_lm_per_example_loss(model(input_ids=ids[i : i + 1]), ids[i : i + 1])[0] for i in range(2)])
     torch.testing.assert_close(losses, expected)
+
+
+class LossRecordingTrainer(CoresetTrainer):
+    """Keeps every micro-batch and, per selection, (batch losses, coreset loss)."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.seen = getattr(self, "seen", []) + [{k: v.clone() if torch.is_tensor(v) else list(v) for k, v in inputs.items()}]
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _record_selection(self, coreset):
+        self.selections = getattr(self, "selections", []) + [(coreset.losses.clone(), float(coreset.loss))]
+        super()._record_selection(coreset)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_logged_loss_is_the_large_batch_mean_loss(tmp_path, accumulation):
+    """The Trainer's 'loss' is the mean of the large batches' per-example losses (what plain
+    training reports), recomputed here from the seen batches; 'coreset/loss' is the coreset's."""
+    import copy
+
+    model = lora(tiny_llama())
+    initial = copy.deepcopy(model)
+    args = make_args(tmp_path, max_steps=4, logging_steps=2, gradient_accumulation_steps=accumulation,
+                     selection="loss")
+    trainer = LossRecordingTrainer(model=model, args=args, train_dataset=make_dataset(sources=None))
+    trainer.train()
+    logs = train_logs(trainer)
+    assert len(logs) == 2
+    per_window = 2 * accumulation
+    for w, log in enumerate(logs):
+        window = trainer.selections[w * per_window : (w + 1) * per_window]
+        batch_means = [losses[torch.isfinite(losses)].mean().item() for losses, _ in window]
+        # Trainer: the window's summed returns / optimizer steps; each return is the mean / GA.
+        assert log["loss"] == pytest.approx(sum(batch_means) / per_window, rel=1e-3, abs=1e-4)
+        assert log["coreset/loss"] == pytest.approx(sum(c for _, c in window) / per_window, rel=1e-4)
+        assert log["coreset/loss"] > log["loss"]  # selection="loss" trains on the hardest examples
+    # The recorded losses are the batch's own: a plain no-grad pass of the untrained model gives
+    # the first batch's.
+    initial.eval()
+    with torch.no_grad():
+        first = trainer.seen[0]
+        out = initial(input_ids=first["input_ids"], attention_mask=first["attention_mask"])
+        plain = causal_lm_per_example_loss(out, first["labels"])
+    torch.testing.assert_close(plain, trainer.selections[0][0], equal_nan=True, rtol=1e-4, atol=1e-5)

@@ -383,7 +383,9 @@ class CoresetTrainerMixin:
             model=model,  # the DDP wrapper under torchrun: select() pauses its sync for the sketch pass
         )
         self._record_selection(coreset)
-        return coreset.loss.detach()
+        # The Trainer logs what this returns as "loss": the large batch's mean loss, as plain
+        # training would report it (the coreset's weighted loss is logged as "coreset/loss").
+        return coreset.batch_loss.detach().to(coreset.loss.device) / steps
 
     def _check_moments_once(self, opt: CoresetOptimizer) -> None:
         """After the first optimizer step, the normalization must find Adam's second moment."""
@@ -406,6 +408,7 @@ class CoresetTrainerMixin:
         stats["coreset/selections"] = stats.get("coreset/selections", 0) + 1
         stats["coreset/selected"] = stats.get("coreset/selected", 0) + len(coreset)
         stats["coreset/invalid"] = stats.get("coreset/invalid", 0) + coreset.num_invalid
+        stats["coreset/loss"] = stats.get("coreset/loss", 0.0) + coreset.loss.detach()  # read at logging
         if len(coreset.source_counts) > 1 or self.args.source_column is not None:
             for source, count in coreset.source_counts.items():
                 for what, value in (("selected", count.selected), ("in_batch", count.in_batch)):
@@ -416,13 +419,14 @@ class CoresetTrainerMixin:
             stats[key] = stats.get(key, 0.0) + seconds
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Training logs (those with ``loss``) also get the window's selection statistics:
-        counts summed, ``coreset/time_<stage>`` as mean seconds per selection."""
+        """Training logs (those with ``loss``: the large batches' mean loss) also get the window's
+        selection statistics: counts summed; ``coreset/time_<stage>`` as mean seconds and
+        ``coreset/loss`` (the coreset's weighted loss, what was backpropagated) as the mean per selection."""
         if "loss" in logs and self._coreset_stats:
             stats = self._coreset_stats
             n = stats.get("coreset/selections", 1)
             for key, value in stats.items():
-                logs[key] = value / n if key.startswith("coreset/time_") else value
+                logs[key] = float(value) / n if key.startswith("coreset/time_") or key == "coreset/loss" else value
             self._coreset_stats = {}
         super().log(logs, *args, **kwargs)
 
