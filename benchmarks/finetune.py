@@ -303,6 +303,10 @@ class Trainer:
             self.wrapper = CoresetOptimizer(self.opt, self.model, coreset_size=self.k, seed=seed, **self.method.options)
         self.select_kwargs = self.method.select_kwargs(ctx) if self.method.select_kwargs else {}
         self.names = ctx.mixture.names
+        self.corrupted = ctx.corrupted
+        # Under label noise: rows trained on that were corrupted, and the suspect report against truth.
+        self.noise_counts = {"selected": 0, "selected_corrupted": 0, "flagged": 0, "flagged_corrupted": 0,
+                             "corrupted_seen": 0}
 
     def step(self, big: dict) -> None:
         k, kind, loss_fn = self.k, self.method.kind, self.loss_fn
@@ -322,9 +326,32 @@ class Trainer:
             for start in range(0, n, k):
                 (loss_fn({key: v[start : start + k] for key, v in big.items()}).sum() / n).backward()
         else:
-            self.wrapper.select(big, loss_fn, sources=big["source"], **self.select_kwargs)
+            coreset = self.wrapper.select(big, loss_fn, sources=big["source"], **self.select_kwargs)
+            if self.corrupted is not None:
+                self.count_noise(big, coreset)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+
+
+    def count_noise(self, big: dict, coreset) -> None:
+        """Add this step's selected-and-corrupted and suspect-vs-corrupted counts."""
+        truth = self.corrupted[big["index"]]
+        c = self.noise_counts
+        c["selected"] += len(coreset)
+        c["selected_corrupted"] += int(truth[coreset.indices].sum())
+        c["corrupted_seen"] += int(truth.sum())
+        if coreset.suspects is not None:
+            c["flagged"] += int(coreset.suspects.sum())
+            c["flagged_corrupted"] += int((coreset.suspects & truth).sum())
+
+
+def noise_report(counts: dict) -> dict:
+    """Share of the trained-on examples that were corrupted; the suspects' precision and recall."""
+    out = {"selected_corrupted_share": counts["selected_corrupted"] / max(1, counts["selected"])}
+    if counts["flagged"] or counts["flagged_corrupted"]:
+        out["suspect_precision"] = counts["flagged_corrupted"] / max(1, counts["flagged"])
+        out["suspect_recall"] = counts["flagged_corrupted"] / max(1, counts["corrupted_seen"])
+    return out
 
 
 def build_context(args) -> Context:
@@ -401,7 +428,10 @@ def run(name: str, seed: int, args, progress: Callable | None = None) -> dict:
             curve.append({"step": step, "measured_time": spent, **evaluate(trainer.model, ctx.mixture)})
         if progress is not None:
             progress(name, step, total)
-    return {"method": name, "seed": seed, "steps": total, "curve": curve, "activation_bytes": trainer.meter.peak}
+    result = {"method": name, "seed": seed, "steps": total, "curve": curve, "activation_bytes": trainer.meter.peak}
+    if trainer.corrupted is not None and trainer.wrapper is not None:
+        result["noise_report"] = noise_report(trainer.noise_counts)
+    return result
 
 
 def _run_star(a):
@@ -471,6 +501,9 @@ def summarize(runs: list[dict], costs: dict, mixture: FinetuneMixture, steps: in
         s["time_to_steps"] = steps * costs[m]
         s["activation_mib"] = max(r["activation_bytes"] for r in rs) / 2**20
         s["seeds"] = [r["seed"] for r in rs]
+        reports = [r["noise_report"] for r in rs if "noise_report" in r]
+        if reports:
+            s["noise_report"] = {key: mean_sd([x[key] for x in reports]) for key in reports[0]}
         out["methods"][m] = s
     ms = out["methods"]
     if "random_k" in ms and "accum_B" in ms:
@@ -584,6 +617,17 @@ def markdown(summary: dict, mixture: FinetuneMixture, args, noise: dict | None =
                   f"| default - random k, smallest source ({summary['smallest_source']}) accuracy | "
                   f"{f(t.get('default_minus_random_smallest'))} | >= 0 |",
                   f"| equal wall-clock: default - accum B, mixture accuracy | {f(t.get('equal_time_default_minus_accum_B'))} | >= 0 |"]
+    reported = [m for m in order if "noise_report" in ms[m]]
+    if reported:
+        lines += ["", "## What the coreset trained on, and the suspect report (against the corrupted rows)", "",
+                  "Share of the selected examples whose answer was corrupted (the pool's share is the noise rate); "
+                  "for selectors that flag suspects, precision and recall of the flags over all steps.", "",
+                  "| method | corrupted share of the coreset | suspect precision | suspect recall |", "|---|---|---|---|"]
+        for m in reported:
+            r = ms[m]["noise_report"]
+            cell = lambda key: fmt(r[key]) if key in r else "-"  # noqa: E731
+            lines.append(f"| {m} | {cell('selected_corrupted_share')} | {cell('suspect_precision')} | "
+                         f"{cell('suspect_recall')} |")
     names = mixture.names + mixture.held_out
     lines += ["", f"## Accuracy per source after {steps} steps (mean over seeds; held-out tasks last)", "",
               "| method | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
