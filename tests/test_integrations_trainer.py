@@ -396,3 +396,51 @@ def test_logged_loss_is_the_large_batch_mean_loss(tmp_path, accumulation):
         out = initial(input_ids=first["input_ids"], attention_mask=first["attention_mask"])
         plain = causal_lm_per_example_loss(out, first["labels"])
     torch.testing.assert_close(plain, trainer.selections[0][0], equal_nan=True, rtol=1e-4, atol=1e-5)
+
+
+# One non-default value and one equal to the default preset's (or the optimizer's) default per option.
+OPTION_VALUES = {
+    "keep_sources": (["web"], "auto", None),
+    "sketch_dim": (64, 2560),
+    "normalize": ("adam_update", "adam", None),
+    "similarity": ("cosine", "l1"),
+    "sketch_batch_size": (2, None),
+    "sketch_block_bytes": (2**20, 32 * 2**20),
+    "coreset_micro_batch_size": (2,),
+    "coreset_seed": (5, 0),
+    "sketch": ("projection", "auto", "exact"),
+    "selection": ("gradient_matching", "loss"),
+    "target_curvature": (0.5, 0.0),
+    "target_refresh": (3, 1),
+    "target_per_source": (True, False),
+    "coreset_temperature": (2.0, 1.0),
+}
+
+
+@pytest.mark.parametrize("preset", ["default", "colm"])
+@pytest.mark.parametrize("name", list(OPTION_VALUES))
+def test_every_given_option_reaches_the_optimizer_config(tmp_path, preset, name):
+    """An option given to the Trainer arguments always wins over the preset, even when it equals a
+    default (keep_sources=None and normalize='adam' under colm were once dropped)."""
+    from coreset_optim.integrations.transformers import OPTION_NAMES
+
+    option = OPTION_NAMES[name]
+    for value in OPTION_VALUES[name]:
+        extra = {}
+        if name.startswith("target_"):  # target options need selection="target" (and, under colm, its sketch)
+            extra = {"selection": "target", "normalize": "adam", "sketch": "exact"}
+        config = make_args(tmp_path, coreset_preset=preset, **{name: value, **extra}).coreset_config()
+        assert getattr(config, option) == value, (name, value, getattr(config, option))
+        model = lora(tiny_llama())
+        opt = CoresetOptimizer(torch.optim.AdamW(model.parameters()), model, **make_args(
+            tmp_path, coreset_preset=preset, **{name: value, **extra}).coreset_kwargs())
+        assert getattr(opt.config, option) == value
+
+
+def test_options_not_given_take_the_optimizer_defaults(tmp_path):
+    """Arguments with no coreset option give the same config as CoresetOptimizer(coreset_size=4)."""
+    model = lora(tiny_llama())
+    plain = CoresetOptimizer(torch.optim.AdamW(model.parameters()), model, coreset_size=4).config
+    assert make_args(tmp_path).coreset_config() == plain
+    colm = CoresetOptimizer(torch.optim.AdamW(model.parameters()), model, coreset_size=4, preset="colm").config
+    assert make_args(tmp_path, coreset_preset="colm").coreset_config() == colm

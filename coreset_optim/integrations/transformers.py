@@ -38,7 +38,6 @@ from transformers import Trainer, TrainingArguments
 
 from ..config import CoresetConfig
 from ..presets import FROM_PRESET, PRESETS, resolve_preset
-from ..streaming import DEFAULT_BLOCK_BYTES
 from ..coreset import Coreset
 from ..moments import has_second_moment, read_adam_moments
 from ..optimizer import CoresetOptimizer
@@ -54,6 +53,11 @@ __all__ = [
 ]
 
 PerExampleLoss = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
+
+
+# The default of the two options for which None is a value of its own (keep_sources, normalize):
+# "take the preset's value".
+PRESET = "preset"
 
 
 @dataclass
@@ -73,41 +77,49 @@ class CoresetArguments:
     source_column: Optional[str] = field(
         default=None, metadata={"help": "Dataset column naming each example's source (data mixture)."}
     )
+    # Every option below defaults to "not given" (None, or PRESET where None is a value), so that
+    # CoresetOptimizer and the preset decide its value: defaults are stated once, in config.py and
+    # presets.py, and whatever is given is passed through as given.
     keep_sources: Optional[Union[str, list]] = field(
-        default="auto", metadata={"help": "'auto', None, or source ids whose examples are all kept."}
+        default=PRESET, metadata={"help": "'auto', None, or source ids whose examples are all kept; default: the preset's."}
     )
     sketch_modules: Optional[list[str]] = field(
         default=None, metadata={"help": "Linear layers (names or regexes) to sketch; default: LoRA-B of the last v_proj."}
     )
-    sketch_dim: int = field(default=2560, metadata={"help": "Sketch dimension after top-k compression."})
-    normalize: Optional[str] = field(default="adam", metadata={"help": "'adam', 'adam_update' or None."})
-    similarity: str = field(default="l1", metadata={"help": "Similarity used by facility location."})
-    sketch_batch_size: Optional[int] = field(default=None, metadata={"help": "Chunk size of the sketch pass."})
-    sketch_block_bytes: int = field(
-        default=DEFAULT_BLOCK_BYTES, metadata={"help": "Bytes for one block of per-example gradients in the sketch pass."}
+    sketch_dim: Optional[int] = field(default=None, metadata={"help": "Sketch dimension after compression; default: the preset's."})
+    normalize: Optional[str] = field(
+        default=PRESET, metadata={"help": "'adam', 'adam_update' or None; default: the preset's."}
+    )
+    similarity: Optional[str] = field(default=None, metadata={"help": "Similarity used by facility location; default: the preset's."})
+    sketch_batch_size: Optional[int] = field(
+        default=None, metadata={"help": "Chunk size of the passes over the large batch; default: the coreset size."}
+    )
+    sketch_block_bytes: Optional[int] = field(
+        default=None, metadata={"help": "Bytes for one block of per-example gradients in the sketch pass; default 32 MiB."}
     )
     coreset_micro_batch_size: Optional[int] = field(
         default=None, metadata={"help": "Chunk size of the coreset's backward."}
     )
-    coreset_seed: int = field(default=0, metadata={"help": "Seed of the selection's random generator."})
+    coreset_seed: Optional[int] = field(default=None, metadata={"help": "Seed of the selection's random generator; default 0."})
     coreset_preset: str = field(
-        default="default", metadata={"help": "'default' or 'colm': fills the options left at their defaults."}
+        default="default", metadata={"help": "'default' or 'colm': fills the options not given."}
     )
     sketch: Optional[str] = field(
         default=None, metadata={"help": "'auto', 'exact', 'zeroth_order' or 'projection'; None: the preset's."}
     )
     selection: Optional[str] = field(
         default=None,
-        metadata={"help": "'gradient_matching', 'facility_location', 'random', 'loss' or 'target'; None: the preset's."},
+        metadata={"help": "'loss', 'trimmed_loss', 'gradient_matching', 'facility_location', 'random' or 'target'; "
+                  "None: the preset's."},
     )
-    target_curvature: float = field(
-        default=0.0, metadata={"help": "selection='target': curvature h of the second-order term (0: first order)."}
+    target_curvature: Optional[float] = field(
+        default=None, metadata={"help": "selection='target': curvature h of the second-order term (default 0: first order)."}
     )
-    target_refresh: int = field(
-        default=1, metadata={"help": "selection='target': selections between refreshes of the target's gradient."}
+    target_refresh: Optional[int] = field(
+        default=None, metadata={"help": "selection='target': selections between refreshes of the target's gradient (default 1)."}
     )
-    target_per_source: bool = field(
-        default=False, metadata={"help": "selection='target': True for per-source budgets (False: one greedy over the batch)."}
+    target_per_source: Optional[bool] = field(
+        default=None, metadata={"help": "selection='target': True for per-source budgets (default False: one greedy)."}
     )
     coreset_temperature: Optional[float] = field(
         default=None,
@@ -130,41 +142,34 @@ class CoresetArguments:
             raise TypeError(f"source_column must be a column name (str) or None, got {self.source_column!r}")
 
     def coreset_config(self) -> CoresetConfig:
+        """The optimizer's options these arguments stand for (checked: ValueError/TypeError)."""
         kwargs = self.coreset_kwargs(with_modules=False)
         preset = kwargs.pop("preset")
         unset = dict.fromkeys(PRESETS["default"], FROM_PRESET)
         return CoresetConfig(**resolve_preset(preset, {**unset, **kwargs}))
 
     def coreset_kwargs(self, with_modules: bool = True) -> dict[str, Any]:
-        """The keyword arguments of ``CoresetOptimizer`` these arguments stand for."""
-        kwargs = dict(
-            coreset_size=self.coreset_size,
-            coreset_ratio=self.coreset_ratio,
-            sketch_batch_size=self.sketch_batch_size,
-            sketch_block_bytes=self.sketch_block_bytes,
-            micro_batch_size=self.coreset_micro_batch_size,
-            seed=self.coreset_seed,
-            preset=self.coreset_preset,
-            target_curvature=self.target_curvature,
-            target_refresh=self.target_refresh,
-            target_per_source=self.target_per_source,
-        )
-        # Options left at their defaults take the preset's values (e.g. coreset_preset="colm").
-        defaults = PRESETS["default"]
-        for name in ("sketch_dim", "normalize", "similarity", "keep_sources"):
-            value = getattr(self, name)
-            if value is not None and not (name in defaults and value == defaults[name]):
-                kwargs[name] = value
-        for name in ("sketch", "selection"):  # default None ("the preset's"): any value was given
-            if getattr(self, name) is not None:
-                kwargs[name] = getattr(self, name)
-        if self.coreset_temperature is not None:
-            kwargs["temperature"] = self.coreset_temperature
-        if self.normalize is None:
-            kwargs["normalize"] = None
+        """The keyword arguments of ``CoresetOptimizer`` these arguments stand for: exactly the
+        options given (a value equal to a default included); the rest is left to the optimizer."""
+        kwargs: dict[str, Any] = {"preset": self.coreset_preset}
+        for field_name, option in OPTION_NAMES.items():
+            value = getattr(self, field_name)
+            if value is not (PRESET if field_name in ("keep_sources", "normalize") else None):
+                kwargs[option] = value
         if with_modules:
             kwargs["sketch_modules"] = self.sketch_modules
         return kwargs
+
+
+# CoresetArguments field -> CoresetOptimizer keyword (renamed where the Trainer has its own).
+OPTION_NAMES = {
+    "coreset_size": "coreset_size", "coreset_ratio": "coreset_ratio", "keep_sources": "keep_sources",
+    "sketch_dim": "sketch_dim", "normalize": "normalize", "similarity": "similarity",
+    "sketch_batch_size": "sketch_batch_size", "sketch_block_bytes": "sketch_block_bytes",
+    "coreset_micro_batch_size": "micro_batch_size", "coreset_seed": "seed", "sketch": "sketch",
+    "selection": "selection", "target_curvature": "target_curvature", "target_refresh": "target_refresh",
+    "target_per_source": "target_per_source", "coreset_temperature": "temperature",
+}
 
 
 @dataclass
@@ -266,7 +271,7 @@ class CoresetTrainerMixin:
                 f"own training_step; {type(self).__name__} cannot wrap it. Use an Adam-type optimizer"
             )
         target = getattr(self, "target_dataset", None)
-        if (args.selection == "target") != (target is not None):
+        if (args.coreset_config().selection == "target") != (target is not None):
             raise ValueError(
                 f"selection='target' and {type(self).__name__}(target_dataset=...) go together: pass the "
                 "held-out examples to aim at, or leave both unset"
@@ -299,10 +304,11 @@ class CoresetTrainerMixin:
         if isinstance(built, CoresetOptimizer):
             self.optimizer = built
             return built
-        if self.args.normalize is not None and not any(has_second_moment(g) for g in built.param_groups):
+        normalize = self.args.coreset_config().normalize
+        if normalize is not None and not any(has_second_moment(g) for g in built.param_groups):
             raise ValueError(
                 f"optim={getattr(self.args.optim, 'value', self.args.optim)!r} built {type(built).__name__}, which keeps no Adam second "
-                f"moment, but normalize={self.args.normalize!r} needs one. Use an Adam-type optimizer "
+                f"moment, but normalize={normalize!r} needs one. Use an Adam-type optimizer "
                 "(adamw_torch, adamw_bnb_8bit, paged_adamw_8bit, ...) or set normalize=None to select "
                 "on raw gradients"
             )
