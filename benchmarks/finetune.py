@@ -85,6 +85,8 @@ METHODS: dict[str, Method] = {
     "default": Method("coreset"),  # the library's default: selection="loss" since this benchmark
     "gradient_matching": Method("coreset", GM),  # the default before it
     "trimmed_loss": Method("coreset", {"selection": "trimmed_loss"}),  # loss without the high-loss cluster
+    "loss": Method("coreset", {"selection": "loss"}),  # highest loss per source, named (not "the default")
+    "consensus_loss": Method("coreset", {"selection": "consensus_loss"}),  # loss among agreeing examples
     "consensus_positive": Method("coreset", {"selection": "consensus_loss_positive"}),
     "consensus_half": Method("coreset", {"selection": "consensus_loss_half"}),
     "consensus_product": Method("coreset", {"selection": "consensus_loss_product"}),

@@ -380,7 +380,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
         names = layout.names  # under torch.distributed: the global batch's sources
         in_batch = torch.bincount(layout.codes, minlength=len(names)).tolist()
         flag = getattr(SELECTORS[self.config.selection], "suspects", None)
-        suspects = None if flag is None else flag(sketches.losses, sketches.valid, layout.codes, len(names))
+        suspects = None if flag is None else flag(selection.compressed, sketches.losses, sketches.valid, layout.codes, len(names))
         return Coreset(
             indices=selection.indices,
             weights=selection.weights,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .baselines import loss_coreset, random_coreset
+from .consensus import consensus_loss_coreset
 from .budget import allocate_budget, tempered_scores, tempered_split
 from .compress import compress_per_source, rows_per_source
 from .facility_location import cluster_weights, greedy_facility_location
@@ -71,6 +72,7 @@ SELECTORS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
     "random": random_coreset,
     "loss": loss_coreset,
     "trimmed_loss": trimmed_loss_coreset,
+    "consensus_loss": consensus_loss_coreset,
     "target": target_coreset,
 }
 

@@ -53,9 +53,12 @@ def high_loss_cluster(losses: torch.Tensor, ratio: float = GAP_RATIO) -> torch.T
     return finite & (x >= threshold)
 
 
-def suspect_examples(losses: torch.Tensor, valid: torch.Tensor, source_codes: torch.Tensor, num_sources: int) -> torch.Tensor:
+def suspect_examples(
+    sketches: torch.Tensor, losses: torch.Tensor, valid: torch.Tensor, source_codes: torch.Tensor, num_sources: int
+) -> torch.Tensor:
     """``BoolTensor[B]``: the examples their source's split puts in its high-loss component (the
-    same split the selector makes), for :attr:`~coreset_optim.Coreset.suspects`."""
+    same split the selector makes), for :attr:`~coreset_optim.Coreset.suspects` (``sketches``
+    unused: the split reads losses only)."""
     out = torch.zeros(losses.numel(), dtype=torch.bool, device=losses.device)
     _, rows = rows_per_source(valid.to(losses.device), source_codes.to(losses.device), num_sources)
     for source_rows in rows:

@@ -90,7 +90,7 @@ def test_select_backpropagates_the_trimmed_choice_and_reports_suspects():
                   for i, s in enumerate("ab")}
     want = sorted([j for j in per_source["a"] if j not in corrupted][:3] + [j for j in per_source["b"] if j not in corrupted][:3])
     assert coreset.indices.tolist() == want
-    assert torch.equal(suspect_examples(coreset.losses, torch.ones(20, dtype=torch.bool),
+    assert torch.equal(suspect_examples(coreset.sketches, coreset.losses, torch.ones(20, dtype=torch.bool),
                                         torch.tensor([0] * 10 + [1] * 10), 2), coreset.suspects)
 
 

@@ -1,0 +1,68 @@
+"""Highest loss among the examples that agree with their source (``selection="consensus_loss"``).
+
+Highest-loss selection (``"loss"``) trains on each source's hardest examples: on clean data the
+informative ones, with corrupted answers the corrupted ones (the flaw RHO-LOSS points out in loss
+and gradient-norm selection). A hard clean example still pulls the model the way its source's
+other examples do; a wrong answer pulls elsewhere. So each example's Adam-normalized gradient
+sketch (the gradient as the wrapped optimizer will scale it: divided by ``sqrt(v_hat) + eps``) is
+compared with the sum of its source's other sketches (:func:`agreement`). Examples with a positive
+cosine are eligible, hardest first; the others are *suspects*, taken only when the eligible run
+out (lowest loss first). Weights are n / k, as for ``"loss"``.
+
+It needs the sketch pass (per-example gradients of the sketch layers), not a second pass: the
+consensus is the batch's own, so no clean examples and no extra forward are needed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .compress import rows_per_source
+
+MIN_EXAMPLES = 3  # a consensus needs at least two other examples of the source
+
+
+def agreement(x: torch.Tensor) -> torch.Tensor:
+    """``Tensor[n]``: cosine of each row of ``x[n, d]`` with the sum of the other rows (0 for a
+    zero row or a zero sum)."""
+    others = x.sum(0, keepdim=True) - x
+    return torch.nn.functional.cosine_similarity(x.double(), others.double(), dim=1, eps=1e-30)
+
+
+def disagreeing(x: torch.Tensor) -> torch.Tensor:
+    """``BoolTensor[n]``: rows whose cosine with the rest of their source is not positive (none
+    when the source has fewer than ``MIN_EXAMPLES`` rows)."""
+    if x.shape[0] < MIN_EXAMPLES:
+        return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    return agreement(x) <= 0
+
+
+def consensus_loss_coreset(
+    x: torch.Tensor, k: int, *, losses: torch.Tensor, rows: torch.Tensor, **_: object
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selector for :data:`coreset_optim.selection.SELECTORS`: the ``k`` highest-loss rows of one
+    source's ``x[n, d]`` (its normalized sketches) among those that agree with the rest, then the
+    disagreeing ones by ascending loss; each weighted n / k."""
+    n = rows.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    local = losses.to(x.device).index_select(0, rows.to(x.device)).double()
+    suspect = disagreeing(x)
+    key = torch.where(suspect, -local - (local.abs().max() + 1.0) * 4, local)
+    order = torch.sort(key, descending=True, stable=True).indices
+    return order[:k].to(rows.device), torch.full((k,), n / k, device=rows.device)
+
+
+def consensus_suspects(
+    sketches: torch.Tensor, losses: torch.Tensor, valid: torch.Tensor, source_codes: torch.Tensor, num_sources: int
+) -> torch.Tensor:
+    """``BoolTensor[B]``: the examples whose normalized sketch disagrees with their source's
+    (``sketches``: the rows the selector read, each source on its own coordinates)."""
+    out = torch.zeros(sketches.shape[0], dtype=torch.bool, device=sketches.device)
+    _, rows = rows_per_source(valid.to(sketches.device), source_codes.to(sketches.device), num_sources)
+    for source_rows in rows:
+        out[source_rows] = disagreeing(sketches.index_select(0, source_rows))
+    return out
+
+
+consensus_loss_coreset.suspects = consensus_suspects  # type: ignore[attr-defined]

@@ -1,0 +1,83 @@
+"""selection="consensus_loss": highest loss among the examples whose Adam-normalized gradient
+agrees with their source's, against brute force (a batch-size-1 loop and plain Python cosines)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from coreset_optim import CoresetOptimizer
+from coreset_optim.consensus import agreement, consensus_loss_coreset, disagreeing
+from coreset_optim.normalize import normalize_sketches
+
+from core_utils import TwoLayer, per_example_grads_loop, take_steps
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    na, nb = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(y * y for y in b))
+    return 0.0 if na == 0 or nb == 0 else dot / (na * nb)
+
+
+def test_agreement_is_the_cosine_with_the_sum_of_the_others():
+    x = torch.randn(7, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    rows = x.tolist()
+    want = [cosine(rows[j], [sum(r[c] for i, r in enumerate(rows) if i != j) for c in range(5)]) for j in range(7)]
+    torch.testing.assert_close(agreement(x), torch.tensor(want, dtype=torch.float64))
+    assert not disagreeing(x[:2]).any()  # too few for a consensus
+
+
+def test_selector_prefers_agreeing_rows_by_loss_then_disagreeing_by_ascending_loss():
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.1], [-1.0, 0.0], [0.9, -0.1], [-0.8, 0.2], [1.0, 0.2]])
+    losses = torch.tensor([0.5, 2.0, 9.0, 1.0, 3.0, 0.1])
+    # others' sum points along +x: rows 2 and 4 disagree
+    assert disagreeing(x).tolist() == [False, False, True, False, True, False]
+    chosen, weights = consensus_loss_coreset(x, 3, losses=losses, rows=torch.arange(6))
+    assert chosen.tolist() == [1, 3, 0]
+    torch.testing.assert_close(weights, torch.full((3,), 2.0))
+    chosen, _ = consensus_loss_coreset(x, 6, losses=losses, rows=torch.arange(6))
+    assert chosen.tolist() == [1, 3, 0, 5, 4, 2]
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_select_matches_a_batch_size_one_reference(steps):
+    """Rows whose targets were flipped pull against their source: they are the suspects, and the
+    coreset is the highest-loss agreeing rows per source, as computed from a per-example loop."""
+    torch.manual_seed(0)
+    model = TwoLayer(d_in=4, hidden=5, d_out=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    take_steps(opt, model, steps)
+    wrapper = CoresetOptimizer(opt, model, coreset_size=6, selection="consensus_loss",
+                               sketch_modules=["fc2"], sketch_dim=10_000)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(24, 4, generator=g)
+    with torch.no_grad():
+        y = model(x) + 1.0 + 0.5 * torch.rand(24, 2, generator=g)  # clean examples pull the outputs up
+    flipped = [2, 9, 15, 20]
+    y[flipped] -= 2.5  # these pull them down
+    batch = {"x": x, "y": y}
+
+    def loss_fn(b):
+        return (model(b["x"]) - b["y"]).pow(2).mean(1)
+
+    sources = [i % 2 for i in range(24)]
+    params = [model.fc2.weight, model.fc2.bias]
+    grads = per_example_grads_loop(model, params, batch, loss_fn, 24)
+    normalized = normalize_sketches(grads, opt, params, "adam").tolist()
+    with torch.no_grad():
+        losses = loss_fn(batch).tolist()
+    want_suspects, want = [], []
+    for s in range(2):
+        rows = [i for i in range(24) if sources[i] == s]
+        agree = {}
+        for j in rows:
+            others = [sum(normalized[i][c] for i in rows if i != j) for c in range(len(normalized[j]))]
+            agree[j] = cosine(normalized[j], others) > 0
+        want_suspects += [j for j in rows if not agree[j]]
+        want += sorted((j for j in rows if agree[j]), key=lambda j: -losses[j])[:3]
+    coreset = wrapper.select(batch, loss_fn, sources=sources)
+    assert sorted(want_suspects) == flipped
+    assert torch.nonzero(coreset.suspects).flatten().tolist() == sorted(want_suspects)
+    assert coreset.indices.tolist() == sorted(want)
