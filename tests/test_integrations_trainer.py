@@ -444,3 +444,50 @@ def test_options_not_given_take_the_optimizer_defaults(tmp_path):
     assert make_args(tmp_path).coreset_config() == plain
     colm = CoresetOptimizer(torch.optim.AdamW(model.parameters()), model, coreset_size=4, preset="colm").config
     assert make_args(tmp_path, coreset_preset="colm").coreset_config() == colm
+
+
+class SuspectRecordingTrainer(CoresetTrainer):
+    """Keeps each step's ids and the coreset's suspects."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.step_ids = getattr(self, "step_ids", []) + [list(inputs["row_id"])]
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _record_selection(self, coreset):
+        self.step_suspects = getattr(self, "step_suspects", []) + [coreset.suspects.tolist()]
+        super()._record_selection(coreset)
+
+
+@pytest.mark.parametrize("selection", ["consensus_loss", "trimmed_loss"])
+def test_suspects_file_counts_each_ids_flags_per_logging_window(tmp_path, selection):
+    """The file has one line per logging window whose suspects are each id's count of flags in it,
+    recomputed from the recorded coresets; the id column never reaches the model."""
+    import json
+    from collections import Counter
+
+    dataset = make_dataset()
+    for i, row in enumerate(dataset.rows):
+        row["row_id"] = f"row{i}"
+        if i % 5 == 0:  # scramble the labels of some rows so that some get flagged
+            row["labels"] = [(t * 7 + 3) % 50 if t != -100 else t for t in row["labels"]]
+    path = tmp_path / "suspects.jsonl"
+    args = make_args(tmp_path, max_steps=4, logging_steps=2, selection=selection, source_column="source",
+                     id_column="row_id", suspects_file=str(path))
+    trainer = SuspectRecordingTrainer(model=lora(tiny_llama()), args=args, train_dataset=dataset)
+    trainer.train()
+    lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    for w in range(2):
+        want = Counter()
+        for ids, flags in zip(trainer.step_ids[2 * w : 2 * w + 2], trainer.step_suspects[2 * w : 2 * w + 2]):
+            want.update(i for i, f in zip(ids, flags) if f)
+        got = next((dict(map(tuple, line["suspects"])) for line in lines if line["step"] == 2 * (w + 1)), {})
+        assert got == dict(want)
+    assert any(any(flags) for flags in trainer.step_suspects)  # the check above compared something
+    assert all(line["suspects"] for line in lines)  # a window without suspects writes no line
+
+
+def test_suspects_file_needs_an_id_column(tmp_path):
+    with pytest.raises(ValueError, match="id_column"):
+        make_args(tmp_path, suspects_file=str(tmp_path / "s.jsonl"))
+    with pytest.raises(ValueError, match="id_column='nope' is not a column"):
+        CoresetTrainer(model=lora(tiny_llama()), args=make_args(tmp_path, id_column="nope"), train_dataset=make_dataset())

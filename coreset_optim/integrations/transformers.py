@@ -28,6 +28,7 @@ survives ``remove_unused_columns`` and the data collator, as a per-example list)
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -76,6 +77,14 @@ class CoresetArguments:
     )
     source_column: Optional[str] = field(
         default=None, metadata={"help": "Dataset column naming each example's source (data mixture)."}
+    )
+    id_column: Optional[str] = field(
+        default=None, metadata={"help": "Dataset column with each example's id, kept like source_column; names "
+                                "the rows in suspects_file."}
+    )
+    suspects_file: Optional[str] = field(
+        default=None, metadata={"help": "JSON-lines file: per logging window, the ids (id_column) most often "
+                                "flagged as suspect (likely mislabeled) by selection='consensus_loss' or 'trimmed_loss'."}
     )
     # Every option below defaults to "not given" (None, or PRESET where None is a value), so that
     # CoresetOptimizer and the preset decide its value: defaults are stated once, in config.py and
@@ -138,8 +147,15 @@ class CoresetArguments:
                 f" x {world} process(es), the large batch it is selected from; raise "
                 "per_device_train_batch_size or lower coreset_size"
             )
-        if self.source_column is not None and not isinstance(self.source_column, str):
-            raise TypeError(f"source_column must be a column name (str) or None, got {self.source_column!r}")
+        for name in ("source_column", "id_column", "suspects_file"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a str or None, got {value!r}")
+        if self.suspects_file is not None and self.id_column is None:
+            raise ValueError(
+                "suspects_file names rows by their id: give id_column (a dataset column with one id per "
+                "example, e.g. the row index) or leave suspects_file unset"
+            )
 
     def coreset_config(self) -> CoresetConfig:
         """The optimizer's options these arguments stand for (checked: ValueError/TypeError)."""
@@ -187,26 +203,37 @@ def unwrap_coreset_optimizer(optimizer: Any) -> Any:
 
 
 class SourceCollator:
-    """Takes the source column out of each feature before the user's collator, and puts it back
-    into the batch as a per-example list (collators drop or choke on string columns)."""
+    """Takes the kept columns (sources, ids) out of each feature before the user's collator, and
+    puts them back into the batch as per-example lists (collators drop or choke on such columns)."""
 
-    def __init__(self, collator: Callable, column: str) -> None:
-        self.collator, self.column = collator, column
+    def __init__(self, collator: Callable, columns: str | Sequence[str]) -> None:
+        self.collator = collator
+        self.columns = [columns] if isinstance(columns, str) else list(columns)
 
     def __call__(self, features: Sequence[Any]) -> Any:
-        sources, stripped = [], []
+        kept: dict[str, list] = {c: [] for c in self.columns}
+        stripped = []
         for f in features:
-            if not isinstance(f, Mapping) or self.column not in f:
-                keys = list(f) if isinstance(f, Mapping) else type(f).__name__
-                raise ValueError(
-                    f"source_column={self.column!r} is missing from a training example (it has {keys}); "
-                    "add the column to the dataset or set source_column=None"
-                )
-            sources.append(f[self.column])
-            stripped.append({k: v for k, v in f.items() if k != self.column})
+            for column in self.columns:
+                if not isinstance(f, Mapping) or column not in f:
+                    keys = list(f) if isinstance(f, Mapping) else type(f).__name__
+                    raise ValueError(
+                        f"column {column!r} (source_column/id_column) is missing from a training example (it "
+                        f"has {keys}); add the column to the dataset or unset the option"
+                    )
+                kept[column].append(f[column])
+            stripped.append({k: v for k, v in f.items() if k not in kept})
         batch = self.collator(stripped)
-        batch[self.column] = [s.item() if isinstance(s, torch.Tensor) else s for s in sources]
+        for column, values in kept.items():
+            batch[column] = [v.item() if isinstance(v, torch.Tensor) else v for v in values]
         return batch
+
+
+def _process_rank() -> int:
+    """This process's rank under torch.distributed (0 without it)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _first_example(dataset: Any) -> Any:
@@ -244,6 +271,7 @@ class CoresetTrainerMixin:
         super().__init__(*args, **kwargs)
         self.per_example_loss = per_example_loss
         self._coreset_stats: dict[str, float] = {}
+        self._suspect_counts: dict[Any, int] = {}  # id -> times flagged in this logging window
         self._moments_checked = False
         self._check_coreset_setup()
 
@@ -284,17 +312,23 @@ class CoresetTrainerMixin:
                 f"causal-LM per-example loss; pass {type(self).__name__}(per_example_loss=...) that applies it, "
                 "or set label_smoothing_factor=0"
             )
-        column = args.source_column
-        if column is not None and self.train_dataset is not None:
+        for option, column in self._kept_columns().items():
+            if self.train_dataset is None:
+                break
             names = getattr(self.train_dataset, "column_names", None)
             if names is None:
                 first = _first_example(self.train_dataset)
                 names = list(first) if isinstance(first, Mapping) else None
             if names is not None and column not in names:
                 raise ValueError(
-                    f"source_column={column!r} is not a column of the training dataset (columns: "
-                    f"{list(names)}); add it or set source_column=None"
+                    f"{option}={column!r} is not a column of the training dataset (columns: "
+                    f"{list(names)}); add it or set {option}=None"
                 )
+
+    def _kept_columns(self) -> dict[str, str]:
+        """The dataset columns the coreset step needs besides the model's inputs, by option name."""
+        names = ("source_column", "id_column")
+        return {n: getattr(self.args, n) for n in names if getattr(self.args, n) is not None}
 
     # --- the optimizer -------------------------------------------------------------------------
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -323,9 +357,9 @@ class CoresetTrainerMixin:
         if self.args.remove_unused_columns and hasattr(data, "column_names") and hasattr(self, "_remove_unused_columns"):
             data = self._remove_unused_columns(data, description="target")
         features = [data[i] for i in range(len(data))]
-        column = self.args.source_column
-        if column is not None:
-            features = [{k: v for k, v in f.items() if k != column} if isinstance(f, Mapping) else f for f in features]
+        kept = set(self._kept_columns().values())
+        if kept:
+            features = [{k: v for k, v in f.items() if k not in kept} if isinstance(f, Mapping) else f for f in features]
         return dict(self._prepare_inputs(self.data_collator(features)))
 
     @property
@@ -338,17 +372,17 @@ class CoresetTrainerMixin:
 
     # --- data ----------------------------------------------------------------------------------
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:
-        """The Trainer's loader, with the source column kept (training only, not evaluation)."""
-        column = self.args.source_column
-        if column is None:
+        """The Trainer's loader, with the source and id columns kept (training only, not evaluation)."""
+        columns = list(self._kept_columns().values())
+        if not columns:
             return super().get_train_dataloader()
         collator = self.data_collator
         signature = None
         if self.args.remove_unused_columns and hasattr(self, "_set_signature_columns_if_needed"):
             self._set_signature_columns_if_needed()
             signature = list(self._signature_columns)
-            self._signature_columns = signature + [column]
-        self.data_collator = SourceCollator(collator, column)
+            self._signature_columns = signature + columns
+        self.data_collator = SourceCollator(collator, columns)
         try:
             return super().get_train_dataloader()
         finally:
@@ -378,6 +412,11 @@ class CoresetTrainerMixin:
                     f"the dataset ({type(self).__name__} keeps it through remove_unused_columns and the collator)"
                 )
             sources = inputs.pop(self.args.source_column)
+        ids = None
+        if self.args.id_column is not None:
+            if self.args.id_column not in inputs:
+                raise ValueError(f"id_column={self.args.id_column!r} is missing from the batch; keep it in the dataset")
+            ids = inputs.pop(self.args.id_column)
         opt = self.coreset_optimizer
         self._check_moments_once(opt)
         steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
@@ -389,6 +428,8 @@ class CoresetTrainerMixin:
             model=model,  # the DDP wrapper under torchrun: select() pauses its sync for the sketch pass
         )
         self._record_selection(coreset)
+        if ids is not None and self.args.suspects_file is not None:
+            self._count_suspects(coreset, ids)
         # The Trainer logs what this returns as "loss": the large batch's mean loss, as plain
         # training would report it (the coreset's weighted loss is logged as "coreset/loss").
         return coreset.batch_loss.detach().to(coreset.loss.device) / steps
@@ -424,6 +465,31 @@ class CoresetTrainerMixin:
             key = f"coreset/time_{stage}"
             stats[key] = stats.get(key, 0.0) + seconds
 
+    def _count_suspects(self, coreset: Coreset, ids: Sequence[Any]) -> None:
+        """Count, per id of this process's examples, how often the selector flagged it as suspect."""
+        if coreset.suspects is None:
+            return
+        rank = _process_rank()
+        start = sum(coreset.rank_sizes[:rank]) if len(coreset.rank_sizes) > 1 else 0
+        flags = coreset.suspects[start : start + len(ids)].tolist()
+        counts = self._suspect_counts
+        for example_id, flagged in zip(ids, flags):
+            if flagged:
+                counts[example_id] = counts.get(example_id, 0) + 1
+
+    def _write_suspects(self) -> None:
+        """Append the window's suspects (most often flagged first) to ``suspects_file``: one JSON line
+        per logging window, per process (``.rank<N>`` appended to the name when there are several)."""
+        counts, self._suspect_counts = self._suspect_counts, {}
+        if not counts:
+            return
+        path = self.args.suspects_file
+        if int(self.args.world_size) > 1:
+            path = f"{path}.rank{_process_rank()}"
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": self.state.global_step, "suspects": [[i, n] for i, n in ranked]}, default=str) + "\n")
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Training logs (those with ``loss``: the large batches' mean loss) also get the window's
         selection statistics: counts summed; ``coreset/time_<stage>`` as mean seconds and
@@ -434,6 +500,8 @@ class CoresetTrainerMixin:
             for key, value in stats.items():
                 logs[key] = float(value) / n if key.startswith("coreset/time_") or key == "coreset/loss" else value
             self._coreset_stats = {}
+            if self.args.suspects_file is not None:
+                self._write_suspects()
         super().log(logs, *args, **kwargs)
 
 
