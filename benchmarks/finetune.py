@@ -90,6 +90,8 @@ METHODS: dict[str, Method] = {
     "consensus_positive": Method("coreset", {"selection": "consensus_loss_positive"}),
     "consensus_half": Method("coreset", {"selection": "consensus_loss_half"}),
     "consensus_product": Method("coreset", {"selection": "consensus_loss_product"}),
+    "consensus_unit": Method("coreset", {"selection": "consensus_loss_unit"}),
+    "consensus_trim": Method("coreset", {"selection": "consensus_loss_trim"}),
     "colm": Method("coreset", {"preset": "colm"}),
     "fl_l1": Method("coreset", {"selection": "facility_location", "similarity": "l1"}),
     "fl_cosine": Method("coreset", {"selection": "facility_location", "similarity": "cosine"}),
@@ -177,7 +179,14 @@ def consensus_loss(x, k, *, losses, rows, mode="positive", **_):
     n = rows.numel()
     local = losses.to(rows.device).index_select(0, rows).double()
     a = agreement(x.double())
-    if mode == "positive":
+    if mode == "unit":  # each other example one vote: the sum of their unit vectors
+        u = torch.nn.functional.normalize(x.double(), dim=1)
+        ok = torch.nn.functional.cosine_similarity(x.double(), u.sum(0, keepdim=True) - u, dim=1) > 0
+    elif mode == "trim":  # agreeing and not in the high-loss cluster
+        from coreset_optim.trimmed_loss import high_loss_cluster
+
+        ok = (a > 0) & ~high_loss_cluster(local)
+    elif mode == "positive":
         ok = a > 0
     elif mode == "half":
         ok = a >= a.median()
@@ -195,7 +204,7 @@ def register_finetune_experiments() -> None:
 
     register_experiments()
     SELECTORS.setdefault("gradient_matching_uniform", gradient_matching_uniform)
-    for mode in ("positive", "half", "product"):
+    for mode in ("positive", "half", "product", "unit", "trim"):
         SELECTORS.setdefault(f"consensus_loss_{mode}", partial(consensus_loss, mode=mode))
 
 

@@ -5,7 +5,7 @@ informative ones, with corrupted answers the corrupted ones (the flaw RHO-LOSS p
 and gradient-norm selection). A hard clean example still pulls the model the way its source's
 other examples do; a wrong answer pulls elsewhere. So each example's Adam-normalized gradient
 sketch (the gradient as the wrapped optimizer will scale it: divided by ``sqrt(v_hat) + eps``) is
-compared with the sum of its source's other sketches (:func:`agreement`). Examples with a positive
+compared with its source's other sketches, each a unit vector: one vote per example (:func:`agreement`). Examples with a positive
 cosine are eligible, hardest first; the others are *suspects*, taken only when the eligible run
 out (lowest loss first). Weights are n / k, as for ``"loss"``.
 
@@ -23,10 +23,16 @@ MIN_EXAMPLES = 3  # a consensus needs at least two other examples of the source
 
 
 def agreement(x: torch.Tensor) -> torch.Tensor:
-    """``Tensor[n]``: cosine of each row of ``x[n, d]`` with the sum of the other rows (0 for a
-    zero row or a zero sum)."""
-    others = x.sum(0, keepdim=True) - x
-    return torch.nn.functional.cosine_similarity(x.double(), others.double(), dim=1, eps=1e-30)
+    """``Tensor[n]``: cosine of each row of ``x[n, d]`` with the sum of the other rows' unit
+    vectors (0 for a zero row or a zero sum).
+
+    One vote per example: summing the raw rows instead lets the largest gradients (the highest
+    losses, i.e. the corrupted answers when there are some) set the consensus, and a coherent
+    group of wrong answers (another task's answers) then agrees with itself."""
+    x = x.double()
+    unit = torch.nn.functional.normalize(x, dim=1)
+    others = unit.sum(0, keepdim=True) - unit
+    return torch.nn.functional.cosine_similarity(x, others, dim=1, eps=1e-30)
 
 
 def disagreeing(x: torch.Tensor) -> torch.Tensor:

@@ -21,10 +21,22 @@ def cosine(a: list[float], b: list[float]) -> float:
     return 0.0 if na == 0 or nb == 0 else dot / (na * nb)
 
 
-def test_agreement_is_the_cosine_with_the_sum_of_the_others():
+def unit(v: list[float]) -> list[float]:
+    n = math.sqrt(sum(a * a for a in v))
+    return [a / n for a in v] if n else v
+
+
+def vote_sum(rows: list[list[float]], j: int) -> list[float]:
+    """The sum of the unit vectors of every row but j."""
+    units = [unit(r) for i, r in enumerate(rows) if i != j]
+    return [sum(u[c] for u in units) for c in range(len(rows[j]))]
+
+
+def test_agreement_is_the_cosine_with_the_others_unit_vectors():
     x = torch.randn(7, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x[3] *= 50  # a large row counts once, like any other
     rows = x.tolist()
-    want = [cosine(rows[j], [sum(r[c] for i, r in enumerate(rows) if i != j) for c in range(5)]) for j in range(7)]
+    want = [cosine(rows[j], vote_sum(rows, j)) for j in range(7)]
     torch.testing.assert_close(agreement(x), torch.tensor(want, dtype=torch.float64))
     assert not disagreeing(x[:2]).any()  # too few for a consensus
 
@@ -73,11 +85,22 @@ def test_select_matches_a_batch_size_one_reference(steps):
         rows = [i for i in range(24) if sources[i] == s]
         agree = {}
         for j in rows:
-            others = [sum(normalized[i][c] for i in rows if i != j) for c in range(len(normalized[j]))]
-            agree[j] = cosine(normalized[j], others) > 0
+            agree[j] = cosine(normalized[j], vote_sum([normalized[i] for i in rows], rows.index(j))) > 0
         want_suspects += [j for j in rows if not agree[j]]
         want += sorted((j for j in rows if agree[j]), key=lambda j: -losses[j])[:3]
     coreset = wrapper.select(batch, loss_fn, sources=sources)
     assert sorted(want_suspects) == flipped
     assert torch.nonzero(coreset.suspects).flatten().tolist() == sorted(want_suspects)
     assert coreset.indices.tolist() == sorted(want)
+
+
+def test_a_coherent_minority_of_large_rows_does_not_set_the_consensus():
+    """Eight small rows along +x, two large ones along -x (another task's answers: coherent, high
+    loss): one vote per row flags the two; a raw sum would have flagged the eight."""
+    g = torch.Generator().manual_seed(1)
+    small = torch.tensor([[1.0, 0.0]]) + 0.2 * torch.randn(8, 2, generator=g)
+    large = torch.tensor([[-30.0, 1.0]]) + torch.randn(2, 2, generator=g)
+    x = torch.cat([small, large])
+    assert disagreeing(x).tolist() == [False] * 8 + [True] * 2
+    raw = torch.nn.functional.cosine_similarity(x, x.sum(0, keepdim=True) - x, dim=1)
+    assert (raw[:8] <= 0).all()  # what the raw sum would have said
