@@ -61,7 +61,11 @@ def count_syncs(options: dict, *, num_sources: int, block_bytes: int, chunk: int
 
 
 CONFIGS = {
-    "default (loss)": {},
+    # sketch="auto" picks by the hold's size, which these configurations change: pin each mode
+    "default (consensus_loss), top coordinates": {"sketch": "exact"},
+    "default (consensus_loss), projection": {"sketch": "projection"},
+    "loss": {"selection": "loss"},
+    "trimmed_loss": {"selection": "trimmed_loss"},
     "random": {"selection": "random"},
     "gradient_matching, top coordinates": {"selection": "gradient_matching", "sketch": "exact"},
     "gradient_matching, projection": {"selection": "gradient_matching", "sketch": "projection"},
@@ -79,13 +83,17 @@ def test_host_syncs_do_not_grow_with_blocks_chunks_or_sources(name):
     assert len(small) == SYNCS_PER_SELECT[name], small
 
 
-# The constants, stated in docs/performance.md. Every selection: the sources' ids (1), the
-# valid-row check (1), valid counts per source for the budget, the chooser and the Coreset (3 x
-# bincount + tolist + a copy of the validity mask). Sketch-based ones add the optimizer's step
-# count read per sketched parameter (a host tensor for torch's Adam, not a device sync; 4 here)
-# and one finiteness check of the whole sketch; the target one its cache check.
+# The constants, stated in docs/performance.md (this 4-parameter sketch). Every selection: the
+# sources' ids, the valid-row check, valid counts per source (budget, chooser, Coreset: bincount +
+# tolist each, one copy of the validity mask). Sketch-based ones add one read of the optimizer's
+# step count per sketched parameter (a host tensor for torch's Adam) and the sketch's own checks
+# (top coordinates: building its source masks once, one redo check); suspect-flagging selectors
+# one more per-source split of the rows (for Coreset.suspects); the target its cache check.
 SYNCS_PER_SELECT = {
-    "default (loss)": 9,
+    "default (consensus_loss), top coordinates": 19,
+    "default (consensus_loss), projection": 15,
+    "loss": 9,
+    "trimmed_loss": 11,
     "random": 9,
     "gradient_matching, top coordinates": 18,
     "gradient_matching, projection": 14,

@@ -228,17 +228,21 @@ def test_dequantize_range_equals_slice_of_whole():
         torch.testing.assert_close(dequantize_range(codes, code_book, absmax, a, b), whole[a:b])
 
 
-def test_select_uses_bounded_path_same_coreset_as_whole():
-    """select() with a one-row block budget picks the same coreset as with one block per layer."""
+@pytest.mark.parametrize("selection", ["gradient_matching", "consensus_loss"])
+def test_select_uses_bounded_path_same_coreset_as_whole(selection):
+    """select() with a one-row block budget picks the same coreset as with one block per layer
+    (top coordinates pinned: "auto" would switch to the CountSketch at the small budget)."""
     from core_utils import build
 
     chosen = []
     for block in (1, 10**9):
-        model, opt, wrapper = build(coreset_size=3, sketch_block_bytes=block, sketch_modules=["fc1", "fc2"])
+        model, opt, wrapper = build(coreset_size=3, sketch_block_bytes=block, sketch_modules=["fc1", "fc2"],
+                                    sketch="exact", selection=selection)
         take_steps(opt, model, 2)
         opt.zero_grad()
         cs = wrapper.select(make_batch(9, tokens=2), regression_loss(model))
         chosen.append((cs.indices, cs.weights, cs.sketches))
+    assert chosen[0][2].shape[1] > 0  # a sketch was compared
     assert torch.equal(chosen[0][0], chosen[1][0])
     torch.testing.assert_close(chosen[0][1], chosen[1][1])
     torch.testing.assert_close(chosen[0][2], chosen[1][2])

@@ -96,7 +96,7 @@ def test_select_backpropagates_the_trimmed_choice_and_reports_suspects():
 
 def test_selectors_that_do_not_judge_report_no_suspects():
     model = TwoLayer(d_in=4, hidden=6, d_out=2)
-    wrapper = CoresetOptimizer(torch.optim.AdamW(model.parameters()), model, coreset_size=3)
+    wrapper = CoresetOptimizer(torch.optim.AdamW(model.parameters()), model, coreset_size=3, selection="loss")
     batch = {"x": torch.randn(8, 4), "y": torch.randn(8, 2)}
     coreset = wrapper.select(batch, lambda b: (model(b["x"]) - b["y"]).pow(2).mean(1))
     assert coreset.suspects is None

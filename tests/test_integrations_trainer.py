@@ -321,7 +321,7 @@ def test_unreadable_second_moment_is_reported_after_the_first_step(tmp_path):
 
 def test_presets_and_selection_options_reach_the_optimizer(tmp_path):
     default = make_args(tmp_path).coreset_config()
-    assert (default.sketch, default.selection, default.normalize) == ("auto", "loss", "adam")
+    assert (default.sketch, default.selection, default.normalize) == ("auto", "consensus_loss", "adam")
     colm = make_args(tmp_path, coreset_preset="colm").coreset_config()
     assert (colm.sketch, colm.selection, colm.normalize, colm.zo_fixed_direction) == (
         "zeroth_order", "facility_location", "adam_update", True)
