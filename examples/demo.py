@@ -2,15 +2,20 @@
 
 Part 1: the committed pretrained base (a small Llama, loaded with from_pretrained) gets LoRA
 adapters and takes a few steps on coresets of its 7-source instruction mixture. Each step: a large
-batch of 64, select() picks 16 of them (by default the highest-loss examples of each source,
-small sources whole, weighted), backpropagates only those, then step(). Prints what was selected,
-the weights and the per-source counts.
+batch of 64, select() picks 16 of them (by default, per source, the highest-loss examples among
+those whose Adam-normalized gradient agrees with the rest of their source; small sources whole;
+weighted), backpropagates only those, then step(). Prints what was selected, the weights, the
+per-source counts and the examples flagged as suspect.
 
 Part 2: the short version of benchmarks/finetune.py (one seed, DEMO_STEPS steps, default 100):
 random k, stratified random k (the coreset's per-source budgets, random examples), balanced random
 k (equal examples per source), the default coreset and batch B accumulated in chunks of k, with a progress bar, a table of exact-match accuracy
 (mixture-weighted and macro) and a PNG of per-source accuracy vs steps and vs wall-clock
-(demo_output/finetune.png). About 2 minutes on 2 CPU cores.
+(demo_output/finetune.png).
+
+Part 3: the same with 20 % of the training answers replaced by random tokens (scored on clean
+held-out answers): random k, highest-loss selection (the default before) and the default.
+About 3 minutes on 2 CPU cores in all.
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ from coreset_optim.integrations.causal_lm import causal_lm_per_example_loss  # n
 hf_logging.disable_progress_bar()  # the base is loaded once per method: keep the demo's own bar readable
 
 METHODS = ["random_k", "stratified_k", "balanced_k", "default", "accum_B"]
+NOISY_METHODS = ["random_k", "loss", "default"]
 LABELS = {
+    "loss": "highest loss (selection='loss')",
     "random_k": "random k",
     "stratified_k": "stratified random k (selection='random')",
     "balanced_k": "balanced random k",
@@ -71,13 +78,14 @@ def part1(args) -> None:
         seconds = time.perf_counter() - t0
         counts = ", ".join(f"{name} {c.selected}/{c.in_batch}{' (kept)' if c.kept_whole else ''}"
                            for name, c in coreset.source_counts.items())
-        # The default (selection="loss") keeps each source's hardest examples, so the weighted
-        # coreset loss is above the batch mean: it is the loss being trained on, not an estimate.
-        print(f"step {step}: batch mean loss {coreset.losses.mean():.3f}  weighted coreset loss {coreset.loss:.3f}  "
+        # The default keeps each source's hardest agreeing examples, so the weighted coreset loss is
+        # above the batch mean: it is the loss being trained on, not an estimate of the batch's.
+        print(f"step {step}: batch mean loss {coreset.batch_loss:.3f}  weighted coreset loss {coreset.loss:.3f}  "
               f"({seconds * 1000:.0f} ms)")
         print(f"  selected {coreset.indices.tolist()}")
         print(f"  weights  {[round(w, 2) for w in coreset.weights.tolist()]} (sum {coreset.weights.sum():.0f} = N)")
         print(f"  per source (selected/in batch): {counts}")
+        print(f"  suspects (gradient against their source's): {torch.nonzero(coreset.suspects).flatten().tolist()}")
 
 
 class Progress:
@@ -95,16 +103,16 @@ class Progress:
               f"{time.time() - self.start:5.0f}s", end="", file=sys.stderr, flush=True)
 
 
-def part2(args) -> None:
-    progress = Progress(len(METHODS) * args.steps)
-    runs = [bench.run(m, 0, args, progress) for m in METHODS]
+def part2(args, methods: list[str] = METHODS, plot_name: str = "finetune.png") -> None:
+    progress = Progress(len(methods) * args.steps)
+    runs = [bench.run(m, 0, args, progress) for m in methods]
     print("\nmeasuring time per step (methods in turn) ...", file=sys.stderr)
-    costs = bench.step_costs(METHODS, args, rounds=6)
+    costs = bench.step_costs(methods, args, rounds=6)
     ctx = bench.build_context(args)
     summary = bench.summarize(runs, costs, ctx.mixture, args.steps)
     ms, small = summary["methods"], summary["smallest_source"]
     rows = [("method", "accuracy (mixture)", "accuracy (macro)", f"{small} (0.8 %)", "ms/step", "activation MiB")]
-    for m in METHODS:
+    for m in methods:
         s = ms[m]
         rows.append((LABELS[m], f"{s['accuracy_mixture']['mean']:.3f}", f"{s['accuracy_macro']['mean']:.3f}",
                      f"{s['accuracy:' + small]['mean']:.3f}", f"{s['ms_per_step']:.1f}", f"{s['activation_mib']:.2f}"))
@@ -115,9 +123,9 @@ def part2(args) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
-    out = ROOT / "demo_output" / "finetune.png"
+    out = ROOT / "demo_output" / plot_name
     out.parent.mkdir(exist_ok=True)
-    bench.plot(runs, summary, ctx.mixture, out)
+    bench.plot(runs, summary, ctx.mixture, out, methods=methods)
     print(f"\nplot saved to {out}")
     print("The full benchmark (3 seeds, more methods): PYTHONPATH=. python benchmarks/finetune.py")
 
@@ -131,6 +139,11 @@ def main() -> None:
     part1(args)
     print(f"\nPart 2: fine-tuning {steps} steps, five ways (the short version of benchmarks/finetune.py)\n")
     part2(args)
+    noisy = bench.parse_args(["--steps", str(steps), "--seeds", "0", "--no-equal-time", "--eval-every",
+                              str(max(5, steps // 5)), "--noise", "random_tokens", "--noise-rate", "0.2"])
+    print(f"\nPart 3: the same with 20 % of the training answers replaced by random tokens, {steps} steps, "
+          "scored on clean held-out answers\n")
+    part2(noisy, NOISY_METHODS, "finetune_noisy.png")
 
 
 if __name__ == "__main__":

@@ -22,4 +22,6 @@ def test_demo_runs():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "per source (selected/in batch)" in out.stdout
     assert "coreset k of B (default)" in out.stdout and "balanced random k" in out.stdout
-    assert "plot saved to" in out.stdout
+    assert "plot saved to" in out.stdout and "finetune_noisy.png" in out.stdout
+    assert "Part 3" in out.stdout and "highest loss (selection='loss')" in out.stdout
+    assert "suspects (gradient against their source's)" in out.stdout
