@@ -299,7 +299,7 @@ def captured_chunks(
             calls.append(LayerCalls([x for x, _ in rec], list(grads[pos : pos + len(rec)])))
             pos += len(rec)
         losses = losses.detach()
-        del records, outputs, grads, total
+        del records, outputs, grads, total, rec  # rec: the last layer's (input, output), e.g. the logits
         yield piece, calls, losses
         del calls, losses  # not alive through the next chunk's pass (the consumer may have let go)
 

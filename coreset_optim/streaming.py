@@ -163,14 +163,21 @@ def compressed_sketches(
     with sketch_mode(model, targets), torch.enable_grad():
         chunks = captured_chunks(model, targets, batch, loss_fn, num_examples, chunk_size)
         if sketch == "auto":
-            first = next(chunks)
-            sketch = "exact" if _hold_fits(first, num_examples, block_bytes, agreement) else "projection"
-            chunks = itertools.chain([first], chunks)
-            del first  # else the first chunk's activations stay alive through the whole pass
+            first = [next(chunks)]
+            sketch = "exact" if _hold_fits(first[0], num_examples, block_bytes, agreement) else "projection"
+            chunks = _first_then(first, chunks)
+            del first
         if sketch == "projection":
             return _projected(chunks, targets, normalizers, dim, seed, block_bytes)
         held = list(chunks)
     return _top_coordinates(held, targets, num_examples, normalizers, dim, source_codes, num_sources, block_bytes, agreement)
+
+
+def _first_then(first: list, rest: Iterator) -> Iterator:
+    """``first``'s one item, then ``rest``; holds no reference to the item once it is taken (an
+    ``itertools.chain([item], rest)`` keeps it, and with it a chunk's activations, to the end)."""
+    yield first.pop()
+    yield from rest
 
 
 # Top coordinates hold every example's sketch-layer inputs and output gradients (their scores need
