@@ -92,6 +92,8 @@ METHODS: dict[str, Method] = {
     "consensus_product": Method("coreset", {"selection": "consensus_loss_product"}),
     "consensus_unit": Method("coreset", {"selection": "consensus_loss_unit"}),
     "consensus_trim": Method("coreset", {"selection": "consensus_loss_trim"}),
+    "consensus_lowhalf": Method("coreset", {"selection": "consensus_loss_lowhalf"}),
+    "consensus_lowhalf_half": Method("coreset", {"selection": "consensus_loss_lowhalf_half"}),
     "colm": Method("coreset", {"preset": "colm"}),
     "fl_l1": Method("coreset", {"selection": "facility_location", "similarity": "l1"}),
     "fl_cosine": Method("coreset", {"selection": "facility_location", "similarity": "cosine"}),
@@ -179,7 +181,12 @@ def consensus_loss(x, k, *, losses, rows, mode="positive", **_):
     n = rows.numel()
     local = losses.to(rows.device).index_select(0, rows).double()
     a = agreement(x.double())
-    if mode == "unit":  # each other example one vote: the sum of their unit vectors
+    if mode in ("lowhalf", "lowhalf_half"):  # votes from the source's lower-loss half only (small-loss criterion)
+        u = torch.nn.functional.normalize(x.double(), dim=1)
+        voter = (local <= local.median()).double()[:, None]
+        a = torch.nn.functional.cosine_similarity(x.double(), (u * voter).sum(0, keepdim=True) - u * voter, dim=1)
+        ok = a > 0 if mode == "lowhalf" else a >= a.median()
+    elif mode == "unit":  # each other example one vote: the sum of their unit vectors
         u = torch.nn.functional.normalize(x.double(), dim=1)
         ok = torch.nn.functional.cosine_similarity(x.double(), u.sum(0, keepdim=True) - u, dim=1) > 0
     elif mode == "trim":  # agreeing and not in the high-loss cluster
@@ -204,7 +211,7 @@ def register_finetune_experiments() -> None:
 
     register_experiments()
     SELECTORS.setdefault("gradient_matching_uniform", gradient_matching_uniform)
-    for mode in ("positive", "half", "product", "unit", "trim"):
+    for mode in ("positive", "half", "product", "unit", "trim", "lowhalf", "lowhalf_half"):
         SELECTORS.setdefault(f"consensus_loss_{mode}", partial(consensus_loss, mode=mode))
 
 

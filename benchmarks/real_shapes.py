@@ -13,8 +13,12 @@ measured in one run, not the seconds).
 
 Configurations (B = 32 examples, k = 8 unless given):
   plain_k / plain_B   forward/backward of k (or B) examples with the model's own loss + step
-  accum_B             B in micro-batches of k, one step (the exact large-batch gradient)
-  ideal               CoLM's ideal: a no-grad forward of B (in chunks of k) + forward/backward of k
+                      (``model(..., labels=...).loss``: what a user's loop does)
+  plain_k_lib         the same step of k with the library's chunked per-example loss (the coreset
+                      step's loss: isolates what selection adds from what the loss saves)
+  accum_B             B in micro-batches of k (the model's own loss), one step
+  ideal               CoLM's ideal: a no-grad forward of B (in chunks of k) + forward/backward of
+                      k, both with the library's loss (what any coreset step must do)
   coreset:<selection> ``select()`` k of B with ``causal_lm_loss_fn`` + step, only ``selection``
                       set (``target``: 8 held-out examples)
 
@@ -41,7 +45,7 @@ from e2e import _release_host_memory, _set_malloc_mmap_threshold, _status_kb, ma
 # name: (family, vocab); hidden 64, 2 layers: the logits, not the blocks, are what grows with T.
 MODELS = {"llama-32k": ("llama", 32000), "gpt2-50k": ("gpt2", 50257), "llama-128k": ("llama", 128256)}
 HIDDEN, LAYERS = 64, 2
-SELECTIONS = ["loss", "random", "gradient_matching", "facility_location", "target"]
+SELECTIONS = ["loss", "consensus_loss", "trimmed_loss", "random", "gradient_matching", "facility_location", "target"]
 
 
 def build(model_name: str, seq_len: int, lora: bool):
@@ -98,6 +102,15 @@ def make_step(config: str, model, opt, k: int, big: int):
 
     if config == "plain_k":
         return lambda b: plain(b, k)
+    loss_fn = causal_lm_loss_fn(model)
+
+    def plain_lib(b: dict, n: int) -> None:  # the same step with the library's chunked per-example loss
+        loss_fn(index_batch({"input_ids": b["input_ids"], "labels": b["labels"]}, torch.arange(n))).nanmean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if config == "plain_k_lib":
+        return lambda b: plain_lib(b, k)
     if config == "plain_B":
         return lambda b: plain(b, big)
     if config == "accum_B":
@@ -107,7 +120,6 @@ def make_step(config: str, model, opt, k: int, big: int):
             opt.step()
             opt.zero_grad(set_to_none=True)
         return accum
-    loss_fn = causal_lm_loss_fn(model)
     if config == "ideal":
         def ideal(b: dict) -> None:
             fields = {"input_ids": b["input_ids"], "labels": b["labels"]}
@@ -117,7 +129,7 @@ def make_step(config: str, model, opt, k: int, big: int):
                 for s in range(0, big, k):
                     loss_fn(index_batch(fields, torch.arange(s, min(s + k, big))))
             model.train(was)
-            plain(b, k)
+            plain_lib(b, k)
         return ideal
     selection = config.split(":", 1)[1]
     wrapper = CoresetOptimizer(opt, model, coreset_size=k, selection=selection)
@@ -189,8 +201,10 @@ def grid(quick: bool) -> list[tuple[str, int, list[str]]]:
     facility location make the same passes as loss and gradient matching): 2 shared CPU cores."""
     if quick:
         return [("llama-32k", 128, SELECTIONS)]
-    few = ["loss", "gradient_matching", "target"]
-    return [("llama-32k", 512, SELECTIONS), ("llama-32k", 2048, few), ("gpt2-50k", 512, few), ("llama-128k", 512, few)]
+    few = ["loss", "consensus_loss", "gradient_matching", "target"]
+    curve = ["loss", "consensus_loss"]  # more sequence lengths, for the plot
+    return [("llama-32k", 512, SELECTIONS), ("llama-32k", 2048, few), ("gpt2-50k", 512, few), ("llama-128k", 512, few),
+            ("llama-32k", 128, curve), ("llama-32k", 1024, curve)]
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -200,7 +214,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     shapes = sorted({key(r) for r in rows}, key=lambda s: (s[0], s[1], s[2]))
     for shape in shapes:
         by = {r["config"]: r for r in rows if key(r) == shape}
-        plain_k, plain_b = by.get("plain_k"), by.get("plain_B")
+        plain_k, plain_b, plain_lib = by.get("plain_k"), by.get("plain_B"), by.get("plain_k_lib")
         ideal, accum = by.get("ideal"), by.get("accum_B")
         for name, r in by.items():
             if not name.startswith("coreset:"):
@@ -212,6 +226,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                 "plain_k_gib": plain_k and plain_k["peak_above_base_bytes"] / 2**30,
                 "plain_B_gib": plain_b and plain_b["peak_above_base_bytes"] / 2**30,
                 "over_plain_k": plain_k and mem / plain_k["peak_above_base_bytes"],
+                "over_plain_k_lib": plain_lib and mem / plain_lib["peak_above_base_bytes"],
                 "over_plain_B": plain_b and mem / plain_b["peak_above_base_bytes"],
                 "time_over_ideal": ideal and r["step_s"] / ideal["step_s"],
                 "time_over_accum": accum and r["step_s"] / accum["step_s"],
@@ -229,38 +244,44 @@ def markdown(result: dict) -> str:
         f"B = {result['batch']}, k = {result['k']}, hidden {HIDDEN}, {LAYERS} layers, random init, AdamW; "
         "LoRA r = 8 on q/v (GPT-2: c_attn). Peak RSS of the measured step above the RSS before it; one step "
         "per configuration, each in a fresh process. 'plain B' is n/a where it does not fit in 24 GiB.", "",
-        "| model | tuning | T | selection | sketch | coreset GiB | plain k GiB | plain B GiB | / plain k | / plain B "
-        "| time / ideal | time / accum B |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | tuning | T | selection | sketch | coreset GiB | plain k GiB | plain B GiB | / plain k "
+        "| / plain k, same loss | / plain B | time / ideal | time / accum B |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in result["summary"]:
         lines.append(
             f"| {s['model']} | {'LoRA' if s['lora'] else 'full'} | {s['seq_len']} | {s['selection']} | "
             f"{s['sketch'] or '-'} | {f(s['coreset_gib'])} | {f(s['plain_k_gib'])} | {f(s['plain_B_gib'])} | "
-            f"{f(s['over_plain_k'])} | {f(s['over_plain_B'])} | {f(s['time_over_ideal'])} | {f(s['time_over_accum'])} |")
+            f"{f(s['over_plain_k'])} | {f(s.get('over_plain_k_lib'))} | {f(s['over_plain_B'])} | "
+            f"{f(s['time_over_ideal'])} | {f(s['time_over_accum'])} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict, path: Path, model: str = "llama-32k") -> None:
+    """Peak memory above base vs tokens per example, for one model: the plain steps and the
+    coreset steps (LoRA and full fine-tuning side by side)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["summary"]
-    panels = sorted({(s["model"], s["lora"]) for s in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
-    for ax, (model, lora) in zip(axes[0], panels):
-        for sel in SELECTIONS:
-            pts = sorted((s["seq_len"], s["over_plain_k"]) for s in rows
-                         if s["model"] == model and s["lora"] == lora and s["selection"] == sel and s["over_plain_k"])
+    rows = [r for r in result["rows"] if r["model"] == model]
+    lines = {"plain_B": "plain step of B", "plain_k": "plain step of k (model's loss)",
+             "plain_k_lib": "plain step of k (chunked loss)", "coreset:consensus_loss": "coreset k of B (default)",
+             "coreset:loss": "coreset k of B (selection='loss')"}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False)
+    for ax, lora in zip(axes[0], (True, False)):
+        for config, label in lines.items():
+            pts = sorted((r["seq_len"], r["peak_above_base_bytes"] / 2**30) for r in rows
+                         if r["config"] == config and r["lora"] == lora)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=sel)
-        ax.axhline(1.2, color="grey", ls="--", lw=0.8)
+                ax.plot(*zip(*pts), marker="o", label=label)
         ax.set_xscale("log", base=2)
-        ax.set_title(f"{model}, {'LoRA' if lora else 'full'}", fontsize=9)
+        ax.set_yscale("log", base=2)
+        ax.set_title(f"{model}, {'LoRA' if lora else 'full fine-tuning'}, B = {result['batch']}, k = {result['k']}",
+                     fontsize=9)
         ax.set_xlabel("tokens per example")
-    axes[0][0].set_ylabel("peak memory / plain step of k")
+        ax.set_ylabel("peak memory above base (GiB)")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -287,7 +308,7 @@ def main(argv=None) -> None:
     done = {(r["config"], r["model"], r["seq_len"], r["lora"]) for r in rows}
     for model, seq_len, selections in grid(args.quick):
         for lora in (True, False):
-            configs = ["plain_k", "ideal", "accum_B"] + (["plain_B"] if fits(model, seq_len, args.batch) else [])
+            configs = ["plain_k", "plain_k_lib", "ideal", "accum_B"] + (["plain_B"] if fits(model, seq_len, args.batch) else [])
             configs += [f"coreset:{s}" for s in selections]
             for config in configs:
                 if (config, model, seq_len, lora) in done:
