@@ -24,7 +24,8 @@ def results_dir(script: str) -> Path:
 
 def _git(*args: str) -> str:
     try:
-        out = subprocess.run(["git", *args], cwd=RESULTS.parent, capture_output=True, text=True, timeout=30, check=False)
+        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                             timeout=30, check=False)
     except (OSError, subprocess.SubprocessError):
         return ""
     return out.stdout.strip() if out.returncode == 0 else ""
@@ -51,8 +52,8 @@ def provenance(script: str) -> dict:
     benchmark's stem (``"depth"``); the commit is the checkout's HEAD (``+dirty`` when tracked
     files outside benchmarks/results differ from it), the date UTC."""
     commit = _git("rev-parse", "--short", "HEAD") or "unknown"
-    if commit != "unknown" and _git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                                    ":(exclude)benchmarks/results"):
+    if commit != "unknown" and _git("status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                    ":(top,exclude)benchmarks/results"):
         commit += "+dirty"
     return {"script": f"benchmarks/{script}.py", "commit": commit,
             "date": time.strftime("%Y-%m-%d", time.gmtime()), "machine": machine_summary()}
