@@ -24,7 +24,7 @@ test: setup
 bench: setup
 	$(PY) -m pytest -q benchmarks --benchmark-enable
 
-# End-to-end memory/time of a coreset step vs its alternatives -> benchmarks/results/e2e.{json,md,png}
+# End-to-end memory/time of a coreset step vs its alternatives -> benchmarks/results/e2e/e2e.{json,md,png}
 bench-e2e: setup
 	$(PY) benchmarks/e2e.py
 

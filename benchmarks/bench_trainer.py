@@ -8,7 +8,7 @@ configurations, interleaved over rounds so load changes hit them alike:
 * ``coreset_B_to_k``: CoresetTrainer selecting k of B (sketch pass in chunks of k, the default);
 * ``coreset_B_to_k_sketch_B``: the same with the sketch pass in one chunk of B.
 
-Writes benchmarks/results/trainer_step.{json,md,png}. Run: python benchmarks/bench_trainer.py
+Writes benchmarks/results/bench_trainer/trainer_step.{json,md,png}. Run: python benchmarks/bench_trainer.py
 """
 
 from __future__ import annotations
@@ -25,10 +25,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from coreset_optim.integrations.transformers import CoresetTrainer, CoresetTrainingArguments
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import md_header, results_dir, stamped  # noqa: E402
+
+from coreset_optim.integrations.transformers import CoresetTrainer, CoresetTrainingArguments  # noqa: E402
 
 B, K, T, STEPS, WARMUP, ROUNDS = 32, 8, 64, 6, 2, 3
-OUT = Path(__file__).parent / "results"
+OUT = results_dir("bench_trainer")
 
 
 class Rows(torch.utils.data.Dataset):
@@ -89,20 +92,20 @@ def main() -> None:
             for kind in kinds:
                 times[kind] += run(kind, out)
     med = {k: statistics.median(v) for k, v in times.items()}
-    result = {
+    result = stamped({
         "setup": dict(B=B, k=K, tokens=T, hidden=128, layers=2, lora_r=8, steps_per_round=STEPS, rounds=ROUNDS,
                       threads=1, torch=torch.__version__, python=sys.version.split()[0], machine=platform.machine()),
         "seconds_per_step_median": med,
         "ratio_to_trainer_B": {k: med[k] / med["trainer_B"] for k in kinds},
         "all_seconds": times,
-    }
+    }, "bench_trainer")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "trainer_step.json").write_text(json.dumps(result, indent=2))
     lines = ["| configuration | s / step (median) | ratio to stock Trainer on B |", "|---|---|---|"]
     for k in kinds:
         lines.append(f"| {k} | {med[k]:.3f} | {med[k] / med['trainer_B']:.2f} |")
     (OUT / "trainer_step.md").write_text(
-        f"Tiny Llama + LoRA, B={B}, k={K}, T={T}, CPU, 1 thread, {ROUNDS} interleaved rounds x {STEPS} steps "
+        md_header(result["produced_by"]) + f"Tiny Llama + LoRA, B={B}, k={K}, T={T}, CPU, 1 thread, {ROUNDS} interleaved rounds x {STEPS} steps "
         f"(shared machine).\n\n" + "\n".join(lines) + "\n"
     )
     import matplotlib

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -13,6 +15,61 @@ import torch
 from coreset_optim.datasets.synthetic import VOCAB_SIZE, answer_losses
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def results_dir(script: str) -> Path:
+    """``benchmarks/results/<script>/``: every script's results go to a folder of their own."""
+    return RESULTS / script
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                             timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def machine_summary() -> str:
+    """One line: CPU model, cores, torch version, and the GPU when there is one."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = re.search(r"model name\s*:\s*(.*)", f.read()).group(1).strip()
+    except (OSError, AttributeError):
+        pass
+    line = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    if torch.cuda.is_available():
+        line += f", GPU {torch.cuda.get_device_name()}"
+    else:
+        line += ", no GPU"
+    return line
+
+
+def provenance(script: str) -> dict:
+    """Who wrote a result file: ``{"script", "commit", "date", "machine"}``. ``script`` is the
+    benchmark's stem (``"depth"``); the commit is the checkout's HEAD (``+dirty`` when tracked
+    files outside benchmarks/results differ from it), the date UTC."""
+    commit = _git("rev-parse", "--short", "HEAD") or "unknown"
+    if commit != "unknown" and _git("status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                    ":(top,exclude)benchmarks/results"):
+        commit += "+dirty"
+    return {"script": f"benchmarks/{script}.py", "commit": commit,
+            "date": time.strftime("%Y-%m-%d", time.gmtime()), "machine": machine_summary()}
+
+
+def stamped(data: dict, script: str) -> dict:
+    """``data`` with a top-level ``"produced_by"`` (:func:`provenance`) first; an existing one is
+    kept (a replot of saved results does not re-date them)."""
+    return {"produced_by": data.get("produced_by") or provenance(script),
+            **{k: v for k, v in data.items() if k != "produced_by"}}
+
+
+def md_header(produced_by: dict) -> str:
+    """The first line of a result's markdown file: which script, commit, date and machine wrote it."""
+    p = produced_by
+    return f"<!-- written by {p['script']} at commit {p['commit']}, {p['date']}, {p['machine']} -->\n"
 
 
 def unconstrained_matching(x, k, *, watch=None, **_):
@@ -112,8 +169,8 @@ def machine() -> dict:
     }
 
 
-def save_json(name: str, data: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
-    path.write_text(json.dumps(data, indent=1))
+def save_json(path: Path, data: dict, script: str) -> Path:
+    """``data`` with its ``"produced_by"`` (:func:`stamped`) as ``path`` (folders made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(stamped(data, script), indent=1))
     return path

@@ -2,7 +2,7 @@
 
 Every comparison is timed *interleaved* (A, B, C, A, B, C, ...) in one process and reported as
 medians and ratios, because the machine is shared and its speed drifts. pytest-benchmark times
-our own call as well; the interleaved figures go to ``benchmarks/results/micro.{json,md}``.
+our own call as well; the interleaved figures go to ``benchmarks/results/micro/micro.{json,md}``.
 """
 
 from __future__ import annotations
@@ -43,8 +43,11 @@ def _fmt(v):
 def pytest_sessionfinish(session, exitstatus):
     if not _ROWS or not session.config.getoption("benchmark_enable", default=False):
         return
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
+    from common import md_header, provenance, results_dir
+
+    out = results_dir("micro")
+    out.mkdir(parents=True, exist_ok=True)
+    produced_by = provenance("conftest")
     machine = {
         "platform": platform.platform(),
         "cores": os.cpu_count(),
@@ -60,9 +63,9 @@ def pytest_sessionfinish(session, exitstatus):
         old = []
     fresh = {(r["group"], r["case"]) for r in rows}
     rows = [r for r in old if (r["group"], r["case"]) not in fresh] + rows
-    (out / "micro.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    (out / "micro.json").write_text(json.dumps({"produced_by": produced_by, "machine": machine, "rows": rows}, indent=1))
     lines = [
-        "# Microbenchmarks (interleaved medians; shared, loaded machine: read the ratios)",
+        md_header(produced_by) + "# Microbenchmarks (interleaved medians; shared, loaded machine: read the ratios)",
         "",
         f"Machine: {machine['platform']}, {machine['cores']} cores, {machine['torch_threads']} torch "
         f"thread(s), torch {machine['torch']}, load average at the end {machine['load_average'][0]:.1f}.",

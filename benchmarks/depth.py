@@ -30,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+from common import md_header, results_dir, stamped  # noqa: E402
 from coreset_optim import CoresetOptimizer  # noqa: E402
 from e2e import machine_info  # noqa: E402
 from tinyllm import make_batch  # noqa: E402
@@ -120,7 +121,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default="depth")
-    parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--out", default=str(results_dir("depth")))
     parser.add_argument("--replot", action="store_true", help="redraw the .png from the saved JSON")
     args = parser.parse_args(argv)
     if args.replot:
@@ -133,10 +134,11 @@ def main(argv=None) -> None:
         for layers in [int(d) for d in args.depths.split(",")]:
             result["rows"].append(run(layers, mode, args))
     result["machine"]["load_average_end"] = os.getloadavg()
+    result = stamped(result, "depth")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
-    lines = [f"# Coreset step / CoLM ideal vs depth ({args.name})", "",
+    lines = [md_header(result["produced_by"]) + f"# Coreset step / CoLM ideal vs depth ({args.name})", "",
              f"Produced by `benchmarks/depth.py`; B = {args.batch}, k = {args.k}, {args.seq_len} tokens, "
              f"vocabulary {args.vocab}, hidden 128; {args.steps} alternating steps per row; machine: "
              f"{result['machine']['cpu']}, {args.threads} torch thread, load average "

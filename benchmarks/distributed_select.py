@@ -5,7 +5,7 @@
 Counts the bytes each rank hands to every collective that select() makes (by wrapping the
 torch.distributed functions; DDP's own gradient all-reduce is not counted) and compares them
 with the formula of docs/distributed.md; times select() by stage. Writes
-benchmarks/results/distributed_select.{json,md,png}.
+benchmarks/results/distributed_select/distributed_select.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = ROOT / "benchmarks" / "results" / "distributed_select"
 WORLD = 2
 B_LOCAL = 64  # examples per rank
 K = 32  # coreset of the global batch of WORLD * B_LOCAL
@@ -155,7 +155,7 @@ def main() -> None:
         Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(result))
         shutdown()
         return
-    out = RESULTS / "distributed_select_ranks"
+    out = RESULTS / "ranks"
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     procs = []
@@ -172,7 +172,9 @@ def main() -> None:
     out.rmdir()
     single = run(1, 0, None)
     expected = expected_bytes(ranks[0]["sketch_length"], ranks[0]["k"])
-    report = dict(
+    from common import stamped
+
+    report = stamped(dict(
         machine=f"{os.cpu_count()} CPU cores, torch {torch.__version__}, gloo",
         setup=dict(world=WORLD, batch_per_rank=B_LOCAL, global_batch=WORLD * B_LOCAL, k=K, sketch_dim=SKETCH_DIM,
                    sources=SOURCES, sketch_length=ranks[0]["sketch_length"], steps=STEPS),
@@ -180,7 +182,7 @@ def main() -> None:
         selected_per_rank_per_step=[r["local_counts"] for r in ranks],
         expected_bytes=expected,
         stages_ms={"rank0": ranks[0]["stages_ms"], "rank1": ranks[1]["stages_ms"], "one_process": single["stages_ms"]},
-    )
+    ), "distributed_select")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "distributed_select.json").write_text(json.dumps(report, indent=2))
     write_markdown(report)
@@ -189,9 +191,11 @@ def main() -> None:
 
 
 def write_markdown(r: dict) -> None:
+    from common import md_header
+
     s = r["setup"]
     lines = [
-        "# select() on 2 ranks (gloo, DDP) vs one process",
+        md_header(r["produced_by"]) + "# select() on 2 ranks (gloo, DDP) vs one process",
         "",
         f"{r['machine']}. Global batch {s['global_batch']} ({s['batch_per_rank']} per rank), k = {s['k']}, "
         f"sketch length D = {s['sketch_length']}, sketch_dim d = {s['sketch_dim']}, {s['sources']} sources; "

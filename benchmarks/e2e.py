@@ -17,7 +17,7 @@ configurations alternate step by step (a, b, c, d, e, a, b, ...), repeated in a 
 every time figure in the summary is a median of side-by-side ratios. A second part shrinks the model and alternates c and e
 steps in one process, to find where the coreset step stops beating accumulation.
 
-Usage: ``python benchmarks/e2e.py [--rounds 2] [--steps 5] [--out benchmarks/results]``.
+Usage: ``python benchmarks/e2e.py [--rounds 2] [--steps 5] [--out benchmarks/results/e2e]``.
 """
 
 from __future__ import annotations
@@ -306,9 +306,11 @@ def sweep(args, sizes: list[str], k: int) -> list[dict]:
 
 
 def write_markdown(result: dict, path: Path) -> None:
+    from common import md_header
+
     m = result["machine"]
     lines = [
-        "# End-to-end step: memory and time",
+        md_header(result["produced_by"]) + "# End-to-end step: memory and time",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), {m['device']}, "
         f"torch {m['torch']}; load average {m['load_average_start'][0]:.1f} at start, "
@@ -409,7 +411,7 @@ def main(argv=None) -> None:
     p.add_argument("--sweep-sizes", default="h32-l1,h64-l1,h64-l2,h128-l2,h128-l4,h128-l8,h256-l4")
     p.add_argument("--sweep-steps", type=int, default=5)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--out", default=str(HERE / "results" / "e2e"))
     args = p.parse_args(argv)
 
     if args.worker:
@@ -448,6 +450,9 @@ def main(argv=None) -> None:
         "raw_memory": mem_runs,
         "raw_time": time_runs,
     }
+    from common import stamped
+
+    result = stamped(result, "e2e")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "e2e" if args.device == "cpu" else f"e2e_{args.device}"

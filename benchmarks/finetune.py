@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ActivationMeter, BatchStream, machine, register_experiments  # noqa: E402
+from common import ActivationMeter, BatchStream, machine, register_experiments, results_dir  # noqa: E402
 
 from coreset_optim import CoresetOptimizer  # noqa: E402
 from coreset_optim.budget import tempered_split  # noqa: E402
@@ -56,6 +56,7 @@ from coreset_optim.datasets.noise import NOISE_MODELS, PLACEMENTS, check_noise, 
 from coreset_optim.datasets.tasks import FinetuneMixture, make_finetune_mixture  # noqa: E402
 from coreset_optim.integrations.causal_lm import causal_lm_per_example_loss  # noqa: E402
 
+RESULTS = results_dir("finetune")  # benchmarks/results/finetune/
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LAST_BLOCK_ALL = r".*layers\.1\..*lora_[AB]\.default"
 

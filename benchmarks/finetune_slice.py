@@ -32,10 +32,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import finetune as ft  # noqa: E402
-from common import RESULTS, machine  # noqa: E402
+from common import machine, md_header, results_dir, stamped  # noqa: E402
 
 from coreset_optim.datasets.evaluation import evaluate_tasks, macro, mixture_weighted  # noqa: E402
 from coreset_optim.datasets.tasks import SEP, Task, make_finetune_mixture  # noqa: E402
+
+RESULTS = results_dir("finetune_slice")  # benchmarks/results/finetune_slice/
 
 # Candidate slices (probe): one source's operation on a narrow length range.
 CANDIDATES = {
@@ -241,7 +243,8 @@ def main(argv=None):
     start = time.time()
     if args.diagnose:
         out = [diagnose(m, 0, args) for m in ("target_slice_one_greedy", "target_slice")]
-        (RESULTS / f"{args.out}_picks.json").write_text(json.dumps({"args": vars(args), "picks": out}, indent=1))
+        (RESULTS / f"{args.out}_picks.json").write_text(
+            json.dumps(stamped({"args": vars(args), "picks": out}, "finetune_slice"), indent=1))
         for d in out:
             print(f"{d['method']}: {args.source} {d['picked_source'] / d['picked']:.3f} of picks vs "
                   f"{d['batch_source'] / d['batch']:.3f} of batches; slice {d['picked_slice'] / d['picked']:.3f} vs "
@@ -268,9 +271,10 @@ def main(argv=None):
     ms = summarize(runs, args.slice, methods)
     refs = ["random_k", "stratified_k", "balanced_k", f"{args.source}_x4_k", f"{args.source}_x16_k", "accum_B"]
     md = markdown(ms, args, args.slice, ctx.mixture, refs)
-    payload = {"args": vars(args), "machine": machine(), "seconds": time.time() - start, "summary": ms, "runs": runs}
+    payload = stamped({"args": vars(args), "machine": machine(), "seconds": time.time() - start, "summary": ms,
+                       "runs": runs}, "finetune_slice")
     (RESULTS / f"{args.out}.json").write_text(json.dumps(payload, indent=1))
-    (RESULTS / f"{args.out}.md").write_text(md)
+    (RESULTS / f"{args.out}.md").write_text(md_header(payload["produced_by"]) + md)
     (RESULTS / f"{args.out}.partial.json").unlink(missing_ok=True)
     print(md)
 

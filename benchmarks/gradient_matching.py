@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, BatchStream, machine, make_loss_fn, register_experiments, save_json, tiny_llama  # noqa: E402
+from common import (  # noqa: E402
+    BatchStream, machine, make_loss_fn, md_header, provenance, register_experiments, results_dir, save_json, tiny_llama,
+)
 
 from coreset_optim import CoresetOptimizer  # noqa: E402
 from coreset_optim.budget import small_sources  # noqa: E402
@@ -37,6 +39,10 @@ from coreset_optim.moments import read_adam_moments  # noqa: E402
 from coreset_optim.optimizer import encode_sources  # noqa: E402
 from coreset_optim.selection import select_from_sketches  # noqa: E402
 from coreset_optim.datasets.synthetic import make_mixture  # noqa: E402
+
+# Who writes, and where: benchmarks/results/<SCRIPT>/ (gradient_matching_count_weight.py sets its own).
+SCRIPT = "gradient_matching"
+RESULTS = results_dir(SCRIPT)
 
 register_experiments()
 LAST_LAYER = r"model\.layers\.1\..*_proj|lm_head"
@@ -129,7 +135,8 @@ def main() -> None:
 
         data = json.loads((RESULTS / f"{args.out}.json").read_text())
         ks = [data["args"]["batch"] // 4, data["args"]["batch"] // 2]
-        (RESULTS / f"{args.out}.md").write_text(markdown(data["summary"], ks, argparse.Namespace(**data["args"])))
+        header = md_header(data.get("produced_by") or provenance(SCRIPT))
+        (RESULTS / f"{args.out}.md").write_text(header + markdown(data["summary"], ks, argparse.Namespace(**data["args"])))
         plot(data["records"], data["summary"], ks, RESULTS / f"{args.out}.png")
         return
     torch.set_num_threads(1)
@@ -171,10 +178,10 @@ def main() -> None:
         step += 1
     print(file=sys.stderr)
     summary = summarize(records, ks)
-    data = {"args": vars(args), "machine": machine(), "methods": {m: {k: str(v) for k, v in METHODS.get(m, {}).items()} for m in methods},
+    data = {"produced_by": provenance(SCRIPT), "args": vars(args), "machine": machine(), "methods": {m: {k: str(v) for k, v in METHODS.get(m, {}).items()} for m in methods},
             "summary": summary, "records": records}
-    path = save_json(f"{args.out}.json", data)
-    (RESULTS / f"{args.out}.md").write_text(markdown(summary, ks, args))
+    path = save_json(RESULTS / f"{args.out}.json", data, SCRIPT)
+    (RESULTS / f"{args.out}.md").write_text(md_header(data["produced_by"]) + markdown(summary, ks, args))
     plot(records, summary, ks, RESULTS / f"{args.out}.png")
     print(markdown(summary, ks, args))
     print("wrote", path)

@@ -8,7 +8,7 @@ rescale. This runs the gradient-matching benchmark (same model, batches and erro
 ``gradient_matching.py``) with the default configuration at several ``count_weight`` values.
 
 Run: python benchmarks/gradient_matching_count_weight.py  (about a minute on 2 CPU cores)
-     -> benchmarks/results/gradient_matching_count_weight.{json,md,png}
+     -> benchmarks/results/gradient_matching_count_weight/gradient_matching_count_weight.{json,md,png}
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gradient_matching  # noqa: E402
+from common import results_dir  # noqa: E402
 
 from coreset_optim.gradient_matching import gradient_matching_coreset  # noqa: E402
 from coreset_optim.selection import SELECTORS  # noqa: E402
@@ -33,6 +34,8 @@ def main() -> None:
         SELECTORS.setdefault(name, partial(gradient_matching_coreset, count_weight=cw))
         gradient_matching.METHODS[name] = dict(selection=name, normalize="adam")
         names.append(name)
+    gradient_matching.SCRIPT = "gradient_matching_count_weight"
+    gradient_matching.RESULTS = results_dir(gradient_matching.SCRIPT)
     defaults = ["--batches", "20", "--methods", ",".join(names), "--out", "gradient_matching_count_weight"]
     sys.argv[1:] = defaults + sys.argv[1:]  # later flags win
     gradient_matching.main()

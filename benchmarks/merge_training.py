@@ -4,6 +4,9 @@ Runs of a method come from the first file that has them; seconds per step come f
 round-robin measurement; a method measured only in another file gets its own seconds per step
 scaled by (main accum_B / that file's accum_B), so all costs are relative to the same yardstick.
 
+The files are read from benchmarks/results/training/ (where training.py writes); the merge goes to
+benchmarks/results/merge_training/.
+
 Run: PYTHONPATH=. python benchmarks/merge_training.py main.json other.json ... --out training_all
 """
 
@@ -15,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS  # noqa: E402
+from common import results_dir  # noqa: E402
 from training import set_times, summarize, write_results  # noqa: E402
 
 from coreset_optim.datasets.synthetic import make_mixture  # noqa: E402
@@ -27,7 +30,7 @@ def main() -> None:
     ap.add_argument("--prefer", default="", help="methods whose runs are taken from the LAST file having them")
     ap.add_argument("--out", default="training_all")
     args = ap.parse_args()
-    data = [json.loads((RESULTS / f).read_text()) for f in args.files]
+    data = [json.loads((results_dir("training") / f).read_text()) for f in args.files]
     prefer = set(filter(None, args.prefer.split(",")))
     main_costs = {r["method"]: r["seconds_per_step"] for r in data[0]["runs"]}
     runs, costs, sources = [], dict(main_costs), {}
@@ -45,7 +48,7 @@ def main() -> None:
     mixture = make_mixture(20000, 64, seed=0)
     summary = summarize(runs, mixture, args0.steps)
     write_results(args.out, {"merged_from": args.files, "run_source": {m: args.files[i] for m, i in sources.items()},
-                             "summary": summary, "costs": costs}, runs, summary, args0)
+                             "summary": summary, "costs": costs}, runs, summary, args0, script="merge_training")
 
 
 if __name__ == "__main__":

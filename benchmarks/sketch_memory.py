@@ -14,7 +14,7 @@ with the sketch made as before: every example's whole gradient of the sketch lay
 copy, top-coordinate compression of that; reimplemented here from the library's whole-gradient
 functions, only where it fits in memory).
 
-Usage: ``python benchmarks/sketch_memory.py [--out benchmarks/results] [--device cpu]``.
+Usage: ``python benchmarks/sketch_memory.py [--out benchmarks/results/sketch_memory] [--device cpu]``.
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def main(argv=None) -> None:
     parser.add_argument("--parts", default="targets,sweep")
     parser.add_argument("--today-limit-gb", type=float, default=4.0,
                         help="run today's whole-gradient path only where B x layer x 4 bytes x 3 fits in this")
-    parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--out", default=str(HERE / "results" / "sketch_memory"))
     parser.add_argument("--replot", action="store_true", help="rewrite the .md/.png from the saved JSON")
     args = parser.parse_args(argv)
     if args.replot:
@@ -222,7 +222,10 @@ def main(argv=None) -> None:
         print(json.dumps(run_worker(args)))
         return
     out = Path(args.out)
-    result = {"machine": machine_info(args.device, args.threads), "args": vars(args), "targets": [], "sweep": []}
+    from common import provenance
+
+    result = {"produced_by": provenance("sketch_memory"), "machine": machine_info(args.device, args.threads),
+              "args": vars(args), "targets": [], "sweep": []}
     parts = args.parts.split(",")
     if "targets" in parts:
         # The issue's target figures: default sketch target (the last trained Linear), B=32, k=8.
@@ -256,6 +259,9 @@ def main(argv=None) -> None:
 
 
 def save(result: dict, out: Path) -> None:
+    from common import stamped
+
+    result = stamped(result, "sketch_memory")  # a replot keeps the saved "produced_by"
     out.mkdir(parents=True, exist_ok=True)
     (out / "sketch_memory.json").write_text(json.dumps(result, indent=1))
     write_markdown(result, out / "sketch_memory.md")
@@ -299,7 +305,9 @@ def target_summary(result: dict) -> dict:
 
 def write_markdown(result: dict, path: Path) -> None:
     a, m = result["args"], result["machine"]
-    lines = ["# Peak memory of a full fine-tuning step: bounded sketches", "",
+    from common import md_header
+
+    lines = [md_header(result["produced_by"]) + "# Peak memory of a full fine-tuning step: bounded sketches", "",
              f"Produced by `benchmarks/sketch_memory.py`: B = {a['batch']}, k = {a['k']}, {a['seq_len']} tokens, "
              f"AdamW over every parameter, default options (sketch_dim 2560, block budget 32 MiB); each row a fresh "
              f"process, peak RSS of one step above the RSS before it (after a warm-up step). Machine: {m['cpu']}, "

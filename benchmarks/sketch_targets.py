@@ -43,6 +43,7 @@ from coreset_optim.loss import backward_weighted  # noqa: E402
 from coreset_optim.optimizer import encode_sources  # noqa: E402
 from coreset_optim.selection import select_from_sketches  # noqa: E402
 from coreset_optim.sketch import exact_sketches, sketch_params  # noqa: E402
+from common import md_header, results_dir, stamped  # noqa: E402
 from e2e import machine_info  # noqa: E402
 from sketch_memory import build_model  # noqa: E402
 from tinyllm import make_batch  # noqa: E402
@@ -166,7 +167,7 @@ def summarize(rows: list[dict]) -> dict:
 def write_markdown(result: dict, path: Path) -> None:
     s = result["summary"]
     lines = [
-        "# Sketch target for full fine-tuning, and bounded vs whole sketches",
+        md_header(result["produced_by"]) + "# Sketch target for full fine-tuning, and bounded vs whole sketches",
         "",
         f"Produced by `benchmarks/sketch_targets.py` ({result['args']['seeds']} seeds x "
         f"{result['args']['batches']} batches; 2-layer Llama, vocabulary {result['args']['vocab']}, "
@@ -204,7 +205,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ways", default="", help="';'-separated subset of the ways (default: all)")
     parser.add_argument("--name", default="sketch_targets")
-    parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--out", default=str(results_dir("sketch_targets")))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -215,6 +216,7 @@ def main(argv=None) -> None:
     result["rows"] = rows
     result["summary"] = summarize(rows)
     result["machine"]["load_average_end"] = os.getloadavg()
+    result = stamped(result, "sketch_targets")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))

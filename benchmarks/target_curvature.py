@@ -9,6 +9,8 @@ that step, and h_fit = 2 (D1 - actual) / |Delta|^2: the curvature along the step
 to the gain, (1/2)|Delta|^2 / D1, i.e. at h = 1 how much of the predicted gain the penalty takes.
 
     PYTHONPATH=$PWD python benchmarks/target_curvature.py [--steps 200] [--seeds 0,1,2]
+
+Writes benchmarks/results/target_curvature/target_curvature.{json,md}.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import finetune as ft  # noqa: E402
-from common import RESULTS, machine  # noqa: E402
+from common import machine, md_header, results_dir, stamped  # noqa: E402
 
 from coreset_optim.normalize import normalize_sketches  # noqa: E402
 from coreset_optim.sketch import exact_sketches, sketch_params  # noqa: E402
@@ -83,8 +85,10 @@ def main() -> None:
                     rows.append({"method": method, "seed": seed, "step": step, **r})
                     print(rows[-1], flush=True)
                 trainer.step(big)
-    out = {"machine": machine(), "rows": rows}
-    (RESULTS / "target_curvature.json").write_text(json.dumps(out, indent=1))
+    out = stamped({"machine": machine(), "rows": rows}, "target_curvature")
+    results = results_dir("target_curvature")
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "target_curvature.json").write_text(json.dumps(out, indent=1))
     lines = ["Target-aware selection: scale of the second-order term on the fine-tuning benchmark "
              f"(LoRA, AdamW lr {args.lr}, B={args.batch}, k={args.k}; median over seeds {cli.seeds}).", "",
              "| sketch | step | D1 (pred. decrease) | actual decrease | h_fit | identity penalty / gain at h=1 |",
@@ -97,7 +101,7 @@ def main() -> None:
             med = {key: statistics.median(r[key] for r in rs if r[key] is not None) for key in ("d1", "actual", "h_fit", "penalty_ratio_h1")}
             lines.append(f"| {method} (D={rs[0]['sketch_dim']}) | {step} | {med['d1']:.2e} | {med['actual']:.2e} | "
                          f"{med['h_fit']:.3g} | {med['penalty_ratio_h1']:.3g} |")
-    (RESULTS / "target_curvature.md").write_text("\n".join(lines) + "\n")
+    (results / "target_curvature.md").write_text(md_header(out["produced_by"]) + "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

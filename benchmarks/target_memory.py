@@ -10,7 +10,8 @@ Configurations: ``plain_k``, ``plain_B`` (forward/backward of k or B examples + 
 (the same step computed as before: the target's and the batch's whole per-example gradients of
 ``lm_head``, normalized, aligned; reimplemented here from the library's whole-row functions).
 
-Usage: ``python benchmarks/target_memory.py [--hidden 384] [--batch 16] [--k 4] [--curvature 0]``.
+Usage: ``python benchmarks/target_memory.py [--hidden 384] [--batch 16] [--k 4] [--curvature 0]``; writes
+benchmarks/results/target_memory/target_memory_h<hidden>_c<curvature>.{json,md}.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--curvature", type=float, default=0.0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--out", default=str(HERE / "results" / "target_memory"))
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(run_worker(args)))
@@ -165,11 +166,14 @@ def main() -> None:
             f"| {r['config']} | {peak / 2**20:.0f} | {peak / by['plain_k']['peak_above_base_bytes']:.2f} | "
             f"{peak / by['plain_B']['peak_above_base_bytes']:.2f} | {r['step_s']:.2f} |"
         )
+    from common import md_header, provenance
+
+    produced_by = provenance("target_memory")
     out = Path(args.out)
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     stem = f"target_memory_h{args.hidden}_c{args.curvature:g}"
-    (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps({"produced_by": produced_by, "args": vars(args), "rows": rows}, indent=2))
+    (out / f"{stem}.md").write_text(md_header(produced_by) + "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -2,7 +2,8 @@
 
 Tiny Llama + LoRA (benchmarks/tinyllm.py), B = 64, k = 16, T = 64, CPU, one thread. Every
 configuration runs select() + step() on the same batches, interleaved round-robin
-(benchutil.interleave), median seconds per step. Writes benchmarks/results/target_overhead.{json,md}.
+(benchutil.interleave), median seconds per step. Writes target_overhead.{json,md} in
+benchmarks/results/target_overhead/ (the committed run was renamed target_overhead_run4_stream.*).
 
     PYTHONPATH=$PWD python benchmarks/target_overhead.py [--reps 15] [--size h128-l4]
 """
@@ -12,15 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from pathlib import Path
 
 import torch
 
 from benchutil import THREADS, interleave
+from common import md_header, provenance, results_dir
 from coreset_optim import CoresetOptimizer
 from tinyllm import build, make_batch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = results_dir("target_overhead")
 
 
 def main() -> None:
@@ -73,8 +74,9 @@ def main() -> None:
             "greedy_ms": 1e3 * statistics.median(t.get("greedy", 0.0) for t in stages),
         }
     meta = dict(size=args.size, B=args.batch, k=args.k, target=args.target, T=T, reps=args.reps, threads=THREADS)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "target_overhead.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    produced_by = provenance("target_overhead")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "target_overhead.json").write_text(json.dumps({"produced_by": produced_by, "meta": meta, "rows": rows}, indent=2))
     lines = [
         f"Tiny Llama {args.size} + LoRA, B={args.batch}, k={args.k}, T={T}, target of {args.target} examples, "
         f"CPU, {THREADS} thread, {args.reps} interleaved rounds (median; shared 2-core machine).",
@@ -87,7 +89,7 @@ def main() -> None:
             f"| {name} | {r['s_per_step']:.3f} | {r['ratio_to_default']:.3f} | {r['target_stage_ms']:.1f} | "
             f"{r['sketch_ms']:.1f} | {r['greedy_ms']:.1f} |"
         )
-    (RESULTS / "target_overhead.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "target_overhead.md").write_text(md_header(produced_by) + "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

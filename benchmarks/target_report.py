@@ -1,7 +1,7 @@
 """Target-aware selection on the fine-tuning benchmark: the table the issue asks for.
 
-Reads the JSON files benchmarks/finetune.py wrote (runs of the same seeds and batches; later files
-add methods), and writes benchmarks/results/target_quality.md: accuracy on the held-out tasks
+Reads the JSON files benchmarks/finetune.py wrote in benchmarks/results/finetune/ (runs of the same
+seeds and batches; later files add methods), and writes benchmarks/results/target_report/target_quality.md: accuracy on the held-out tasks
 (the target: not training sources; their target split is disjoint from their evaluation split),
 per task and averaged, next to mixture-weighted and macro accuracy over the training sources,
 mean +- sd over seeds (and per seed), at equal steps.
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS  # noqa: E402
+from common import md_header, provenance, results_dir  # noqa: E402
 
 
 def final(run: dict) -> dict:
@@ -32,7 +32,7 @@ def stats(xs: list[float]) -> str:
 def main(names: list[str]) -> None:
     runs, costs, held_out, args = [], {}, None, None
     for name in names:
-        data = json.loads((RESULTS / f"{name}.json").read_text())
+        data = json.loads((results_dir("finetune") / f"{name}.json").read_text())
         runs += data["runs"]
         costs.update(data["costs_seconds_per_step"])
         held_out = data["mixture"]["held_out"]
@@ -69,7 +69,9 @@ def main(names: list[str]) -> None:
             f"| {m} | {stats(target)} | " + " | ".join(stats(per_task[t]) for t in held_out) +
             f" | {stats(target_loss)} | {stats(mix)} | {stats(mac)} | {1000 * costs.get(m, float('nan')):.0f} |"
         )
-    (RESULTS / "target_quality.md").write_text("\n".join(lines) + "\n")
+    out = results_dir("target_report")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "target_quality.md").write_text(md_header(provenance("target_report")) + "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

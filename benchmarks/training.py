@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    RESULTS, ActivationMeter, BatchStream, evaluate, machine, make_loss_fn, register_experiments, save_json,
-    tiny_llama,
+    ActivationMeter, BatchStream, evaluate, machine, make_loss_fn, md_header, provenance, register_experiments,
+    results_dir, save_json, tiny_llama,
 )
 
 from coreset_optim import CoresetOptimizer  # noqa: E402
@@ -275,11 +275,13 @@ def main() -> None:
                              "summary": summary, "runs": runs}, runs, summary, args)
 
 
-def write_results(out: str, payload: dict, runs: list, summary: dict, args) -> None:
-    """``out``.json (payload), .md (table) and .png (curves) under benchmarks/results/."""
-    save_json(f"{out}.json", payload)
-    (RESULTS / f"{out}.md").write_text(markdown(summary, args))
-    plot(runs, summary, RESULTS / f"{out}.png", args.steps)
+def write_results(out: str, payload: dict, runs: list, summary: dict, args, script: str = "training") -> None:
+    """``out``.json (payload), .md (table) and .png (curves) under benchmarks/results/<script>/."""
+    folder = results_dir(script)
+    produced_by = provenance(script)
+    save_json(folder / f"{out}.json", {"produced_by": produced_by, **payload}, script)
+    (folder / f"{out}.md").write_text(md_header(produced_by) + markdown(summary, args))
+    plot(runs, summary, folder / f"{out}.png", args.steps)
     print(markdown(summary, args))
 
 
