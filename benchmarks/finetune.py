@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ActivationMeter, BatchStream, machine, register_experiments, results_dir  # noqa: E402
+from common import ActivationMeter, BatchStream, machine, register_experiments, results_dir, md_header, stamped  # noqa: E402
 
 from coreset_optim import CoresetOptimizer  # noqa: E402
 from coreset_optim.budget import tempered_split  # noqa: E402
@@ -820,9 +820,10 @@ def main(argv=None) -> None:
                     for m in methods},
         "costs_seconds_per_step": costs, "summary": summary, "runs": runs,
     }
+    payload = stamped(payload, "finetune")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(payload, indent=1))
-    md = markdown(summary, ctx.mixture, args, noise_record(ctx))
+    md = md_header(payload["produced_by"]) + markdown(summary, ctx.mixture, args, noise_record(ctx))
     (RESULTS / f"{args.out}.md").write_text(md)
     plot(runs, summary, ctx.mixture, RESULTS / f"{args.out}.png")
     print(md)

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import md_header, provenance  # noqa: E402
 METHODS = ["random_k", "stratified_k", "balanced_k", "accum_B", "loss", "default"]
 LABELS = {"random_k": "random k", "stratified_k": "stratified k", "balanced_k": "balanced k",
           "accum_B": "batch B accumulated", "loss": "`loss` (old default)", "default": "**default** (`consensus_loss`)"}
@@ -62,7 +65,7 @@ def main(argv=None) -> None:
         "|---|---|---|---|---|", *reports,
     ]
     out = folder / "noise_table.md"
-    out.write_text("\n".join(lines) + "\n")
+    out.write_text(md_header(provenance("noise_table")) + "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

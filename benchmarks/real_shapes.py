@@ -23,7 +23,7 @@ Configurations (B = 32 examples, k = 8 unless given):
                       set (``target``: 8 held-out examples)
 
 Usage: ``PYTHONPATH=. python benchmarks/real_shapes.py [--quick]``
-Results: benchmarks/results/real_shapes.{json,md,png}
+Results: benchmarks/results/real_shapes/real_shapes.{json,md,png}
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from common import md_header, results_dir, stamped  # noqa: E402
 from e2e import _release_host_memory, _set_malloc_mmap_threshold, _status_kb, machine_info  # noqa: E402
 
 # name: (family, vocab); hidden 64, 2 layers: the logits, not the blocks, are what grows with T.
@@ -239,7 +240,7 @@ def markdown(result: dict) -> str:
     f = lambda x, d=2: "n/a" if x is None else f"{x:.{d}f}"  # noqa: E731
     lines = [
         "# Coreset step at real shapes: memory and time (`benchmarks/real_shapes.py`)", "",
-        f"Written by `benchmarks/real_shapes.py` at commit {result['commit']}, {result['when']}, on {m.get('cpu')} "
+        f"Written by `benchmarks/real_shapes.py` at commit {result['produced_by']['commit']}, {result['when']}, on {m.get('cpu')} "
         f"({m.get('cores', m.get('cpu_count'))} cores, {result['threads']} thread per process; a shared machine). "
         f"B = {result['batch']}, k = {result['k']}, hidden {HIDDEN}, {LAYERS} layers, random init, AdamW; "
         "LoRA r = 8 on q/v (GPT-2: c_attn). Peak RSS of the measured step above the RSS before it; one step "
@@ -298,7 +299,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--resume", action="store_true", help="keep the rows of the existing results, run the rest")
-    parser.add_argument("--out", default=str(HERE / "results" / "real_shapes"))
+    parser.add_argument("--out", default=str(results_dir("real_shapes") / "real_shapes"))
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(run_worker(args)))
@@ -321,14 +322,13 @@ def main(argv=None) -> None:
 
 
 def save(args, rows: list[dict]) -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    result = {"script": "benchmarks/real_shapes.py", "commit": commit, "machine": machine_info("cpu", args.threads),
-              "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "threads": args.threads, "batch": args.batch, "k": args.k, "rows": rows, "summary": summarize(rows)}
+    result = stamped({"machine": machine_info("cpu", args.threads), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                      "threads": args.threads, "batch": args.batch, "k": args.k, "rows": rows,
+                      "summary": summarize(rows)}, "real_shapes")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(markdown(result))
+    out.with_suffix(".md").write_text(md_header(result["produced_by"]) + markdown(result))
     plot(result, out.with_suffix(".png"))
     return result
 

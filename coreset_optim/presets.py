@@ -21,19 +21,20 @@ class _FromPreset:
 FROM_PRESET: Any = _FromPreset()
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Chosen by benchmarks/finetune.py with label noise (docs/selection_quality.md#label-noise):
-    # LoRA fine-tuning of a pretrained base on a 7-source mixture, B = 64, k = 16, 150 steps,
-    # 3 seeds, clean held-out mixture exact-match accuracy. "consensus_loss" (the highest losses
-    # among the examples whose Adam-normalized sketch agrees with their source's, one vote per
-    # example): clean 0.833 (loss 0.847, stratified random 0.797, random 0.788, batch B
-    # accumulated 0.871); 20 % of answers corrupted: random tokens 0.809 (loss 0.209, random
-    # 0.748), swapped within a source 0.77 (loss 0.007, random 0.730), another task's 0.753 (loss
-    # 0.070, random 0.624, accumulated B 0.745). "loss", the default before, collapses under
-    # every kind of noise. It needs the sketch pass of the layers below (one forward of the batch
-    # with a backward to the sketch layer). sketch="auto": top coordinates ("exact") while the
-    # whole batch's sketch-layer activations fit in 4 blocks, else a streamed CountSketch
-    # ("projection"; e.g. an lm_head at a 32k+ vocabulary), so that the sketch pass stays near a
-    # plain step of k (docs/performance.md#real-shapes).
+    # Chosen by benchmarks/finetune.py with and without label noise (docs/selection_quality.md,
+    # "Label noise"; benchmarks/results/finetune/noise_table.md): LoRA fine-tuning of a pretrained
+    # base on a 7-source mixture, B = 64, k = 16, 150 steps, 3 seeds, clean held-out mixture
+    # exact-match accuracy. "consensus_loss" (the highest losses among the examples whose
+    # Adam-normalized sketch agrees with their source's, one vote per example): clean 0.833 (loss
+    # 0.847, stratified random 0.797, random 0.788, batch B accumulated 0.871; at 300 steps 0.863
+    # vs loss 0.870); 20 % of answers wrong: random tokens 0.809, swapped within a source 0.782,
+    # another task's 0.753, where "loss" (the default before) falls to 0.209 / 0.007 / 0.070 and
+    # random k is at 0.748 / 0.730 / 0.624. At 40 % wrong answers in a source it collapses too
+    # (0.02-0.46; random k 0.42-0.71): for such data use selection="random". It needs the sketch
+    # pass (a forward of the batch with a backward to the sketch layer). sketch="auto": top
+    # coordinates ("exact") while the whole batch's sketch-layer activations fit in 4 blocks,
+    # else a streamed CountSketch ("projection"; e.g. an lm_head at a 32k+ vocabulary), so that
+    # the sketch pass stays near a plain step of k (docs/performance.md, "Real shapes").
     "default": {
         "sketch": "auto",
         "normalize": "adam",
