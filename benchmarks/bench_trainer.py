@@ -60,20 +60,36 @@ class StepTimer(TrainerCallback):
 
 def model() -> torch.nn.Module:
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(
-        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
-    ))
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=256,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
 
 
 def run(kind: str, out: str) -> list[float]:
-    common = dict(output_dir=out, max_steps=STEPS + WARMUP, learning_rate=1e-3, report_to="none",
-                  use_cpu=True, save_strategy="no", logging_steps=1000, disable_tqdm=True)
+    common = dict(
+        output_dir=out,
+        max_steps=STEPS + WARMUP,
+        learning_rate=1e-3,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1000,
+        disable_tqdm=True,
+    )
     timer = StepTimer()
     if kind.startswith("coreset"):
         chunk = B if kind.endswith("sketch_B") else None
-        args = CoresetTrainingArguments(per_device_train_batch_size=B, coreset_size=K, sketch_batch_size=chunk, **common)
+        args = CoresetTrainingArguments(
+            per_device_train_batch_size=B, coreset_size=K, sketch_batch_size=chunk, **common
+        )
         trainer = CoresetTrainer(model=model(), args=args, train_dataset=Rows(B * (STEPS + WARMUP)), callbacks=[timer])
     else:
         size = B if kind == "trainer_B" else K
@@ -92,20 +108,36 @@ def main() -> None:
             for kind in kinds:
                 times[kind] += run(kind, out)
     med = {k: statistics.median(v) for k, v in times.items()}
-    result = stamped({
-        "setup": dict(B=B, k=K, tokens=T, hidden=128, layers=2, lora_r=8, steps_per_round=STEPS, rounds=ROUNDS,
-                      threads=1, torch=torch.__version__, python=sys.version.split()[0], machine=platform.machine()),
-        "seconds_per_step_median": med,
-        "ratio_to_trainer_B": {k: med[k] / med["trainer_B"] for k in kinds},
-        "all_seconds": times,
-    }, "bench_trainer")
+    result = stamped(
+        {
+            "setup": dict(
+                B=B,
+                k=K,
+                tokens=T,
+                hidden=128,
+                layers=2,
+                lora_r=8,
+                steps_per_round=STEPS,
+                rounds=ROUNDS,
+                threads=1,
+                torch=torch.__version__,
+                python=sys.version.split()[0],
+                machine=platform.machine(),
+            ),
+            "seconds_per_step_median": med,
+            "ratio_to_trainer_B": {k: med[k] / med["trainer_B"] for k in kinds},
+            "all_seconds": times,
+        },
+        "bench_trainer",
+    )
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "trainer_step.json").write_text(json.dumps(result, indent=2))
     lines = ["| configuration | s / step (median) | ratio to stock Trainer on B |", "|---|---|---|"]
     for k in kinds:
         lines.append(f"| {k} | {med[k]:.3f} | {med[k] / med['trainer_B']:.2f} |")
     (OUT / "trainer_step.md").write_text(
-        md_header(result["produced_by"]) + f"Tiny Llama + LoRA, B={B}, k={K}, T={T}, CPU, 1 thread, {ROUNDS} interleaved rounds x {STEPS} steps "
+        md_header(result["produced_by"])
+        + f"Tiny Llama + LoRA, B={B}, k={K}, T={T}, CPU, 1 thread, {ROUNDS} interleaved rounds x {STEPS} steps "
         f"(shared machine).\n\n" + "\n".join(lines) + "\n"
     )
     import matplotlib
@@ -114,7 +146,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3))
-    ax.bar([k.replace('_sketch_B', '\n(sketch B)') for k in kinds], [med[k] for k in kinds])
+    ax.bar([k.replace("_sketch_B", "\n(sketch B)") for k in kinds], [med[k] for k in kinds])
     ax.set_ylabel("seconds per optimizer step")
     ax.set_title(f"B={B}, k={K}, tiny Llama + LoRA, CPU")
     fig.tight_layout()

@@ -24,8 +24,9 @@ def results_dir(script: str) -> Path:
 
 def _git(*args: str) -> str:
     try:
-        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
-                             timeout=30, check=False)
+        out = subprocess.run(
+            ["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=30, check=False
+        )
     except (OSError, subprocess.SubprocessError):
         return ""
     return out.stdout.strip() if out.returncode == 0 else ""
@@ -52,18 +53,25 @@ def provenance(script: str) -> dict:
     benchmark's stem (``"depth"``); the commit is the checkout's HEAD (``+dirty`` when tracked
     files outside benchmarks/results differ from it), the date UTC."""
     commit = _git("rev-parse", "--short", "HEAD") or "unknown"
-    if commit != "unknown" and _git("status", "--porcelain", "--untracked-files=no", "--", ":/",
-                                    ":(top,exclude)benchmarks/results"):
+    if commit != "unknown" and _git(
+        "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)benchmarks/results"
+    ):
         commit += "+dirty"
-    return {"script": f"benchmarks/{script}.py", "commit": commit,
-            "date": time.strftime("%Y-%m-%d", time.gmtime()), "machine": machine_summary()}
+    return {
+        "script": f"benchmarks/{script}.py",
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "machine": machine_summary(),
+    }
 
 
 def stamped(data: dict, script: str) -> dict:
     """``data`` with a top-level ``"produced_by"`` (:func:`provenance`) first; an existing one is
     kept (a replot of saved results does not re-date them)."""
-    return {"produced_by": data.get("produced_by") or provenance(script),
-            **{k: v for k, v in data.items() if k != "produced_by"}}
+    return {
+        "produced_by": data.get("produced_by") or provenance(script),
+        **{k: v for k, v in data.items() if k != "produced_by"},
+    }
 
 
 def md_header(produced_by: dict) -> str:
@@ -91,8 +99,13 @@ def tiny_llama(seed: int, hidden: int = 64, layers: int = 2):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=32,
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(cfg)
@@ -164,8 +177,11 @@ def evaluate(model, mixture) -> dict:
 
 def machine() -> dict:
     return {
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 
 

@@ -63,7 +63,9 @@ def pytest_sessionfinish(session, exitstatus):
         old = []
     fresh = {(r["group"], r["case"]) for r in rows}
     rows = [r for r in old if (r["group"], r["case"]) not in fresh] + rows
-    (out / "micro.json").write_text(json.dumps({"produced_by": produced_by, "machine": machine, "rows": rows}, indent=1))
+    (out / "micro.json").write_text(
+        json.dumps({"produced_by": produced_by, "machine": machine, "rows": rows}, indent=1)
+    )
     lines = [
         md_header(produced_by) + "# Microbenchmarks (interleaved medians; shared, loaded machine: read the ratios)",
         "",

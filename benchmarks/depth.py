@@ -40,9 +40,17 @@ def build(layers: int, mode: str, vocab: int, seq_len: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab, hidden_size=128, intermediate_size=384, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=seq_len))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=seq_len,
+        )
+    )
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -98,11 +106,18 @@ def run(layers: int, mode: str, args) -> dict:
         stages[-1]["wall"] = wc
     sketch_share = statistics.median(s["sketch"] / s["wall"] for s in stages)
     row = {
-        "layers": layers, "mode": mode, "target": [t.name for t in wrapper.sketch_targets],
+        "layers": layers,
+        "mode": mode,
+        "target": [t.name for t in wrapper.sketch_targets],
         "sketch_numel": sum(t.numel for t in wrapper.sketch_targets),
-        "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-        "c_median_s": statistics.median(times["c"]), "d_median_s": statistics.median(times["d"]),
-        "sketch_share_of_c": sketch_share, "ratios": ratios, "wall_ratio_median": statistics.median(wall_ratios),
+        "ratio_median": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "c_median_s": statistics.median(times["c"]),
+        "d_median_s": statistics.median(times["d"]),
+        "sketch_share_of_c": sketch_share,
+        "ratios": ratios,
+        "wall_ratio_median": statistics.median(wall_ratios),
         "wall_ratios": wall_ratios,
     }
     print(json.dumps({k: v for k, v in row.items() if not k.endswith("ratios")}), flush=True)
@@ -138,18 +153,26 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
-    lines = [md_header(result["produced_by"]) + f"# Coreset step / CoLM ideal vs depth ({args.name})", "",
-             f"Produced by `benchmarks/depth.py`; B = {args.batch}, k = {args.k}, {args.seq_len} tokens, "
-             f"vocabulary {args.vocab}, hidden 128; {args.steps} alternating steps per row; machine: "
-             f"{result['machine']['cpu']}, {args.threads} torch thread, load average "
-             f"{result['machine']['load_average_start'][0]:.1f} at start, "
-             f"{result['machine']['load_average_end'][0]:.1f} at end (shared machine).", "",
-             "| mode | layers | sketch target | c / d (CPU time) median | range | wall-time c / d | c CPU s | d CPU s | sketch share of c (wall) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        md_header(result["produced_by"]) + f"# Coreset step / CoLM ideal vs depth ({args.name})",
+        "",
+        f"Produced by `benchmarks/depth.py`; B = {args.batch}, k = {args.k}, {args.seq_len} tokens, "
+        f"vocabulary {args.vocab}, hidden 128; {args.steps} alternating steps per row; machine: "
+        f"{result['machine']['cpu']}, {args.threads} torch thread, load average "
+        f"{result['machine']['load_average_start'][0]:.1f} at start, "
+        f"{result['machine']['load_average_end'][0]:.1f} at end (shared machine).",
+        "",
+        "| mode | layers | sketch target | c / d (CPU time) median | range | wall-time c / d | c CPU s | d CPU s "
+        "| sketch share of c (wall) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
-        lines.append(f"| {r['mode']} | {r['layers']} | {', '.join(r['target'])[:60]} | {r['ratio_median']:.2f} | "
-                     f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f} | {r['wall_ratio_median']:.2f} | {r['c_median_s']:.3f} | {r['d_median_s']:.3f} | "
-                     f"{r['sketch_share_of_c']:.0%} |")
+        lines.append(
+            f"| {r['mode']} | {r['layers']} | {', '.join(r['target'])[:60]} | {r['ratio_median']:.2f} | "
+            f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f} | {r['wall_ratio_median']:.2f} | "
+            f"{r['c_median_s']:.3f} | {r['d_median_s']:.3f} | "
+            f"{r['sketch_share_of_c']:.0%} |"
+        )
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     plot(result, out / f"{args.name}.png")
 
@@ -166,7 +189,12 @@ def plot(result: dict, path: Path) -> None:
         if not rows:
             continue
         xs = [r["layers"] for r in rows]
-        ax.plot(xs, [r["ratio_median"] for r in rows], style, label=f"{mode} (sketch: {rows[0]['target'][0].split('.')[-2] if mode == 'lora' else rows[0]['target'][0]})")
+        ax.plot(
+            xs,
+            [r["ratio_median"] for r in rows],
+            style,
+            label=f"{mode} (sketch: {rows[0]['target'][0].split('.')[-2] if mode == 'lora' else rows[0]['target'][0]})",
+        )
         ax.fill_between(xs, [r["ratio_min"] for r in rows], [r["ratio_max"] for r in rows], alpha=0.15)
     ax.axhline(1.10, color="green", ls=":", lw=1, label="target 1.10")
     ax.axhline(1.0, color="grey", ls="--", lw=1)

@@ -96,7 +96,9 @@ def run(world: int, rank: int, counter: Counter | None) -> dict:
     torch.set_num_threads(1)
     model = make_model()
     wrapped = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    opt = CoresetOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), wrapped, coreset_size=K, sketch_dim=SKETCH_DIM)
+    opt = CoresetOptimizer(
+        torch.optim.AdamW(model.parameters(), lr=1e-3), wrapped, coreset_size=K, sketch_dim=SKETCH_DIM
+    )
     loss_fn = lambda b: F.cross_entropy(wrapped(b[0]), b[1], reduction="none")  # noqa: E731
     stages: dict[str, list[float]] = {}
     local_counts = []
@@ -160,9 +162,15 @@ def main() -> None:
     port = free_port()
     procs = []
     for rank in range(WORLD):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(WORLD),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        )
         procs.append(subprocess.Popen([sys.executable, __file__, str(out)], env=env))
     if any(p.wait(timeout=600) != 0 for p in procs):
         raise SystemExit("a rank failed")
@@ -174,15 +182,30 @@ def main() -> None:
     expected = expected_bytes(ranks[0]["sketch_length"], ranks[0]["k"])
     from common import stamped
 
-    report = stamped(dict(
-        machine=f"{os.cpu_count()} CPU cores, torch {torch.__version__}, gloo",
-        setup=dict(world=WORLD, batch_per_rank=B_LOCAL, global_batch=WORLD * B_LOCAL, k=K, sketch_dim=SKETCH_DIM,
-                   sources=SOURCES, sketch_length=ranks[0]["sketch_length"], steps=STEPS),
-        measured_bytes_per_rank=[r["bytes"] for r in ranks],
-        selected_per_rank_per_step=[r["local_counts"] for r in ranks],
-        expected_bytes=expected,
-        stages_ms={"rank0": ranks[0]["stages_ms"], "rank1": ranks[1]["stages_ms"], "one_process": single["stages_ms"]},
-    ), "distributed_select")
+    report = stamped(
+        dict(
+            machine=f"{os.cpu_count()} CPU cores, torch {torch.__version__}, gloo",
+            setup=dict(
+                world=WORLD,
+                batch_per_rank=B_LOCAL,
+                global_batch=WORLD * B_LOCAL,
+                k=K,
+                sketch_dim=SKETCH_DIM,
+                sources=SOURCES,
+                sketch_length=ranks[0]["sketch_length"],
+                steps=STEPS,
+            ),
+            measured_bytes_per_rank=[r["bytes"] for r in ranks],
+            selected_per_rank_per_step=[r["local_counts"] for r in ranks],
+            expected_bytes=expected,
+            stages_ms={
+                "rank0": ranks[0]["stages_ms"],
+                "rank1": ranks[1]["stages_ms"],
+                "one_process": single["stages_ms"],
+            },
+        ),
+        "distributed_select",
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "distributed_select.json").write_text(json.dumps(report, indent=2))
     write_markdown(report)
@@ -207,7 +230,9 @@ def write_markdown(r: dict) -> None:
         "|---|---|---|",
     ]
     for name in r["measured_bytes_per_rank"][0]:
-        lines.append(f"| {name} | {r['measured_bytes_per_rank'][0][name]:,} | {r['measured_bytes_per_rank'][1][name]:,} |")
+        lines.append(
+            f"| {name} | {r['measured_bytes_per_rank'][0][name]:,} | {r['measured_bytes_per_rank'][1][name]:,} |"
+        )
     lines += ["", "Formula (docs/distributed.md):", "", "| term | bytes |", "|---|---|"]
     lines += [f"| {k} | {v:,} |" for k, v in r["expected_bytes"].items()]
     counts = r["selected_per_rank_per_step"]
@@ -218,7 +243,13 @@ def write_markdown(r: dict) -> None:
         + f". Busiest rank's share: median {statistics.median(max(c) / s['k'] for c in zip(*counts)):.2f} "
         f"(perfect balance {1 / len(counts):.2f}).",
     ]
-    lines += ["", "## Time per stage, ms (median)", "", "| stage | rank 0 | rank 1 | one process, same global batch |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "## Time per stage, ms (median)",
+        "",
+        "| stage | rank 0 | rank 1 | one process, same global batch |",
+        "|---|---|---|---|",
+    ]
     st = r["stages_ms"]
     for name in st["one_process"] | st["rank0"]:
         cells = [f"{st[k][name]:.1f}" if name in st[k] else "-" for k in ("rank0", "rank1", "one_process")]
@@ -240,7 +271,9 @@ def write_plot(r: dict) -> None:
         ax.bar([j + (i - 1) * width for j in range(len(names))], [st[key].get(n, 0.0) for n in names], width, label=key)
     ax.set_xticks(range(len(names)), names, rotation=30)
     ax.set_ylabel("ms per step (median)")
-    ax.set_title(f"select() by stage: 2 ranks x {r['setup']['batch_per_rank']} vs 1 process x {r['setup']['global_batch']}")
+    ax.set_title(
+        f"select() by stage: 2 ranks x {r['setup']['batch_per_rank']} vs 1 process x {r['setup']['global_batch']}"
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(RESULTS / "distributed_select.png", dpi=120)

@@ -14,8 +14,8 @@ inflates them). On CUDA: the allocator's peak minus what was allocated before.
 
 The machine is shared and noisy, so times come from one process per k in which the five
 configurations alternate step by step (a, b, c, d, e, a, b, ...), repeated in a few processes;
-every time figure in the summary is a median of side-by-side ratios. A second part shrinks the model and alternates c and e
-steps in one process, to find where the coreset step stops beating accumulation.
+every time figure in the summary is a median of side-by-side ratios. A second part shrinks the model
+and alternates c and e steps in one process, to find where the coreset step stops beating accumulation.
 
 Usage: ``python benchmarks/e2e.py [--rounds 2] [--steps 5] [--out benchmarks/results/e2e]``.
 """
@@ -79,20 +79,25 @@ def make_step(config: str, model, loss_fn, optimizer, k: int, big: int):
         return index_batch(batch, slice(0, n))
 
     if config == "a":
+
         def step(batch):
             loss_fn(first(batch, k)).mean().backward()
     elif config == "b":
+
         def step(batch):
             loss_fn(batch).mean().backward()
     elif config == "c":
+
         def step(batch):
             return optimizer.select(batch, loss_fn)
     elif config == "d":
+
         def step(batch):
             with torch.no_grad():
                 loss_fn(batch)
             loss_fn(first(batch, k)).mean().backward()
     elif config == "e":
+
         def step(batch):
             for start in range(0, big, k):
                 (loss_fn(index_batch(batch, slice(start, start + k))).sum() / big).backward()
@@ -209,10 +214,28 @@ def spawn(config: str, k: int, args, size: str | None = None, steps: int | None 
     env["OMP_NUM_THREADS"] = str(args.threads)
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     cmd = [
-        sys.executable, str(Path(__file__).resolve()), "--worker", config, "--k", str(k),
-        "--batch", str(args.batch), "--size", size or args.size, "--seq-len", str(args.seq_len),
-        "--steps", str(args.steps if steps is None else steps), "--warmup", str(args.warmup), "--device", args.device,
-        "--threads", str(args.threads), "--mem-steps", str(args.mem_steps),
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        config,
+        "--k",
+        str(k),
+        "--batch",
+        str(args.batch),
+        "--size",
+        size or args.size,
+        "--seq-len",
+        str(args.seq_len),
+        "--steps",
+        str(args.steps if steps is None else steps),
+        "--warmup",
+        str(args.warmup),
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+        "--mem-steps",
+        str(args.mem_steps),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -260,8 +283,12 @@ def summarize(time_runs: dict[int, list[dict]], mem_runs: dict[str, dict], ks: l
             return mem_runs["b" if c == "b" else f"{c}{k}"]["peak_bytes"]
 
         rows = {
-            c: {"label": LABELS[c], "time_s": statistics.median(times[c]), "time_s_steps": times[c],
-                "peak_mb": mem(c) / 2**20}
+            c: {
+                "label": LABELS[c],
+                "time_s": statistics.median(times[c]),
+                "time_s_steps": times[c],
+                "peak_mb": mem(c) / 2**20,
+            }
             for c in CONFIGS
         }
         stage_rows = [r["stage_rows"] for r in runs]
@@ -293,14 +320,16 @@ def sweep(args, sizes: list[str], k: int) -> list[dict]:
     for size in sizes:
         r = spawn("c,e", k, args, size=size, steps=args.sweep_steps)
         ratios = [c / e for c, e in zip(r["times"]["c"], r["times"]["e"])]
-        rows.append({
-            "size": size,
-            "num_params": r["num_params"],
-            "time_c_s": r["median_s"]["c"],
-            "time_e_s": r["median_s"]["e"],
-            "time_c_over_e": statistics.median(ratios),
-            "stages_s": r["stages_s"],
-        })
+        rows.append(
+            {
+                "size": size,
+                "num_params": r["num_params"],
+                "time_c_s": r["median_s"]["c"],
+                "time_e_s": r["median_s"]["e"],
+                "time_c_over_e": statistics.median(ratios),
+                "stages_s": r["stages_s"],
+            }
+        )
         print(f"sweep {size}: c/e = {rows[-1]['time_c_over_e']:.2f}", file=sys.stderr)
     return rows
 
@@ -340,8 +369,7 @@ def write_markdown(result: dict, path: Path) -> None:
             f"| select() bookkeeping outside stages / c | {r['select_bookkeeping_over_c']:.3f} | - |",
             f"| time d / e (the ideal against accumulation) | {r['time_d_over_e']:.2f} | - |",
             "",
-            "Stages of (c), median seconds: "
-            + ", ".join(f"{name} {st[name]:.4f}" for name in STAGES),
+            "Stages of (c), median seconds: " + ", ".join(f"{name} {st[name]:.4f}" for name in STAGES),
             "",
         ]
     if result.get("sweep"):
@@ -405,9 +433,13 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration and process")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--mem-steps", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads per worker (1: on a shared, loaded machine OpenMP spinning "
-                        "with 2 threads made steps 10x slower)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per worker (1: on a shared, loaded machine OpenMP spinning "
+        "with 2 threads made steps 10x slower)",
+    )
     p.add_argument("--sweep-sizes", default="h32-l1,h64-l1,h64-l2,h128-l2,h128-l4,h128-l8,h256-l4")
     p.add_argument("--sweep-steps", type=int, default=5)
     p.add_argument("--device", default="cpu")

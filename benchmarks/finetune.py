@@ -118,47 +118,106 @@ METHODS: dict[str, Method] = {
     # Target-aware selection (issue 12): the held-out tasks' target split (disjoint from their
     # evaluation split) as the target; h = target_curvature. "target" and most variants select with
     # one greedy over the batch (target_per_source=False, measured first); *_per_source: per-source budgets.
-    "target": Method("coreset", {"selection": "target", "target_per_source": False}, select_kwargs=lambda ctx: {"target": ctx.target}),
-    "target_h1": Method("coreset", {"selection": "target", "target_curvature": 1.0, "target_per_source": False},
-                        select_kwargs=lambda ctx: {"target": ctx.target}),
-    "target_h100": Method("coreset", {"selection": "target", "target_curvature": 100.0, "target_per_source": False},
-                          select_kwargs=lambda ctx: {"target": ctx.target}),
-    "target_per_source": Method("coreset", {"selection": "target", "target_per_source": True},
-                                select_kwargs=lambda ctx: {"target": ctx.target}),
-    "target_last_block": Method("coreset", {"selection": "target", "sketch_modules": LAST_BLOCK_ALL, "target_per_source": False},
-                                select_kwargs=lambda ctx: {"target": ctx.target}),
+    "target": Method(
+        "coreset", {"selection": "target", "target_per_source": False}, select_kwargs=lambda ctx: {"target": ctx.target}
+    ),
+    "target_h1": Method(
+        "coreset",
+        {"selection": "target", "target_curvature": 1.0, "target_per_source": False},
+        select_kwargs=lambda ctx: {"target": ctx.target},
+    ),
+    "target_h100": Method(
+        "coreset",
+        {"selection": "target", "target_curvature": 100.0, "target_per_source": False},
+        select_kwargs=lambda ctx: {"target": ctx.target},
+    ),
+    "target_per_source": Method(
+        "coreset", {"selection": "target", "target_per_source": True}, select_kwargs=lambda ctx: {"target": ctx.target}
+    ),
+    "target_last_block": Method(
+        "coreset",
+        {"selection": "target", "sketch_modules": LAST_BLOCK_ALL, "target_per_source": False},
+        select_kwargs=lambda ctx: {"target": ctx.target},
+    ),
     "target_last_block_per_source": Method(
-        "coreset", {"selection": "target", "sketch_modules": LAST_BLOCK_ALL, "target_per_source": True},
-        select_kwargs=lambda ctx: {"target": ctx.target}),
+        "coreset",
+        {"selection": "target", "sketch_modules": LAST_BLOCK_ALL, "target_per_source": True},
+        select_kwargs=lambda ctx: {"target": ctx.target},
+    ),
     # A target spread evenly over the training sources (8 examples of each, from the training pool:
     # disjoint from evaluation): does aiming at it beat balanced random k on the macro metric?
-    "target_spread": Method("coreset", {"selection": "target", "target_per_source": False}, select_kwargs=lambda ctx: {"target": spread_target(ctx)}),
+    "target_spread": Method(
+        "coreset",
+        {"selection": "target", "target_per_source": False},
+        select_kwargs=lambda ctx: {"target": spread_target(ctx)},
+    ),
     # Fixed source reweightings toward the skills the held-out tasks need (an oracle: it knows that
     # sort_reverse needs sort and reverse, rotr_succ needs rotr and succ): k of the large batch with
     # budgets in proportion to count * weight, random within a source, unweighted mean.
     "skills_k": Method("fixed", {"weights": {"sort": 1, "reverse": 1, "rotr": 1, "succ": 1}}, steps=3.0),
-    "skills_balanced_k": Method("fixed", {"weights": {"sort": 1, "reverse": 1, "rotr": 1, "succ": 1},
-                                          "balanced": True}, steps=3.0),
-    "skills_mixed_k": Method("fixed", {"weights": {"sort": 4, "reverse": 1, "rotr": 4, "succ": 1, "copy": 0.25,
-                                                   "dedupe": 0.5, "max": 0.5}}, steps=3.0),
+    "skills_balanced_k": Method(
+        "fixed", {"weights": {"sort": 1, "reverse": 1, "rotr": 1, "succ": 1}, "balanced": True}, steps=3.0
+    ),
+    "skills_mixed_k": Method(
+        "fixed",
+        {"weights": {"sort": 4, "reverse": 1, "rotr": 4, "succ": 1, "copy": 0.25, "dedupe": 0.5, "max": 0.5}},
+        steps=3.0,
+    ),
 }
 # Run order (most needed first, so a run cut short loses the least needed).
 FULL_SET = [
-    "random_k", "default", "stratified_k", "accum_B", "gradient_matching", "balanced_k", "temperature2_k",
-    "temperature2_stratified", "balanced_stratified", "balanced_gm", "batch_B", "colm", "default_8bit",
-    "gm_8bit", "random_k_8bit", "stratified_k_8bit", "accum_B_8bit", "default_k32", "gm_k32", "random_k32",
-    "stratified_k32", "gm_last_block", "gm_uniform_within", "fl_l1", "fl_cosine", "temperature2_gm",
-    "gm_unconstrained", "gm_no_keep",
+    "random_k",
+    "default",
+    "stratified_k",
+    "accum_B",
+    "gradient_matching",
+    "balanced_k",
+    "temperature2_k",
+    "temperature2_stratified",
+    "balanced_stratified",
+    "balanced_gm",
+    "batch_B",
+    "colm",
+    "default_8bit",
+    "gm_8bit",
+    "random_k_8bit",
+    "stratified_k_8bit",
+    "accum_B_8bit",
+    "default_k32",
+    "gm_k32",
+    "random_k32",
+    "stratified_k32",
+    "gm_last_block",
+    "gm_uniform_within",
+    "fl_l1",
+    "fl_cosine",
+    "temperature2_gm",
+    "gm_unconstrained",
+    "gm_no_keep",
 ]
 # Runs made before the default became selection="loss" (the JSON of 2026-11-30): their names then.
 RENAMED = {
-    "default": "gradient_matching", "default_8bit": "gm_8bit", "default_k32": "gm_k32",
-    "default_last_block": "gm_last_block", "default_no_keep": "gm_no_keep", "balanced_default": "balanced_gm",
-    "temperature2_default": "temperature2_gm", "loss": "default", "loss_8bit": "default_8bit",
+    "default": "gradient_matching",
+    "default_8bit": "gm_8bit",
+    "default_k32": "gm_k32",
+    "default_last_block": "gm_last_block",
+    "default_no_keep": "gm_no_keep",
+    "balanced_default": "balanced_gm",
+    "temperature2_default": "temperature2_gm",
+    "loss": "default",
+    "loss_8bit": "default_8bit",
     "loss_k32": "default_k32",
 }
-PLOTTED = ["random_k", "stratified_k", "balanced_k", "temperature2_k", "gradient_matching", "default", "accum_B",
-           "batch_B"]
+PLOTTED = [
+    "random_k",
+    "stratified_k",
+    "balanced_k",
+    "temperature2_k",
+    "gradient_matching",
+    "default",
+    "accum_B",
+    "batch_B",
+]
 QUICK_SET = ["random_k", "stratified_k", "balanced_k", "accum_B", "default"]
 
 
@@ -264,12 +323,15 @@ def tempered_indices(source: torch.Tensor, k: int, temperature: float, g: torch.
 def spread_target(ctx, per_source: int = 8) -> dict:
     """``per_source`` examples of every training source (the first ones of the pool)."""
     train = ctx.mixture.train
-    rows = torch.cat([torch.nonzero(train["source"] == s).flatten()[:per_source] for s in range(len(ctx.mixture.names))])
+    rows = torch.cat(
+        [torch.nonzero(train["source"] == s).flatten()[:per_source] for s in range(len(ctx.mixture.names))]
+    )
     return {key: train[key][rows] for key in ("input_ids", "labels")}
 
 
-def fixed_indices(source: torch.Tensor, names: list[str], k: int, weights: dict, balanced: bool,
-                  g: torch.Generator) -> torch.Tensor:
+def fixed_indices(
+    source: torch.Tensor, names: list[str], k: int, weights: dict, balanced: bool, g: torch.Generator
+) -> torch.Tensor:
     """``k`` rows of a batch, source s getting a budget in proportion to ``count_s * weight_s``
     (``balanced``: ``weight_s`` alone, among the sources present), floors then one at a time, capped at
     the source's count (the rest goes to the other weighted sources, then to any), random within."""
@@ -324,8 +386,13 @@ class Trainer:
         self.names = ctx.mixture.names
         self.corrupted = ctx.corrupted
         # Under label noise: rows trained on that were corrupted, and the suspect report against truth.
-        self.noise_counts = {"selected": 0, "selected_corrupted": 0, "flagged": 0, "flagged_corrupted": 0,
-                             "corrupted_seen": 0}
+        self.noise_counts = {
+            "selected": 0,
+            "selected_corrupted": 0,
+            "flagged": 0,
+            "flagged_corrupted": 0,
+            "corrupted_seen": 0,
+        }
 
     def step(self, big: dict) -> None:
         k, kind, loss_fn = self.k, self.method.kind, self.loss_fn
@@ -350,7 +417,6 @@ class Trainer:
                 self.count_noise(big, coreset)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-
 
     def count_noise(self, big: dict, coreset) -> None:
         """Add this step's selected-and-corrupted and suspect-vs-corrupted counts."""
@@ -381,10 +447,7 @@ def build_context(args) -> Context:
     if noise is not None:
         mixture, corrupted = corrupt_mixture(mixture, noise["model"], noise["rate"], noise["placement"], noise["seed"])
     mixture = replace(mixture, train={**mixture.train, "index": torch.arange(mixture.train["source"].shape[0])})
-    target = {
-        key: torch.cat([mixture.target[t][key] for t in mixture.held_out])
-        for key in ("input_ids", "labels")
-    }
+    target = {key: torch.cat([mixture.target[t][key] for t in mixture.held_out]) for key in ("input_ids", "labels")}
     return Context(mixture, target, args, corrupted)
 
 
@@ -414,8 +477,13 @@ def noise_record(ctx: Context) -> dict | None:
         return None
     source, names = ctx.mixture.train["source"], ctx.mixture.names
     per = torch.bincount(source[ctx.corrupted], minlength=len(names)).tolist()
-    return {**noise, "corrupted": int(ctx.corrupted.sum()), "pool": int(source.shape[0]),
-            "corrupted_per_source": dict(zip(names, per)), "applied_to": "training pool only; evaluation clean"}
+    return {
+        **noise,
+        "corrupted": int(ctx.corrupted.sum()),
+        "pool": int(source.shape[0]),
+        "corrupted_per_source": dict(zip(names, per)),
+        "applied_to": "training pool only; evaluation clean",
+    }
 
 
 def evaluate(model, mixture: FinetuneMixture) -> dict:
@@ -565,8 +633,9 @@ def targets(summary: dict, best_macro: str = "balanced_gm") -> dict:
             "per_seed": mean_sd([(x - y) / (z - y) if z != y else float("nan") for x, y, z in zip(d, r, a)]),
         }
         eq = ms["default"]["references_at_equal_time"].get("accum_B:accuracy_mixture")
-        out["equal_time_default_minus_accum_B"] = None if eq is None else mean_sd(
-            [x - y for x, y in zip(d, eq["per_seed"])])
+        out["equal_time_default_minus_accum_B"] = (
+            None if eq is None else mean_sd([x - y for x, y in zip(d, eq["per_seed"])])
+        )
     out["default_minus_stratified_mixture"] = paired(ms, "default", "stratified_k", "accuracy_mixture")
     out["default_minus_random_smallest"] = paired(ms, "default", "random_k", f"accuracy:{small}")
     out["best_macro"] = best_macro
@@ -586,9 +655,12 @@ def noise_line(noise: dict | None) -> list[str]:
     if noise is None:
         return []
     per = ", ".join(f"{n} {c}" for n, c in noise["corrupted_per_source"].items())
-    return [f"Label noise in the training pool only (scores are on clean held-out data): {noise['model']}, rate "
-            f"{noise['rate']:g}, {noise['placement']}, seed {noise['seed']}: {noise['corrupted']} of {noise['pool']} "
-            f"rows have a wrong answer ({per}).", ""]
+    return [
+        f"Label noise in the training pool only (scores are on clean held-out data): {noise['model']}, rate "
+        f"{noise['rate']:g}, {noise['placement']}, seed {noise['seed']}: {noise['corrupted']} of {noise['pool']} "
+        f"rows have a wrong answer ({per}).",
+        "",
+    ]
 
 
 def markdown(summary: dict, mixture: FinetuneMixture, args, noise: dict | None = None) -> str:
@@ -600,9 +672,12 @@ def markdown(summary: dict, mixture: FinetuneMixture, args, noise: dict | None =
         f"LoRA r={args.rank} (attention+MLP), {args.optimizer}, lr {args.lr}"
         + (f", label noise {noise['model']} {noise['rate']:g}" if noise else ""),
         "",
-        "Sources (share, kind): " + ", ".join(
-            f"{n} ({100 * s / sum(mixture.shares):.1f} %, {k})" for n, s, k in zip(mixture.names, mixture.shares, mixture.kinds)
-        ) + f". Held-out tasks (not trained on): {', '.join(mixture.held_out)}.",
+        "Sources (share, kind): "
+        + ", ".join(
+            f"{n} ({100 * s / sum(mixture.shares):.1f} %, {k})"
+            for n, s, k in zip(mixture.names, mixture.shares, mixture.kinds)
+        )
+        + f". Held-out tasks (not trained on): {', '.join(mixture.held_out)}.",
         "",
         *noise_line(noise),
         *([f"Runs: {args.note}", ""] if getattr(args, "note", "") else []),
@@ -618,7 +693,8 @@ def markdown(summary: dict, mixture: FinetuneMixture, args, noise: dict | None =
         s = ms[m]
         gc = s.get("gap_closure_accuracy_mixture")
         lines.append(
-            f"| {m} | {fmt(s['accuracy_mixture'])} | {fmt(s['accuracy_macro'])} | {'' if gc is None else f'{gc:.2f}'} | "
+            f"| {m} | {fmt(s['accuracy_mixture'])} | {fmt(s['accuracy_macro'])} | "
+            f"{'' if gc is None else f'{gc:.2f}'} | "
             f"{fmt(s['loss_mixture'])} | {fmt(s['loss_macro'])} | {fmt(s['accuracy:' + summary['smallest_source']])} | "
             f"{s['ms_per_step']:.1f} | {s['activation_mib']:.2f} |"
         )
@@ -627,35 +703,60 @@ def markdown(summary: dict, mixture: FinetuneMixture, args, noise: dict | None =
         f = lambda x: "n/a" if x is None else fmt(x)  # noqa: E731
         gc = t.get("gap_closure_mixture")
         gc_text = "n/a" if not gc else f"{gc['of_means']:.2f} / {fmt(gc['per_seed'], 2)}"
-        lines += ["", "## The issue's targets (k = B/4; differences paired by seed: mean ± sd over seeds)", "",
-                  "| figure | value | target |", "|---|---|---|",
-                  f"| gap closure, mixture accuracy: of the means / per seed | "
-                  f"{gc_text} | >= 0.5 |",
-                  f"| default - stratified k, mixture accuracy | {f(t.get('default_minus_stratified_mixture'))} | > seed spread |",
-                  f"| {t['best_macro']} - balanced k, macro accuracy | {f(t.get('best_macro_minus_balanced_k'))} | > seed spread |",
-                  f"| default - random k, smallest source ({summary['smallest_source']}) accuracy | "
-                  f"{f(t.get('default_minus_random_smallest'))} | >= 0 |",
-                  f"| equal wall-clock: default - accum B, mixture accuracy | {f(t.get('equal_time_default_minus_accum_B'))} | >= 0 |"]
+        lines += [
+            "",
+            "## The issue's targets (k = B/4; differences paired by seed: mean ± sd over seeds)",
+            "",
+            "| figure | value | target |",
+            "|---|---|---|",
+            f"| gap closure, mixture accuracy: of the means / per seed | {gc_text} | >= 0.5 |",
+            "| default - stratified k, mixture accuracy | "
+            f"{f(t.get('default_minus_stratified_mixture'))} | > seed spread |",
+            f"| {t['best_macro']} - balanced k, macro accuracy | "
+            f"{f(t.get('best_macro_minus_balanced_k'))} | > seed spread |",
+            f"| default - random k, smallest source ({summary['smallest_source']}) accuracy | "
+            f"{f(t.get('default_minus_random_smallest'))} | >= 0 |",
+            "| equal wall-clock: default - accum B, mixture accuracy | "
+            f"{f(t.get('equal_time_default_minus_accum_B'))} | >= 0 |",
+        ]
     reported = [m for m in order if "noise_report" in ms[m]]
     if reported:
-        lines += ["", "## What the coreset trained on, and the suspect report (against the corrupted rows)", "",
-                  "Share of the selected examples whose answer was corrupted (the pool's share is the noise rate); "
-                  "for selectors that flag suspects, precision and recall of the flags over all steps.", "",
-                  "| method | corrupted share of the coreset | suspect precision | suspect recall |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "## What the coreset trained on, and the suspect report (against the corrupted rows)",
+            "",
+            "Share of the selected examples whose answer was corrupted (the pool's share is the noise rate); "
+            "for selectors that flag suspects, precision and recall of the flags over all steps.",
+            "",
+            "| method | corrupted share of the coreset | suspect precision | suspect recall |",
+            "|---|---|---|---|",
+        ]
         for m in reported:
             r = ms[m]["noise_report"]
             cell = lambda key: fmt(r[key]) if key in r else "-"  # noqa: E731
-            lines.append(f"| {m} | {cell('selected_corrupted_share')} | {cell('suspect_precision')} | "
-                         f"{cell('suspect_recall')} |")
+            lines.append(
+                f"| {m} | {cell('selected_corrupted_share')} | {cell('suspect_precision')} | {cell('suspect_recall')} |"
+            )
     names = mixture.names + mixture.held_out
-    lines += ["", f"## Accuracy per source after {steps} steps (mean over seeds; held-out tasks last)", "",
-              "| method | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines += [
+        "",
+        f"## Accuracy per source after {steps} steps (mean over seeds; held-out tasks last)",
+        "",
+        "| method | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
     for m in order:
         lines.append(f"| {m} | " + " | ".join(f"{ms[m]['accuracy:' + n]['mean']:.3f}" for n in names) + " |")
-    lines += ["", "## Equal wall-clock", "",
-              f"Accuracy of the reference methods at each method's time to {steps} steps (interpolated; "
-              "n/a when the reference ran shorter). Mixture / macro.", "",
-              "| method | time (s) | own | random k | stratified k | balanced k | accum B |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Equal wall-clock",
+        "",
+        f"Accuracy of the reference methods at each method's time to {steps} steps (interpolated; "
+        "n/a when the reference ran shorter). Mixture / macro.",
+        "",
+        "| method | time (s) | own | random k | stratified k | balanced k | accum B |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m in order:
         s = ms[m]
         eq = s["references_at_equal_time"]
@@ -664,9 +765,11 @@ def markdown(summary: dict, mixture: FinetuneMixture, args, noise: dict | None =
             a, b = eq.get(f"{ref}:accuracy_mixture"), eq.get(f"{ref}:accuracy_macro")
             return "n/a" if a is None or b is None else f"{a['mean']:.3f} / {b['mean']:.3f}"
 
-        lines.append(f"| {m} | {s['time_to_steps']:.1f} | {s['accuracy_mixture']['mean']:.3f} / "
-                     f"{s['accuracy_macro']['mean']:.3f} | {cell('random_k')} | {cell('stratified_k')} | "
-                     f"{cell('balanced_k')} | {cell('accum_B')} |")
+        lines.append(
+            f"| {m} | {s['time_to_steps']:.1f} | {s['accuracy_mixture']['mean']:.3f} / "
+            f"{s['accuracy_macro']['mean']:.3f} | {cell('random_k')} | {cell('stratified_k')} | "
+            f"{cell('balanced_k')} | {cell('accum_B')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -674,11 +777,16 @@ def mean_curve(runs: list[dict], m: str, key: str):
     rs = [r for r in runs if r["method"] == m]
     n = min(len(r["curve"]) for r in rs)
     pts = list(zip(*[r["curve"][:n] for r in rs]))
-    return ([p[0]["step"] for p in pts], [statistics.mean(c["time"] for c in p) for p in pts],
-            [statistics.mean(value(c, key) for c in p) for p in pts])
+    return (
+        [p[0]["step"] for p in pts],
+        [statistics.mean(c["time"] for c in p) for p in pts],
+        [statistics.mean(value(c, key) for c in p) for p in pts],
+    )
 
 
-def plot(runs: list[dict], summary: dict, mixture: FinetuneMixture, path: Path, methods: list[str] | None = None) -> None:
+def plot(
+    runs: list[dict], summary: dict, mixture: FinetuneMixture, path: Path, methods: list[str] | None = None
+) -> None:
     """Accuracy vs steps and vs wall-clock: mixture, macro, then each source and held-out task."""
     import matplotlib
 
@@ -730,8 +838,12 @@ def parse_args(argv=None):
     ap.add_argument("--target-size", type=int, default=32)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--methods", default=",".join(FULL_SET))
-    ap.add_argument("--no-equal-time", dest="equal_time", action="store_false",
-                    help="every method runs --steps steps (no longer runs for cheap methods)")
+    ap.add_argument(
+        "--no-equal-time",
+        dest="equal_time",
+        action="store_false",
+        help="every method runs --steps steps (no longer runs for cheap methods)",
+    )
     ap.add_argument("--cost-rounds", type=int, default=12)
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each")
     ap.add_argument("--quick", action="store_true", help=f"methods {QUICK_SET}, 150 steps, 2 seeds")
@@ -741,13 +853,20 @@ def parse_args(argv=None):
     ap.add_argument("--renamed", action="store_true", help="--from-runs: the file uses the names of RENAMED")
     ap.add_argument("--remeasure", action="store_true", help="--from-runs: measure the step costs again")
     ap.add_argument("--resume", default="", help="a (partial) JSON file whose runs are kept, not rerun")
-    ap.add_argument("--noise", choices=list(NOISE_MODELS), default=None,
-                    help="label noise in the training pool (evaluation stays clean); results go to "
-                         "<out>_noise-<model>-<rate>[-<placement>][-seed<n>]")
+    ap.add_argument(
+        "--noise",
+        choices=list(NOISE_MODELS),
+        default=None,
+        help="label noise in the training pool (evaluation stays clean); results go to "
+        "<out>_noise-<model>-<rate>[-<placement>][-seed<n>]",
+    )
     ap.add_argument("--noise-rate", type=float, default=None, help="share of the pool's rows corrupted (default 0.2)")
-    ap.add_argument("--noise-placement", choices=list(PLACEMENTS), default=None,
-                    help="per_source (default): each source gets the rate; concentrated: the same count, all "
-                         "in the largest source")
+    ap.add_argument(
+        "--noise-placement",
+        choices=list(PLACEMENTS),
+        default=None,
+        help="per_source (default): each source gets the rate; concentrated: the same count, all in the largest source",
+    )
     ap.add_argument("--noise-seed", type=int, default=None, help="which rows and wrong answers (default 0)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -795,13 +914,16 @@ def main(argv=None) -> None:
             jobs = [j for j in jobs if (j[0], j[1]) not in have]
         total = len(runs) + len(jobs)
         # --jobs 1: in this process (no worker start-up; what the tiny test runs)
-        with (mp.get_context("spawn").Pool(args.jobs) if args.jobs > 1 else nullcontext()) as pool:
-            for r in (pool.imap_unordered(_run_star, jobs) if pool else map(_run_star, jobs)):
+        with mp.get_context("spawn").Pool(args.jobs) if args.jobs > 1 else nullcontext() as pool:
+            for r in pool.imap_unordered(_run_star, jobs) if pool else map(_run_star, jobs):
                 runs.append(r)
                 last = r["curve"][-1]
-                print(f"[{time.time() - start:5.0f}s] {len(runs)}/{total} {r['method']} seed {r['seed']}: "
-                      f"acc mixture {last['accuracy_mixture']:.3f} macro {last['accuracy_macro']:.3f}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[{time.time() - start:5.0f}s] {len(runs)}/{total} {r['method']} seed {r['seed']}: "
+                    f"acc mixture {last['accuracy_mixture']:.3f} macro {last['accuracy_macro']:.3f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 (RESULTS / f"{args.out}.partial.json").write_text(json.dumps({"args": vars(args), "runs": runs}))
     t_runs = time.time() - start
     methods = [m for m in methods if any(r["method"] == m for r in runs)]
@@ -811,14 +933,28 @@ def main(argv=None) -> None:
     summary = summarize(runs, costs, ctx.mixture, args.steps)
     summary["targets"] = targets(summary)
     payload = {
-        "args": vars(args), "machine": machine(), "seconds": {"runs": t_runs, "total": time.time() - start},
-        "mixture": {"names": ctx.mixture.names, "shares": ctx.mixture.shares, "kinds": ctx.mixture.kinds,
-                    "held_out": ctx.mixture.held_out},
+        "args": vars(args),
+        "machine": machine(),
+        "seconds": {"runs": t_runs, "total": time.time() - start},
+        "mixture": {
+            "names": ctx.mixture.names,
+            "shares": ctx.mixture.shares,
+            "kinds": ctx.mixture.kinds,
+            "held_out": ctx.mixture.held_out,
+        },
         "noise": noise_record(ctx),
-        "methods": {m: {"kind": METHODS[m].kind, "options": {k: str(v) for k, v in METHODS[m].options.items()},
-                        "optimizer": METHODS[m].optimizer or args.optimizer, "k": METHODS[m].k or args.k}
-                    for m in methods},
-        "costs_seconds_per_step": costs, "summary": summary, "runs": runs,
+        "methods": {
+            m: {
+                "kind": METHODS[m].kind,
+                "options": {k: str(v) for k, v in METHODS[m].options.items()},
+                "optimizer": METHODS[m].optimizer or args.optimizer,
+                "k": METHODS[m].k or args.k,
+            }
+            for m in methods
+        },
+        "costs_seconds_per_step": costs,
+        "summary": summary,
+        "runs": runs,
     }
     payload = stamped(payload, "finetune")
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -57,13 +57,16 @@ def slice_target(ctx) -> dict:
 
 def register_methods(source: str) -> None:
     """Slice methods in finetune.METHODS (idempotent; also run in spawned workers)."""
-    ft.METHODS.update({
-        "target_slice": ft.Method("coreset", {"selection": "target"}, select_kwargs=slice_target),
-        "target_slice_one_greedy": ft.Method("coreset", {"selection": "target", "target_per_source": False},
-                                             select_kwargs=slice_target),
-        f"{source}_x4_k": ft.Method("fixed", {"weights": _weights(source, 4.0)}),
-        f"{source}_x16_k": ft.Method("fixed", {"weights": _weights(source, 16.0)}),
-    })
+    ft.METHODS.update(
+        {
+            "target_slice": ft.Method("coreset", {"selection": "target"}, select_kwargs=slice_target),
+            "target_slice_one_greedy": ft.Method(
+                "coreset", {"selection": "target", "target_per_source": False}, select_kwargs=slice_target
+            ),
+            f"{source}_x4_k": ft.Method("fixed", {"weights": _weights(source, 4.0)}),
+            f"{source}_x16_k": ft.Method("fixed", {"weights": _weights(source, 16.0)}),
+        }
+    )
 
 
 def _weights(source: str, w: float) -> dict:
@@ -101,8 +104,13 @@ def run(name: str, seed: int, args, slice_names: list[str]) -> dict:
         t0 = time.perf_counter()
         trainer.step(big)
         spent += time.perf_counter() - t0
-    return {"method": name, "seed": seed, "steps": args.steps, "train_seconds": spent,
-            **evaluate(trainer.model, ctx.mixture)}
+    return {
+        "method": name,
+        "seed": seed,
+        "steps": args.steps,
+        "train_seconds": spent,
+        **evaluate(trainer.model, ctx.mixture),
+    }
 
 
 def diagnose(name: str, seed: int, args) -> dict:
@@ -144,8 +152,12 @@ def mean_sd(xs):
 
 
 def summarize(runs, slice_name, methods):
-    keys = {"slice_acc": lambda r: r["accuracy"][slice_name], "slice_loss": lambda r: r["loss"][slice_name],
-            "acc_mixture": lambda r: r["accuracy_mixture"], "acc_macro": lambda r: r["accuracy_macro"]}
+    keys = {
+        "slice_acc": lambda r: r["accuracy"][slice_name],
+        "slice_loss": lambda r: r["loss"][slice_name],
+        "acc_mixture": lambda r: r["accuracy_mixture"],
+        "acc_macro": lambda r: r["accuracy_macro"],
+    }
     out = {}
     for m in methods:
         rs = sorted((r for r in runs if r["method"] == m), key=lambda r: r["seed"])
@@ -178,15 +190,17 @@ def markdown(ms, args, slice_name, mixture, refs):
         f"Slice: `{slice_name}` = source `{args.source}` ({100 * share[args.source]:.1f} % of the pool) restricted to "
         f"inputs of length {sl.lengths[0] if sl.lengths[0] == sl.lengths[1] else f'{sl.lengths[0]}-{sl.lengths[1]}'} "
         f"(the source draws lengths 3-8 uniformly, so the slice is about "
-        f"{100 * share[args.source] * (sl.lengths[1] - sl.lengths[0] + 1) / 6:.1f} % of the pool). Target: {args.target_size} "
+        f"{100 * share[args.source] * (sl.lengths[1] - sl.lengths[0] + 1) / 6:.1f} % of the pool). "
+        f"Target: {args.target_size} "
         f"slice examples; slice evaluation: {args.eval_size} others; both disjoint from the pool. "
         "Every method runs the same steps on the same large batches per seed. Mean ± sd over seeds; "
         "differences paired by seed (mean ± sd of the per-seed differences).",
         "",
-        "Methods: `target_slice` = `selection=\"target\"` with default options (per-source budgets, h = 0, target "
+        'Methods: `target_slice` = `selection="target"` with default options (per-source budgets, h = 0, target '
         "refreshed every step), target = the slice's target split; `target_slice_one_greedy` = the same with "
         "`target_per_source=False` (one greedy over the batch, free to move budget across sources); "
-        f"`{args.source}_x4_k` / `{args.source}_x16_k` = fixed reweighting: k of the large batch with budgets in proportion "
+        f"`{args.source}_x4_k` / `{args.source}_x16_k` = fixed reweighting: "
+        "k of the large batch with budgets in proportion "
         f"to count x weight, `{args.source}` weighted 4 / 16, random within a source, unweighted mean (an oracle: it "
         "knows the slice's source); random / stratified / balanced k and accum B as in finetune.py. "
         "'train ms/step': mean training time per step of each run, 2 runs in parallel on a 2-core machine shared "
@@ -197,21 +211,36 @@ def markdown(ms, args, slice_name, mixture, refs):
     ]
     for m in sorted(ms, key=lambda m: -ms[m]["slice_acc"]["mean"]):
         s = ms[m]
-        lines.append(f"| {m} | {ms_(s['slice_acc'])} | {ms_(s['slice_loss'])} | {ms_(s['acc_mixture'])} | "
-                     f"{ms_(s['acc_macro'])} | {1000 * s['train_s_per_step']:.0f} |")
+        lines.append(
+            f"| {m} | {ms_(s['slice_acc'])} | {ms_(s['slice_loss'])} | {ms_(s['acc_mixture'])} | "
+            f"{ms_(s['acc_macro'])} | {1000 * s['train_s_per_step']:.0f} |"
+        )
     for tm in ("target_slice", "target_slice_one_greedy"):
         if tm not in ms:
             continue
-        lines += ["", f"## {tm} minus each reference, paired by seed", "",
-                  "| reference | slice accuracy | slice loss | accuracy mixture | accuracy macro |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## {tm} minus each reference, paired by seed",
+            "",
+            "| reference | slice accuracy | slice loss | accuracy mixture | accuracy macro |",
+            "|---|---|---|---|---|",
+        ]
         for ref in refs:
             if ref in ms:
                 cells = [paired(ms, tm, ref, k) for k in ("slice_acc", "slice_loss", "acc_mixture", "acc_macro")]
-                lines.append(f"| {ref} | " + " | ".join("n/a" if c is None else f"{c['mean']:+.3f} ± {c['sd']:.3f}"
-                                                        for c in cells) + " |")
+                lines.append(
+                    f"| {ref} | "
+                    + " | ".join("n/a" if c is None else f"{c['mean']:+.3f} ± {c['sd']:.3f}" for c in cells)
+                    + " |"
+                )
     names = list(next(iter(ms.values()))["per_source_acc"])
-    lines += ["", "## Accuracy per source (mean over seeds; slice last)", "",
-              "| method | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines += [
+        "",
+        "## Accuracy per source (mean over seeds; slice last)",
+        "",
+        "| method | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
     for m in ms:
         lines.append(f"| {m} | " + " | ".join(f"{ms[m]['per_source_acc'][n]:.3f}" for n in names) + " |")
     return "\n".join(lines) + "\n"
@@ -231,8 +260,10 @@ def main(argv=None):
     ap.add_argument("--target-size", type=int, default=32)
     ap.add_argument("--slice", default="sort_len3")
     ap.add_argument("--source", default="sort")
-    ap.add_argument("--methods", default="random_k,target_slice,stratified_k,balanced_k,accum_B,sort_x4_k,"
-                                         "target_slice_one_greedy,sort_x16_k")
+    ap.add_argument(
+        "--methods",
+        default="random_k,target_slice,stratified_k,balanced_k,accum_B,sort_x4_k,target_slice_one_greedy,sort_x16_k",
+    )
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--probe", action="store_true", help="random k, seed 0, every candidate slice evaluated")
     ap.add_argument("--diagnose", action="store_true", help="seed 0: what the two target modes pick")
@@ -244,11 +275,14 @@ def main(argv=None):
     if args.diagnose:
         out = [diagnose(m, 0, args) for m in ("target_slice_one_greedy", "target_slice")]
         (RESULTS / f"{args.out}_picks.json").write_text(
-            json.dumps(stamped({"args": vars(args), "picks": out}, "finetune_slice"), indent=1))
+            json.dumps(stamped({"args": vars(args), "picks": out}, "finetune_slice"), indent=1)
+        )
         for d in out:
-            print(f"{d['method']}: {args.source} {d['picked_source'] / d['picked']:.3f} of picks vs "
-                  f"{d['batch_source'] / d['batch']:.3f} of batches; slice {d['picked_slice'] / d['picked']:.3f} vs "
-                  f"{d['batch_slice'] / d['batch']:.3f}")
+            print(
+                f"{d['method']}: {args.source} {d['picked_source'] / d['picked']:.3f} of picks vs "
+                f"{d['batch_source'] / d['batch']:.3f} of batches; slice {d['picked_slice'] / d['picked']:.3f} vs "
+                f"{d['batch_slice'] / d['batch']:.3f}"
+            )
         return
     if args.probe:
         r = run("random_k", 0, args, list(CANDIDATES))
@@ -263,16 +297,21 @@ def main(argv=None):
     with mp.get_context("spawn").Pool(args.jobs) as pool:
         for r in pool.imap_unordered(_run_star, jobs):
             runs.append(r)
-            print(f"[{time.time() - start:5.0f}s] {r['method']} seed {r['seed']}: slice {r['accuracy'][args.slice]:.3f} "
-                  f"loss {r['loss'][args.slice]:.3f} mixture {r['accuracy_mixture']:.3f} macro {r['accuracy_macro']:.3f}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[{time.time() - start:5.0f}s] {r['method']} seed {r['seed']}: slice {r['accuracy'][args.slice]:.3f} "
+                f"loss {r['loss'][args.slice]:.3f} mixture {r['accuracy_mixture']:.3f} macro {r['accuracy_macro']:.3f}",
+                file=sys.stderr,
+                flush=True,
+            )
             (RESULTS / f"{args.out}.partial.json").write_text(json.dumps({"args": vars(args), "runs": runs}))
     ctx = build(args, [CANDIDATES[args.slice]])
     ms = summarize(runs, args.slice, methods)
     refs = ["random_k", "stratified_k", "balanced_k", f"{args.source}_x4_k", f"{args.source}_x16_k", "accum_B"]
     md = markdown(ms, args, args.slice, ctx.mixture, refs)
-    payload = stamped({"args": vars(args), "machine": machine(), "seconds": time.time() - start, "summary": ms,
-                       "runs": runs}, "finetune_slice")
+    payload = stamped(
+        {"args": vars(args), "machine": machine(), "seconds": time.time() - start, "summary": ms, "runs": runs},
+        "finetune_slice",
+    )
     (RESULTS / f"{args.out}.json").write_text(json.dumps(payload, indent=1))
     (RESULTS / f"{args.out}.md").write_text(md_header(payload["produced_by"]) + md)
     (RESULTS / f"{args.out}.partial.json").unlink(missing_ok=True)

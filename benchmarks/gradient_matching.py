@@ -29,7 +29,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    BatchStream, machine, make_loss_fn, md_header, provenance, register_experiments, results_dir, save_json, tiny_llama,
+    BatchStream,
+    machine,
+    make_loss_fn,
+    md_header,
+    provenance,
+    register_experiments,
+    results_dir,
+    save_json,
+    tiny_llama,
 )
 
 from coreset_optim import CoresetOptimizer  # noqa: E402
@@ -58,12 +66,31 @@ METHODS: dict[str, dict] = {
     "gm_adam": dict(selection="gradient_matching", normalize="adam"),
     "gm_adam_update": dict(selection="gradient_matching", normalize="adam_update"),
     "gm_unconstrained": dict(selection="gradient_matching_unconstrained", normalize="adam"),
-    "gm_unconstrained_lastlayer_projection": dict(selection="gradient_matching_unconstrained", normalize="adam", sketch_modules=LAST_LAYER, sketch="projection", sketch_dim=2560),
+    "gm_unconstrained_lastlayer_projection": dict(
+        selection="gradient_matching_unconstrained",
+        normalize="adam",
+        sketch_modules=LAST_LAYER,
+        sketch="projection",
+        sketch_dim=2560,
+    ),
     "gm_adam_keep_none": dict(selection="gradient_matching", normalize="adam", keep_sources=None),
-    "gm_adam_v_proj": dict(selection="gradient_matching", normalize="adam", sketch_modules="model.layers.1.self_attn.v_proj"),
-    "gm_adam_lastlayer_topk": dict(selection="gradient_matching", normalize="adam", sketch_modules=LAST_LAYER, sketch_dim=2560),
-    "gm_adam_lastlayer_projection": dict(selection="gradient_matching", normalize="adam", sketch_modules=LAST_LAYER, sketch="projection", sketch_dim=2560),
-    "fl_cosine_lastlayer_projection": dict(selection="facility_location", similarity="cosine", normalize="adam", sketch_modules=LAST_LAYER, sketch="projection", sketch_dim=2560),
+    "gm_adam_v_proj": dict(
+        selection="gradient_matching", normalize="adam", sketch_modules="model.layers.1.self_attn.v_proj"
+    ),
+    "gm_adam_lastlayer_topk": dict(
+        selection="gradient_matching", normalize="adam", sketch_modules=LAST_LAYER, sketch_dim=2560
+    ),
+    "gm_adam_lastlayer_projection": dict(
+        selection="gradient_matching", normalize="adam", sketch_modules=LAST_LAYER, sketch="projection", sketch_dim=2560
+    ),
+    "fl_cosine_lastlayer_projection": dict(
+        selection="facility_location",
+        similarity="cosine",
+        normalize="adam",
+        sketch_modules=LAST_LAYER,
+        sketch="projection",
+        sketch_dim=2560,
+    ),
 }
 
 
@@ -136,7 +163,9 @@ def main() -> None:
         data = json.loads((RESULTS / f"{args.out}.json").read_text())
         ks = [data["args"]["batch"] // 4, data["args"]["batch"] // 2]
         header = md_header(data.get("produced_by") or provenance(SCRIPT))
-        (RESULTS / f"{args.out}.md").write_text(header + markdown(data["summary"], ks, argparse.Namespace(**data["args"])))
+        (RESULTS / f"{args.out}.md").write_text(
+            header + markdown(data["summary"], ks, argparse.Namespace(**data["args"]))
+        )
         plot(data["records"], data["summary"], ks, RESULTS / f"{args.out}.png")
         return
     torch.set_num_threads(1)
@@ -166,20 +195,30 @@ def main() -> None:
                     t0 = time.perf_counter()
                     res = wrappers[(m, k)].select(batch, loss_fn, sources=batch["source"])
                     seconds = time.perf_counter() - t0
-                    records[f"{m}@{k}"].append(_record(res.weights.double(), res.indices, g.double(), codes, names, step, seconds))
+                    records[f"{m}@{k}"].append(
+                        _record(res.weights.double(), res.indices, g.double(), codes, names, step, seconds)
+                    )
                 for label, method in bounds.items():
                     idx, w = bound(g, codes, names, k, method)
                     records[f"{label}@{k}"].append(_record(w.double(), idx, g.double(), codes, names, step, 0.0))
             measured += 1
-            print(f"\rbatch {measured}/{args.batches}  {time.time() - t_start:.0f}s", end="", file=sys.stderr, flush=True)
+            print(
+                f"\rbatch {measured}/{args.batches}  {time.time() - t_start:.0f}s", end="", file=sys.stderr, flush=True
+            )
         opt.zero_grad()
         loss_fn(batch).mean().backward()
         opt.step()
         step += 1
     print(file=sys.stderr)
     summary = summarize(records, ks)
-    data = {"produced_by": provenance(SCRIPT), "args": vars(args), "machine": machine(), "methods": {m: {k: str(v) for k, v in METHODS.get(m, {}).items()} for m in methods},
-            "summary": summary, "records": records}
+    data = {
+        "produced_by": provenance(SCRIPT),
+        "args": vars(args),
+        "machine": machine(),
+        "methods": {m: {k: str(v) for k, v in METHODS.get(m, {}).items()} for m in methods},
+        "summary": summary,
+        "records": records,
+    }
     path = save_json(RESULTS / f"{args.out}.json", data, SCRIPT)
     (RESULTS / f"{args.out}.md").write_text(md_header(data["produced_by"]) + markdown(summary, ks, args))
     plot(records, summary, ks, RESULTS / f"{args.out}.png")
@@ -191,8 +230,12 @@ def _record(w, idx, g, codes, names, step, seconds):
     present = set(codes.tolist())
     covered = set(codes[idx].tolist())
     return {
-        "step": step, "error": rel_error(w, idx, g), "cosine": cosine(w, idx, g), "per_source": source_errors(w, idx, g, codes, names),
-        "coverage": len(covered & present) / len(present), "seconds": seconds,
+        "step": step,
+        "error": rel_error(w, idx, g),
+        "cosine": cosine(w, idx, g),
+        "per_source": source_errors(w, idx, g, codes, names),
+        "coverage": len(covered & present) / len(present),
+        "seconds": seconds,
     }
 
 
@@ -210,12 +253,18 @@ def summarize(records, ks) -> dict:
         ratios = [r["error"] / q["error"] for r, q in zip(recs, rand)]
         srcs = sorted({s for r in recs for s in r["per_source"]})
         out[key] = {
-            "median_error": statistics.median(errs), "q25_error": _q(errs, 0.25), "q75_error": _q(errs, 0.75),
+            "median_error": statistics.median(errs),
+            "q25_error": _q(errs, 0.25),
+            "q75_error": _q(errs, 0.75),
             "ratio_of_medians": statistics.median(errs) / statistics.median(r["error"] for r in rand),
-            "median_ratio": statistics.median(ratios), "q25_ratio": _q(ratios, 0.25), "q75_ratio": _q(ratios, 0.75),
+            "median_ratio": statistics.median(ratios),
+            "q25_ratio": _q(ratios, 0.25),
+            "q75_ratio": _q(ratios, 0.75),
             "coverage": statistics.mean(r["coverage"] for r in recs),
             "median_cosine": statistics.median(r["cosine"] for r in recs),
-            "per_source_median_error": {s: statistics.median(r["per_source"][s] for r in recs if s in r["per_source"]) for s in srcs},
+            "per_source_median_error": {
+                s: statistics.median(r["per_source"][s] for r in recs if s in r["per_source"]) for s in srcs
+            },
             "median_seconds": statistics.median(r["seconds"] for r in recs),
         }
     return out
@@ -230,17 +279,38 @@ def markdown(summary, ks, args) -> str:
         "",
     ]
     for k in ks:
-        lines += [f"## k = {k}", "", "| method | median error | ratio to random | per-batch ratio IQR | median cosine | coverage | select s |", "|---|---|---|---|---|---|---|"]
-        rows = sorted(((key, s) for key, s in summary.items() if key.endswith(f"@{k}")), key=lambda t: t[1]["ratio_of_medians"])
+        lines += [
+            f"## k = {k}",
+            "",
+            "| method | median error | ratio to random | per-batch ratio IQR | median cosine | coverage | select s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        rows = sorted(
+            ((key, s) for key, s in summary.items() if key.endswith(f"@{k}")), key=lambda t: t[1]["ratio_of_medians"]
+        )
         for key, s in rows:
-            lines.append(f"| {key.rsplit('@', 1)[0]} | {s['median_error']:.3f} | {s['ratio_of_medians']:.2f} | "
-                         f"{s['q25_ratio']:.2f}-{s['q75_ratio']:.2f} | {s['median_cosine']:.2f} | {s['coverage']:.2f} | {s['median_seconds']:.3f} |")
+            lines.append(
+                f"| {key.rsplit('@', 1)[0]} | {s['median_error']:.3f} | {s['ratio_of_medians']:.2f} | "
+                f"{s['q25_ratio']:.2f}-{s['q75_ratio']:.2f} | {s['median_cosine']:.2f} | {s['coverage']:.2f} | "
+                f"{s['median_seconds']:.3f} |"
+            )
         lines.append("")
     k = ks[0]
     srcs = list(summary[f"random@{k}"]["per_source_median_error"])
-    lines += [f"## Per-source median error, k = {k}", "", "| method | " + " | ".join(srcs) + " |", "|---" * (len(srcs) + 1) + "|"]
-    for key, s in sorted(((key, s) for key, s in summary.items() if key.endswith(f"@{k}")), key=lambda t: t[1]["ratio_of_medians"]):
-        lines.append(f"| {key.rsplit('@', 1)[0]} | " + " | ".join(f"{s['per_source_median_error'].get(x, float('nan')):.2f}" for x in srcs) + " |")
+    lines += [
+        f"## Per-source median error, k = {k}",
+        "",
+        "| method | " + " | ".join(srcs) + " |",
+        "|---" * (len(srcs) + 1) + "|",
+    ]
+    for key, s in sorted(
+        ((key, s) for key, s in summary.items() if key.endswith(f"@{k}")), key=lambda t: t[1]["ratio_of_medians"]
+    ):
+        lines.append(
+            f"| {key.rsplit('@', 1)[0]} | "
+            + " | ".join(f"{s['per_source_median_error'].get(x, float('nan')):.2f}" for x in srcs)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -252,7 +322,9 @@ def plot(records, summary, ks, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(ks), figsize=(7.5 * len(ks), 6.5))
     for ax, k in zip(axes, ks):
-        keys = sorted((key for key in records if key.endswith(f"@{k}")), key=lambda key: summary[key]["ratio_of_medians"])
+        keys = sorted(
+            (key for key in records if key.endswith(f"@{k}")), key=lambda key: summary[key]["ratio_of_medians"]
+        )
         rand = records[f"random@{k}"]
         data = [[r["error"] / q["error"] for r, q in zip(records[key], rand)] for key in keys]
         ax.boxplot(data, orientation="horizontal", showfliers=False)

@@ -47,8 +47,19 @@ def main() -> None:
     args0 = argparse.Namespace(**data[0]["args"])
     mixture = make_mixture(20000, 64, seed=0)
     summary = summarize(runs, mixture, args0.steps)
-    write_results(args.out, {"merged_from": args.files, "run_source": {m: args.files[i] for m, i in sources.items()},
-                             "summary": summary, "costs": costs}, runs, summary, args0, script="merge_training")
+    write_results(
+        args.out,
+        {
+            "merged_from": args.files,
+            "run_source": {m: args.files[i] for m, i in sources.items()},
+            "summary": summary,
+            "costs": costs,
+        },
+        runs,
+        summary,
+        args0,
+        script="merge_training",
+    )
 
 
 if __name__ == "__main__":

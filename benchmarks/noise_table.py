@@ -18,13 +18,25 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import md_header, provenance  # noqa: E402
+
 METHODS = ["random_k", "stratified_k", "balanced_k", "accum_B", "loss", "default"]
-LABELS = {"random_k": "random k", "stratified_k": "stratified k", "balanced_k": "balanced k",
-          "accum_B": "batch B accumulated", "loss": "`loss` (old default)", "default": "**default** (`consensus_loss`)"}
-CONDITIONS = [("clean", "rates")] + [
-    (f"{model.replace('_', ' ')} {int(rate * 100)} %", f"rates_noise-{model}-{rate:g}")
-    for model in ("random_tokens", "swap_within_source", "other_task") for rate in (0.1, 0.2, 0.4)
-] + [("random tokens 20 %, all in the largest source", "rates_noise-random_tokens-0.2-concentrated")]
+LABELS = {
+    "random_k": "random k",
+    "stratified_k": "stratified k",
+    "balanced_k": "balanced k",
+    "accum_B": "batch B accumulated",
+    "loss": "`loss` (old default)",
+    "default": "**default** (`consensus_loss`)",
+}
+CONDITIONS = (
+    [("clean", "rates")]
+    + [
+        (f"{model.replace('_', ' ')} {int(rate * 100)} %", f"rates_noise-{model}-{rate:g}")
+        for model in ("random_tokens", "swap_within_source", "other_task")
+        for rate in (0.1, 0.2, 0.4)
+    ]
+    + [("random tokens 20 %, all in the largest source", "rates_noise-random_tokens-0.2-concentrated")]
+)
 
 
 def cell(summary: dict, method: str, key: str = "accuracy_mixture") -> str:
@@ -50,19 +62,27 @@ def main(argv=None) -> None:
         if report:
             r = {k: f"{v['mean']:.2f}" for k, v in report.items()}
             share_loss = "-" if not loss_report else f"{loss_report['selected_corrupted_share']['mean']:.2f}"
-            reports.append(f"| {label} | {r['selected_corrupted_share']} | {share_loss} | "
-                           f"{r.get('suspect_precision', '-')} | {r.get('suspect_recall', '-')} |")
+            reports.append(
+                f"| {label} | {r['selected_corrupted_share']} | {share_loss} | "
+                f"{r.get('suspect_precision', '-')} | {r.get('suspect_recall', '-')} |"
+            )
     steps = data["summary"]["steps"] if rows else "?"
     lines = [
-        "# Label noise: every model and rate (`benchmarks/noise_table.py`)", "",
+        "# Label noise: every model and rate (`benchmarks/noise_table.py`)",
+        "",
         f"`benchmarks/finetune.py`, B = 64, k = 16, {steps} steps, 3 seeds, LoRA, AdamW; training answers "
         "corrupted, scored on clean held-out answers. Mixture-weighted exact-match accuracy, mean ± sd over seeds.",
-        "", "| training data | " + " | ".join(LABELS[m] for m in METHODS) + " |",
-        "|---" * (len(METHODS) + 1) + "|", *rows, "",
+        "",
+        "| training data | " + " | ".join(LABELS[m] for m in METHODS) + " |",
+        "|---" * (len(METHODS) + 1) + "|",
+        *rows,
+        "",
         "What the default trained on and flagged: the share of its coreset whose answer was corrupted (`loss`'s "
         "beside it), and the precision and recall of `Coreset.suspects` against the corrupted rows (over all steps).",
-        "", "| training data | corrupted share, default | corrupted share, `loss` | suspect precision | suspect recall |",
-        "|---|---|---|---|---|", *reports,
+        "",
+        "| training data | corrupted share, default | corrupted share, `loss` | suspect precision | suspect recall |",
+        "|---|---|---|---|---|",
+        *reports,
     ]
     out = folder / "noise_table.md"
     out.write_text(md_header(provenance("noise_table")) + "\n".join(lines) + "\n")

@@ -57,15 +57,24 @@ def build(model_name: str, seq_len: int, lora: bool):
     if family == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=HIDDEN, n_layer=LAYERS, n_head=4,
-                                           n_positions=max(seq_len, 16)))
+        model = GPT2LMHeadModel(
+            GPT2Config(vocab_size=vocab, n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_positions=max(seq_len, 16))
+        )
         modules = ["c_attn"]
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        model = LlamaForCausalLM(LlamaConfig(
-            vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(seq_len, 16)))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=vocab,
+                hidden_size=HIDDEN,
+                intermediate_size=2 * HIDDEN,
+                num_hidden_layers=LAYERS,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=max(seq_len, 16),
+            )
+        )
         modules = ["q_proj", "v_proj"]
     model.config.use_cache = False
     if lora:
@@ -115,13 +124,16 @@ def make_step(config: str, model, opt, k: int, big: int):
     if config == "plain_B":
         return lambda b: plain(b, big)
     if config == "accum_B":
+
         def accum(b: dict) -> None:
             for s in range(0, big, k):
                 hf_backward({"input_ids": b["input_ids"][s : s + k], "labels": b["labels"][s : s + k]}, k / big)
             opt.step()
             opt.zero_grad(set_to_none=True)
+
         return accum
     if config == "ideal":
+
         def ideal(b: dict) -> None:
             fields = {"input_ids": b["input_ids"], "labels": b["labels"]}
             was = model.training
@@ -131,6 +143,7 @@ def make_step(config: str, model, opt, k: int, big: int):
                     loss_fn(index_batch(fields, torch.arange(s, min(s + k, big))))
             model.train(was)
             plain_lib(b, k)
+
         return ideal
     selection = config.split(":", 1)[1]
     wrapper = CoresetOptimizer(opt, model, coreset_size=k, selection=selection)
@@ -166,8 +179,18 @@ def run_worker(args) -> dict:
     seconds = time.perf_counter() - t0
     peak = _status_kb("VmHWM") * 1024 - base
     wrapper = getattr(step, "wrapper", None)
-    row = {"config": args.worker, "model": args.model, "lora": args.lora, "vocab": vocab, "seq_len": args.seq_len,
-           "batch": args.batch, "k": args.k, "peak_above_base_bytes": peak, "base_bytes": base, "step_s": seconds}
+    row = {
+        "config": args.worker,
+        "model": args.model,
+        "lora": args.lora,
+        "vocab": vocab,
+        "seq_len": args.seq_len,
+        "batch": args.batch,
+        "k": args.k,
+        "peak_above_base_bytes": peak,
+        "base_bytes": base,
+        "step_s": seconds,
+    }
     if wrapper is not None:
         c = wrapper.config
         row.update(sketch=c.sketch, sketch_modules=[t.name for t in wrapper.sketch_targets])
@@ -175,10 +198,28 @@ def run_worker(args) -> dict:
 
 
 def spawn(args, config: str, model: str, seq_len: int, lora: bool) -> dict | None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS=str(args.threads), TRANSFORMERS_VERBOSITY="error")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--model", model,
-           "--seq-len", str(seq_len), "--batch", str(args.batch), "--k", str(args.k), "--threads", str(args.threads)]
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS=str(args.threads),
+        TRANSFORMERS_VERBOSITY="error",
+    )
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        config,
+        "--model",
+        model,
+        "--seq-len",
+        str(seq_len),
+        "--batch",
+        str(args.batch),
+        "--k",
+        str(args.k),
+        "--threads",
+        str(args.threads),
+    ]
     if lora:
         cmd.append("--lora")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -186,8 +227,11 @@ def spawn(args, config: str, model: str, seq_len: int, lora: bool) -> dict | Non
         print(f"FAILED {config} {model} T={seq_len} lora={lora}: {proc.stderr[-1500:]}", flush=True)
         return None
     row = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"{model:10s} {'lora' if lora else 'full'} T={seq_len:5d} {config:28s} "
-          f"{row['peak_above_base_bytes'] / 2**30:6.2f} GiB {row['step_s']:6.1f} s", flush=True)
+    print(
+        f"{model:10s} {'lora' if lora else 'full'} T={seq_len:5d} {config:28s} "
+        f"{row['peak_above_base_bytes'] / 2**30:6.2f} GiB {row['step_s']:6.1f} s",
+        flush=True,
+    )
     return row
 
 
@@ -204,8 +248,14 @@ def grid(quick: bool) -> list[tuple[str, int, list[str]]]:
         return [("llama-32k", 128, SELECTIONS)]
     few = ["loss", "consensus_loss", "gradient_matching", "target"]
     curve = ["loss", "consensus_loss"]  # more sequence lengths, for the plot
-    return [("llama-32k", 512, SELECTIONS), ("llama-32k", 2048, few), ("gpt2-50k", 512, few), ("llama-128k", 512, few),
-            ("llama-32k", 128, curve), ("llama-32k", 1024, curve)]
+    return [
+        ("llama-32k", 512, SELECTIONS),
+        ("llama-32k", 2048, few),
+        ("gpt2-50k", 512, few),
+        ("llama-128k", 512, few),
+        ("llama-32k", 128, curve),
+        ("llama-32k", 1024, curve),
+    ]
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -221,17 +271,23 @@ def summarize(rows: list[dict]) -> list[dict]:
             if not name.startswith("coreset:"):
                 continue
             mem = r["peak_above_base_bytes"]
-            out.append({
-                "model": shape[0], "lora": shape[1], "seq_len": shape[2], "selection": name.split(":")[1],
-                "sketch": r.get("sketch"), "coreset_gib": mem / 2**30,
-                "plain_k_gib": plain_k and plain_k["peak_above_base_bytes"] / 2**30,
-                "plain_B_gib": plain_b and plain_b["peak_above_base_bytes"] / 2**30,
-                "over_plain_k": plain_k and mem / plain_k["peak_above_base_bytes"],
-                "over_plain_k_lib": plain_lib and mem / plain_lib["peak_above_base_bytes"],
-                "over_plain_B": plain_b and mem / plain_b["peak_above_base_bytes"],
-                "time_over_ideal": ideal and r["step_s"] / ideal["step_s"],
-                "time_over_accum": accum and r["step_s"] / accum["step_s"],
-            })
+            out.append(
+                {
+                    "model": shape[0],
+                    "lora": shape[1],
+                    "seq_len": shape[2],
+                    "selection": name.split(":")[1],
+                    "sketch": r.get("sketch"),
+                    "coreset_gib": mem / 2**30,
+                    "plain_k_gib": plain_k and plain_k["peak_above_base_bytes"] / 2**30,
+                    "plain_B_gib": plain_b and plain_b["peak_above_base_bytes"] / 2**30,
+                    "over_plain_k": plain_k and mem / plain_k["peak_above_base_bytes"],
+                    "over_plain_k_lib": plain_lib and mem / plain_lib["peak_above_base_bytes"],
+                    "over_plain_B": plain_b and mem / plain_b["peak_above_base_bytes"],
+                    "time_over_ideal": ideal and r["step_s"] / ideal["step_s"],
+                    "time_over_accum": accum and r["step_s"] / accum["step_s"],
+                }
+            )
     return out
 
 
@@ -239,12 +295,15 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     f = lambda x, d=2: "n/a" if x is None else f"{x:.{d}f}"  # noqa: E731
     lines = [
-        "# Coreset step at real shapes: memory and time (`benchmarks/real_shapes.py`)", "",
-        f"Written by `benchmarks/real_shapes.py` at commit {result['produced_by']['commit']}, {result['when']}, on {m.get('cpu')} "
+        "# Coreset step at real shapes: memory and time (`benchmarks/real_shapes.py`)",
+        "",
+        f"Written by `benchmarks/real_shapes.py` at commit {result['produced_by']['commit']}, {result['when']}, "
+        f"on {m.get('cpu')} "
         f"({m.get('cores', m.get('cpu_count'))} cores, {result['threads']} thread per process; a shared machine). "
         f"B = {result['batch']}, k = {result['k']}, hidden {HIDDEN}, {LAYERS} layers, random init, AdamW; "
         "LoRA r = 8 on q/v (GPT-2: c_attn). Peak RSS of the measured step above the RSS before it; one step "
-        "per configuration, each in a fresh process. 'plain B' is n/a where it does not fit in 24 GiB.", "",
+        "per configuration, each in a fresh process. 'plain B' is n/a where it does not fit in 24 GiB.",
+        "",
         "| model | tuning | T | selection | sketch | coreset GiB | plain k GiB | plain B GiB | / plain k "
         "| / plain k, same loss | / plain B | time / ideal | time / accum B |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -254,7 +313,8 @@ def markdown(result: dict) -> str:
             f"| {s['model']} | {'LoRA' if s['lora'] else 'full'} | {s['seq_len']} | {s['selection']} | "
             f"{s['sketch'] or '-'} | {f(s['coreset_gib'])} | {f(s['plain_k_gib'])} | {f(s['plain_B_gib'])} | "
             f"{f(s['over_plain_k'])} | {f(s.get('over_plain_k_lib'))} | {f(s['over_plain_B'])} | "
-            f"{f(s['time_over_ideal'])} | {f(s['time_over_accum'])} |")
+            f"{f(s['time_over_ideal'])} | {f(s['time_over_accum'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -267,20 +327,28 @@ def plot(result: dict, path: Path, model: str = "llama-32k") -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["rows"] if r["model"] == model]
-    lines = {"plain_B": "plain step of B", "plain_k": "plain step of k (model's loss)",
-             "plain_k_lib": "plain step of k (chunked loss)", "coreset:consensus_loss": "coreset k of B (default)",
-             "coreset:loss": "coreset k of B (selection='loss')"}
+    lines = {
+        "plain_B": "plain step of B",
+        "plain_k": "plain step of k (model's loss)",
+        "plain_k_lib": "plain step of k (chunked loss)",
+        "coreset:consensus_loss": "coreset k of B (default)",
+        "coreset:loss": "coreset k of B (selection='loss')",
+    }
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False)
     for ax, lora in zip(axes[0], (True, False)):
         for config, label in lines.items():
-            pts = sorted((r["seq_len"], r["peak_above_base_bytes"] / 2**30) for r in rows
-                         if r["config"] == config and r["lora"] == lora)
+            pts = sorted(
+                (r["seq_len"], r["peak_above_base_bytes"] / 2**30)
+                for r in rows
+                if r["config"] == config and r["lora"] == lora
+            )
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
-        ax.set_title(f"{model}, {'LoRA' if lora else 'full fine-tuning'}, B = {result['batch']}, k = {result['k']}",
-                     fontsize=9)
+        ax.set_title(
+            f"{model}, {'LoRA' if lora else 'full fine-tuning'}, B = {result['batch']}, k = {result['k']}", fontsize=9
+        )
         ax.set_xlabel("tokens per example")
         ax.set_ylabel("peak memory above base (GiB)")
     axes[0][0].legend(fontsize=7)
@@ -309,7 +377,9 @@ def main(argv=None) -> None:
     done = {(r["config"], r["model"], r["seq_len"], r["lora"]) for r in rows}
     for model, seq_len, selections in grid(args.quick):
         for lora in (True, False):
-            configs = ["plain_k", "plain_k_lib", "ideal", "accum_B"] + (["plain_B"] if fits(model, seq_len, args.batch) else [])
+            configs = ["plain_k", "plain_k_lib", "ideal", "accum_B"] + (
+                ["plain_B"] if fits(model, seq_len, args.batch) else []
+            )
             configs += [f"coreset:{s}" for s in selections]
             for config in configs:
                 if (config, model, seq_len, lora) in done:
@@ -322,9 +392,18 @@ def main(argv=None) -> None:
 
 
 def save(args, rows: list[dict]) -> dict:
-    result = stamped({"machine": machine_info("cpu", args.threads), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                      "threads": args.threads, "batch": args.batch, "k": args.k, "rows": rows,
-                      "summary": summarize(rows)}, "real_shapes")
+    result = stamped(
+        {
+            "machine": machine_info("cpu", args.threads),
+            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "threads": args.threads,
+            "batch": args.batch,
+            "k": args.k,
+            "rows": rows,
+            "summary": summarize(rows),
+        },
+        "real_shapes",
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))

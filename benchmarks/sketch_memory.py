@@ -52,15 +52,23 @@ def build_model(name: str, seq_len: int, vocab: int | None = None, hidden: int |
     if family == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads,
-                                           n_positions=seq_len))
+        model = GPT2LMHeadModel(
+            GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=seq_len)
+        )
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        model = LlamaForCausalLM(LlamaConfig(
-            vocab_size=vocab, hidden_size=hidden, intermediate_size=inter if hidden == h else 2 * hidden,
-            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-            max_position_embeddings=seq_len))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=vocab,
+                hidden_size=hidden,
+                intermediate_size=inter if hidden == h else 2 * hidden,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                num_key_value_heads=max(1, heads // 2),
+                max_position_embeddings=seq_len,
+            )
+        )
 
     def loss_fn(batch: dict) -> torch.Tensor:
         ids = batch["input_ids"]
@@ -92,10 +100,12 @@ def make_step(config: str, model, loss_fn, opt, wrapper, k: int, big: int, targe
     if config == "plain_B":
         return lambda batch: plain(batch, big)
     if config == "coreset":
+
         def coreset(batch):
             wrapper.select(batch, loss_fn, sources=batch["source"])
             wrapper.step()
             wrapper.zero_grad(set_to_none=True)
+
         return coreset
 
     def today(batch):  # select() as it was: whole per-example gradients, then normalize, then compress
@@ -107,8 +117,16 @@ def make_step(config: str, model, loss_fn, opt, wrapper, k: int, big: int, targe
         codes, names = encode_sources(batch["source"], big)
         counts = torch.bincount(codes[valid], minlength=len(names)).tolist()
         result = select_from_sketches(
-            normalized, valid, codes, len(names), k, wrapper._keep_mask(names, counts, k), c.sketch_dim,
-            c.similarity, method=c.selection, extra={"losses": losses, "generator": wrapper.generator},
+            normalized,
+            valid,
+            codes,
+            len(names),
+            k,
+            wrapper._keep_mask(names, counts, k),
+            c.sketch_dim,
+            c.similarity,
+            method=c.selection,
+            extra={"losses": losses, "generator": wrapper.generator},
         )
         backward_weighted(index_batch(batch, result.indices), result.weights, loss_fn, sum(counts), None)
         del raw, normalized
@@ -164,11 +182,22 @@ def run_worker(args) -> dict:
         peak = _status_kb("VmHWM") * 1024 - base
     targets = [(t.name, t.numel) for t in wrapper.sketch_targets]
     return {
-        "config": args.worker, "model": args.model, "vocab": vocab, "hidden": model.config.hidden_size,
-        "batch": args.batch, "k": args.k, "seq_len": args.seq_len, "target": targets,
-        "sketch": wrapper.config.sketch, "block_bytes": wrapper.config.sketch_block_bytes,
-        "sketch_batch_size": wrapper.config.sketch_batch_size, "sketch_dim": wrapper.config.sketch_dim,
-        "peak_above_base_bytes": peak, "base_bytes": base, "step_s": time.perf_counter() - t0, "warm_s": warm_s,
+        "config": args.worker,
+        "model": args.model,
+        "vocab": vocab,
+        "hidden": model.config.hidden_size,
+        "batch": args.batch,
+        "k": args.k,
+        "seq_len": args.seq_len,
+        "target": targets,
+        "sketch": wrapper.config.sketch,
+        "block_bytes": wrapper.config.sketch_block_bytes,
+        "sketch_batch_size": wrapper.config.sketch_batch_size,
+        "sketch_dim": wrapper.config.sketch_dim,
+        "peak_above_base_bytes": peak,
+        "base_bytes": base,
+        "step_s": time.perf_counter() - t0,
+        "warm_s": warm_s,
         "num_params": sum(p.numel() for p in model.parameters()),
     }
 
@@ -178,9 +207,24 @@ def spawn(args, config: str, model: str, **extra) -> dict:
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = str(args.threads)
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--model", model,
-           "--batch", str(args.batch), "--k", str(args.k), "--seq-len", str(args.seq_len),
-           "--device", args.device, "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        config,
+        "--model",
+        model,
+        "--batch",
+        str(args.batch),
+        "--k",
+        str(args.k),
+        "--seq-len",
+        str(args.seq_len),
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+    ]
     for key, value in extra.items():
         if value is not None:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
@@ -188,8 +232,12 @@ def spawn(args, config: str, model: str, **extra) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"worker {config} {model} {extra} failed:\n{proc.stderr[-3000:]}")
     row = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(json.dumps({k: row[k] for k in ("config", "model", "vocab", "hidden", "target", "sketch")}),
-          f"{row['peak_above_base_bytes'] / 2**20:.0f} MiB", f"{row['step_s']:.1f} s", flush=True)
+    print(
+        json.dumps({k: row[k] for k in ("config", "model", "vocab", "hidden", "target", "sketch")}),
+        f"{row['peak_above_base_bytes'] / 2**20:.0f} MiB",
+        f"{row['step_s']:.1f} s",
+        flush=True,
+    )
     return row
 
 
@@ -210,8 +258,12 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--parts", default="targets,sweep")
-    parser.add_argument("--today-limit-gb", type=float, default=4.0,
-                        help="run today's whole-gradient path only where B x layer x 4 bytes x 3 fits in this")
+    parser.add_argument(
+        "--today-limit-gb",
+        type=float,
+        default=4.0,
+        help="run today's whole-gradient path only where B x layer x 4 bytes x 3 fits in this",
+    )
     parser.add_argument("--out", default=str(HERE / "results" / "sketch_memory"))
     parser.add_argument("--replot", action="store_true", help="rewrite the .md/.png from the saved JSON")
     args = parser.parse_args(argv)
@@ -224,8 +276,13 @@ def main(argv=None) -> None:
     out = Path(args.out)
     from common import provenance
 
-    result = {"produced_by": provenance("sketch_memory"), "machine": machine_info(args.device, args.threads),
-              "args": vars(args), "targets": [], "sweep": []}
+    result = {
+        "produced_by": provenance("sketch_memory"),
+        "machine": machine_info(args.device, args.threads),
+        "args": vars(args),
+        "targets": [],
+        "sweep": [],
+    }
     parts = args.parts.split(",")
     if "targets" in parts:
         # The target figures: default sketch target (the last trained Linear), B=32, k=8.
@@ -236,19 +293,25 @@ def main(argv=None) -> None:
         save(result, out)
     if "projection" in parts:
         # The same targets with sketch="projection" (examples streamed chunk by chunk).
-        result["targets_projection"] = [spawn(args, "coreset", model, sketch="projection")
-                                        for model in MODELS for _ in range(args.repeats)]
+        result["targets_projection"] = [
+            spawn(args, "coreset", model, sketch="projection") for model in MODELS for _ in range(args.repeats)
+        ]
         save(result, out)
     if "chunks" in parts:
         # The hidden-256 Llama with smaller sketch chunks (the sketch pass's working set shrinks).
-        result["chunks"] = [spawn(args, "coreset", "llama-32k-256", sketch=sketch, sketch_batch_size=4)
-                            for sketch in ("exact", "projection") for _ in range(args.repeats)]
+        result["chunks"] = [
+            spawn(args, "coreset", "llama-32k-256", sketch=sketch, sketch_batch_size=4)
+            for sketch in ("exact", "projection")
+            for _ in range(args.repeats)
+        ]
         save(result, out)
     if "sweep" in parts:
         # Memory vs layer size: lm_head of a 2-layer Llama (hidden 256) as the vocabulary grows.
         for vocab in (2000, 4000, 8000, 16000, 32000):
             today_bytes = 3 * args.batch * vocab * 256 * 4
-            configs = ["plain_k", "plain_B", "coreset"] + (["today"] if today_bytes <= args.today_limit_gb * 2**30 else [])
+            configs = ["plain_k", "plain_B", "coreset"] + (
+                ["today"] if today_bytes <= args.today_limit_gb * 2**30 else []
+            )
             for config in configs:
                 result["sweep"].append(spawn(args, config, "llama-32k-256", vocab=vocab))
                 if config == "coreset":
@@ -285,7 +348,10 @@ def target_summary(result: dict) -> dict:
     out = {}
     for model in dict.fromkeys(r["model"] for r in result["targets"]):
         rows = [r for r in result["targets"] if r["model"] == model]
-        by = {c: [r["peak_above_base_bytes"] / MB for r in rows if r["config"] == c] for c in ("plain_k", "plain_B", "coreset")}
+        by = {
+            c: [r["peak_above_base_bytes"] / MB for r in rows if r["config"] == c]
+            for c in ("plain_k", "plain_B", "coreset")
+        }
         if not all(by.values()):
             continue
         n = min(len(v) for v in by.values())
@@ -295,11 +361,16 @@ def target_summary(result: dict) -> dict:
         over_k_buffer = [(by["coreset"][i] - buffer) / by["plain_k"][i] for i in range(n)]
         over_b = [by["coreset"][i] / by["plain_B"][i] for i in range(n)]
         k_over_b = [by["plain_k"][i] / by["plain_B"][i] for i in range(n)]
-        out[model] = {"mib": {c: (min(v), max(v)) for c, v in by.items()}, "target": ref["target"],
-                      "buffer_mib": buffer, "coreset_over_k": (min(over_k), max(over_k)),
-                      "coreset_minus_buffer_over_k": (min(over_k_buffer), max(over_k_buffer)),
-                      "coreset_over_B": (min(over_b), max(over_b)), "k_over_B": (min(k_over_b), max(k_over_b)),
-                      "step_s": {c: statistics.median(r["step_s"] for r in rows if r["config"] == c) for c in by}}
+        out[model] = {
+            "mib": {c: (min(v), max(v)) for c, v in by.items()},
+            "target": ref["target"],
+            "buffer_mib": buffer,
+            "coreset_over_k": (min(over_k), max(over_k)),
+            "coreset_minus_buffer_over_k": (min(over_k_buffer), max(over_k_buffer)),
+            "coreset_over_B": (min(over_b), max(over_b)),
+            "k_over_B": (min(k_over_b), max(k_over_b)),
+            "step_s": {c: statistics.median(r["step_s"] for r in rows if r["config"] == c) for c in by},
+        }
     return out
 
 
@@ -307,57 +378,79 @@ def write_markdown(result: dict, path: Path) -> None:
     a, m = result["args"], result["machine"]
     from common import md_header
 
-    lines = [md_header(result["produced_by"]) + "# Peak memory of a full fine-tuning step: bounded sketches", "",
-             f"Produced by `benchmarks/sketch_memory.py`: B = {a['batch']}, k = {a['k']}, {a['seq_len']} tokens, "
-             f"AdamW over every parameter, default options (sketch_dim 2560, block budget 32 MiB); each row a fresh "
-             f"process, peak RSS of one step above the RSS before it (after a warm-up step). Machine: {m['cpu']}, "
-             f"{m['torch_threads']} torch thread, load average {m['load_average_start'][0]:.1f} at start "
-             "(shared with other jobs: times are indicative only).", ""]
+    lines = [
+        md_header(result["produced_by"]) + "# Peak memory of a full fine-tuning step: bounded sketches",
+        "",
+        f"Produced by `benchmarks/sketch_memory.py`: B = {a['batch']}, k = {a['k']}, {a['seq_len']} tokens, "
+        f"AdamW over every parameter, default options (sketch_dim 2560, block budget 32 MiB); each row a fresh "
+        f"process, peak RSS of one step above the RSS before it (after a warm-up step). Machine: {m['cpu']}, "
+        f"{m['torch_threads']} torch thread, load average {m['load_average_start'][0]:.1f} at start "
+        "(shared with other jobs: times are indicative only).",
+        "",
+    ]
     summary = target_summary(result)
     if summary:
-        lines += ["## Targets (default sketch target: the last trained Linear, lm_head)", "",
-                  "| model | sketch layer (values) | plain k MiB | plain B MiB | coreset MiB | coreset / plain k | "
-                  "(coreset - B x sketch_dim x 4) / plain k | coreset / plain B | plain k / plain B |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Targets (default sketch target: the last trained Linear, lm_head)",
+            "",
+            "| model | sketch layer (values) | plain k MiB | plain B MiB | coreset MiB | coreset / plain k | "
+            "(coreset - B x sketch_dim x 4) / plain k | coreset / plain B | plain k / plain B |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for model, r in summary.items():
             mib = r["mib"]
             rng = lambda t: f"{t[0]:.2f}" if abs(t[1] - t[0]) < 0.005 else f"{t[0]:.2f}-{t[1]:.2f}"  # noqa: E731
             lines.append(
-                f"| {model} | {r['target'][0][0]} ({r['target'][0][1]:,}) | {mib['plain_k'][0]:.0f}-{mib['plain_k'][1]:.0f} | "
+                f"| {model} | {r['target'][0][0]} ({r['target'][0][1]:,}) | "
+                f"{mib['plain_k'][0]:.0f}-{mib['plain_k'][1]:.0f} | "
                 f"{mib['plain_B'][0]:.0f}-{mib['plain_B'][1]:.0f} | {mib['coreset'][0]:.0f}-{mib['coreset'][1]:.0f} | "
                 f"{rng(r['coreset_over_k'])} | {rng(r['coreset_minus_buffer_over_k'])} | {rng(r['coreset_over_B'])} | "
-                f"{rng(r['k_over_B'])} |")
+                f"{rng(r['k_over_B'])} |"
+            )
         if result.get("targets_projection"):
-            lines += ["", "With `sketch=\"projection\"` (same models; ratio to the median plain k above):", ""]
+            lines += ["", 'With `sketch="projection"` (same models; ratio to the median plain k above):', ""]
             for model in summary:
                 mib = [r["peak_above_base_bytes"] / MB for r in result["targets_projection"] if r["model"] == model]
-                k = statistics.median(r["peak_above_base_bytes"] / MB for r in result["targets"]
-                                      if r["model"] == model and r["config"] == "plain_k")
+                k = statistics.median(
+                    r["peak_above_base_bytes"] / MB
+                    for r in result["targets"]
+                    if r["model"] == model and r["config"] == "plain_k"
+                )
                 if mib:
-                    lines.append(f"- {model}: {min(mib):.0f}-{max(mib):.0f} MiB, {min(mib) / k:.2f}-{max(mib) / k:.2f}x plain k")
+                    lines.append(
+                        f"- {model}: {min(mib):.0f}-{max(mib):.0f} MiB, {min(mib) / k:.2f}-{max(mib) / k:.2f}x plain k"
+                    )
         if result.get("chunks"):
-            k = statistics.median(r["peak_above_base_bytes"] / MB for r in result["targets"]
-                                  if r["model"] == "llama-32k-256" and r["config"] == "plain_k")
+            k = statistics.median(
+                r["peak_above_base_bytes"] / MB
+                for r in result["targets"]
+                if r["model"] == "llama-32k-256" and r["config"] == "plain_k"
+            )
             lines += ["", "llama-32k-256 with `sketch_batch_size=4` (ratio to the median plain k above):", ""]
             for sketch in ("exact", "projection"):
                 mib = [r["peak_above_base_bytes"] / MB for r in result["chunks"] if r["sketch"] == sketch]
-                lines.append(f"- sketch={sketch}: {min(mib):.0f}-{max(mib):.0f} MiB, {min(mib) / k:.2f}-{max(mib) / k:.2f}x plain k")
+                lines.append(
+                    f"- sketch={sketch}: {min(mib):.0f}-{max(mib):.0f} MiB, "
+                    f"{min(mib) / k:.2f}-{max(mib) / k:.2f}x plain k"
+                )
         lines += ["", "Ranges: over the repeats (each ratio taken within one repeat). Median step seconds:", ""]
         for model, r in summary.items():
             lines.append(f"- {model}: " + ", ".join(f"{c} {t:.1f} s" for c, t in r["step_s"].items()))
         lines.append("")
     if result["sweep"]:
-        lines += ["## Memory vs layer size (lm_head of a 2-layer Llama, hidden 256, vocabulary V)", "",
-                  "| V | lm_head values | " + " | ".join(SWEEP_LABELS) + " |",
-                  "|---|---|" + "---|" * len(SWEEP_LABELS)]
+        lines += [
+            "## Memory vs layer size (lm_head of a 2-layer Llama, hidden 256, vocabulary V)",
+            "",
+            "| V | lm_head values | " + " | ".join(SWEEP_LABELS) + " |",
+            "|---|---|" + "---|" * len(SWEEP_LABELS),
+        ]
         for vocab in sorted({r["vocab"] for r in result["sweep"]}):
             cells = []
             for label in SWEEP_LABELS:
                 hit = [r for r in result["sweep"] if r["vocab"] == vocab and _label(r) == label]
                 cells.append(f"{hit[0]['peak_above_base_bytes'] / MB:.0f}" if hit else "-")
             lines.append(f"| {vocab:,} | {vocab * 256:,} | " + " | ".join(cells) + " |")
-        lines += ["", "MiB above base; '-': not run (today's path would need more than "
-                  f"{a['today_limit_gb']} GB).", ""]
+        lines += ["", f"MiB above base; '-': not run (today's path would need more than {a['today_limit_gb']} GB).", ""]
     path.write_text("\n".join(lines))
 
 
@@ -374,7 +467,9 @@ def plot(result: dict, path: Path) -> None:
     for label, style in zip(SWEEP_LABELS, ("k--", "k:", "o-", "s-", "x-")):
         rows = sorted((r for r in result["sweep"] if _label(r) == label), key=lambda r: r["vocab"])
         if rows:
-            ax.plot([r["vocab"] * 256 for r in rows], [r["peak_above_base_bytes"] / MB for r in rows], style, label=label)
+            ax.plot(
+                [r["vocab"] * 256 for r in rows], [r["peak_above_base_bytes"] / MB for r in rows], style, label=label
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("sketch layer size (lm_head values)")

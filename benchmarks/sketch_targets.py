@@ -88,8 +88,16 @@ def whole_path(wrapper, model, opt, batch, loss_fn, big, k, projection: bool):
     codes, names = encode_sources(batch["source"], big)
     counts = torch.bincount(codes[valid], minlength=len(names)).tolist()
     result = select_from_sketches(
-        normalized, valid, codes, len(names), k, wrapper._keep_mask(names, counts, k), c.sketch_dim,
-        c.similarity, method=c.selection, extra={"losses": losses, "generator": wrapper.generator},
+        normalized,
+        valid,
+        codes,
+        len(names),
+        k,
+        wrapper._keep_mask(names, counts, k),
+        c.sketch_dim,
+        c.similarity,
+        method=c.selection,
+        extra={"losses": losses, "generator": wrapper.generator},
     )
     backward_weighted(index_batch(batch, result.indices), result.weights, loss_fn, sum(counts), None)
     return result.indices, seconds
@@ -123,19 +131,31 @@ def run_seed(seed: int, args) -> list[dict]:
         for name, options in WAYS.items():
             if args.ways and name not in args.ways.split(";"):
                 continue
-            wrapper = CoresetOptimizer(opt, model, coreset_size=args.k, seed=seed, **(options or {"sketch_modules": "lm_head"}))
+            wrapper = CoresetOptimizer(
+                opt, model, coreset_size=args.k, seed=seed, **(options or {"sketch_modules": "lm_head"})
+            )
             t0 = time.perf_counter()
             if options is None:
-                indices, sketch_s = whole_path(wrapper, model, opt, batch, loss_fn, args.batch, args.k,
-                                               projection="projection" in name)
+                indices, sketch_s = whole_path(
+                    wrapper, model, opt, batch, loss_fn, args.batch, args.k, projection="projection" in name
+                )
             else:
                 cs = wrapper.select(batch, loss_fn, sources=batch["source"])
                 indices, sketch_s = cs.indices, cs.timings.get("sketch", 0.0)
             total_s = time.perf_counter() - t0
             err = torch.sqrt(sum(((p.grad / s - f) ** 2).sum() for p, s, f in zip(params, scale, full))) / norm
             opt.zero_grad(set_to_none=True)
-            rows.append({"seed": seed, "batch": j, "way": name, "error": float(err), "sketch_s": sketch_s,
-                         "select_s": total_s, "indices": indices.tolist()})
+            rows.append(
+                {
+                    "seed": seed,
+                    "batch": j,
+                    "way": name,
+                    "error": float(err),
+                    "sketch_s": sketch_s,
+                    "select_s": total_s,
+                    "indices": indices.tolist(),
+                }
+            )
             print(seed, j, f"{name:42s} err {float(err):.4f} sketch {sketch_s:.2f}s", flush=True)
     return rows
 
@@ -156,9 +176,13 @@ def summarize(rows: list[dict]) -> dict:
             "error_seed_max": max(seed_means),
             "sketch_s_median": statistics.median(r["sketch_s"] for r in mine),
         }
-    same = [a["indices"] == b["indices"] for a, b in zip(
-        [r for r in rows if r["way"] == "lm_head (top coordinates)"],
-        [r for r in rows if r["way"] == "today: lm_head whole (top coordinates)"])]
+    same = [
+        a["indices"] == b["indices"]
+        for a, b in zip(
+            [r for r in rows if r["way"] == "lm_head (top coordinates)"],
+            [r for r in rows if r["way"] == "today: lm_head whole (top coordinates)"],
+        )
+    ]
     if same:
         out["bounded_equals_today_top_coordinates"] = f"{sum(same)} of {len(same)} coresets identical"
     return out
@@ -186,10 +210,16 @@ def write_markdown(result: dict, path: Path) -> None:
     ]
     for name in (n for n in WAYS if n in s):
         r = s[name]
-        lines.append(f"| {name} | {r['error_mean']:.4f} | {r['error_seed_min']:.4f}-{r['error_seed_max']:.4f} "
-                     f"| {r['sketch_s_median']:.2f} |")
+        lines.append(
+            f"| {name} | {r['error_mean']:.4f} | {r['error_seed_min']:.4f}-{r['error_seed_max']:.4f} "
+            f"| {r['sketch_s_median']:.2f} |"
+        )
     if "today: lm_head whole (top coordinates)" in s:
-        lines += ["", f"Bounded vs today's top coordinates on lm_head: {s['bounded_equals_today_top_coordinates']}.", ""]
+        lines += [
+            "",
+            f"Bounded vs today's top coordinates on lm_head: {s['bounded_equals_today_top_coordinates']}.",
+            "",
+        ]
     path.write_text("\n".join(lines))
 
 

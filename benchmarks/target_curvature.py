@@ -38,7 +38,9 @@ def probe(trainer: ft.Trainer, big: dict, target: dict, k: int) -> dict:
     n = big["input_ids"].shape[0]
     raw, _ = exact_sketches(model, opt.sketch_targets, big, loss_fn, n, None)
     traw, tl = exact_sketches(model, opt.sketch_targets, target, loss_fn, target["input_ids"].shape[0], None)
-    updates = scale_columns(normalize_sketches(raw, opt.optimizer, params, "adam"), params, step_sizes(opt.optimizer, params))
+    updates = scale_columns(
+        normalize_sketches(raw, opt.optimizer, params, "adam"), params, step_sizes(opt.optimizer, params)
+    )
     g_t = target_gradient(traw, tl)
     a = updates @ g_t
     chosen, gains = greedy_target(a, None, k, 1 / k, 0.0)
@@ -51,15 +53,21 @@ def probe(trainer: ft.Trainer, big: dict, target: dict, k: int) -> dict:
         saved = [p.detach().clone() for p in params]
         offset = 0
         for p in params:
-            p -= step[offset: offset + p.numel()].reshape(p.shape).to(p.dtype)
+            p -= step[offset : offset + p.numel()].reshape(p.shape).to(p.dtype)
             offset += p.numel()
         after = float(loss_fn(target).mean())
         for p, s in zip(params, saved):
             p.copy_(s)
         model.train()
     actual = before - after
-    return {"d1": d1, "step_sq": sq, "actual": actual, "h_fit": 2 * (d1 - actual) / sq if sq > 0 else None,
-            "penalty_ratio_h1": 0.5 * sq / d1 if d1 != 0 else None, "sketch_dim": int(updates.shape[1])}
+    return {
+        "d1": d1,
+        "step_sq": sq,
+        "actual": actual,
+        "h_fit": 2 * (d1 - actual) / sq if sq > 0 else None,
+        "penalty_ratio_h1": 0.5 * sq / d1 if d1 != 0 else None,
+        "sketch_dim": int(updates.shape[1]),
+    }
 
 
 def main() -> None:
@@ -89,18 +97,26 @@ def main() -> None:
     results = results_dir("target_curvature")
     results.mkdir(parents=True, exist_ok=True)
     (results / "target_curvature.json").write_text(json.dumps(out, indent=1))
-    lines = ["Target-aware selection: scale of the second-order term on the fine-tuning benchmark "
-             f"(LoRA, AdamW lr {args.lr}, B={args.batch}, k={args.k}; median over seeds {cli.seeds}).", "",
-             "| sketch | step | D1 (pred. decrease) | actual decrease | h_fit | identity penalty / gain at h=1 |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "Target-aware selection: scale of the second-order term on the fine-tuning benchmark "
+        f"(LoRA, AdamW lr {args.lr}, B={args.batch}, k={args.k}; median over seeds {cli.seeds}).",
+        "",
+        "| sketch | step | D1 (pred. decrease) | actual decrease | h_fit | identity penalty / gain at h=1 |",
+        "|---|---|---|---|---|---|",
+    ]
     for method in cli.methods.split(","):
         for step in sorted(at):
             rs = [r for r in rows if r["method"] == method and r["step"] == step]
             if not rs:
                 continue
-            med = {key: statistics.median(r[key] for r in rs if r[key] is not None) for key in ("d1", "actual", "h_fit", "penalty_ratio_h1")}
-            lines.append(f"| {method} (D={rs[0]['sketch_dim']}) | {step} | {med['d1']:.2e} | {med['actual']:.2e} | "
-                         f"{med['h_fit']:.3g} | {med['penalty_ratio_h1']:.3g} |")
+            med = {
+                key: statistics.median(r[key] for r in rs if r[key] is not None)
+                for key in ("d1", "actual", "h_fit", "penalty_ratio_h1")
+            }
+            lines.append(
+                f"| {method} (D={rs[0]['sketch_dim']}) | {step} | {med['d1']:.2e} | {med['actual']:.2e} | "
+                f"{med['h_fit']:.3g} | {med['penalty_ratio_h1']:.3g} |"
+            )
     (results / "target_curvature.md").write_text(md_header(out["produced_by"]) + "\n".join(lines) + "\n")
     print("\n".join(lines))
 

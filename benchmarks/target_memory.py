@@ -54,10 +54,12 @@ def make_step(config, model, loss_fn, opt, wrapper, k, big, target):
     if config == "plain_B":
         return lambda batch: plain(batch, big)
     if config == "target":
+
         def streamed(batch):
             wrapper.select(batch, loss_fn, target=target)
             wrapper.step()
             wrapper.zero_grad(set_to_none=True)
+
         return streamed
 
     def whole(batch):  # the target stage as it was: [T, D] and [B, D] rows
@@ -74,9 +76,16 @@ def make_step(config, model, loss_fn, opt, wrapper, k, big, target):
         valid = torch.isfinite(losses) & torch.isfinite(rows).all(1)
         n = int(valid.sum())
         result = select_from_sketches(
-            rows, valid, torch.zeros(big, dtype=torch.long), 1, k, [False], rows.shape[1], c.similarity,
-            method="target", extra={"losses": losses, "generator": wrapper.generator,
-                                    "curvature": c.target_curvature, "total": n},
+            rows,
+            valid,
+            torch.zeros(big, dtype=torch.long),
+            1,
+            k,
+            [False],
+            rows.shape[1],
+            c.similarity,
+            method="target",
+            extra={"losses": losses, "generator": wrapper.generator, "curvature": c.target_curvature, "total": n},
         )
         backward_weighted(index_batch(batch, result.indices), result.weights, loss_fn, n, None)
         del rows
@@ -95,8 +104,15 @@ def run_worker(args) -> dict:
     torch.set_num_threads(args.threads)
     model, loss_fn = build_model("gpt2-768", args.seq_len, None, args.hidden)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    wrapper = CoresetOptimizer(opt, model, coreset_size=args.k, sketch_modules="lm_head", selection="target",
-                               target_curvature=args.curvature, target_per_source=False)
+    wrapper = CoresetOptimizer(
+        opt,
+        model,
+        coreset_size=args.k,
+        sketch_modules="lm_head",
+        selection="target",
+        target_curvature=args.curvature,
+        target_per_source=False,
+    )
     vocab = model.config.vocab_size
     target = make_batch(args.target_size, args.seq_len, vocab=vocab, seed=99)
     del target["source"]
@@ -114,10 +130,18 @@ def run_worker(args) -> dict:
     step(batches[1])
     peak = _status_kb("VmHWM") * 1024 - base
     return {
-        "config": args.worker, "vocab": vocab, "hidden": model.config.hidden_size, "batch": args.batch,
-        "k": args.k, "target_size": args.target_size, "seq_len": args.seq_len, "curvature": args.curvature,
-        "lm_head_numel": int(model.lm_head.weight.numel()), "peak_above_base_bytes": peak,
-        "base_bytes": base, "step_s": time.perf_counter() - t0,
+        "config": args.worker,
+        "vocab": vocab,
+        "hidden": model.config.hidden_size,
+        "batch": args.batch,
+        "k": args.k,
+        "target_size": args.target_size,
+        "seq_len": args.seq_len,
+        "curvature": args.curvature,
+        "lm_head_numel": int(model.lm_head.weight.numel()),
+        "peak_above_base_bytes": peak,
+        "base_bytes": base,
+        "step_s": time.perf_counter() - t0,
     }
 
 
@@ -172,7 +196,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"target_memory_h{args.hidden}_c{args.curvature:g}"
-    (out / f"{stem}.json").write_text(json.dumps({"produced_by": produced_by, "args": vars(args), "rows": rows}, indent=2))
+    (out / f"{stem}.json").write_text(
+        json.dumps({"produced_by": produced_by, "args": vars(args), "rows": rows}, indent=2)
+    )
     (out / f"{stem}.md").write_text(md_header(produced_by) + "\n".join(lines) + "\n")
     print("\n".join(lines))
 

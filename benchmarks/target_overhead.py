@@ -76,7 +76,9 @@ def main() -> None:
     meta = dict(size=args.size, B=args.batch, k=args.k, target=args.target, T=T, reps=args.reps, threads=THREADS)
     produced_by = provenance("target_overhead")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "target_overhead.json").write_text(json.dumps({"produced_by": produced_by, "meta": meta, "rows": rows}, indent=2))
+    (RESULTS / "target_overhead.json").write_text(
+        json.dumps({"produced_by": produced_by, "meta": meta, "rows": rows}, indent=2)
+    )
     lines = [
         f"Tiny Llama {args.size} + LoRA, B={args.batch}, k={args.k}, T={T}, target of {args.target} examples, "
         f"CPU, {THREADS} thread, {args.reps} interleaved rounds (median; shared 2-core machine).",

@@ -1,7 +1,8 @@
 """Target-aware selection on the fine-tuning benchmark: the table the issue asks for.
 
 Reads the JSON files benchmarks/finetune.py wrote in benchmarks/results/finetune/ (runs of the same
-seeds and batches; later files add methods), and writes benchmarks/results/target_report/target_quality.md: accuracy on the held-out tasks
+seeds and batches; later files add methods), and writes
+benchmarks/results/target_report/target_quality.md: accuracy on the held-out tasks
 (the target: not training sources; their target split is disjoint from their evaluation split),
 per task and averaged, next to mixture-weighted and macro accuracy over the training sources,
 mean +- sd over seeds (and per seed), at equal steps.
@@ -58,16 +59,18 @@ def main(names: list[str]) -> None:
         "`target_last_block`, `target_spread`: one greedy over the batch; `*_per_source`: per-source "
         "budgets, the default; `target_spread` aims at 8 examples of each training source instead).",
         "",
-        "| method | target tasks accuracy (mean) | " + " | ".join(held_out) +
-        " | target tasks answer loss | accuracy mixture | accuracy macro | ms/step |",
+        "| method | target tasks accuracy (mean) | "
+        + " | ".join(held_out)
+        + " | target tasks answer loss | accuracy mixture | accuracy macro | ms/step |",
         "|---" * (6 + len(held_out)) + "|",
     ]
     for m, rs, per_task, target, target_loss in rows:
         mix = [final(r)["accuracy_mixture"] for r in rs]
         mac = [final(r)["accuracy_macro"] for r in rs]
         lines.append(
-            f"| {m} | {stats(target)} | " + " | ".join(stats(per_task[t]) for t in held_out) +
-            f" | {stats(target_loss)} | {stats(mix)} | {stats(mac)} | {1000 * costs.get(m, float('nan')):.0f} |"
+            f"| {m} | {stats(target)} | "
+            + " | ".join(stats(per_task[t]) for t in held_out)
+            + f" | {stats(target_loss)} | {stats(mix)} | {stats(mac)} | {1000 * costs.get(m, float('nan')):.0f} |"
         )
     out = results_dir("target_report")
     out.mkdir(parents=True, exist_ok=True)

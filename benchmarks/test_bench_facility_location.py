@@ -28,8 +28,9 @@ def _submodlib(sim_np: np.ndarray, k: int):
 
     def run():
         f = FacilityLocationFunction(n=sim_np.shape[0], mode="dense", sijs=sim_np, separate_rep=False)
-        picked = f.maximize(budget=k, optimizer="LazyGreedy", stopIfZeroGain=False,
-                            stopIfNegativeGain=False, show_progress=False)
+        picked = f.maximize(
+            budget=k, optimizer="LazyGreedy", stopIfZeroGain=False, stopIfNegativeGain=False, show_progress=False
+        )
         return torch.tensor([int(i) for i, _ in picked])
 
     return run

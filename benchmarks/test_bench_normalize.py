@@ -43,7 +43,8 @@ def test_normalize_per_million_params(benchmark, record):
         "read_torch": lambda: read_adam_moments(opt_t, p_t),
         "read_bnb8": lambda: read_adam_moments(opt_b, p_b),
         "bnb_dequantize_blockwise_v": lambda: F.dequantize_blockwise(
-            state["state2"], absmax=state["absmax2"], code=state["qmap2"], blocksize=block),
+            state["state2"], absmax=state["absmax2"], code=state["qmap2"], blocksize=block
+        ),
         "normalize_torch": lambda: normalize_sketches(sketches, opt_t, [p_t], "adam"),
         "normalize_bnb8": lambda: normalize_sketches(sketches, opt_b, [p_b], "adam"),
         "normalize_update_torch": lambda: normalize_sketches(sketches, opt_t, [p_t], "adam_update"),

@@ -15,8 +15,12 @@ STAGES = ("sketch", "normalize", "compress", "similarity", "greedy", "weights", 
 
 def test_select_stages(benchmark, record):
     model, loss_fn = build("h128-l4", seq_len=T)
-    opt = CoresetOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3),
-                           model, coreset_size=K, source_key="source")
+    opt = CoresetOptimizer(
+        torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3),
+        model,
+        coreset_size=K,
+        source_key="source",
+    )
     batches = [make_batch(B, T, seed=i) for i in range(6)]
     rows = []
 

@@ -27,8 +27,7 @@ B, K, T = 128, 32, 64
 @pytest.mark.parametrize("size", ["h128-l4", "h128-l8"])
 def test_sketch_pass_vs_nograd_forward(benchmark, record, size):
     model, loss_fn = build(size, seq_len=T)
-    opt = CoresetOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]),
-                           model, coreset_size=K)
+    opt = CoresetOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), model, coreset_size=K)
     batch = make_batch(B, T)
 
     def nograd_forward():
@@ -38,15 +37,26 @@ def test_sketch_pass_vs_nograd_forward(benchmark, record, size):
     def nograd_forward_chunked():
         with torch.no_grad():
             for start in range(0, B, K):
-                loss_fn({"input_ids": batch["input_ids"][start:start + K]})
+                loss_fn({"input_ids": batch["input_ids"][start : start + K]})
 
     c = opt.config
 
     def bounded(chunk):
         compressed_sketches(
-            model, opt.sketch_targets, batch, loss_fn, B, chunk, optimizer=opt.optimizer,
-            normalize=c.normalize, sketch=c.sketch, dim=c.sketch_dim, seed=c.seed,
-            source_codes=torch.zeros(B, dtype=torch.long), num_sources=1, block_bytes=c.sketch_block_bytes,
+            model,
+            opt.sketch_targets,
+            batch,
+            loss_fn,
+            B,
+            chunk,
+            optimizer=opt.optimizer,
+            normalize=c.normalize,
+            sketch=c.sketch,
+            dim=c.sketch_dim,
+            seed=c.seed,
+            source_codes=torch.zeros(B, dtype=torch.long),
+            num_sources=1,
+            block_bytes=c.sketch_block_bytes,
         )
 
     def sketch_pass():
@@ -58,9 +68,16 @@ def test_sketch_pass_vs_nograd_forward(benchmark, record, size):
     def whole_gradient_pass():
         exact_sketches(model, opt.sketch_targets, batch, loss_fn, B, K)
 
-    m = interleave({"nograd": nograd_forward, "nograd_chunked": nograd_forward_chunked,
-                    "sketch": sketch_pass, "sketch_1chunk": sketch_pass_one_chunk,
-                    "whole": whole_gradient_pass}, reps=7)
+    m = interleave(
+        {
+            "nograd": nograd_forward,
+            "nograd_chunked": nograd_forward_chunked,
+            "sketch": sketch_pass,
+            "sketch_1chunk": sketch_pass_one_chunk,
+            "whole": whole_gradient_pass,
+        },
+        reps=7,
+    )
     row = {
         "model": size,
         "sketch_dims": sum(t.numel for t in opt.sketch_targets),

@@ -30,9 +30,15 @@ def build(size: str = "h256-l4", vocab: int = 256, seq_len: int = 64, lora_r: in
     hidden, layers, heads, kv, inter = SIZES[size]
     torch.manual_seed(seed)
     base = LlamaForCausalLM(
-        LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-                    num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                    max_position_embeddings=seq_len)
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=inter,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            max_position_embeddings=seq_len,
+        )
     )
     model = get_peft_model(base, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=["q_proj", "v_proj"]))
 

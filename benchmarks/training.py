@@ -24,8 +24,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    ActivationMeter, BatchStream, evaluate, machine, make_loss_fn, md_header, provenance, register_experiments,
-    results_dir, save_json, tiny_llama,
+    ActivationMeter,
+    BatchStream,
+    evaluate,
+    machine,
+    make_loss_fn,
+    md_header,
+    provenance,
+    register_experiments,
+    results_dir,
+    save_json,
+    tiny_llama,
 )
 
 from coreset_optim import CoresetOptimizer  # noqa: E402
@@ -42,9 +51,20 @@ METHODS: dict[str, tuple[str, dict, float]] = {
     "coreset_default": ("coreset", {}, 1.0),
     "coreset_colm": ("coreset", {"preset": "colm"}, 1.0),
     "coreset_fl_l1_adam": ("coreset", {"selection": "facility_location", "similarity": "l1", "normalize": "adam"}, 1.0),
-    "coreset_fl_cosine": ("coreset", {"selection": "facility_location", "similarity": "cosine", "normalize": "adam"}, 1.0),
-    "coreset_gm_projection": ("coreset", {"selection": "gradient_matching", "sketch": "projection",
-                                          "sketch_modules": r"model\.layers\.1\..*_proj|lm_head"}, 1.0),
+    "coreset_fl_cosine": (
+        "coreset",
+        {"selection": "facility_location", "similarity": "cosine", "normalize": "adam"},
+        1.0,
+    ),
+    "coreset_gm_projection": (
+        "coreset",
+        {
+            "selection": "gradient_matching",
+            "sketch": "projection",
+            "sketch_modules": r"model\.layers\.1\..*_proj|lm_head",
+        },
+        1.0,
+    ),
     "coreset_gm_unconstrained": ("coreset", {"selection": "gradient_matching_unconstrained"}, 1.0),
     "coreset_zo_fresh": ("coreset", {"sketch": "zeroth_order", "selection": "gradient_matching", "zo_probes": 1}, 1.0),
 }
@@ -62,7 +82,9 @@ class Trainer:
         self.meter = ActivationMeter(self.model)
         self.loss_fn = self.meter.wrap(make_loss_fn(self.model))
         self.wrapper = (
-            CoresetOptimizer(self.opt, self.model, coreset_size=k, seed=seed, **options) if self.kind == "coreset" else None
+            CoresetOptimizer(self.opt, self.model, coreset_size=k, seed=seed, **options)
+            if self.kind == "coreset"
+            else None
         )
 
     def batch_size(self, batch: int) -> int:
@@ -102,8 +124,18 @@ def step_costs(methods, mixture, batch: int, k: int, lr: float, rounds: int = 12
     return {m: statistics.median(v) for m, v in times.items()}
 
 
-def run(method: str, mixture, seed: int, steps: int, batch: int, k: int, lr: float, eval_every: int,
-        progress=None, mult: float | None = None) -> dict:
+def run(
+    method: str,
+    mixture,
+    seed: int,
+    steps: int,
+    batch: int,
+    k: int,
+    lr: float,
+    eval_every: int,
+    progress=None,
+    mult: float | None = None,
+) -> dict:
     """Train ``method`` and evaluate every ``eval_every`` steps. Curve times are filled in later
     from :func:`step_costs` (``step * seconds_per_step``); ``measured_time`` is this run's own."""
     trainer = Trainer(method, seed, k, lr)
@@ -120,8 +152,13 @@ def run(method: str, mixture, seed: int, steps: int, batch: int, k: int, lr: flo
             curve.append({"step": step, "measured_time": spent, **evaluate(trainer.model, mixture)})
         if progress is not None:
             progress(method, step, total_steps)
-    return {"method": method, "seed": seed, "steps": total_steps, "curve": curve,
-            "activation_bytes": trainer.meter.peak}
+    return {
+        "method": method,
+        "seed": seed,
+        "steps": total_steps,
+        "curve": curve,
+        "activation_bytes": trainer.meter.peak,
+    }
 
 
 def set_times(runs, costs: dict) -> None:
@@ -205,8 +242,13 @@ def markdown(summary, args) -> str:
             f"{f(eq.get('random_k'))} | {f(eq.get('accum_B'))} |"
         )
     names = list(next(iter(summary["methods"].values()))["per_source_at_steps"])
-    lines += ["", "## Per source after the steps (mean over seeds)", "", "| method | " + " | ".join(names) + " |",
-              "|---" * (len(names) + 1) + "|"]
+    lines += [
+        "",
+        "## Per source after the steps (mean over seeds)",
+        "",
+        "| method | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
     for m, s in sorted(summary["methods"].items(), key=lambda t: t[1]["loss_at_steps"]):
         lines.append(f"| {m} | " + " | ".join(f"{s['per_source_at_steps'][n]:.3f}" for n in names) + " |")
     return "\n".join(lines) + "\n"
@@ -234,7 +276,12 @@ def plot(runs, summary, path: Path, steps: int) -> None:
         axes[1].plot(ts, ys, label=m, color=colors[m])
         axes[2].plot(xs, ys_small, label=m, color=colors[m])
     axes[0].set(xlabel="step", ylabel="held-out loss (mixture)", title="vs steps", yscale="log")
-    axes[1].set(xlabel="training wall-clock (s, 1 thread)", ylabel="held-out loss (mixture)", title="vs wall-clock", yscale="log")
+    axes[1].set(
+        xlabel="training wall-clock (s, 1 thread)",
+        ylabel="held-out loss (mixture)",
+        title="vs wall-clock",
+        yscale="log",
+    )
     axes[2].set(xlabel="step", ylabel=f"held-out loss ({sm})", title=f"smallest source ({sm}) vs steps")
     for ax in axes:
         ax.axvline(steps, color="gray", ls=":", lw=0.8) if ax is not axes[1] else None
@@ -251,7 +298,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-every", type=int, default=25)
-    ap.add_argument("--methods", default=",".join(m for m in METHODS if m not in ("batch_B", "coreset_gm_unconstrained")))
+    ap.add_argument(
+        "--methods", default=",".join(m for m in METHODS if m not in ("batch_B", "coreset_gm_unconstrained"))
+    )
     ap.add_argument("--out", default="training")
     ap.add_argument("--mult", default="", help="override step multipliers, e.g. random_k=5,accum_B=2")
     args = ap.parse_args()
@@ -263,16 +312,32 @@ def main() -> None:
     t_start = time.time()
     for seed in seeds:
         for m in args.methods.split(","):
-            runs.append(run(m, mixture, seed, args.steps, args.batch, args.k, args.lr, args.eval_every, mult=mults.get(m)))
+            runs.append(
+                run(m, mixture, seed, args.steps, args.batch, args.k, args.lr, args.eval_every, mult=mults.get(m))
+            )
             r = runs[-1]
-            print(f"seed {seed} {m}: loss {at_step(r['curve'], args.steps)['overall']:.3f}  "
-                  f"[{time.time() - t_start:.0f}s]", file=sys.stderr, flush=True)
+            print(
+                f"seed {seed} {m}: loss {at_step(r['curve'], args.steps)['overall']:.3f}  "
+                f"[{time.time() - t_start:.0f}s]",
+                file=sys.stderr,
+                flush=True,
+            )
     costs = step_costs(args.methods.split(","), mixture, args.batch, args.k, args.lr)
     set_times(runs, costs)
     summary = summarize(runs, mixture, args.steps)
-    write_results(args.out, {"args": vars(args), "machine": machine(),
-                             "methods": {m: {"kind": METHODS[m][0], **{k: str(v) for k, v in METHODS[m][1].items()}} for m in METHODS},
-                             "summary": summary, "runs": runs}, runs, summary, args)
+    write_results(
+        args.out,
+        {
+            "args": vars(args),
+            "machine": machine(),
+            "methods": {m: {"kind": METHODS[m][0], **{k: str(v) for k, v in METHODS[m][1].items()}} for m in METHODS},
+            "summary": summary,
+            "runs": runs,
+        },
+        runs,
+        summary,
+        args,
+    )
 
 
 def write_results(out: str, payload: dict, runs: list, summary: dict, args, script: str = "training") -> None:

@@ -20,9 +20,7 @@ def _field_sizes(batch: Batch, path: str, out: dict[str, int], top: bool) -> Non
         return
     if isinstance(batch, torch.Tensor) or _is_ndarray(batch):
         if batch.ndim == 0:
-            raise ValueError(
-                f"batch field {path} is a scalar; every field needs a leading example dimension"
-            )
+            raise ValueError(f"batch field {path} is a scalar; every field needs a leading example dimension")
         out[path] = int(batch.shape[0])
     elif isinstance(batch, Mapping):
         for key, value in batch.items():

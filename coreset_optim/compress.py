@@ -12,7 +12,9 @@ def top_coordinates(sketches: torch.Tensor, dim: int) -> torch.Tensor:
     return sketches.abs().mean(0).topk(dim, sorted=False).indices.sort().values
 
 
-def rows_per_source(valid: torch.Tensor, source_codes: torch.Tensor, num_sources: int) -> tuple[list[int], list[torch.Tensor]]:
+def rows_per_source(
+    valid: torch.Tensor, source_codes: torch.Tensor, num_sources: int
+) -> tuple[list[int], list[torch.Tensor]]:
     """Each source's valid rows (ascending) and their counts, with one host read for all sources
     (a stable sort and one ``tolist``, not a ``nonzero`` per source)."""
     key = torch.where(valid, source_codes.to(valid.device), num_sources)

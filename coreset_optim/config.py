@@ -51,9 +51,7 @@ class CoresetConfig:
 
     def __post_init__(self) -> None:
         if (self.coreset_size is None) == (self.coreset_ratio is None):
-            raise ValueError(
-                "give exactly one of coreset_size (an int >= 1) or coreset_ratio (a float in (0, 1])"
-            )
+            raise ValueError("give exactly one of coreset_size (an int >= 1) or coreset_ratio (a float in (0, 1])")
         if self.coreset_size is not None:
             if not _is_int(self.coreset_size):
                 raise TypeError(f"coreset_size must be an int, got {type(self.coreset_size).__name__}")
@@ -92,8 +90,10 @@ class CoresetConfig:
             raise ValueError(f"sketch must be one of {SKETCH_MODES}, got {self.sketch!r}")
         if self.selection not in SELECTORS:
             raise ValueError(f"selection must be one of {tuple(SELECTORS)}, got {self.selection!r}")
-        if isinstance(self.zo_eps, bool) or not isinstance(self.zo_eps, (int, float)) or not (
-            math.isfinite(self.zo_eps) and self.zo_eps > 0
+        if (
+            isinstance(self.zo_eps, bool)
+            or not isinstance(self.zo_eps, (int, float))
+            or not (math.isfinite(self.zo_eps) and self.zo_eps > 0)
         ):
             raise ValueError(f"zo_eps must be a positive finite float (e.g. 1e-3), got {self.zo_eps!r}")
         self.zo_eps = float(self.zo_eps)
@@ -106,16 +106,20 @@ class CoresetConfig:
                 "zo_probes > 1 with zo_fixed_direction=True would repeat one direction; "
                 "use zo_probes=1 or zo_fixed_direction=False"
             )
-        if isinstance(self.target_curvature, bool) or not isinstance(self.target_curvature, (int, float)) or not (
-            math.isfinite(self.target_curvature) and self.target_curvature >= 0
+        if (
+            isinstance(self.target_curvature, bool)
+            or not isinstance(self.target_curvature, (int, float))
+            or not (math.isfinite(self.target_curvature) and self.target_curvature >= 0)
         ):
             raise ValueError(
-                f"target_curvature must be a finite float >= 0 (0: first-order gains only), got {self.target_curvature!r}"
+                "target_curvature must be a finite float >= 0 (0: first-order gains only), "
+                f"got {self.target_curvature!r}"
             )
         self.target_curvature = float(self.target_curvature)
         if not _is_int(self.target_refresh) or self.target_refresh <= 0:
             raise ValueError(
-                f"target_refresh must be a positive int (selections between target-gradient refreshes), got {self.target_refresh!r}"
+                "target_refresh must be a positive int (selections between target-gradient refreshes), "
+                f"got {self.target_refresh!r}"
             )
         if not isinstance(self.target_per_source, bool):
             raise TypeError(f"target_per_source must be a bool, got {self.target_per_source!r}")
@@ -130,8 +134,10 @@ class CoresetConfig:
                 f"selection='target' needs exact sketches (the target's gradient is compared with each "
                 f"example's on the same coordinates); got sketch={self.sketch!r}: use sketch='exact' (or 'auto')"
             )
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not (
-            self.temperature > 0 and not math.isnan(self.temperature)
+        if (
+            isinstance(self.temperature, bool)
+            or not isinstance(self.temperature, (int, float))
+            or not (self.temperature > 0 and not math.isnan(self.temperature))
         ):
             raise ValueError(
                 f"temperature must be a float > 0 (1: the mixture as sampled, 2: temperature sampling, "

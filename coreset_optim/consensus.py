@@ -5,9 +5,10 @@ informative ones, with corrupted answers the corrupted ones (the flaw RHO-LOSS p
 and gradient-norm selection). A hard clean example still pulls the model the way its source's
 other examples do; a wrong answer pulls elsewhere. So each example's Adam-normalized gradient
 sketch (the gradient as the wrapped optimizer will scale it: divided by ``sqrt(v_hat) + eps``) is
-compared with its source's other sketches, each a unit vector: one vote per example (:func:`agreement`). Examples with a positive
-cosine are eligible, hardest first; the others are *suspects*, taken only when the eligible run
-out (lowest loss first). Weights are n / k, as for ``"loss"``.
+compared with its source's other sketches, each a unit vector: one vote per example
+(:func:`agreement`). Examples with a positive cosine are eligible, hardest first; the others are
+*suspects*, taken only when the eligible run out (lowest loss first). Weights are n / k, as for
+``"loss"``.
 
 It needs the sketch pass (per-example gradients of the sketch layers), not a second pass: the
 consensus is the batch's own, so no clean examples and no extra forward are needed.

@@ -27,7 +27,8 @@ class Coreset:
     ``sketches`` is every example's compressed, normalized sketch as used for selection (NaN rows
     for invalid examples; zero columns when no sketch pass ran). ``loss`` is the coreset's
     weighted loss ``sum_j weights[j] * loss_j / num_valid`` (detached: what was backpropagated;
-    an estimate of the batch's mean loss only when the selector estimates its gradient). ``timings`` are seconds per stage.
+    an estimate of the batch's mean loss only when the selector estimates its gradient; the batch's
+    own mean loss is :attr:`batch_loss`). ``timings`` are seconds per stage.
 
     Under ``torch.distributed`` (see ``docs/distributed.md``) the batch is the *global* batch (rank
     0's examples, then rank 1's, ...): ``indices``, ``weights``, ``sketches``, ``losses``,

@@ -117,7 +117,9 @@ def source_abs_sums(sketches: torch.Tensor, valid: torch.Tensor, codes: torch.Te
     return sums.index_add_(0, codes.to(sketches.device)[rows], sketches.index_select(0, rows).abs())
 
 
-def rows_on_coordinates(sketches: torch.Tensor, valid: torch.Tensor, codes: torch.Tensor, coords: torch.Tensor | None) -> torch.Tensor:
+def rows_on_coordinates(
+    sketches: torch.Tensor, valid: torch.Tensor, codes: torch.Tensor, coords: torch.Tensor | None
+) -> torch.Tensor:
     """Each row on its source's coordinates ``coords[code]`` (all columns when ``None``); NaN if invalid."""
     if coords is not None:
         sketches = torch.gather(sketches, 1, coords.to(sketches.device)[codes.to(sketches.device)])
@@ -141,7 +143,9 @@ def paused_gradient_sync(model: torch.nn.Module):
         yield
 
 
-def split_selection(indices: torch.Tensor, weights: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_selection(
+    indices: torch.Tensor, weights: torch.Tensor, start: int, stop: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The part of a global selection on the rank holding global rows ``[start, stop)``, as local indices."""
     mine = (indices >= start) & (indices < stop)
     return indices[mine] - start, weights[mine]
@@ -187,10 +191,17 @@ class LocalBatch:
     ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Backpropagate the selected examples; returns ``(sub_batch, indices, weights, loss)``."""
         sub_batch = index_batch(batch, indices)
-        return sub_batch, indices, weights, backward_weighted(sub_batch, weights, loss_fn, denominator, micro_batch_size)
+        return (
+            sub_batch,
+            indices,
+            weights,
+            backward_weighted(sub_batch, weights, loss_fn, denominator, micro_batch_size),
+        )
 
 
-def batch_layout(size: int, codes: torch.Tensor, names: Sequence[Any], setting: Any, group: Any = None) -> LocalBatch | Shards:
+def batch_layout(
+    size: int, codes: torch.Tensor, names: Sequence[Any], setting: Any, group: Any = None
+) -> LocalBatch | Shards:
     """The layout ``select()`` runs on: :class:`Shards` when ``process_group(setting, group)`` finds
     ranks to select across (one ``all_gather_object`` to learn the layout), else :class:`LocalBatch`."""
     group = process_group(setting, group)
@@ -351,7 +362,9 @@ class Shards:
         if callable(no_sync):
             wanted = 1
         else:
-            per_rank = [split_selection(indices, weights, a, a + n)[0].numel() for a, n in zip(self._offsets(), self.sizes)]
+            per_rank = [
+                split_selection(indices, weights, a, a + n)[0].numel() for a, n in zip(self._offsets(), self.sizes)
+            ]
             step = micro_batch_size or max(1, max(per_rank))
             wanted = max(max(1, math.ceil(k / step)) for k in per_rank)
         local_valid = torch.nonzero(valid[self.start : self.stop]).flatten()

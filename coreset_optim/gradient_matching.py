@@ -20,7 +20,10 @@ import torch
 
 
 def nnls_gram(
-    gram: np.ndarray, b: np.ndarray, allowed: np.ndarray, max_iter: int | None = None,
+    gram: np.ndarray,
+    b: np.ndarray,
+    allowed: np.ndarray,
+    max_iter: int | None = None,
     start: np.ndarray | None = None,
 ) -> np.ndarray:
     """argmin_{w >= 0, w = 0 off ``allowed``} 0.5 w^T G w - b^T w (Lawson-Hanson, Gram form).
@@ -88,7 +91,9 @@ def greedy_matching(
     weights = w[chosen] / norms[chosen]
     total = weights.sum()
     if not rescale:
-        return torch.tensor(chosen, dtype=torch.long, device=x.device), torch.tensor(weights, dtype=torch.float32, device=x.device)
+        return torch.tensor(chosen, dtype=torch.long, device=x.device), torch.tensor(
+            weights, dtype=torch.float32, device=x.device
+        )
     # Nothing correlates positively (e.g. all-zero sketches): fall back to uniform weights.
     weights = weights * (n / total) if total > 0 else np.full(k, n / k)
     return (

@@ -52,7 +52,9 @@ def infer_block_size(numel: int, num_blocks: int) -> int:
     raise ValueError(f"cannot infer a block size for {numel} values in {num_blocks} blocks")
 
 
-def dequantize_range(codes: torch.Tensor, code_book: torch.Tensor, absmax: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+def dequantize_range(
+    codes: torch.Tensor, code_book: torch.Tensor, absmax: torch.Tensor, start: int, stop: int
+) -> torch.Tensor:
     """Flat values ``start .. stop-1`` of a blockwise-quantized tensor, float32: only that range is decoded."""
     flat = codes.reshape(-1)
     block = infer_block_size(flat.numel(), absmax.numel())
@@ -186,8 +188,10 @@ def adam_moment_ranges(
         whole = _read_deepspeed_moments(optimizer, param, group)
         if whole is None:
             return None
-        flat = {k: None if v is None else _tensor_reader(v) for k, v in
-                (("m", whole.exp_avg), ("v", whole.exp_avg_sq), ("max", whole.max_exp_avg_sq))}
+        flat = {
+            k: None if v is None else _tensor_reader(v)
+            for k, v in (("m", whole.exp_avg), ("v", whole.exp_avg_sq), ("max", whole.max_exp_avg_sq))
+        }
         return MomentRanges(flat["m"], flat["v"], whole.step, whole.beta1, whole.beta2, whole.eps, flat["max"])
     state = optimizer.state.get(param)
     if not state:
@@ -231,8 +235,13 @@ def read_adam_moments(
     whole = ranges.read(0, param.numel())
     reshape = lambda t: None if t is None else t.reshape(param.shape)  # noqa: E731
     return AdamMoments(
-        exp_avg=reshape(whole.exp_avg), exp_avg_sq=reshape(whole.exp_avg_sq), step=whole.step,
-        beta1=whole.beta1, beta2=whole.beta2, eps=whole.eps, max_exp_avg_sq=reshape(whole.max_exp_avg_sq),
+        exp_avg=reshape(whole.exp_avg),
+        exp_avg_sq=reshape(whole.exp_avg_sq),
+        step=whole.step,
+        beta1=whole.beta1,
+        beta2=whole.beta2,
+        eps=whole.eps,
+        max_exp_avg_sq=reshape(whole.max_exp_avg_sq),
     )
 
 

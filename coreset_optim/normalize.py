@@ -134,12 +134,15 @@ def coordinate_divisor(optimizer: torch.optim.Optimizer, param: torch.Tensor, mo
         return raw if ranges is None and optimizer.state.get(param) else None
     if ranges is None or ranges.step <= 0:
         return raw
-    return lambda start, stop: adam_denominator(ranges.read_denominator(start, stop), ranges.step, ranges.beta2, ranges.eps)
+    return lambda start, stop: adam_denominator(
+        ranges.read_denominator(start, stop), ranges.step, ranges.beta2, ranges.eps
+    )
 
 
 def divisor_is_positive(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> bool:
     """Whether :func:`coordinate_divisor`'s numbers are known positive without reading them:
-    ``sqrt(v_hat) + eps >= eps`` with eps a normal float32 (so ``1 / divisor`` is finite), or there is no divisor at all.
+    ``sqrt(v_hat) + eps >= eps`` with eps a normal float32 (so ``1 / divisor`` is finite), or there
+    is no divisor at all.
 
     A compressor may then fold ``1 / divisor`` into its weights (a product, no host check of the
     values: no device sync per block); with ``eps = 0`` it must divide the values themselves.

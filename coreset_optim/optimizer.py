@@ -112,11 +112,19 @@ class CoresetOptimizer(torch.optim.Optimizer):
             )
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be the torch.nn.Module being trained, got {type(model).__name__}")
-        chosen = resolve_preset(preset, dict(
-            sketch_dim=sketch_dim, normalize=normalize, similarity=similarity,
-            keep_sources=keep_sources, sketch=sketch, selection=selection,
-            zo_fixed_direction=zo_fixed_direction, temperature=temperature,
-        ))
+        chosen = resolve_preset(
+            preset,
+            dict(
+                sketch_dim=sketch_dim,
+                normalize=normalize,
+                similarity=similarity,
+                keep_sources=keep_sources,
+                sketch=sketch,
+                selection=selection,
+                zo_fixed_direction=zo_fixed_direction,
+                temperature=temperature,
+            ),
+        )
         self.config = CoresetConfig(
             coreset_size=coreset_size,
             coreset_ratio=coreset_ratio,
@@ -242,7 +250,9 @@ class CoresetOptimizer(torch.optim.Optimizer):
             "num_selections": self.num_selections,
             "num_steps": self.num_steps,
             "rng_state": self.generator.get_state(),
-            "target_cache": None if self._target_cache is None else {
+            "target_cache": None
+            if self._target_cache is None
+            else {
                 "fingerprint": self._target_cache["fingerprint"],
                 "grad": self._target_cache["grad"].detach().cpu().clone(),
                 "computed_at": self._target_cache["computed_at"],
@@ -290,8 +300,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
             raise TypeError(f"sources must be a list or 1-D tensor of source ids, got {type(sources).__name__}")
         if len(sources) != size:
             raise ValueError(
-                f"sources has {len(sources)} entries for a batch of {size} examples; give one "
-                "source id per example"
+                f"sources has {len(sources)} entries for a batch of {size} examples; give one source id per example"
             )
         return list(sources)
 
@@ -345,7 +354,9 @@ class CoresetOptimizer(torch.optim.Optimizer):
             with timed(timings, "target"):
                 target_grad = self._aim(*aim, loss_fn, wrapper, layout, budget)
         with timed(timings, "sketch"), paused_gradient_sync(wrapper):
-            raw = self._sketch(batch, loss_fn, size, budget, gradients=not take_all, layout=layout, target_grad=target_grad)
+            raw = self._sketch(
+                batch, loss_fn, size, budget, gradients=not take_all, layout=layout, target_grad=target_grad
+            )
         with timed(timings, "normalize"):
             local = self._normalize(raw)
         sketches = layout.gather(local, self._gather_dim(local), timings)
@@ -355,8 +366,14 @@ class CoresetOptimizer(torch.optim.Optimizer):
         timings.update(selection.timings)
         with timed(timings, "backward"):
             share = layout.backward(
-                batch, selection.indices, selection.weights, loss_fn, num_valid / loss_scale,
-                self.config.micro_batch_size, wrapper, sketches.valid,
+                batch,
+                selection.indices,
+                selection.weights,
+                loss_fn,
+                num_valid / loss_scale,
+                self.config.micro_batch_size,
+                wrapper,
+                sketches.valid,
             )
         self.num_selections += 1
         timings["total"] = time.perf_counter() - start
@@ -380,7 +397,11 @@ class CoresetOptimizer(torch.optim.Optimizer):
         names = layout.names  # under torch.distributed: the global batch's sources
         in_batch = torch.bincount(layout.codes, minlength=len(names)).tolist()
         flag = getattr(SELECTORS[self.config.selection], "suspects", None)
-        suspects = None if flag is None else flag(selection.compressed, sketches.losses, sketches.valid, layout.codes, len(names))
+        suspects = (
+            None
+            if flag is None
+            else flag(selection.compressed, sketches.losses, sketches.valid, layout.codes, len(names))
+        )
         return Coreset(
             indices=selection.indices,
             weights=selection.weights,
@@ -410,8 +431,14 @@ class CoresetOptimizer(torch.optim.Optimizer):
         return self.model if model is None else model
 
     def _sketch(
-        self, batch: Any, loss_fn: LossFn, size: int, budget: int, gradients: bool = True,
-        layout: LocalBatch | Shards | None = None, target_grad: torch.Tensor | None = None,
+        self,
+        batch: Any,
+        loss_fn: LossFn,
+        size: int,
+        budget: int,
+        gradients: bool = True,
+        layout: LocalBatch | Shards | None = None,
+        target_grad: torch.Tensor | None = None,
     ) -> Sketches:
         """This process's sketches ``[B, d]`` and losses; ``valid``: both finite.
 
@@ -420,7 +447,8 @@ class CoresetOptimizer(torch.optim.Optimizer):
         choose the top coordinates, and under torch.distributed the ranks agree on them while
         streaming (``None``: one source). ``selection="target"``: each example's ``[alignment |
         update]`` row against ``target_grad``, built the same way (:func:`.streaming.target_sketches`).
-        Zeroth-order sketches come out raw, for the normalize stage. ``gradients=False`` (or a chooser that reads no sketch: random, loss): losses only, d = 0.
+        Zeroth-order sketches come out raw, for the normalize stage. ``gradients=False`` (or a
+        chooser that reads no sketch: random, loss, trimmed_loss): losses only, d = 0.
         """
         c = self.config
         chunk = c.sketch_batch_size or c.micro_batch_size or budget
@@ -434,26 +462,57 @@ class CoresetOptimizer(torch.optim.Optimizer):
             else:
                 directions = torch.randn(c.zo_probes, numel, generator=self.generator)
             rows, losses = zeroth_order_sketches(
-                self.model, self.sketch_targets, batch, loss_fn, size, chunk,
-                eps=c.zo_eps, directions=directions,
+                self.model,
+                self.sketch_targets,
+                batch,
+                loss_fn,
+                size,
+                chunk,
+                eps=c.zo_eps,
+                directions=directions,
             )
         elif c.selection == "target":
             assert target_grad is not None
             params = sketch_params(self.sketch_targets)
-            return Sketches(*target_sketches(
-                self.model, self.sketch_targets, batch, loss_fn, size, chunk,
-                optimizer=self.optimizer, normalize=c.normalize, target_grad=target_grad,
-                step_sizes=step_sizes(self.optimizer, params), curvature=c.target_curvature,
-                dim=c.sketch_dim, seed=c.seed, block_bytes=c.sketch_block_bytes,
-            ))
+            return Sketches(
+                *target_sketches(
+                    self.model,
+                    self.sketch_targets,
+                    batch,
+                    loss_fn,
+                    size,
+                    chunk,
+                    optimizer=self.optimizer,
+                    normalize=c.normalize,
+                    target_grad=target_grad,
+                    step_sizes=step_sizes(self.optimizer, params),
+                    curvature=c.target_curvature,
+                    dim=c.sketch_dim,
+                    seed=c.seed,
+                    block_bytes=c.sketch_block_bytes,
+                )
+            )
         else:
             codes = torch.zeros(size, dtype=torch.long) if layout is None else layout.local_codes
-            return Sketches(*compressed_sketches(
-                self.model, self.sketch_targets, batch, loss_fn, size, chunk,
-                optimizer=self.optimizer, normalize=c.normalize, sketch=c.sketch, dim=c.sketch_dim,
-                seed=c.seed, source_codes=codes, num_sources=1 if layout is None else len(layout.names),
-                block_bytes=c.sketch_block_bytes, agreement=None if layout is None else layout.agreement(),
-            ))
+            return Sketches(
+                *compressed_sketches(
+                    self.model,
+                    self.sketch_targets,
+                    batch,
+                    loss_fn,
+                    size,
+                    chunk,
+                    optimizer=self.optimizer,
+                    normalize=c.normalize,
+                    sketch=c.sketch,
+                    dim=c.sketch_dim,
+                    seed=c.seed,
+                    source_codes=codes,
+                    num_sources=1 if layout is None else len(layout.names),
+                    block_bytes=c.sketch_block_bytes,
+                    agreement=None if layout is None else layout.agreement(),
+                )
+            )
         valid = torch.isfinite(losses).to(rows.device) & torch.isfinite(rows).all(1)
         return Sketches(rows, losses, valid)
 
@@ -472,13 +531,17 @@ class CoresetOptimizer(torch.optim.Optimizer):
         Every rank sees the same gathered validity, so all raise together."""
         if not bool(sketches.valid.any()):
             lost = bool(raw.valid.any())  # valid before normalization: Adam's scaling made them NaN
-            raise ValueError(self._no_valid_message(int(sketches.valid.numel())) + (" (after Adam normalization)" if lost else ""))
+            raise ValueError(
+                self._no_valid_message(int(sketches.valid.numel())) + (" (after Adam normalization)" if lost else "")
+            )
 
     def _source_counts(self, sketches: Sketches, layout: LocalBatch | Shards) -> list[int]:
         """Valid examples per source of the (global) batch."""
         return torch.bincount(layout.codes[sketches.valid.cpu()], minlength=len(layout.names)).tolist()
 
-    def _choose(self, sketches: Sketches, layout: LocalBatch | Shards, budget: int) -> tuple[Selection, list[bool], int]:
+    def _choose(
+        self, sketches: Sketches, layout: LocalBatch | Shards, budget: int
+    ) -> tuple[Selection, list[bool], int]:
         """The configured selector on the gathered sketches (run on the first rank, shared);
         returns the selection, the sources kept whole and the number of valid examples."""
         counts = self._source_counts(sketches, layout)
@@ -491,8 +554,14 @@ class CoresetOptimizer(torch.optim.Optimizer):
             if not c.target_per_source:  # one greedy over the whole batch, no per-source budgets
                 groups, num_groups, group_keep = torch.zeros_like(layout.codes), 1, [False]
         selection = layout.on_first_rank(select_from_sketches)(
-            sketches.rows, sketches.valid, groups, num_groups, budget, group_keep,
-            self._gather_dim(sketches), c.similarity,
+            sketches.rows,
+            sketches.valid,
+            groups,
+            num_groups,
+            budget,
+            group_keep,
+            self._gather_dim(sketches),
+            c.similarity,
             method=c.selection,
             extra=extra,
             temperature=c.temperature,
@@ -548,8 +617,14 @@ class CoresetOptimizer(torch.optim.Optimizer):
         return target, fingerprint, check_target_structure(batch, target, self.config.source_key)
 
     def _aim(
-        self, target: Any, fingerprint: str, missing: list[str], loss_fn: LossFn,
-        wrapper: nn.Module, layout: LocalBatch | Shards, budget: int,
+        self,
+        target: Any,
+        fingerprint: str,
+        missing: list[str],
+        loss_fn: LossFn,
+        wrapper: nn.Module,
+        layout: LocalBatch | Shards,
+        budget: int,
     ) -> torch.Tensor:
         """The target stage: the target's mean sketch gradient, which the sketch stage aligns each
         example's update with (:func:`.streaming.target_sketches`)."""
@@ -604,7 +679,9 @@ class CoresetOptimizer(torch.optim.Optimizer):
         self._target_cache = {"fingerprint": fingerprint, "grad": grad, "computed_at": self.num_selections}
         return grad
 
-    def _take_all(self, sketches: Sketches, layout: LocalBatch | Shards, budget: int) -> tuple[Selection, list[bool], int]:
+    def _take_all(
+        self, sketches: Sketches, layout: LocalBatch | Shards, budget: int
+    ) -> tuple[Selection, list[bool], int]:
         """The shortcut when the budget covers the batch: every valid example, weight 1."""
         counts = self._source_counts(sketches, layout)
         return take_every_valid(sketches.rows, sketches.valid, counts), [False] * len(counts), sum(counts)

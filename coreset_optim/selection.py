@@ -127,8 +127,12 @@ def select_from_sketches(
             weights.append(torch.full((rows.numel(),), scale, device=rows.device))
             continue
         local, w = selector(
-            compressed.index_select(0, rows), alloc[code], similarity=similarity, watch=watch,
-            rows=rows, **(extra or {}),
+            compressed.index_select(0, rows),
+            alloc[code],
+            similarity=similarity,
+            watch=watch,
+            rows=rows,
+            **(extra or {}),
         )
         picked.append(rows.index_select(0, local))
         weights.append(w.float() * scale)

@@ -3,10 +3,11 @@
 For ``y = x W^T + b`` the gradient of example i's loss is ``sum_t dy[i, t]^T x[i, t]`` (and
 ``sum_t dy[i, t]`` for the bias): a batched matmul over what a forward hook saw and what autograd
 gives for the layer's output, for any block of output rows (:func:`linear_grad_block`;
-:mod:`coreset_optim.streaming` folds block after block into the compressed sketch). The pass backpropagates the *sum* of per-example losses (so every example's
-gradient is unscaled), only as far as the sketch modules: every other parameter is excluded from
-autograd for the pass, so nothing below them is kept for backward, and ``torch.autograd.grad`` is
-used so no ``.grad`` is touched.
+:mod:`coreset_optim.streaming` folds block after block into the compressed sketch). The pass
+backpropagates the *sum* of per-example losses (so every example's gradient is unscaled), only as
+far as the sketch modules: every other parameter is excluded from autograd for the pass, so
+nothing below them is kept for backward, and ``torch.autograd.grad`` is used so no ``.grad`` is
+touched.
 """
 
 from __future__ import annotations
@@ -87,9 +88,7 @@ def default_sketch_modules(model: nn.Module, optimizer: torch.optim.Optimizer) -
     return [last]
 
 
-def resolve_sketch_modules(
-    model: nn.Module, optimizer: torch.optim.Optimizer, spec: SketchSpec
-) -> list[SketchTarget]:
+def resolve_sketch_modules(model: nn.Module, optimizer: torch.optim.Optimizer, spec: SketchSpec) -> list[SketchTarget]:
     """Turn names, regexes (full match) or modules into checked :class:`SketchTarget` s."""
     if spec is None:
         spec = default_sketch_modules(model, optimizer)
@@ -97,8 +96,7 @@ def resolve_sketch_modules(
         spec = [spec]
     if not isinstance(spec, Iterable):
         raise TypeError(
-            f"sketch_modules must be a module name, a regex, a module or a list of them, "
-            f"got {type(spec).__name__}"
+            f"sketch_modules must be a module name, a regex, a module or a list of them, got {type(spec).__name__}"
         )
     named = list(model.named_modules())
     by_id = {id(m): n for n, m in named}
@@ -122,15 +120,12 @@ def resolve_sketch_modules(
             if not matches:
                 sample = ", ".join(n for n, m in named if isinstance(m, nn.Linear))[:300]
                 raise ValueError(
-                    f"sketch_modules: {item!r} matches no module name of the model; "
-                    f"Linear layers are: {sample}"
+                    f"sketch_modules: {item!r} matches no module name of the model; Linear layers are: {sample}"
                 )
             for n, m in matches:
                 chosen.setdefault(n, m)
         else:
-            raise TypeError(
-                f"sketch_modules entries must be names, regexes or modules, got {type(item).__name__}"
-            )
+            raise TypeError(f"sketch_modules entries must be names, regexes or modules, got {type(item).__name__}")
     if not chosen:
         raise ValueError(
             "sketch_modules is empty; name at least one Linear layer, or pass None for the default "
@@ -276,8 +271,7 @@ def captured_chunks(
         outputs = [out for rec in records for _, out in rec]
         if not outputs:
             raise ValueError(
-                "the sketch modules were not called by loss_fn; sketch layers that the "
-                "model's forward uses"
+                "the sketch modules were not called by loss_fn; sketch layers that the model's forward uses"
             )
         if not losses.requires_grad or any(not o.requires_grad for o in outputs):
             raise ValueError(

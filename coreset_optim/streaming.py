@@ -170,7 +170,9 @@ def compressed_sketches(
         if sketch == "projection":
             return _projected(chunks, targets, normalizers, dim, seed, block_bytes)
         held = list(chunks)
-    return _top_coordinates(held, targets, num_examples, normalizers, dim, source_codes, num_sources, block_bytes, agreement)
+    return _top_coordinates(
+        held, targets, num_examples, normalizers, dim, source_codes, num_sources, block_bytes, agreement
+    )
 
 
 def _first_then(first: list, rest: Iterator) -> Iterator:
@@ -186,8 +188,12 @@ def _first_then(first: list, rest: Iterator) -> Iterator:
 HOLD_BLOCKS = 4
 
 
-def _hold_fits(first: tuple[slice, list[LayerCalls], torch.Tensor], num_examples: int, block_bytes: int,
-               agreement: Agreement | None) -> bool:
+def _hold_fits(
+    first: tuple[slice, list[LayerCalls], torch.Tensor],
+    num_examples: int,
+    block_bytes: int,
+    agreement: Agreement | None,
+) -> bool:
     """Whether holding the whole batch's layer calls (estimated from the first chunk's) stays within
     ``HOLD_BLOCKS`` blocks; under torch.distributed, on every rank."""
     piece, calls, _ = first
@@ -214,7 +220,9 @@ def _projected(chunks, targets, normalizers, dim, seed, block_bytes):
     return sketches, losses, valid
 
 
-def _top_coordinates(chunks, targets, num_examples, normalizers, dim, source_codes, num_sources, block_bytes, agreement):
+def _top_coordinates(
+    chunks, targets, num_examples, normalizers, dim, source_codes, num_sources, block_bytes, agreement
+):
     """Hold every chunk's layer calls, then score the whole batch's columns block by block."""
     calls = [c for _, c, _ in chunks]
     losses = torch.cat([loss for _, _, loss in chunks])

@@ -48,19 +48,27 @@ class Progress:
             return
         frac = self.done / self.total
         bar = "#" * int(30 * frac)
-        print(f"\r[{bar:<30}] {100 * frac:5.1f}%  {LABELS[method]:<32} step {step:4d}/{steps}  "
-              f"{time.time() - self.start:5.0f}s", end="", file=sys.stderr, flush=True)
+        print(
+            f"\r[{bar:<30}] {100 * frac:5.1f}%  {LABELS[method]:<32} step {step:4d}/{steps}  "
+            f"{time.time() - self.start:5.0f}s",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
-def compare(steps: int = 200, batch: int = 64, k: int = 16, seed: int = 0, out: str | Path = "compare.png",
-            lr: float = 3e-3) -> dict:
+def compare(
+    steps: int = 200, batch: int = 64, k: int = 16, seed: int = 0, out: str | Path = "compare.png", lr: float = 3e-3
+) -> dict:
     """Run the comparison, print the table, save the plot; returns the summary dict."""
     torch.set_num_threads(min(2, torch.get_num_threads()))
     mixture = make_mixture(20000, 64, seed=0)
     mult = {"random_k": 4.0, "accum_B": 1.5, "batch_B": 2.0}
     progress = Progress(sum(int(steps * mult.get(m, 1.0)) for m in METHODS))
-    runs = [run(m, mixture, seed, steps, batch, k, lr, max(10, steps // 10), progress, mult=mult.get(m, 1.0))
-            for m in METHODS]
+    runs = [
+        run(m, mixture, seed, steps, batch, k, lr, max(10, steps // 10), progress, mult=mult.get(m, 1.0))
+        for m in METHODS
+    ]
     print("\nmeasuring time per step (methods in turn) ...", file=sys.stderr)
     set_times(runs, step_costs(METHODS, mixture, batch, k, lr, rounds=8))
     summary = summarize(runs, mixture, steps)
@@ -70,12 +78,21 @@ def compare(steps: int = 200, batch: int = 64, k: int = 16, seed: int = 0, out: 
     for m in METHODS:
         s = summary["methods"][m]
         same_time = interp(next(r for r in runs if r["method"] == m)["curve"], t_core)
-        rows.append((LABELS[m], f"{s['loss_at_steps']:.3f}", f"{s['smallest_at_steps']:.3f}",
-                     f"{s['activation_mib']:.2f}", f"{s['median_step_ms']:.1f}",
-                     "n/a (run shorter)" if same_time is None else f"{same_time:.3f}"))
+        rows.append(
+            (
+                LABELS[m],
+                f"{s['loss_at_steps']:.3f}",
+                f"{s['smallest_at_steps']:.3f}",
+                f"{s['activation_mib']:.2f}",
+                f"{s['median_step_ms']:.1f}",
+                "n/a (run shorter)" if same_time is None else f"{same_time:.3f}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    print(f"\nB={batch}, k={k}, {steps} steps, seed {seed}; held-out loss after {steps} steps "
-          f"(random k and batch B also ran longer, for the equal-time column)")
+    print(
+        f"\nB={batch}, k={k}, {steps} steps, seed {seed}; held-out loss after {steps} steps "
+        f"(random k and batch B also ran longer, for the equal-time column)"
+    )
     for i, r in enumerate(rows):
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
         if i == 0:

@@ -9,7 +9,8 @@ per-source counts and the examples flagged as suspect.
 
 Part 2: the short version of benchmarks/finetune.py (one seed, DEMO_STEPS steps, default 100):
 random k, stratified random k (the coreset's per-source budgets, random examples), balanced random
-k (equal examples per source), the default coreset and batch B accumulated in chunks of k, with a progress bar, a table of exact-match accuracy
+k (equal examples per source), the default coreset and batch B accumulated in chunks of k, with a
+progress bar, a table of exact-match accuracy
 (mixture-weighted and macro) and a PNG of per-source accuracy vs steps and vs wall-clock
 (demo_output/finetune.png).
 
@@ -56,8 +57,9 @@ def part1(args) -> None:
     ctx = bench.build_context(args)
     names = ctx.mixture.names
     model = bench.lora_model(seed=0, rank=args.rank)
-    opt = CoresetOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr),
-                           model, coreset_size=args.k)
+    opt = CoresetOptimizer(
+        torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr), model, coreset_size=args.k
+    )
     print(opt, "\n")
     print("an example of each source:")
     for n in names:
@@ -76,12 +78,16 @@ def part1(args) -> None:
         opt.step()
         opt.zero_grad()
         seconds = time.perf_counter() - t0
-        counts = ", ".join(f"{name} {c.selected}/{c.in_batch}{' (kept)' if c.kept_whole else ''}"
-                           for name, c in coreset.source_counts.items())
+        counts = ", ".join(
+            f"{name} {c.selected}/{c.in_batch}{' (kept)' if c.kept_whole else ''}"
+            for name, c in coreset.source_counts.items()
+        )
         # The default keeps each source's hardest agreeing examples, so the weighted coreset loss is
         # above the batch mean: it is the loss being trained on, not an estimate of the batch's.
-        print(f"step {step}: batch mean loss {coreset.batch_loss:.3f}  weighted coreset loss {coreset.loss:.3f}  "
-              f"({seconds * 1000:.0f} ms)")
+        print(
+            f"step {step}: batch mean loss {coreset.batch_loss:.3f}  weighted coreset loss {coreset.loss:.3f}  "
+            f"({seconds * 1000:.0f} ms)"
+        )
         print(f"  selected {coreset.indices.tolist()}")
         print(f"  weights  {[round(w, 2) for w in coreset.weights.tolist()]} (sum {coreset.weights.sum():.0f} = N)")
         print(f"  per source (selected/in batch): {counts}")
@@ -99,8 +105,13 @@ class Progress:
         if step % 10 and step != steps:
             return
         frac = self.done / self.total
-        print(f"\r[{'#' * int(30 * frac):<30}] {100 * frac:5.1f}%  {LABELS[method]:<42} step {step:4d}/{steps}  "
-              f"{time.time() - self.start:5.0f}s", end="", file=sys.stderr, flush=True)
+        print(
+            f"\r[{'#' * int(30 * frac):<30}] {100 * frac:5.1f}%  {LABELS[method]:<42} step {step:4d}/{steps}  "
+            f"{time.time() - self.start:5.0f}s",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def part2(args, methods: list[str] = METHODS, plot_name: str = "finetune.png") -> None:
@@ -114,11 +125,21 @@ def part2(args, methods: list[str] = METHODS, plot_name: str = "finetune.png") -
     rows = [("method", "accuracy (mixture)", "accuracy (macro)", f"{small} (0.8 %)", "ms/step", "activation MiB")]
     for m in methods:
         s = ms[m]
-        rows.append((LABELS[m], f"{s['accuracy_mixture']['mean']:.3f}", f"{s['accuracy_macro']['mean']:.3f}",
-                     f"{s['accuracy:' + small]['mean']:.3f}", f"{s['ms_per_step']:.1f}", f"{s['activation_mib']:.2f}"))
+        rows.append(
+            (
+                LABELS[m],
+                f"{s['accuracy_mixture']['mean']:.3f}",
+                f"{s['accuracy_macro']['mean']:.3f}",
+                f"{s['accuracy:' + small]['mean']:.3f}",
+                f"{s['ms_per_step']:.1f}",
+                f"{s['activation_mib']:.2f}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    print(f"\nB={args.batch}, k={args.k}, {args.steps} steps, seed 0: exact-match accuracy on held-out examples "
-          "(mixture: weighted by the training shares; macro: each source once)")
+    print(
+        f"\nB={args.batch}, k={args.k}, {args.steps} steps, seed 0: exact-match accuracy on held-out examples "
+        "(mixture: weighted by the training shares; macro: each source once)"
+    )
     for i, r in enumerate(rows):
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
         if i == 0:
@@ -133,16 +154,32 @@ def part2(args, methods: list[str] = METHODS, plot_name: str = "finetune.png") -
 def main() -> None:
     torch.set_num_threads(1)
     steps = int(os.environ.get("DEMO_STEPS", 100))
-    args = bench.parse_args(["--steps", str(steps), "--seeds", "0", "--no-equal-time",
-                             "--eval-every", str(max(5, steps // 5))])
+    args = bench.parse_args(
+        ["--steps", str(steps), "--seeds", "0", "--no-equal-time", "--eval-every", str(max(5, steps // 5))]
+    )
     print("Part 1: select() on the pretrained base with LoRA\n")
     part1(args)
     print(f"\nPart 2: fine-tuning {steps} steps, five ways (the short version of benchmarks/finetune.py)\n")
     part2(args)
-    noisy = bench.parse_args(["--steps", str(steps), "--seeds", "0", "--no-equal-time", "--eval-every",
-                              str(max(5, steps // 5)), "--noise", "random_tokens", "--noise-rate", "0.2"])
-    print(f"\nPart 3: the same with 20 % of the training answers replaced by random tokens, {steps} steps, "
-          "scored on clean held-out answers\n")
+    noisy = bench.parse_args(
+        [
+            "--steps",
+            str(steps),
+            "--seeds",
+            "0",
+            "--no-equal-time",
+            "--eval-every",
+            str(max(5, steps // 5)),
+            "--noise",
+            "random_tokens",
+            "--noise-rate",
+            "0.2",
+        ]
+    )
+    print(
+        f"\nPart 3: the same with 20 % of the training answers replaced by random tokens, {steps} steps, "
+        "scored on clean held-out answers\n"
+    )
     part2(noisy, NOISY_METHODS, "finetune_noisy.png")
 
 

@@ -27,7 +27,9 @@ VOCAB, LENGTH = 256, 24
 def make_batch(n: int, generator: torch.Generator) -> tuple[dict, list[str]]:
     """Sequences ``a, a+s, a+2s, ...`` (mod 32): "easy" steps 1-2 (3/4 of the data), "hard" steps 3-7."""
     hard = torch.rand(n, generator=generator) < 0.25
-    step = torch.where(hard, torch.randint(3, 8, (n,), generator=generator), torch.randint(1, 3, (n,), generator=generator))
+    step = torch.where(
+        hard, torch.randint(3, 8, (n,), generator=generator), torch.randint(1, 3, (n,), generator=generator)
+    )
     start = torch.randint(0, 32, (n,), generator=generator)
     ids = (start[:, None] + step[:, None] * torch.arange(LENGTH)) % 32
     labels = ids.clone()
@@ -38,15 +40,22 @@ def make_batch(n: int, generator: torch.Generator) -> tuple[dict, list[str]]:
 
 def main() -> None:
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
-    ))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     model.train()
 
     inner = bnb.optim.AdamW8bit(
-        [p for p in model.parameters() if p.requires_grad], lr=3e-2,
+        [p for p in model.parameters() if p.requires_grad],
+        lr=3e-2,
         min_8bit_size=0,  # tiny LoRA matrices: use the 8-bit state anyway (default 4096 values)
     )
     optimizer = CoresetOptimizer(inner, model, coreset_size=16)

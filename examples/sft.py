@@ -68,18 +68,25 @@ def main() -> None:
     parser.add_argument("--lora", action="store_true", help="LoRA through SFT's peft_config")
     cli = parser.parse_args()
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=WORDS + 3, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    ))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=WORDS + 3,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
     tok = tokenizer()
     held_out = dataset(64, seed=1)
     with tempfile.TemporaryDirectory() as out:
         args = CoresetSFTConfig(
             output_dir=out,
             per_device_train_batch_size=32,  # the large batch
-            coreset_size=8,                  # trained on per micro-batch (or coreset_ratio=0.25)
-            source_column="source",          # selection per source
+            coreset_size=8,  # trained on per micro-batch (or coreset_ratio=0.25)
+            source_column="source",  # selection per source
             learning_rate=5e-2 if cli.lora else 1e-2,
             lr_scheduler_type="constant",
             max_steps=40,
@@ -91,8 +98,13 @@ def main() -> None:
             disable_tqdm=True,
         )
         trainer = CoresetSFTTrainer(
-            model=model, args=args, train_dataset=dataset(2048, seed=0), processing_class=tok,
-            peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0) if cli.lora else None,
+            model=model,
+            args=args,
+            train_dataset=dataset(2048, seed=0),
+            processing_class=tok,
+            peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+            if cli.lora
+            else None,
         )
         model = trainer.model
         before = completion_loss(model, tok, held_out)
@@ -102,7 +114,9 @@ def main() -> None:
     print("\nstep  loss   selected per source / in batch (10 micro-batches)   ms per selection")
     for log in trainer.state.log_history:
         if "loss" in log:
-            per_source = ", ".join(f"{s} {log[f'coreset/selected/{s}']}/{log[f'coreset/in_batch/{s}']}" for s in ("count", "skip"))
+            per_source = ", ".join(
+                f"{s} {log[f'coreset/selected/{s}']}/{log[f'coreset/in_batch/{s}']}" for s in ("count", "skip")
+            )
             print(f"{log['step']:4d}  {log['loss']:.3f}  {per_source:45s}  {1000 * log['coreset/time_total']:.0f}")
     print(f"sketched: {[t.name for t in trainer.coreset_optimizer.sketch_targets]}")
     print(f"held-out completion loss: {before:.3f} -> {after:.3f}")

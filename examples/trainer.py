@@ -48,16 +48,19 @@ def main() -> None:
     cli = parser.parse_args()
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64, bos_token_id=0, eos_token_id=0))
+    model = GPT2LMHeadModel(
+        GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64, bos_token_id=0, eos_token_id=0)
+    )
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"], lora_dropout=0.0))
 
     with tempfile.TemporaryDirectory() as out:
+
         def arguments(max_steps: int) -> CoresetTrainingArguments:
             return CoresetTrainingArguments(
                 output_dir=out,
                 per_device_train_batch_size=32,  # the large batch
-                coreset_size=8,                  # trained on per micro-batch (or coreset_ratio=0.25)
-                source_column="source",          # selection per source; small sources kept whole
+                coreset_size=8,  # trained on per micro-batch (or coreset_ratio=0.25)
+                source_column="source",  # selection per source; small sources kept whole
                 gradient_accumulation_steps=2,
                 optim=cli.optim,
                 learning_rate=3e-2,

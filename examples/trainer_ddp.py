@@ -31,14 +31,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     cli = parser.parse_args()
     torch.manual_seed(0)  # the same initial model on every rank
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=LENGTH,
-    ))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=LENGTH,
+        )
+    )
     args = CoresetTrainingArguments(
         output_dir=cli.output_dir,
         per_device_train_batch_size=16,  # each rank's share of the large batch
-        coreset_size=8,                  # chosen from the global batch of 16 * world_size
+        coreset_size=8,  # chosen from the global batch of 16 * world_size
         source_column="source",
         learning_rate=3e-3,
         max_steps=cli.steps,

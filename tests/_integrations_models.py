@@ -13,8 +13,13 @@ def tiny_llama(seed: int = 0, layers: int = 2):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
     )
     return LlamaForCausalLM(config)
 
@@ -24,8 +29,14 @@ def tiny_gpt2(seed: int = 0, layers: int = 2):
 
     torch.manual_seed(seed)
     config = GPT2Config(
-        n_embd=64, n_layer=layers, n_head=4, vocab_size=VOCAB, n_positions=128,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        n_embd=64,
+        n_layer=layers,
+        n_head=4,
+        vocab_size=VOCAB,
+        n_positions=128,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     return GPT2LMHeadModel(config)
 
@@ -127,7 +138,9 @@ class Recording:
         return super().training_step(model, inputs, num_items_in_batch)
 
     def _record_selection(self, coreset):
-        self.coresets.append((self.state.global_step, coreset.indices.tolist(), coreset.weights.clone(), coreset.num_valid))
+        self.coresets.append(
+            (self.state.global_step, coreset.indices.tolist(), coreset.weights.clone(), coreset.num_valid)
+        )
         super()._record_selection(coreset)
 
 

@@ -82,9 +82,7 @@ class Snapshot:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.model, self.optimizer = model, optimizer
         self.params = {n: p.detach().clone() for n, p in model.named_parameters()}
-        self.grads = {
-            n: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()
-        }
+        self.grads = {n: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()}
         self.flags = {n: p.requires_grad for n, p in model.named_parameters()}
         self.modes = {n: m.training for n, m in model.named_modules()}
         self.state = copy.deepcopy(optimizer.state_dict())

@@ -34,7 +34,9 @@ SCENARIOS = {
     ),
     # Rank 0 holds 6 examples of source "a", rank 1 2 of "c": the proportional split of 2 gives
     # "c" nothing, so rank 1 selects nothing and must still join DDP's all-reduce.
-    "rank1_empty": dict(sizes=[6, 2], rank_sources=[["a"], ["c"]], options=dict(coreset_size=2, sketch_dim=10, keep_sources=None)),
+    "rank1_empty": dict(
+        sizes=[6, 2], rank_sources=[["a"], ["c"]], options=dict(coreset_size=2, sketch_dim=10, keep_sources=None)
+    ),
     # The optimizer sees the inner model (no ``no_sync`` to use), loss_fn the DDP wrapper: every
     # rank makes as many backward calls as the busiest one (rank 0: 3 calls for 6 examples; rank 1:
     # 2 calls for its 3 kept "c" examples, then one zero-weight call).
@@ -60,8 +62,14 @@ SCENARIOS = {
     "row_blocks": dict(
         sizes=[9, 3],
         rank_sources=[["a", "b"], ["c", "a"]],
-        options=dict(coreset_size=5, sketch_dim=4, sketch_batch_size=2, micro_batch_size=2, sketch_block_bytes=1,
-                     sketch_modules=r"(module[.])?(hidden|head)"),
+        options=dict(
+            coreset_size=5,
+            sketch_dim=4,
+            sketch_batch_size=2,
+            micro_batch_size=2,
+            sketch_block_bytes=1,
+            sketch_modules=r"(module[.])?(hidden|head)",
+        ),
     ),
     # coreset_size >= global batch: every valid example, no sketch pass.
     "all": dict(sizes=[5, 2], options=dict(coreset_size=100, micro_batch_size=2)),
@@ -104,11 +112,7 @@ def global_batch(name: str, step: int) -> tuple[torch.Tensor, torch.Tensor, list
     x = torch.randn(total, 5, generator=g)
     y = torch.randint(0, 3, (total,), generator=g)
     choices = spec.get("rank_sources", [["a", "b", "c"]] * len(sizes))
-    src = [
-        names[int(i)]
-        for names, n in zip(choices, sizes)
-        for i in torch.randint(0, len(names), (n,), generator=g)
-    ]
+    src = [names[int(i)] for names, n in zip(choices, sizes) for i in torch.randint(0, len(names), (n,), generator=g)]
     return x, y, src
 
 
@@ -126,7 +130,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(script: Path, out_dir: Path, world_size: int = 2, timeout: float = 120.0, args: list[str] | None = None) -> list[str]:
+def launch(
+    script: Path, out_dir: Path, world_size: int = 2, timeout: float = 120.0, args: list[str] | None = None
+) -> list[str]:
     """Run ``script`` as ``world_size`` ranks of a local gloo group; returns each rank's output."""
     port = free_port()
     procs = []
@@ -206,7 +212,9 @@ def run_rank(out_dir: Path) -> None:
     shutdown()
 
 
-FSDP_SCENARIO = dict(sizes=[6, 6], options=dict(coreset_size=5, sketch_dim=10, micro_batch_size=2, selection="gradient_matching"))
+FSDP_SCENARIO = dict(
+    sizes=[6, 6], options=dict(coreset_size=5, sketch_dim=10, micro_batch_size=2, selection="gradient_matching")
+)
 
 
 def _full(t):

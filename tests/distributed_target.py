@@ -25,8 +25,15 @@ SCENARIOS = {
     "split_target": dict(
         sizes=[9, 3],
         target="split",
-        options=dict(coreset_size=4, sketch_dim=10, sketch_batch_size=2, micro_batch_size=2,
-                     target_curvature=200.0, target_refresh=2, target_per_source=False),
+        options=dict(
+            coreset_size=4,
+            sketch_dim=10,
+            sketch_batch_size=2,
+            micro_batch_size=2,
+            target_curvature=200.0,
+            target_refresh=2,
+            target_per_source=False,
+        ),
     ),
     # Per-source budgets.
     "per_source": dict(sizes=[7, 5], target="same", options=dict(coreset_size=6, target_per_source=True)),
@@ -71,23 +78,32 @@ def run_rank(out_dir: Path) -> None:
     for name, spec in SCENARIOS.items():
         model = h.make_model()
         ddp = nn.parallel.DistributedDataParallel(model)
-        opt = CoresetOptimizer(torch.optim.AdamW(model.parameters(), lr=0.05), ddp, selection="target", **spec["options"])
+        opt = CoresetOptimizer(
+            torch.optim.AdamW(model.parameters(), lr=0.05), ddp, selection="target", **spec["options"]
+        )
         opt.set_target(target(name, rank))
         loss_fn = h.per_example_loss(ddp)
         steps = []
         for step in range(STEPS):
-            before = {"model": {k: v.clone() for k, v in model.state_dict().items()},
-                      "optimizer": copy.deepcopy(opt.optimizer.state_dict())}  # step() works in place
+            before = {
+                "model": {k: v.clone() for k, v in model.state_dict().items()},
+                "optimizer": copy.deepcopy(opt.optimizer.state_dict()),
+            }  # step() works in place
             (x, y), src = batch(name, step, rank)
             opt.zero_grad()
             c = opt.select((x, y), loss_fn, sources=src)
-            steps.append(dict(
-                before=before,
-                grads={n: p.grad.clone() for n, p in model.named_parameters()},
-                indices=c.indices.clone(), weights=c.weights.clone(), num_valid=c.num_valid,
-                source_counts={k: tuple(v) for k, v in c.source_counts.items()},
-                target_grad=opt._target_cache["grad"].clone(), computed_at=opt._target_cache["computed_at"],
-            ))
+            steps.append(
+                dict(
+                    before=before,
+                    grads={n: p.grad.clone() for n, p in model.named_parameters()},
+                    indices=c.indices.clone(),
+                    weights=c.weights.clone(),
+                    num_valid=c.num_valid,
+                    source_counts={k: tuple(v) for k, v in c.source_counts.items()},
+                    target_grad=opt._target_cache["grad"].clone(),
+                    computed_at=opt._target_cache["computed_at"],
+                )
+            )
             opt.step()
         results[name] = steps
     # A non-finite target loss on one rank only: every rank raises, none hangs.

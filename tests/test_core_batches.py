@@ -22,7 +22,13 @@ def _as_tensor(v):
 
 STRUCTURES = {
     "dict+lists": (
-        lambda d: {"x": d["x"], "y": d["y"], "ids": list(range(100, 112)), "text": [f"t{i}" for i in range(12)], "none": None},
+        lambda d: {
+            "x": d["x"],
+            "y": d["y"],
+            "ids": list(range(100, 112)),
+            "text": [f"t{i}" for i in range(12)],
+            "none": None,
+        },
         lambda b: {"x": b["x"], "y": b["y"]},
     ),
     "ordered dict": (lambda d: OrderedDict(x=d["x"], y=d["y"]), dict),
@@ -34,7 +40,10 @@ STRUCTURES = {
         lambda d: {"x": d["x"].numpy(), "y": d["y"].numpy()},
         lambda b: {"x": _as_tensor(b["x"]), "y": _as_tensor(b["y"])},
     ),
-    "numpy tuple": (lambda d: (d["x"].numpy(), d["y"].numpy()), lambda b: {"x": _as_tensor(b[0]), "y": _as_tensor(b[1])}),
+    "numpy tuple": (
+        lambda d: (d["x"].numpy(), d["y"].numpy()),
+        lambda b: {"x": _as_tensor(b[0]), "y": _as_tensor(b[1])},
+    ),
     "tuple of tensor and list": (
         lambda d: (d["x"], [row for row in d["y"]]),
         lambda b: {"x": b[0], "y": torch.stack(list(b[1]))},
@@ -87,13 +96,13 @@ def test_batch_structures(name):
     idx = cs.indices.tolist()
     assert len(idx) == 5
     if isinstance(batch, dict):
-        want = type(batch)((k, _slice_by_hand(v, idx) if not isinstance(v, list) else [v[i] for i in idx]) for k, v in batch.items())
+        want = type(batch)(
+            (k, _slice_by_hand(v, idx) if not isinstance(v, list) else [v[i] for i in idx]) for k, v in batch.items()
+        )
     elif isinstance(batch, tuple) and hasattr(batch, "_fields"):
         want = _slice_by_hand(batch, idx)
     else:
-        want = type(batch)(
-            _slice_by_hand(v, idx) if not isinstance(v, list) else [v[i] for i in idx] for v in batch
-        )
+        want = type(batch)(_slice_by_hand(v, idx) if not isinstance(v, list) else [v[i] for i in idx] for v in batch)
     _assert_same_structure(cs.batch, want)
     ref = weighted_grad_reference(model, data, loss_fn, cs.indices, cs.weights, 12)
     for p, g in ref.items():
@@ -105,9 +114,7 @@ def test_single_tensor_batch():
     x = torch.randn(9, 5)
     cs = wrapper.select(x, lambda b: model(b).pow(2).mean(1))
     torch.testing.assert_close(cs.batch, x[cs.indices], rtol=0, atol=0)
-    ref = weighted_grad_reference(
-        model, {"x": x}, lambda b: model(b["x"]).pow(2).mean(1), cs.indices, cs.weights, 9
-    )
+    ref = weighted_grad_reference(model, {"x": x}, lambda b: model(b["x"]).pow(2).mean(1), cs.indices, cs.weights, 9)
     for p, g in ref.items():
         torch.testing.assert_close(p.grad, g)
 

@@ -102,9 +102,7 @@ def test_32bit_state_read_exactly(make):
 WRAPPED = EIGHT_BIT | {"Adam(optim_bits=32)": lambda ps, **kw: bnb.optim.Adam(ps, optim_bits=32, lr=kw["lr"])}
 
 
-@pytest.mark.parametrize(
-    "name,normalize", [(n, "adam") for n in WRAPPED] + [("Adam8bit", "adam_update")]
-)
+@pytest.mark.parametrize("name,normalize", [(n, "adam") for n in WRAPPED] + [("Adam8bit", "adam_update")])
 def test_wrapper_runs_on_bnb(name, normalize):
     torch.manual_seed(0)
     model = TwoLayer(d_in=8, hidden=16, d_out=3)
@@ -174,8 +172,20 @@ def test_8bit_state_streamed_in_blocks_equals_whole(mode):
     batch = make_batch(9, d_in=40, d_out=3, tokens=2, seed=7)
     codes = torch.tensor([0, 1] * 4 + [0])
     got, _, valid = compressed_sketches(
-        model, targets, batch, loss_fn, 9, 4, optimizer=opt, normalize=mode, sketch="exact", dim=50,
-        seed=0, source_codes=codes, num_sources=2, block_bytes=1,
+        model,
+        targets,
+        batch,
+        loss_fn,
+        9,
+        4,
+        optimizer=opt,
+        normalize=mode,
+        sketch="exact",
+        dim=50,
+        seed=0,
+        source_codes=codes,
+        num_sources=2,
+        block_bytes=1,
     )
     raw, _ = exact_sketches(model, targets, batch, loss_fn, 9, 4)
     whole = normalize_sketches(raw, opt, sketch_params(targets), mode)

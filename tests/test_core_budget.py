@@ -116,7 +116,9 @@ def test_select_with_listed_keep_sources():
     cs = wrapper.select(make_batch(20), regression_loss(model), sources=sources)
     assert len(cs) == 6
     assert {n: (s.in_batch, s.selected, s.kept_whole) for n, s in cs.source_counts.items()} == {
-        "a": (14, 3, False), "b": (4, 1, False), "c": (2, 2, True),
+        "a": (14, 3, False),
+        "b": (4, 1, False),
+        "c": (2, 2, True),
     }
     _check_per_source(cs, sources, kept={"c"})
     torch.testing.assert_close(cs.weights.sum(), torch.tensor(20.0))
@@ -130,7 +132,8 @@ def test_select_auto_rule_and_source_key():
     loss_fn = regression_loss(model)
     cs = wrapper.select(batch, lambda b: loss_fn({"x": b["x"], "y": b["y"]}))
     assert {n: (s.in_batch, s.selected, s.kept_whole) for n, s in cs.source_counts.items()} == {
-        "a": (18, 3, False), "b": (2, 2, True),
+        "a": (18, 3, False),
+        "b": (2, 2, True),
     }
     _check_per_source(cs, sources, kept={"b"})
     assert cs.batch["src"] == [sources[i] for i in cs.indices.tolist()]

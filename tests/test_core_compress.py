@@ -45,7 +45,9 @@ def test_select_sketch_dim_shapes():
     assert cs.sketches.shape == (9, 0)  # no sketch pass when everything is selected
 
 
-@pytest.mark.parametrize("ratio,B,expected", [(0.25, 12, 3), (0.3, 10, 3), (0.01, 10, 1), (1 / 3, 9, 3), (0.34, 9, 4), (1.0, 7, 7)])
+@pytest.mark.parametrize(
+    "ratio,B,expected", [(0.25, 12, 3), (0.3, 10, 3), (0.01, 10, 1), (1 / 3, 9, 3), (0.34, 9, 4), (1.0, 7, 7)]
+)
 def test_ratio_budget(ratio, B, expected):
     assert CoresetConfig(coreset_ratio=ratio).budget(B) == expected == max(1, math.ceil(round(ratio * B, 9)))
     model, opt, wrapper = build(coreset_size=None, coreset_ratio=ratio)

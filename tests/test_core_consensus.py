@@ -61,8 +61,9 @@ def test_select_matches_a_batch_size_one_reference(steps):
     model = TwoLayer(d_in=4, hidden=5, d_out=2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     take_steps(opt, model, steps)
-    wrapper = CoresetOptimizer(opt, model, coreset_size=6, selection="consensus_loss",
-                               sketch_modules=["fc2"], sketch_dim=10_000)
+    wrapper = CoresetOptimizer(
+        opt, model, coreset_size=6, selection="consensus_loss", sketch_modules=["fc2"], sketch_dim=10_000
+    )
     g = torch.Generator().manual_seed(3)
     x = torch.randn(24, 4, generator=g)
     with torch.no_grad():

@@ -34,13 +34,15 @@ def _imported_modules(path: pathlib.Path) -> list[str]:
 def test_no_core_module_imports_an_integration():
     # datasets/ is data for the demo and the benchmarks, built on the integrations: not core
     core = [
-        p for p in PACKAGE.rglob("*.py")
+        p
+        for p in PACKAGE.rglob("*.py")
         if not {"integrations", "datasets"} & set(p.parts) and p != PACKAGE / "__init__.py"
     ]
     assert len(core) > 15
     offenders = {
-        str(p.relative_to(PACKAGE)): [m for m in _imported_modules(p)
-                                      if m.startswith(("coreset_optim.integrations", "coreset_optim.datasets"))]
+        str(p.relative_to(PACKAGE)): [
+            m for m in _imported_modules(p) if m.startswith(("coreset_optim.integrations", "coreset_optim.datasets"))
+        ]
         for p in core
     }
     assert {k: v for k, v in offenders.items() if v} == {}
@@ -68,7 +70,9 @@ def test_a_registered_default_comes_before_the_generic_rule(extension):
         return ["fc1"]
 
     model = TwoLayer()
-    assert [t.name for t in CoresetOptimizer(torch.optim.AdamW(model.parameters()), model, coreset_size=2).sketch_targets] == ["fc2"]
+    assert [
+        t.name for t in CoresetOptimizer(torch.optim.AdamW(model.parameters()), model, coreset_size=2).sketch_targets
+    ] == ["fc2"]
     extension(ModelExtension("test", default_sketch_modules=default))
     opt = CoresetOptimizer(torch.optim.AdamW(model.parameters()), model, coreset_size=2)
     assert [t.name for t in opt.sketch_targets] == ["fc1"] and seen == [True]

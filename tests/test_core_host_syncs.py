@@ -18,8 +18,18 @@ from core_utils import build, make_batch, regression_loss, take_steps
 
 # Calls that read a device tensor's values on the host (or need its data to size their output).
 SYNCING = {
-    "item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "argwhere",
-    "bincount", "unique", "masked_select", "cpu",
+    "item",
+    "tolist",
+    "__bool__",
+    "__int__",
+    "__float__",
+    "__index__",
+    "nonzero",
+    "argwhere",
+    "bincount",
+    "unique",
+    "masked_select",
+    "cpu",
 }  # not numpy(): it refuses device tensors, the cpu() before it is the sync
 
 
@@ -45,8 +55,14 @@ def _bool_index(args) -> bool:
 
 def count_syncs(options: dict, *, num_sources: int, block_bytes: int, chunk: int, target: bool = False) -> list[str]:
     """The syncing calls of one select() (after a first one, which fills caches)."""
-    model, opt, wrapper = build(seed=0, coreset_size=4, sketch_modules=["fc1", "fc2"],
-                                sketch_block_bytes=block_bytes, sketch_batch_size=chunk, **options)
+    model, opt, wrapper = build(
+        seed=0,
+        coreset_size=4,
+        sketch_modules=["fc1", "fc2"],
+        sketch_block_bytes=block_bytes,
+        sketch_batch_size=chunk,
+        **options,
+    )
     take_steps(opt, model, 2)
     loss_fn = regression_loss(model)
     batch = make_batch(16, tokens=3, seed=5)

@@ -32,7 +32,9 @@ def test_one_process_backward_is_the_weighted_reference():
     batch, loss_fn = make_batch(8), regression_loss(model)
     indices, weights = torch.tensor([1, 4, 6]), torch.tensor([2.0, 3.5, 2.5])
     layout = LocalBatch.of(8, torch.zeros(8, dtype=torch.long), ["all"])
-    sub, local, local_w, loss = layout.backward(batch, indices, weights, loss_fn, 8.0, 2, model, torch.ones(8, dtype=torch.bool))
+    sub, local, local_w, loss = layout.backward(
+        batch, indices, weights, loss_fn, 8.0, 2, model, torch.ones(8, dtype=torch.bool)
+    )
     assert local is indices and local_w is weights
     torch.testing.assert_close(sub["x"], batch["x"][indices])
     for p, expected in weighted_grad_reference(model, batch, loss_fn, indices, weights, 8).items():

@@ -63,7 +63,9 @@ def test_micro_batch_chunking_same_grad(micro):
     torch.testing.assert_close(cs_b.weights, cs_a.weights)
     for pa, pb in zip(model_a.parameters(), model_b.parameters()):
         torch.testing.assert_close(pb.grad, pa.grad)
-    _assert_grads(model_b, weighted_grad_reference(model_b, batch, regression_loss(model_b), cs_b.indices, cs_b.weights, 12))
+    _assert_grads(
+        model_b, weighted_grad_reference(model_b, batch, regression_loss(model_b), cs_b.indices, cs_b.weights, 12)
+    )
 
 
 def test_two_selects_accumulate():

@@ -55,8 +55,20 @@ def _today(model, opt, targets, batch, loss_fn, n, chunk, mode, sketch, dim, see
 
 def _stream(model, opt, targets, batch, loss_fn, n, chunk, mode, sketch, dim, seed, codes, num_sources, block_bytes):
     return compressed_sketches(
-        model, targets, batch, loss_fn, n, chunk, optimizer=opt, normalize=mode, sketch=sketch, dim=dim,
-        seed=seed, source_codes=codes, num_sources=num_sources, block_bytes=block_bytes,
+        model,
+        targets,
+        batch,
+        loss_fn,
+        n,
+        chunk,
+        optimizer=opt,
+        normalize=mode,
+        sketch=sketch,
+        dim=dim,
+        seed=seed,
+        source_codes=codes,
+        num_sources=num_sources,
+        block_bytes=block_bytes,
     )
 
 
@@ -236,8 +248,9 @@ def test_select_uses_bounded_path_same_coreset_as_whole(selection):
 
     chosen = []
     for block in (1, 10**9):
-        model, opt, wrapper = build(coreset_size=3, sketch_block_bytes=block, sketch_modules=["fc1", "fc2"],
-                                    sketch="exact", selection=selection)
+        model, opt, wrapper = build(
+            coreset_size=3, sketch_block_bytes=block, sketch_modules=["fc1", "fc2"], sketch="exact", selection=selection
+        )
         take_steps(opt, model, 2)
         opt.zero_grad()
         cs = wrapper.select(make_batch(9, tokens=2), regression_loss(model))

@@ -227,4 +227,6 @@ def test_second_order_model_is_exact_for_a_quadratic_target():
         model.weight -= (coefficients @ updates).reshape(model.weight.shape)
         after = loss_fn(target).mean()
     torch.testing.assert_close(float(before - after), float(gains.sum()), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(float(before - after), float(predicted_decrease(updates, g_t, coefficients, h)), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        float(before - after), float(predicted_decrease(updates, g_t, coefficients, h)), rtol=1e-4, atol=1e-6
+    )

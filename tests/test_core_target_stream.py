@@ -58,11 +58,20 @@ CASES = [(TwoLayer, "fc2", None), (TwoLayer, ["fc1", "fc2"], 3), (Tied, ["shared
 
 
 @pytest.mark.parametrize("model_cls,spec,tokens", CASES)
-@pytest.mark.parametrize("mode,steps,opt_cls", [("adam", 3, torch.optim.AdamW), ("adam", 0, torch.optim.AdamW),
-                                                (None, 3, torch.optim.AdamW), ("adam", 2, torch.optim.SGD)])
+@pytest.mark.parametrize(
+    "mode,steps,opt_cls",
+    [
+        ("adam", 3, torch.optim.AdamW),
+        ("adam", 0, torch.optim.AdamW),
+        (None, 3, torch.optim.AdamW),
+        ("adam", 2, torch.optim.SGD),
+    ],
+)
 @pytest.mark.parametrize("curvature,dim", [(0.0, 8), (5.0, 7), (5.0, 10**4)])
 @pytest.mark.parametrize("block_bytes,chunk", [(1, 3), (10**9, None)])
-def test_target_rows_match_whole_row_math(model_cls, spec, tokens, mode, steps, opt_cls, curvature, dim, block_bytes, chunk):
+def test_target_rows_match_whole_row_math(
+    model_cls, spec, tokens, mode, steps, opt_cls, curvature, dim, block_bytes, chunk
+):
     model, opt = _setup(model_cls, steps, opt_cls)
     targets = resolve_sketch_modules(model, opt, spec)
     params = sketch_params(targets)
@@ -71,8 +80,20 @@ def test_target_rows_match_whole_row_math(model_cls, spec, tokens, mode, steps, 
     g_t = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(4))
     snap = Snapshot(model, opt)
     got, losses, valid = target_sketches(
-        model, targets, batch, loss_fn, n, chunk, optimizer=opt, normalize=mode, target_grad=g_t,
-        step_sizes=step_sizes(opt, params), curvature=curvature, dim=dim, seed=3, block_bytes=block_bytes,
+        model,
+        targets,
+        batch,
+        loss_fn,
+        n,
+        chunk,
+        optimizer=opt,
+        normalize=mode,
+        target_grad=g_t,
+        step_sizes=step_sizes(opt, params),
+        curvature=curvature,
+        dim=dim,
+        seed=3,
+        block_bytes=block_bytes,
     )
     snap.assert_unchanged()
     ref, ref_losses, ref_valid = _whole(model, opt, targets, batch, loss_fn, n, chunk, mode, g_t, curvature, dim, 3)
@@ -91,7 +112,9 @@ def test_target_rows_of_non_finite_examples_are_nan_and_invalid():
     batch["y"][2] = float("nan")  # a non-finite loss
     g_t = torch.randn(sum(p.numel() for p in params))
     args = dict(optimizer=opt, normalize="adam", target_grad=g_t, step_sizes=step_sizes(opt, params), seed=0)
-    got, _, valid = target_sketches(model, targets, batch, regression_loss(model), 6, 4, curvature=1.0, dim=5, block_bytes=1, **args)
+    got, _, valid = target_sketches(
+        model, targets, batch, regression_loss(model), 6, 4, curvature=1.0, dim=5, block_bytes=1, **args
+    )
     assert valid.tolist() == [True, True, False, True, True, True]
     assert torch.isnan(got[2]).all() and torch.isfinite(got[valid]).all()
 
@@ -123,8 +146,15 @@ def test_select_target_mode_holds_no_whole_layer(monkeypatch):
     take_steps(inner, model, 2)
     inner.zero_grad()
     opt = CoresetOptimizer(
-        inner, model, coreset_size=3, selection="target", target_curvature=2.0, sketch_dim=6,
-        sketch_modules=["fc1", "fc2"], sketch_block_bytes=1, sketch_batch_size=16,
+        inner,
+        model,
+        coreset_size=3,
+        selection="target",
+        target_curvature=2.0,
+        sketch_dim=6,
+        sketch_modules=["fc1", "fc2"],
+        sketch_block_bytes=1,
+        sketch_batch_size=16,
     )
     widths = []
     real = streaming.linear_grad_block
@@ -155,10 +185,18 @@ def test_select_target_same_coreset_for_any_block_budget():
         take_steps(inner, model, 2)
         inner.zero_grad()
         opt = CoresetOptimizer(
-            inner, model, coreset_size=4, selection="target", target_curvature=50.0, sketch_dim=8,
-            sketch_modules=["fc1", "fc2"], sketch_block_bytes=block,
+            inner,
+            model,
+            coreset_size=4,
+            selection="target",
+            target_curvature=50.0,
+            sketch_dim=8,
+            sketch_modules=["fc1", "fc2"],
+            sketch_block_bytes=block,
         )
-        cs = opt.select(make_batch(12, tokens=2, seed=3), regression_loss(model), target=make_batch(4, tokens=2, seed=4))
+        cs = opt.select(
+            make_batch(12, tokens=2, seed=3), regression_loss(model), target=make_batch(4, tokens=2, seed=4)
+        )
         picks.append((cs.indices, opt._target_cache["grad"]))
     assert torch.equal(picks[0][0], picks[1][0])
     torch.testing.assert_close(picks[0][1], picks[1][1])
@@ -173,8 +211,20 @@ def test_zero_step_size_gives_zero_rows_like_whole_rows():
     g_t = torch.randn(sum(p.numel() for p in params))
     for dim in (5, 10**4):
         got, _, valid = target_sketches(
-            model, targets, batch, regression_loss(model), 5, None, optimizer=opt, normalize="adam",
-            target_grad=g_t, step_sizes=[0.0] * len(params), curvature=1.0, dim=dim, seed=0, block_bytes=1,
+            model,
+            targets,
+            batch,
+            regression_loss(model),
+            5,
+            None,
+            optimizer=opt,
+            normalize="adam",
+            target_grad=g_t,
+            step_sizes=[0.0] * len(params),
+            curvature=1.0,
+            dim=dim,
+            seed=0,
+            block_bytes=1,
         )
         assert valid.all()
         torch.testing.assert_close(got, torch.zeros_like(got), rtol=0, atol=0)

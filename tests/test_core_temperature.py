@@ -21,7 +21,7 @@ def test_budgets_weights_and_gradient(temperature, selection):
     counts = [14, 6, 3, 1]
     assert [cs.source_counts[s].selected for s in "abcd"] == tempered_split(counts, 8, temperature)
     # hand-computed totals: N * n_s^(1/T) / sum(n^(1/T))
-    scores = [1.0] * 4 if temperature == float("inf") else [c ** 0.5 for c in counts]
+    scores = [1.0] * 4 if temperature == float("inf") else [c**0.5 for c in counts]
     src = [SOURCES[i] for i in cs.indices.tolist()]
     for s, score in zip("abcd", scores):
         total = sum(w for w, t in zip(cs.weights.tolist(), src) if t == s)

@@ -24,7 +24,10 @@ def test_temperature_two_hand_computed():
 def test_temperature_one_is_proportional():
     for counts in itertools.product([0, 1, 3, 8, 20], repeat=3):
         for budget in range(0, sum(counts) + 2):
-            assert tempered_split(list(counts), budget, 1.0) == proportional_split(list(counts), budget), (counts, budget)
+            assert tempered_split(list(counts), budget, 1.0) == proportional_split(list(counts), budget), (
+                counts,
+                budget,
+            )
 
 
 def test_budget_larger_than_batch_takes_everything():

@@ -86,12 +86,19 @@ def test_select_backpropagates_the_trimmed_choice_and_reports_suspects():
     coreset = wrapper.select(batch, loss_fn, sources=sources)
     assert torch.nonzero(coreset.suspects).flatten().tolist() == corrupted
     assert not set(coreset.indices.tolist()) & set(corrupted)
-    per_source = {s: sorted(range(10 * i, 10 * i + 10), key=lambda j: -float(coreset.losses[j]))
-                  for i, s in enumerate("ab")}
-    want = sorted([j for j in per_source["a"] if j not in corrupted][:3] + [j for j in per_source["b"] if j not in corrupted][:3])
+    per_source = {
+        s: sorted(range(10 * i, 10 * i + 10), key=lambda j: -float(coreset.losses[j])) for i, s in enumerate("ab")
+    }
+    want = sorted(
+        [j for j in per_source["a"] if j not in corrupted][:3] + [j for j in per_source["b"] if j not in corrupted][:3]
+    )
     assert coreset.indices.tolist() == want
-    assert torch.equal(suspect_examples(coreset.sketches, coreset.losses, torch.ones(20, dtype=torch.bool),
-                                        torch.tensor([0] * 10 + [1] * 10), 2), coreset.suspects)
+    assert torch.equal(
+        suspect_examples(
+            coreset.sketches, coreset.losses, torch.ones(20, dtype=torch.bool), torch.tensor([0] * 10 + [1] * 10), 2
+        ),
+        coreset.suspects,
+    )
 
 
 def test_selectors_that_do_not_judge_report_no_suspects():

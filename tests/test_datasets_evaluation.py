@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from coreset_optim.datasets.evaluation import (
-    answer_tokens, evaluate_tasks, exact_match, greedy_answers, macro, mixture_weighted,
+    answer_tokens,
+    evaluate_tasks,
+    exact_match,
+    greedy_answers,
+    macro,
+    mixture_weighted,
 )
 from coreset_optim.datasets.tasks import EOS, IGNORE
 
@@ -64,7 +69,7 @@ def test_greedy_answers_match_a_one_example_loop():
         seq = ids[i : i + 1, : plen[i]]
         for _ in range(3):
             seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
-        assert got[i] == seq[0, plen[i]:].tolist()
+        assert got[i] == seq[0, plen[i] :].tolist()
     assert got[0] == [6, 7, EOS]
 
 
@@ -77,8 +82,9 @@ def test_evaluate_tasks_scores_accuracy_and_loss():
     assert res["accuracy"]["t"] == 0.5
     # loss: mean over examples of the mean token cross-entropy of the scored tokens
     logits = model(ids).logits[:, :-1]
-    tok = torch.nn.functional.cross_entropy(logits.reshape(-1, 12), labels[:, 1:].reshape(-1), ignore_index=IGNORE,
-                                            reduction="none").view(2, -1)
+    tok = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, 12), labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="none"
+    ).view(2, -1)
     per = [tok[0, 2:5].mean(), tok[1, 1:3].mean()]
     assert res["loss"]["t"] == pytest.approx(float(sum(per) / 2), rel=1e-5)
 

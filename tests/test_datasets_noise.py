@@ -69,7 +69,7 @@ def test_mask_is_exact_and_clean_rows_are_bit_identical(mixture, model, placemen
         assert torch.equal(noisy[key][~mask], clean[key][~mask])
     assert torch.equal(noisy["source"], clean["source"])
     source = clean["source"].tolist()
-    clean_answers = [split(i, l)[1] for i, l in zip(clean["input_ids"], clean["labels"])]
+    clean_answers = [split(ids, labels)[1] for ids, labels in zip(clean["input_ids"], clean["labels"])]
     for r in torch.nonzero(mask).flatten().tolist():
         prompt, answer = split(noisy["input_ids"][r], noisy["labels"][r])
         clean_prompt, clean_answer = split(clean["input_ids"][r], clean["labels"][r])
@@ -91,8 +91,14 @@ def test_other_task_uses_other_sources_answers(mixture):
     r = int(torch.nonzero(mask)[0])
     prompt, answer = split(noisy["input_ids"][r], noisy["labels"][r])
     x = [t - FIRST_SYMBOL for t in prompt[2:-1]]
-    options = [x[::-1], [(v // 10) * 10 + (v % 10 + 1) % 10 for v in x], sorted(x),
-               [v for i, v in enumerate(x) if i == 0 or x[i - 1] != v], [max(x)], x[-1:] + x[:-1]]
+    options = [
+        x[::-1],
+        [(v // 10) * 10 + (v % 10 + 1) % 10 for v in x],
+        sorted(x),
+        [v for i, v in enumerate(x) if i == 0 or x[i - 1] != v],
+        [max(x)],
+        x[-1:] + x[:-1],
+    ]
     assert answer in [o for o in options if o != x]
 
 
@@ -130,15 +136,18 @@ def test_extra_fields_pass_through(mixture):
     assert torch.equal(noisy["index"], torch.arange(1000))
 
 
-@pytest.mark.parametrize("model, rate, placement, match", [
-    ("flip", 0.2, "per_source", "unknown noise model"),
-    ("random_tokens", 0.2, "everywhere", "unknown noise placement"),
-    ("random_tokens", -0.1, "per_source", r"\[0, 1\)"),
-    ("random_tokens", 1.0, "per_source", r"\[0, 1\)"),
-    ("random_tokens", math.nan, "per_source", r"\[0, 1\)"),
-    ("random_tokens", "0.2", "per_source", r"\[0, 1\)"),
-    ("random_tokens", True, "per_source", r"\[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "model, rate, placement, match",
+    [
+        ("flip", 0.2, "per_source", "unknown noise model"),
+        ("random_tokens", 0.2, "everywhere", "unknown noise placement"),
+        ("random_tokens", -0.1, "per_source", r"\[0, 1\)"),
+        ("random_tokens", 1.0, "per_source", r"\[0, 1\)"),
+        ("random_tokens", math.nan, "per_source", r"\[0, 1\)"),
+        ("random_tokens", "0.2", "per_source", r"\[0, 1\)"),
+        ("random_tokens", True, "per_source", r"\[0, 1\)"),
+    ],
+)
 def test_bad_input_is_refused(mixture, model, rate, placement, match):
     with pytest.raises(ValueError, match=match):
         corrupt_pool(mixture.train, TASKS, model, rate, placement)

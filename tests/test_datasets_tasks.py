@@ -3,8 +3,22 @@
 import torch
 
 from coreset_optim.datasets.tasks import (
-    BOS, EOS, FIRST_SYMBOL, IGNORE, OP_TOKEN, OPS, PAD, SEP, SEQ_LEN, SOURCES, Task, encode,
-    make_finetune_mixture, pretraining_batch, split_counts, to_batch,
+    BOS,
+    EOS,
+    FIRST_SYMBOL,
+    IGNORE,
+    OP_TOKEN,
+    OPS,
+    PAD,
+    SEP,
+    SEQ_LEN,
+    SOURCES,
+    Task,
+    encode,
+    make_finetune_mixture,
+    pretraining_batch,
+    split_counts,
+    to_batch,
 )
 
 S = {c: i for i, c in enumerate("0123456789abcdefghij")}
@@ -29,10 +43,19 @@ def test_operations_hand_computed():
 
 def test_encoding_and_labels():
     row = encode(("sort",), sym("ba"), sym("ab"))
-    assert row == [BOS, OP_TOKEN["sort"], FIRST_SYMBOL + 11, FIRST_SYMBOL + 10, SEP, FIRST_SYMBOL + 10, FIRST_SYMBOL + 11, EOS]
+    assert row == [
+        BOS,
+        OP_TOKEN["sort"],
+        FIRST_SYMBOL + 11,
+        FIRST_SYMBOL + 10,
+        SEP,
+        FIRST_SYMBOL + 10,
+        FIRST_SYMBOL + 11,
+        EOS,
+    ]
     batch = to_batch([row], [5])
     assert batch["input_ids"].shape == (1, SEQ_LEN)
-    assert batch["input_ids"][0, len(row):].eq(PAD).all()
+    assert batch["input_ids"][0, len(row) :].eq(PAD).all()
     assert batch["labels"][0].tolist() == [IGNORE] * 5 + row[5:] + [IGNORE] * (SEQ_LEN - len(row))
 
 
@@ -74,7 +97,7 @@ def test_slice_splits_disjoint_and_in_range():
     assert len(ev) == 10 and len(tg) == 5 and not ev & tg and not (ev | tg) & train
     assert (m.eval["sort_len3"]["prompt_length"] == 2 + 3 + 1).all()
     sort_rows = m.train["input_ids"][m.train["source"] == m.names.index("sort")]
-    assert ((sort_rows[:, 5] == SEP)).any()  # the source has 3-symbol inputs the slice did not take
+    assert (sort_rows[:, 5] == SEP).any()  # the source has 3-symbol inputs the slice did not take
     plain = make_finetune_mixture(num_train=1000, num_eval=10, num_target=5, seed=3)
     same = make_finetune_mixture(num_train=1000, num_eval=10, num_target=5, seed=3, slices=())
     assert torch.equal(plain.train["input_ids"], same.train["input_ids"])

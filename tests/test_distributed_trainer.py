@@ -18,10 +18,22 @@ pytest.importorskip("accelerate")
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs gloo")
 def test_coreset_trainer_under_torchrun(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(h.ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(h.ROOT / "examples" / "trainer_ddp.py"), "--output-dir", str(tmp_path), "--steps", "4"]
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(h.ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(h.ROOT / "examples" / "trainer_ddp.py"),
+        "--output-dir",
+        str(tmp_path),
+        "--steps",
+        "4",
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "parameters identical on all 2 ranks: True" in out.stdout

@@ -46,7 +46,10 @@ def test_global_coordinates_reproduce_per_source_compression():
     sums = source_abs_sums(x[:6], valid[:6], codes[:6], 3) + source_abs_sums(x[6:], valid[6:], codes[6:], 3)
     coords = torch.stack([sums[s].topk(4).indices.sort().values for s in range(3)])
     got = torch.cat(
-        [rows_on_coordinates(x[:6], valid[:6], codes[:6], coords), rows_on_coordinates(x[6:], valid[6:], codes[6:], coords)]
+        [
+            rows_on_coordinates(x[:6], valid[:6], codes[:6], coords),
+            rows_on_coordinates(x[6:], valid[6:], codes[6:], coords),
+        ]
     )
     torch.testing.assert_close(got, expected, equal_nan=True)
 

@@ -124,10 +124,12 @@ def test_qlora_sketches_match_batch_size_one_loop(tmp_path):
     sketches, _ = exact_sketches(model, opt.sketch_targets, batch, loss_fn, 5, None)
     weight = opt.sketch_targets[0].module.weight
     model.eval()
-    ref = torch.stack([
-        torch.autograd.grad(loss_fn({k: v[i : i + 1] for k, v in batch.items()}).sum(), weight)[0].flatten()
-        for i in range(5)
-    ])
+    ref = torch.stack(
+        [
+            torch.autograd.grad(loss_fn({k: v[i : i + 1] for k, v in batch.items()}).sum(), weight)[0].flatten()
+            for i in range(5)
+        ]
+    )
     torch.testing.assert_close(sketches, ref, rtol=1e-4, atol=1e-6)
 
 
@@ -145,11 +147,11 @@ def test_qlora_trains_with_paged_adamw8bit(tmp_path):
     # 4-bit weights (see integrations/training_features.py), or no gradient reaches block 0.
     assert not any(
         getattr(m.weight.quant_state, "packing_format_for_cpu", False)
-        for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)
+        for m in model.modules()
+        if isinstance(m, bnb.nn.Linear4bit)
     )
     assert all(
-        p.grad is not None and torch.count_nonzero(p.grad) > 0
-        for n, p in model.named_parameters() if "lora_B" in n
+        p.grad is not None and torch.count_nonzero(p.grad) > 0 for n, p in model.named_parameters() if "lora_B" in n
     )
     _train(model, opt, 11)
     assert _mean_loss(model) < before - 0.1

@@ -57,7 +57,9 @@ def test_token_nll_is_zero_on_ignored_rows_and_their_gradient_is_zero():
     assert out[[1, 3]].tolist() == [0.0, 0.0]
     out.sum().backward()
     assert torch.equal(logits.grad[[1, 3]], torch.zeros(2, 5))
-    torch.testing.assert_close(out[[0, 2, 4, 5]], F.cross_entropy(logits[[0, 2, 4, 5]], labels[[0, 2, 4, 5]], reduction="none"))
+    torch.testing.assert_close(
+        out[[0, 2, 4, 5]], F.cross_entropy(logits[[0, 2, 4, 5]], labels[[0, 2, 4, 5]], reduction="none")
+    )
 
 
 def test_no_full_float32_copy_of_bf16_logits(monkeypatch):

@@ -49,7 +49,8 @@ def test_lora_default_without_importing_the_integrations():
         "    def forward(self, x): return self.v_proj(self.q_proj(x))\n"
         "class Net(torch.nn.Module):\n"
         "    def __init__(self):\n"
-        "        super().__init__(); self.layers = torch.nn.ModuleList([Block(), Block()]); self.head = torch.nn.Linear(4, 2)\n"
+        "        super().__init__(); self.layers = torch.nn.ModuleList([Block(), Block()])\n"
+        "        self.head = torch.nn.Linear(4, 2)\n"
         "    def forward(self, x):\n"
         "        for b in self.layers: x = b(x)\n"
         "        return self.head(x)\n"
@@ -66,9 +67,7 @@ def test_lora_default_without_importing_the_integrations():
 def test_default_target_is_last_v_proj_lora_b():
     model = lora(tiny_llama())
     opt = _wrap(model)
-    assert [t.name for t in opt.sketch_targets] == [
-        "base_model.model.model.layers.1.self_attn.v_proj.lora_B.default"
-    ]
+    assert [t.name for t in opt.sketch_targets] == ["base_model.model.model.layers.1.self_attn.v_proj.lora_B.default"]
 
 
 def test_default_target_without_v_proj_is_last_lora_layer():
@@ -85,9 +84,7 @@ def test_default_covers_every_active_adapter_only():
     # peft activates one adapter at a time; the default follows the active one.
     model.set_adapter("other")
     opt = _wrap(model)
-    assert [t.name for t in opt.sketch_targets] == [
-        "base_model.model.model.layers.1.self_attn.v_proj.lora_B.other"
-    ]
+    assert [t.name for t in opt.sketch_targets] == ["base_model.model.model.layers.1.self_attn.v_proj.lora_B.other"]
     model.base_model.set_adapter(["default", "other"])
     for p in model.parameters():
         p.requires_grad_(False)
@@ -173,7 +170,9 @@ def test_sketch_pass_with_gradient_checkpointing_and_input_require_grads():
     assert inner.is_activation_checkpointing and inner._require_grads_hooks
     emb = inner.get_input_embeddings()
     hooks_before = list(emb._forward_hooks.items())
-    flags_before = [(n, m.gradient_checkpointing) for n, m in checked.named_modules() if hasattr(m, "gradient_checkpointing")]
+    flags_before = [
+        (n, m.gradient_checkpointing) for n, m in checked.named_modules() if hasattr(m, "gradient_checkpointing")
+    ]
 
     seen = []
     spy = emb.register_forward_hook(lambda m, a, out: seen.append(out.requires_grad))
@@ -185,7 +184,9 @@ def test_sketch_pass_with_gradient_checkpointing_and_input_require_grads():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
     assert seen == [False]  # the hook that forces requires_grad on the embeddings was off
     assert list(emb._forward_hooks.items()) == hooks_before
-    assert [(n, m.gradient_checkpointing) for n, m in checked.named_modules() if hasattr(m, "gradient_checkpointing")] == flags_before
+    assert [
+        (n, m.gradient_checkpointing) for n, m in checked.named_modules() if hasattr(m, "gradient_checkpointing")
+    ] == flags_before
     checked.train()
     out = emb(batch["input_ids"])
     assert out.requires_grad  # restored

@@ -47,11 +47,17 @@ def train_logs(trainer):
 
 MODELS = {
     "llama": (lambda: lora(tiny_llama()), "base_model.model.model.layers.1.self_attn.v_proj.lora_B.default"),
-    "gpt2": (lambda: lora(tiny_gpt2(), targets=("c_attn",)), "base_model.model.transformer.h.1.attn.c_attn.lora_B.default"),
+    "gpt2": (
+        lambda: lora(tiny_gpt2(), targets=("c_attn",)),
+        "base_model.model.transformer.h.1.attn.c_attn.lora_B.default",
+    ),
 }
 
 
-@pytest.mark.parametrize("arch, optim", [("llama", "adamw_torch"), ("llama", "adamw_bnb_8bit"), ("gpt2", "adamw_torch"), ("gpt2", "paged_adamw_8bit")])
+@pytest.mark.parametrize(
+    "arch, optim",
+    [("llama", "adamw_torch"), ("llama", "adamw_bnb_8bit"), ("gpt2", "adamw_torch"), ("gpt2", "paged_adamw_8bit")],
+)
 def test_lora_trains_with_sources(tmp_path, arch, optim):
     if "8bit" in optim:
         pytest.importorskip("bitsandbytes")
@@ -127,8 +133,13 @@ def test_step_gradient_matches_hand_written_loop_under_accumulation(tmp_path, si
     data = make_dataset(n=16, sources=None)
     data.rows[5]["labels"] = [-100] * 16  # an example without label tokens: invalid, not counted
     args = make_args(
-        tmp_path, per_device_train_batch_size=8, gradient_accumulation_steps=2, max_steps=1,
-        max_grad_norm=0.0, logging_steps=1, **{"coreset_size": None, **size},
+        tmp_path,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        max_steps=1,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        **{"coreset_size": None, **size},
     )
     capture = grad_capture()
     trainer = RecordingTrainer(model=model, args=args, train_dataset=data, callbacks=[capture])
@@ -143,15 +154,24 @@ def test_step_gradient_matches_hand_written_loop_under_accumulation(tmp_path, si
 
 def _run(tmp_path, model, max_steps, resume=None, optim="adamw_torch"):
     args = make_args(
-        tmp_path, optim=optim, per_device_train_batch_size=8, coreset_size=3, max_steps=max_steps,
-        save_strategy="steps", save_steps=2, logging_steps=1, source_column="source",
+        tmp_path,
+        optim=optim,
+        per_device_train_batch_size=8,
+        coreset_size=3,
+        max_steps=max_steps,
+        save_strategy="steps",
+        save_steps=2,
+        logging_steps=1,
+        source_column="source",
     )
     trainer = RecordingTrainer(model=model, args=args, train_dataset=make_dataset(n=32))
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
-@pytest.mark.parametrize("arch, optim", [("llama", "adamw_torch"), ("llama", "paged_adamw_8bit"), ("gpt2", "adamw_bnb_8bit")])
+@pytest.mark.parametrize(
+    "arch, optim", [("llama", "adamw_torch"), ("llama", "paged_adamw_8bit"), ("gpt2", "adamw_bnb_8bit")]
+)
 def test_resume_from_checkpoint_is_exact(tmp_path, arch, optim):
     if "8bit" in optim:
         pytest.importorskip("bitsandbytes")
@@ -195,10 +215,13 @@ def test_bad_arguments_fail_at_construction(tmp_path):
         make_args(tmp_path, normalize="rms")
 
 
-@pytest.mark.parametrize("options, match", [
-    (dict(optim="lomo"), "fuses the update"),
-    (dict(label_smoothing_factor=0.1), "label_smoothing_factor"),
-])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(optim="lomo"), "fuses the update"),
+        (dict(label_smoothing_factor=0.1), "label_smoothing_factor"),
+    ],
+)
 def test_unsupported_trainer_options_fail_at_construction(tmp_path, options, match):
     with pytest.raises(ValueError, match=match):
         CoresetTrainer(model=lora(tiny_llama()), args=make_args(tmp_path, **options), train_dataset=make_dataset())
@@ -259,7 +282,10 @@ def test_user_optimizer_is_wrapped_and_eval_runs_without_the_source_column(tmp_p
     inner = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     args = make_args(tmp_path, source_column="source", max_steps=2, eval_strategy="no")
     trainer = CoresetTrainer(
-        model=model, args=args, train_dataset=make_dataset(), eval_dataset=make_dataset(16, sources=None),
+        model=model,
+        args=args,
+        train_dataset=make_dataset(),
+        eval_dataset=make_dataset(16, sources=None),
         optimizers=(inner, None),
     )
     trainer.train()
@@ -324,7 +350,11 @@ def test_presets_and_selection_options_reach_the_optimizer(tmp_path):
     assert (default.sketch, default.selection, default.normalize) == ("auto", "consensus_loss", "adam")
     colm = make_args(tmp_path, coreset_preset="colm").coreset_config()
     assert (colm.sketch, colm.selection, colm.normalize, colm.zo_fixed_direction) == (
-        "zeroth_order", "facility_location", "adam_update", True)
+        "zeroth_order",
+        "facility_location",
+        "adam_update",
+        True,
+    )
     # an option given explicitly wins over the preset
     mixed = make_args(tmp_path, coreset_preset="colm", selection="random", normalize=None).coreset_config()
     assert (mixed.sketch, mixed.selection, mixed.normalize) == ("zeroth_order", "random", None)
@@ -350,7 +380,9 @@ def test_causal_lm_loss_fn_builds_no_kv_cache():
     losses = causal_lm_loss_fn(model)(batch)
     causal_lm_loss_fn(model)({**batch, "use_cache": True})
     assert seen == [False, True]
-    expected = torch.stack([causal_lm_per_example_loss(model(input_ids=ids[i : i + 1]), ids[i : i + 1])[0] for i in range(2)])
+    expected = torch.stack(
+        [causal_lm_per_example_loss(model(input_ids=ids[i : i + 1]), ids[i : i + 1])[0] for i in range(2)]
+    )
     torch.testing.assert_close(losses, expected)
 
 
@@ -358,7 +390,9 @@ class LossRecordingTrainer(CoresetTrainer):
     """Keeps every micro-batch and, per selection, (batch losses, coreset loss)."""
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        self.seen = getattr(self, "seen", []) + [{k: v.clone() if torch.is_tensor(v) else list(v) for k, v in inputs.items()}]
+        self.seen = getattr(self, "seen", []) + [
+            {k: v.clone() if torch.is_tensor(v) else list(v) for k, v in inputs.items()}
+        ]
         return super().training_step(model, inputs, num_items_in_batch)
 
     def _record_selection(self, coreset):
@@ -374,8 +408,7 @@ def test_logged_loss_is_the_large_batch_mean_loss(tmp_path, accumulation):
 
     model = lora(tiny_llama())
     initial = copy.deepcopy(model)
-    args = make_args(tmp_path, max_steps=4, logging_steps=2, gradient_accumulation_steps=accumulation,
-                     selection="loss")
+    args = make_args(tmp_path, max_steps=4, logging_steps=2, gradient_accumulation_steps=accumulation, selection="loss")
     trainer = LossRecordingTrainer(model=model, args=args, train_dataset=make_dataset(sources=None))
     trainer.train()
     logs = train_logs(trainer)
@@ -432,8 +465,11 @@ def test_every_given_option_reaches_the_optimizer_config(tmp_path, preset, name)
         config = make_args(tmp_path, coreset_preset=preset, **{name: value, **extra}).coreset_config()
         assert getattr(config, option) == value, (name, value, getattr(config, option))
         model = lora(tiny_llama())
-        opt = CoresetOptimizer(torch.optim.AdamW(model.parameters()), model, **make_args(
-            tmp_path, coreset_preset=preset, **{name: value, **extra}).coreset_kwargs())
+        opt = CoresetOptimizer(
+            torch.optim.AdamW(model.parameters()),
+            model,
+            **make_args(tmp_path, coreset_preset=preset, **{name: value, **extra}).coreset_kwargs(),
+        )
         assert getattr(opt.config, option) == value
 
 
@@ -471,8 +507,15 @@ def test_suspects_file_counts_each_ids_flags_per_logging_window(tmp_path, select
         if i % 5 == 0:  # scramble the labels of some rows so that some get flagged
             row["labels"] = [(t * 7 + 3) % 50 if t != -100 else t for t in row["labels"]]
     path = tmp_path / "suspects.jsonl"
-    args = make_args(tmp_path, max_steps=4, logging_steps=2, selection=selection, source_column="source",
-                     id_column="row_id", suspects_file=str(path))
+    args = make_args(
+        tmp_path,
+        max_steps=4,
+        logging_steps=2,
+        selection=selection,
+        source_column="source",
+        id_column="row_id",
+        suspects_file=str(path),
+    )
     trainer = SuspectRecordingTrainer(model=lora(tiny_llama()), args=args, train_dataset=dataset)
     trainer.train()
     lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -490,4 +533,6 @@ def test_suspects_file_needs_an_id_column(tmp_path):
     with pytest.raises(ValueError, match="id_column"):
         make_args(tmp_path, suspects_file=str(tmp_path / "s.jsonl"))
     with pytest.raises(ValueError, match="id_column='nope' is not a column"):
-        CoresetTrainer(model=lora(tiny_llama()), args=make_args(tmp_path, id_column="nope"), train_dataset=make_dataset())
+        CoresetTrainer(
+            model=lora(tiny_llama()), args=make_args(tmp_path, id_column="nope"), train_dataset=make_dataset()
+        )

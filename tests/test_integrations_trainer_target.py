@@ -27,12 +27,23 @@ class Recording(CoresetTrainer):
 
 def _run(tmp_path, max_steps, resume=None, model=None, **kwargs):
     args = make_args(
-        tmp_path, per_device_train_batch_size=8, coreset_size=3, max_steps=max_steps, save_strategy="steps",
-        save_steps=2, logging_steps=1, source_column="source", selection="target", target_refresh=3,
-        target_curvature=10.0, **kwargs,
+        tmp_path,
+        per_device_train_batch_size=8,
+        coreset_size=3,
+        max_steps=max_steps,
+        save_strategy="steps",
+        save_steps=2,
+        logging_steps=1,
+        source_column="source",
+        selection="target",
+        target_refresh=3,
+        target_curvature=10.0,
+        **kwargs,
     )
     trainer = Recording(
-        model=lora(tiny_llama()) if model is None else model, args=args, train_dataset=make_dataset(n=32),
+        model=lora(tiny_llama()) if model is None else model,
+        args=args,
+        train_dataset=make_dataset(n=32),
         target_dataset=make_dataset(n=4, seed=9),
     )
     trainer.train(resume_from_checkpoint=resume)
@@ -62,10 +73,14 @@ def test_resume_is_exact(tmp_path):
 
 def test_target_options_must_agree(tmp_path):
     with pytest.raises(ValueError, match="target_dataset"):
-        CoresetTrainer(model=lora(tiny_llama()), args=make_args(tmp_path, selection="target"), train_dataset=make_dataset())
+        CoresetTrainer(
+            model=lora(tiny_llama()), args=make_args(tmp_path, selection="target"), train_dataset=make_dataset()
+        )
     with pytest.raises(ValueError, match="target_dataset"):
         CoresetTrainer(
-            model=lora(tiny_llama()), args=make_args(tmp_path), train_dataset=make_dataset(),
+            model=lora(tiny_llama()),
+            args=make_args(tmp_path),
+            train_dataset=make_dataset(),
             target_dataset=make_dataset(n=4),
         )
     with pytest.raises(ValueError, match="target_curvature"):

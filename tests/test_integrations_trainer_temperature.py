@@ -8,8 +8,9 @@ from coreset_optim.integrations.transformers import CoresetTrainingArguments  # 
 
 
 def _args(tmp_path, **kw):
-    return CoresetTrainingArguments(output_dir=str(tmp_path), coreset_size=4, per_device_train_batch_size=8,
-                                    report_to=[], **kw)
+    return CoresetTrainingArguments(
+        output_dir=str(tmp_path), coreset_size=4, per_device_train_batch_size=8, report_to=[], **kw
+    )
 
 
 def test_temperature_passes_through(tmp_path):

@@ -50,9 +50,20 @@ def sft_dataset(n: int = 32, seed: int = 0, sources=("qa", "math")):
 
 def sft_args(tmp_path, **kwargs):
     defaults = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, coreset_size=3, max_steps=4,
-        learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=2, save_strategy="no",
-        report_to="none", use_cpu=True, bf16=False, seed=0, disable_tqdm=True, dataset_num_proc=None,
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        coreset_size=3,
+        max_steps=4,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=2,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        disable_tqdm=True,
+        dataset_num_proc=None,
     )
     defaults.update(kwargs)
     return CoresetSFTConfig(**defaults)
@@ -64,7 +75,9 @@ class RecordingSFTTrainer(Recording, CoresetSFTTrainer):
 
 def test_sft_trains_on_coresets_and_logs_selection_stats(tmp_path):
     args = sft_args(tmp_path, source_column="source", max_steps=4, logging_steps=2)
-    trainer = CoresetSFTTrainer(model=lora(tiny_llama()), args=args, train_dataset=sft_dataset(), processing_class=tiny_tokenizer())
+    trainer = CoresetSFTTrainer(
+        model=lora(tiny_llama()), args=args, train_dataset=sft_dataset(), processing_class=tiny_tokenizer()
+    )
     assert trainer.args.gradient_checkpointing  # SFT's default, kept: the sketch pass switches it off
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -117,11 +130,18 @@ def test_step_gradient_is_the_weighted_completion_only_reference(tmp_path, size)
     initial = copy.deepcopy(model)
     tokenizer, data = tiny_tokenizer(), sft_dataset(n=16)
     args = sft_args(
-        tmp_path, gradient_accumulation_steps=2, max_steps=1, max_grad_norm=0.0, logging_steps=1,
-        gradient_checkpointing=False, **size,
+        tmp_path,
+        gradient_accumulation_steps=2,
+        max_steps=1,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        gradient_checkpointing=False,
+        **size,
     )
     capture = grad_capture()
-    trainer = RecordingSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[capture])
+    trainer = RecordingSFTTrainer(
+        model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[capture]
+    )
     assert trainer.completion_only_loss  # SFT's default for prompt-completion data
     trainer.train()
     assert len(trainer.seen) == 2 and len(capture.grads) == 1
@@ -172,11 +192,18 @@ def test_step_gradient_is_the_weighted_assistant_only_reference(tmp_path):
     tokenizer, data = tiny_tokenizer(), chat_dataset()
     tokenizer.chat_template = CHAT_TEMPLATE
     args = sft_args(
-        tmp_path, assistant_only_loss=True, gradient_accumulation_steps=2, max_steps=1, max_grad_norm=0.0,
-        logging_steps=1, gradient_checkpointing=False,
+        tmp_path,
+        assistant_only_loss=True,
+        gradient_accumulation_steps=2,
+        max_steps=1,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        gradient_checkpointing=False,
     )
     capture = grad_capture()
-    trainer = RecordingSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[capture])
+    trainer = RecordingSFTTrainer(
+        model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[capture]
+    )
     trainer.train()
     assert len(trainer.seen) == 2 and len(capture.grads) == 1
     ref = _reference_step_gradient(initial, assistant_masks(tokenizer, data), trainer.seen, trainer.coresets, 2)
@@ -205,8 +232,12 @@ def test_per_example_losses_follow_the_labels_sft_built(tmp_path):
 
 
 def _run(tmp_path, model, max_steps, resume=None):
-    args = sft_args(tmp_path, max_steps=max_steps, save_strategy="steps", save_steps=2, logging_steps=1, source_column="source")
-    trainer = RecordingSFTTrainer(model=model, args=args, train_dataset=sft_dataset(), processing_class=tiny_tokenizer())
+    args = sft_args(
+        tmp_path, max_steps=max_steps, save_strategy="steps", save_steps=2, logging_steps=1, source_column="source"
+    )
+    trainer = RecordingSFTTrainer(
+        model=model, args=args, train_dataset=sft_dataset(), processing_class=tiny_tokenizer()
+    )
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -246,7 +277,12 @@ def test_unsupported_sft_options_fail_at_construction(tmp_path, options, match):
     model = lora(tiny_llama())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match=match):
-        CoresetSFTTrainer(model=model, args=sft_args(tmp_path, **options), train_dataset=sft_dataset(n=8), processing_class=tiny_tokenizer())
+        CoresetSFTTrainer(
+            model=model,
+            args=sft_args(tmp_path, **options),
+            train_dataset=sft_dataset(n=8),
+            processing_class=tiny_tokenizer(),
+        )
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
 

@@ -51,7 +51,9 @@ def test_incremental_matches_dense_on_large_random_inputs(seed):
     k = 300 // 4
     fast, plain = greedy_facility_location_incremental(sim, k), greedy_facility_location_dense(sim, k)
     assert torch.equal(fast, plain)
-    torch.testing.assert_close(facility_location_value(sim.double(), fast), facility_location_value(sim.double(), plain))
+    torch.testing.assert_close(
+        facility_location_value(sim.double(), fast), facility_location_value(sim.double(), plain)
+    )
 
 
 def test_ties_go_to_the_lowest_index():

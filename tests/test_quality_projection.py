@@ -38,8 +38,9 @@ def test_projection_mode_in_optimizer_uses_seed_from_state():
     model = tiny_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     batch = tiny_batch()
-    wrapper = CoresetOptimizer(opt, model, coreset_size=6, sketch="projection", sketch_dim=4, seed=9,
-                               selection="gradient_matching")
+    wrapper = CoresetOptimizer(
+        opt, model, coreset_size=6, sketch="projection", sketch_dim=4, seed=9, selection="gradient_matching"
+    )
     result = wrapper.select(batch, make_loss_fn(model), sources=batch["source"])
     assert result.sketches.shape == (24, 4)
     state = wrapper.state_dict()

@@ -31,9 +31,7 @@ def test_central_difference_of_quadratic_is_the_directional_derivative():
     params = [p for t in targets for p in t.params]
     exact = per_example_grads(model, batch, params)
     z = torch.randn(2, exact.shape[1], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    sketches, losses = zeroth_order_sketches(
-        model, targets, batch, make_loss_fn(model), 24, 10, eps=1e-3, directions=z
-    )
+    sketches, losses = zeroth_order_sketches(model, targets, batch, make_loss_fn(model), 24, 10, eps=1e-3, directions=z)
     expected = ((exact @ z.T)[:, :, None] * z[None]).mean(1)
     torch.testing.assert_close(sketches, expected, rtol=1e-6, atol=1e-9)
     with torch.no_grad():  # the mid-point loss is off by eps^2 z^T H z / 2 only
@@ -57,7 +55,12 @@ def test_cosine_with_exact_sketch_grows_with_probes():
 def test_fixed_direction_makes_every_sketch_parallel():
     model, opt, _, batch = _setup(torch.float32)
     wrapper = CoresetOptimizer(
-        opt, model, coreset_size=6, sketch="zeroth_order", zo_fixed_direction=True, normalize=None,
+        opt,
+        model,
+        coreset_size=6,
+        sketch="zeroth_order",
+        zo_fixed_direction=True,
+        normalize=None,
         selection="gradient_matching",
     )
     result = wrapper.select(batch, make_loss_fn(model))

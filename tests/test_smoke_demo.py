@@ -16,7 +16,10 @@ def test_demo_runs():
     pytest.importorskip("peft")
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "demo.py")],
-        capture_output=True, text=True, timeout=900, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
         env={**os.environ, "DEMO_STEPS": "10"},  # the comparison, shortened
     )
     assert out.returncode == 0, out.stderr[-3000:]

@@ -9,8 +9,29 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--pool", "300", "--eval-size", "8", "--target-size", "4", "--batch", "16", "--k", "4", "--steps", "2",
-        "--eval-every", "1", "--seeds", "0", "--cost-rounds", "1", "--jobs", "1", "--no-equal-time"]
+TINY = [
+    "--pool",
+    "300",
+    "--eval-size",
+    "8",
+    "--target-size",
+    "4",
+    "--batch",
+    "16",
+    "--k",
+    "4",
+    "--steps",
+    "2",
+    "--eval-every",
+    "1",
+    "--seeds",
+    "0",
+    "--cost-rounds",
+    "1",
+    "--jobs",
+    "1",
+    "--no-equal-time",
+]
 NOISY = ["--noise", "random_tokens", "--noise-rate", "0.2"]
 
 
@@ -37,7 +58,11 @@ def test_tiny_benchmark_writes_results_named_by_noise(ft, tmp_path, monkeypatch,
         return
     record = data["noise"]
     assert {k: record[k] for k in ("model", "rate", "placement", "seed")} == {
-        "model": "random_tokens", "rate": 0.2, "placement": "per_source", "seed": 0}
+        "model": "random_tokens",
+        "rate": 0.2,
+        "placement": "per_source",
+        "seed": 0,
+    }
     assert record["pool"] == 300 and record["corrupted"] == sum(record["corrupted_per_source"].values())
     assert record["corrupted"] == pytest.approx(60, abs=4)  # per-source rounding
     assert "Label noise in the training pool only" in md and "label noise random_tokens 0.2" in md
@@ -55,8 +80,21 @@ def test_noise_is_in_the_pool_only_and_the_mask_matches(ft):
     assert torch.equal(noisy.target["labels"], clean.target["labels"])
 
 
-@pytest.mark.parametrize("method", ["random_k", "balanced_k", "skills_k", "accum_B", "batch_B", "stratified_k",
-                                    "default", "gradient_matching", "fl_l1", "target"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "random_k",
+        "balanced_k",
+        "skills_k",
+        "accum_B",
+        "batch_B",
+        "stratified_k",
+        "default",
+        "gradient_matching",
+        "fl_l1",
+        "target",
+    ],
+)
 def test_every_method_slices_the_index_with_the_rows(ft, method):
     """Each sub-batch a method's loss sees (whatever it selected) still has each row's pool index."""
     ctx = ft.build_context(ft.parse_args(TINY + NOISY))
@@ -86,8 +124,9 @@ def test_noise_options_are_checked_and_named(ft):
         ft.parse_args(TINY + ["--noise", "random_tokens", "--noise-rate", "1.0"])
     with pytest.raises(SystemExit):
         ft.parse_args(TINY + ["--noise", "flip"])
-    args = ft.parse_args(["--noise", "other_task", "--noise-rate", "0.1", "--noise-placement", "concentrated",
-                          "--noise-seed", "3"])
+    args = ft.parse_args(
+        ["--noise", "other_task", "--noise-rate", "0.1", "--noise-placement", "concentrated", "--noise-seed", "3"]
+    )
     assert args.out == "finetune_noise-other_task-0.1-concentrated-seed3"
     assert ft.parse_args(["--noise", "swap_within_source"]).out == "finetune_noise-swap_within_source-0.2"
     assert ft.parse_args([]).out == "finetune"

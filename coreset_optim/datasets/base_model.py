@@ -27,14 +27,26 @@ def base_config():
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ_LEN + 8,
-        tie_word_embeddings=False, use_cache=False,
+        vocab_size=VOCAB_SIZE,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=SEQ_LEN + 8,
+        tie_word_embeddings=False,
+        use_cache=False,
     )
 
 
-def pretrain(seed: int = PRETRAIN["seed"], steps: int = PRETRAIN["steps"], batch: int = PRETRAIN["batch"],
-             lr: float = PRETRAIN["lr"], warmup: int = PRETRAIN["warmup"], log_every: int = 250):
+def pretrain(
+    seed: int = PRETRAIN["seed"],
+    steps: int = PRETRAIN["steps"],
+    batch: int = PRETRAIN["batch"],
+    lr: float = PRETRAIN["lr"],
+    warmup: int = PRETRAIN["warmup"],
+    log_every: int = 250,
+):
     """A freshly initialised base trained on :func:`~.tasks.pretraining_batch` with AdamW, linear
     warm-up then cosine decay. Deterministic in ``seed`` (on one thread)."""
     from transformers import LlamaForCausalLM
@@ -57,8 +69,11 @@ def pretrain(seed: int = PRETRAIN["seed"], steps: int = PRETRAIN["steps"], batch
         sched.step()
         opt.zero_grad(set_to_none=True)
         if log_every and step % log_every == 0:
-            print(f"pretrain step {step}/{steps}: loss {loss.item():.3f} [{time.perf_counter() - start:.0f}s]",
-                  file=sys.stderr, flush=True)
+            print(
+                f"pretrain step {step}/{steps}: loss {loss.item():.3f} [{time.perf_counter() - start:.0f}s]",
+                file=sys.stderr,
+                flush=True,
+            )
     model.eval()
     return model
 
@@ -73,7 +88,9 @@ def load_base(path: Path = BASE_DIR):
     from transformers import LlamaForCausalLM
 
     if not (Path(path) / "config.json").exists():
-        raise FileNotFoundError(f"no pretrained base in {path}; build it with python -m coreset_optim.datasets.base_model")
+        raise FileNotFoundError(
+            f"no pretrained base in {path}; build it with python -m coreset_optim.datasets.base_model"
+        )
     model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.config.use_cache = False
     model.eval()

@@ -75,8 +75,10 @@ def corruption_counts(counts: Sequence[int], rate: float, placement: str) -> lis
     big = max(range(len(counts)), key=lambda s: (counts[s], -s))
     total = sum(per)
     if total > counts[big]:
-        raise ValueError(f"concentrated noise: {total} corrupted rows do not fit in the largest source "
-                         f"({counts[big]} rows); lower the rate or use placement='per_source'")
+        raise ValueError(
+            f"concentrated noise: {total} corrupted rows do not fit in the largest source "
+            f"({counts[big]} rows); lower the rate or use placement='per_source'"
+        )
     return [total if s == big else 0 for s in range(len(counts))]
 
 
@@ -108,8 +110,9 @@ def random_tokens(rows: Sequence[int], pool: ParsedPool, tasks: Sequence[Task], 
     return out
 
 
-def swap_within_source(rows: Sequence[int], pool: ParsedPool, tasks: Sequence[Task],
-                       g: torch.Generator) -> list[list[int]]:
+def swap_within_source(
+    rows: Sequence[int], pool: ParsedPool, tasks: Sequence[Task], g: torch.Generator
+) -> list[list[int]]:
     """Each source's chosen rows pass answers along one random cycle; collisions (an answer equal
     to the row's own) take a random differing answer of another row of the source instead."""
     new: dict[int, list[int]] = {}
@@ -165,8 +168,12 @@ def _check_amount(rate: float, placement: str) -> None:
 
 
 def corrupt_pool(
-    train: Mapping[str, torch.Tensor], tasks: Sequence[Task], model: str, rate: float,
-    placement: str = "per_source", seed: int = 0,
+    train: Mapping[str, torch.Tensor],
+    tasks: Sequence[Task],
+    model: str,
+    rate: float,
+    placement: str = "per_source",
+    seed: int = 0,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The pool with corrupted answers, and the ``BoolTensor[N]`` of the rows corrupted.
 
@@ -185,8 +192,10 @@ def corrupt_pool(
         return out, mask
     pool = parse_pool(train)
     answers = NOISE_MODELS[model](rows, pool, tasks, torch.Generator().manual_seed(seed + 1))
-    new = to_batch([pool.prompts[r] + [FIRST_SYMBOL + x for x in a] + [EOS] for r, a in zip(rows, answers)],
-                   [len(pool.prompts[r]) for r in rows])
+    new = to_batch(
+        [pool.prompts[r] + [FIRST_SYMBOL + x for x in a] + [EOS] for r, a in zip(rows, answers)],
+        [len(pool.prompts[r]) for r in rows],
+    )
     index = torch.tensor(rows)
     for key in ("input_ids", "labels"):
         out[key] = train[key].clone()
@@ -195,7 +204,11 @@ def corrupt_pool(
 
 
 def corrupt_mixture(
-    mixture: FinetuneMixture, model: str, rate: float, placement: str = "per_source", seed: int = 0,
+    mixture: FinetuneMixture,
+    model: str,
+    rate: float,
+    placement: str = "per_source",
+    seed: int = 0,
     sources: Sequence[Source] = SOURCES,
 ) -> tuple[FinetuneMixture, torch.Tensor]:
     """``mixture`` with a corrupted training pool (evaluation and target splits: the same, clean

@@ -141,7 +141,10 @@ def decode(ids: Sequence[int]) -> str:
     """Readable text of token ids (for printing examples)."""
     names = {PAD: "", BOS: "", SEP: " > ", EOS: ""}
     names.update({v: f"[{k}] " for k, v in OP_TOKEN.items()})
-    return "".join(names.get(int(t), SYMBOLS[int(t) - FIRST_SYMBOL] if FIRST_SYMBOL <= t < FIRST_SYMBOL + NUM_SYMBOLS else "?") for t in ids)
+    return "".join(
+        names.get(int(t), SYMBOLS[int(t) - FIRST_SYMBOL] if FIRST_SYMBOL <= t < FIRST_SYMBOL + NUM_SYMBOLS else "?")
+        for t in ids
+    )
 
 
 def make_examples(task: Task, n: int, g: torch.Generator, exclude: set | None = None) -> dict:
@@ -198,8 +201,13 @@ class FinetuneMixture:
 
 
 def make_finetune_mixture(
-    num_train: int = 20000, num_eval: int = 200, num_target: int = 32, seed: int = 0,
-    sources: Sequence[Source] = SOURCES, held_out: Sequence[Task] = HELD_OUT, slices: Sequence[Task] = (),
+    num_train: int = 20000,
+    num_eval: int = 200,
+    num_target: int = 32,
+    seed: int = 0,
+    sources: Sequence[Source] = SOURCES,
+    held_out: Sequence[Task] = HELD_OUT,
+    slices: Sequence[Task] = (),
 ) -> FinetuneMixture:
     """The training pool (split by shares), ``num_eval`` held-out examples per source and
     held-out task, and ``num_target`` target examples per held-out task. ``slices``: tasks that are
@@ -223,6 +231,11 @@ def make_finetune_mixture(
     perm = torch.randperm(num_train, generator=g)
     train = {"input_ids": torch.cat(ids)[perm], "labels": torch.cat(labels)[perm], "source": torch.cat(src)[perm]}
     return FinetuneMixture(
-        train, evals, targets, [s.task.name for s in sources], [s.share for s in sources],
-        [s.kind for s in sources], [t.name for t in held_out],
+        train,
+        evals,
+        targets,
+        [s.task.name for s in sources],
+        [s.share for s in sources],
+        [s.kind for s in sources],
+        [t.name for t in held_out],
     )

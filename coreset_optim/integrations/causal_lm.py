@@ -111,9 +111,7 @@ def causal_lm_loss_fn(
 
     def loss_fn(batch: Mapping[str, Any]) -> torch.Tensor:
         if not isinstance(batch, Mapping) or labels_key not in batch:
-            raise ValueError(
-                f"causal_lm_loss_fn: the batch must be a mapping with the labels under {labels_key!r}"
-            )
+            raise ValueError(f"causal_lm_loss_fn: the batch must be a mapping with the labels under {labels_key!r}")
         inputs = {k: v for k, v in batch.items() if k != labels_key}
         if getattr(getattr(model, "config", None), "use_cache", None) is not None:
             inputs.setdefault("use_cache", False)  # a KV cache is never read here: don't build one

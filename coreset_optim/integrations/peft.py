@@ -146,11 +146,7 @@ def default_lora_sketch_modules(model: nn.Module, trained: set[int]) -> list[str
         return None
 
     def trained_b(name: str, layer: nn.Module) -> list[str]:
-        return [
-            f"{name}.lora_B.{a}"
-            for a in _active_adapters(layer)
-            if id(layer.lora_B[a].weight) in trained
-        ]
+        return [f"{name}.lora_B.{a}" for a in _active_adapters(layer) if id(layer.lora_B[a].weight) in trained]
 
     v_layers = [(n, m) for n, m in found if _leaf(n) == "v_proj" and trained_b(n, m)]
     if v_layers:

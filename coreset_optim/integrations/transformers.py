@@ -79,37 +79,51 @@ class CoresetArguments:
         default=None, metadata={"help": "Dataset column naming each example's source (data mixture)."}
     )
     id_column: Optional[str] = field(
-        default=None, metadata={"help": "Dataset column with each example's id, kept like source_column; names "
-                                "the rows in suspects_file."}
+        default=None,
+        metadata={
+            "help": "Dataset column with each example's id, kept like source_column; names the rows in suspects_file."
+        },
     )
     suspects_file: Optional[str] = field(
-        default=None, metadata={"help": "JSON-lines file: per logging window, the ids (id_column) most often "
-                                "flagged as suspect (likely mislabeled) by selection='consensus_loss' or 'trimmed_loss'."}
+        default=None,
+        metadata={
+            "help": "JSON-lines file: per logging window, the ids (id_column) most often "
+            "flagged as suspect (likely mislabeled) by selection='consensus_loss' or 'trimmed_loss'."
+        },
     )
     # Every option below defaults to "not given" (None, or PRESET where None is a value), so that
     # CoresetOptimizer and the preset decide its value: defaults are stated once, in config.py and
     # presets.py, and whatever is given is passed through as given.
     keep_sources: Optional[Union[str, list]] = field(
-        default=PRESET, metadata={"help": "'auto', None, or source ids whose examples are all kept; default: the preset's."}
+        default=PRESET,
+        metadata={"help": "'auto', None, or source ids whose examples are all kept; default: the preset's."},
     )
     sketch_modules: Optional[list[str]] = field(
-        default=None, metadata={"help": "Linear layers (names or regexes) to sketch; default: LoRA-B of the last v_proj."}
+        default=None,
+        metadata={"help": "Linear layers (names or regexes) to sketch; default: LoRA-B of the last v_proj."},
     )
-    sketch_dim: Optional[int] = field(default=None, metadata={"help": "Sketch dimension after compression; default: the preset's."})
+    sketch_dim: Optional[int] = field(
+        default=None, metadata={"help": "Sketch dimension after compression; default: the preset's."}
+    )
     normalize: Optional[str] = field(
         default=PRESET, metadata={"help": "'adam', 'adam_update' or None; default: the preset's."}
     )
-    similarity: Optional[str] = field(default=None, metadata={"help": "Similarity used by facility location; default: the preset's."})
+    similarity: Optional[str] = field(
+        default=None, metadata={"help": "Similarity used by facility location; default: the preset's."}
+    )
     sketch_batch_size: Optional[int] = field(
         default=None, metadata={"help": "Chunk size of the passes over the large batch; default: the coreset size."}
     )
     sketch_block_bytes: Optional[int] = field(
-        default=None, metadata={"help": "Bytes for one block of per-example gradients in the sketch pass; default 32 MiB."}
+        default=None,
+        metadata={"help": "Bytes for one block of per-example gradients in the sketch pass; default 32 MiB."},
     )
     coreset_micro_batch_size: Optional[int] = field(
         default=None, metadata={"help": "Chunk size of the coreset's backward."}
     )
-    coreset_seed: Optional[int] = field(default=None, metadata={"help": "Seed of the selection's random generator; default 0."})
+    coreset_seed: Optional[int] = field(
+        default=None, metadata={"help": "Seed of the selection's random generator; default 0."}
+    )
     coreset_preset: str = field(
         default="default", metadata={"help": "'default' or 'colm': fills the options not given."}
     )
@@ -118,22 +132,28 @@ class CoresetArguments:
     )
     selection: Optional[str] = field(
         default=None,
-        metadata={"help": "'loss', 'trimmed_loss', 'gradient_matching', 'facility_location', 'random' or 'target'; "
-                  "None: the preset's."},
+        metadata={
+            "help": "'loss', 'trimmed_loss', 'gradient_matching', 'facility_location', 'random' or 'target'; "
+            "None: the preset's."
+        },
     )
     target_curvature: Optional[float] = field(
-        default=None, metadata={"help": "selection='target': curvature h of the second-order term (default 0: first order)."}
+        default=None,
+        metadata={"help": "selection='target': curvature h of the second-order term (default 0: first order)."},
     )
     target_refresh: Optional[int] = field(
-        default=None, metadata={"help": "selection='target': selections between refreshes of the target's gradient (default 1)."}
+        default=None,
+        metadata={"help": "selection='target': selections between refreshes of the target's gradient (default 1)."},
     )
     target_per_source: Optional[bool] = field(
         default=None, metadata={"help": "selection='target': True for per-source budgets (default False: one greedy)."}
     )
     coreset_temperature: Optional[float] = field(
         default=None,
-        metadata={"help": "How much each source counts: 1 as sampled, 2 temperature sampling, inf every source "
-                  "equally (CoresetOptimizer's temperature=); None: the preset's."},
+        metadata={
+            "help": "How much each source counts: 1 as sampled, 2 temperature sampling, inf every source "
+            "equally (CoresetOptimizer's temperature=); None: the preset's."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -143,7 +163,8 @@ class CoresetArguments:
         large = self.per_device_train_batch_size * world
         if config.coreset_size is not None and config.coreset_size > large:
             raise ValueError(
-                f"coreset_size={config.coreset_size} is larger than per_device_train_batch_size={self.per_device_train_batch_size}"
+                f"coreset_size={config.coreset_size} is larger than "
+                f"per_device_train_batch_size={self.per_device_train_batch_size}"
                 f" x {world} process(es), the large batch it is selected from; raise "
                 "per_device_train_batch_size or lower coreset_size"
             )
@@ -179,12 +200,22 @@ class CoresetArguments:
 
 # CoresetArguments field -> CoresetOptimizer keyword (renamed where the Trainer has its own).
 OPTION_NAMES = {
-    "coreset_size": "coreset_size", "coreset_ratio": "coreset_ratio", "keep_sources": "keep_sources",
-    "sketch_dim": "sketch_dim", "normalize": "normalize", "similarity": "similarity",
-    "sketch_batch_size": "sketch_batch_size", "sketch_block_bytes": "sketch_block_bytes",
-    "coreset_micro_batch_size": "micro_batch_size", "coreset_seed": "seed", "sketch": "sketch",
-    "selection": "selection", "target_curvature": "target_curvature", "target_refresh": "target_refresh",
-    "target_per_source": "target_per_source", "coreset_temperature": "temperature",
+    "coreset_size": "coreset_size",
+    "coreset_ratio": "coreset_ratio",
+    "keep_sources": "keep_sources",
+    "sketch_dim": "sketch_dim",
+    "normalize": "normalize",
+    "similarity": "similarity",
+    "sketch_batch_size": "sketch_batch_size",
+    "sketch_block_bytes": "sketch_block_bytes",
+    "coreset_micro_batch_size": "micro_batch_size",
+    "coreset_seed": "seed",
+    "sketch": "sketch",
+    "selection": "selection",
+    "target_curvature": "target_curvature",
+    "target_refresh": "target_refresh",
+    "target_per_source": "target_per_source",
+    "coreset_temperature": "temperature",
 }
 
 
@@ -341,7 +372,8 @@ class CoresetTrainerMixin:
         normalize = self.args.coreset_config().normalize
         if normalize is not None and not any(has_second_moment(g) for g in built.param_groups):
             raise ValueError(
-                f"optim={getattr(self.args.optim, 'value', self.args.optim)!r} built {type(built).__name__}, which keeps no Adam second "
+                f"optim={getattr(self.args.optim, 'value', self.args.optim)!r} built {type(built).__name__}, "
+                "which keeps no Adam second "
                 f"moment, but normalize={normalize!r} needs one. Use an Adam-type optimizer "
                 "(adamw_torch, adamw_bnb_8bit, paged_adamw_8bit, ...) or set normalize=None to select "
                 "on raw gradients"
@@ -354,12 +386,18 @@ class CoresetTrainerMixin:
     def _target_batch(self) -> dict[str, Any]:
         """``target_dataset`` as one batch, collated and placed like a training batch."""
         data = self.target_dataset
-        if self.args.remove_unused_columns and hasattr(data, "column_names") and hasattr(self, "_remove_unused_columns"):
+        if (
+            self.args.remove_unused_columns
+            and hasattr(data, "column_names")
+            and hasattr(self, "_remove_unused_columns")
+        ):
             data = self._remove_unused_columns(data, description="target")
         features = [data[i] for i in range(len(data))]
         kept = set(self._kept_columns().values())
         if kept:
-            features = [{k: v for k, v in f.items() if k not in kept} if isinstance(f, Mapping) else f for f in features]
+            features = [
+                {k: v for k, v in f.items() if k not in kept} if isinstance(f, Mapping) else f for f in features
+            ]
         return dict(self._prepare_inputs(self.data_collator(features)))
 
     @property
@@ -397,9 +435,7 @@ class CoresetTrainerMixin:
                 return self.per_example_loss(model, inputs)
             return causal_lm_loss_fn(model)(inputs)
 
-    def training_step(
-        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
-    ) -> torch.Tensor:
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         """Select a coreset of the micro-batch and backpropagate it (instead of the whole batch)."""
         del num_items_in_batch  # counts tokens of the whole large batch: not the coreset's scale
         model.train()
@@ -488,7 +524,10 @@ class CoresetTrainerMixin:
             path = f"{path}.rank{_process_rank()}"
         ranked = sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))
         with open(path, "a") as f:
-            f.write(json.dumps({"step": self.state.global_step, "suspects": [[i, n] for i, n in ranked]}, default=str) + "\n")
+            f.write(
+                json.dumps({"step": self.state.global_step, "suspects": [[i, n] for i, n in ranked]}, default=str)
+                + "\n"
+            )
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Training logs (those with ``loss``: the large batches' mean loss) also get the window's
