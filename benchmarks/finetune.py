@@ -55,6 +55,7 @@ from coreset_optim.datasets.evaluation import evaluate_tasks, macro, mixture_wei
 from coreset_optim.datasets.noise import NOISE_MODELS, PLACEMENTS, check_noise, corrupt_mixture  # noqa: E402
 from coreset_optim.datasets.tasks import FinetuneMixture, make_finetune_mixture  # noqa: E402
 from coreset_optim.integrations.causal_lm import causal_lm_per_example_loss  # noqa: E402
+from coreset_optim.suspects import hardest_first  # noqa: E402
 
 RESULTS = results_dir("finetune")  # benchmarks/results/finetune/
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -260,8 +261,7 @@ def consensus_loss(x, k, *, losses, rows, mode="positive", **_):
     else:  # product
         key = local * a.clamp(min=0)
         return torch.sort(key, descending=True, stable=True).indices[:k], torch.full((k,), n / k)
-    key = torch.where(ok, local, -local - (local.abs().max() + 1.0) * 4)
-    return torch.sort(key, descending=True, stable=True).indices[:k], torch.full((k,), n / k)
+    return hardest_first(local, k, ~ok), torch.full((k,), n / k)
 
 
 def register_finetune_experiments() -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .compress import rows_per_source
+from .suspects import flag_per_source, hardest_first
 
 MIN_EXAMPLES = 3  # a consensus needs at least two other examples of the source
 
@@ -53,11 +53,8 @@ def consensus_loss_coreset(
     n = rows.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    local = losses.to(x.device).index_select(0, rows.to(x.device)).double()
-    suspect = disagreeing(x)
-    key = torch.where(suspect, -local - (local.abs().max() + 1.0) * 4, local)
-    order = torch.sort(key, descending=True, stable=True).indices
-    return order[:k].to(rows.device), torch.full((k,), n / k, device=rows.device)
+    local = losses.to(x.device).index_select(0, rows.to(x.device))
+    return hardest_first(local, k, disagreeing(x)).to(rows.device), torch.full((k,), n / k, device=rows.device)
 
 
 def consensus_suspects(
@@ -65,11 +62,7 @@ def consensus_suspects(
 ) -> torch.Tensor:
     """``BoolTensor[B]``: the examples whose normalized sketch disagrees with their source's
     (``sketches``: the rows the selector read, each source on its own coordinates)."""
-    out = torch.zeros(sketches.shape[0], dtype=torch.bool, device=sketches.device)
-    _, rows = rows_per_source(valid.to(sketches.device), source_codes.to(sketches.device), num_sources)
-    for source_rows in rows:
-        out[source_rows] = disagreeing(sketches.index_select(0, source_rows))
-    return out
+    return flag_per_source(sketches, disagreeing, valid, source_codes, num_sources)
 
 
 consensus_loss_coreset.suspects = consensus_suspects  # type: ignore[attr-defined]

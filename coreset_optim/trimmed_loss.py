@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .compress import rows_per_source
+from .suspects import flag_per_source, hardest_first
 
 GAP_RATIO = 3.0  # the gap must exceed this many standard deviations of the losses below it
 MIN_EXAMPLES = 6  # fewer losses than this: no split (every example is clean)
@@ -59,11 +59,7 @@ def suspect_examples(
     """``BoolTensor[B]``: the examples their source's split puts in its high-loss component (the
     same split the selector makes), for :attr:`~coreset_optim.Coreset.suspects` (``sketches``
     unused: the split reads losses only)."""
-    out = torch.zeros(losses.numel(), dtype=torch.bool, device=losses.device)
-    _, rows = rows_per_source(valid.to(losses.device), source_codes.to(losses.device), num_sources)
-    for source_rows in rows:
-        out[source_rows] = high_loss_cluster(losses.index_select(0, source_rows))
-    return out
+    return flag_per_source(losses, high_loss_cluster, valid, source_codes, num_sources)
 
 
 def trimmed_loss_coreset(
@@ -74,12 +70,8 @@ def trimmed_loss_coreset(
     n = rows.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    local = losses.to(rows.device).index_select(0, rows).double()
-    suspect = high_loss_cluster(local)
-    # Clean examples by descending loss, then suspects by ascending loss (stable: batch order).
-    key = torch.where(suspect, -local - (local.abs().max() + 1.0) * 4, local)
-    order = torch.sort(key, descending=True, stable=True).indices
-    return order[:k], torch.full((k,), n / k, device=rows.device)
+    local = losses.to(rows.device).index_select(0, rows)
+    return hardest_first(local, k, high_loss_cluster(local)), torch.full((k,), n / k, device=rows.device)
 
 
 trimmed_loss_coreset.needs_sketch = False  # type: ignore[attr-defined]  # losses only: one no-grad pass
