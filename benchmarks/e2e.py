@@ -69,6 +69,20 @@ def _set_malloc_mmap_threshold(nbytes: int) -> None:
         pass
 
 
+def host_peak(fn, *args) -> tuple[int, float]:
+    """``(peak RSS above the RSS before, seconds)`` of one call ``fn(*args)`` in this process: freed
+    memory returned to the OS first, the peak reset through /proc/self/clear_refs."""
+    _set_malloc_mmap_threshold(65536)
+    _release_host_memory()
+    base = _status_kb("VmRSS") * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    t0 = time.perf_counter()
+    fn(*args)
+    seconds = time.perf_counter() - t0
+    return _status_kb("VmHWM") * 1024 - base, seconds
+
+
 def make_step(config: str, model, loss_fn, optimizer, k: int, big: int):
     """The training step of one configuration, as a function of the large batch."""
     import torch

@@ -41,7 +41,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from common import md_header, results_dir, stamped  # noqa: E402
-from e2e import _release_host_memory, _set_malloc_mmap_threshold, _status_kb, machine_info  # noqa: E402
+from e2e import _status_kb, host_peak, machine_info  # noqa: E402
 
 # name: (family, vocab); hidden 64, 2 layers: the logits, not the blocks, are what grows with T.
 MODELS = {"llama-32k": ("llama", 32000), "gpt2-50k": ("gpt2", 50257), "llama-128k": ("llama", 128256)}
@@ -169,15 +169,8 @@ def run_worker(args) -> dict:
     vocab = model.config.vocab_size
     step(batch(args.batch, 16, vocab, 0))  # warm-up: Adam's state
     real = batch(args.batch, args.seq_len, vocab, 1)
-    _set_malloc_mmap_threshold(65536)
-    _release_host_memory()
     base = _status_kb("VmRSS") * 1024
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    t0 = time.perf_counter()
-    step(real)
-    seconds = time.perf_counter() - t0
-    peak = _status_kb("VmHWM") * 1024 - base
+    peak, seconds = host_peak(step, real)
     wrapper = getattr(step, "wrapper", None)
     row = {
         "config": args.worker,

@@ -21,14 +21,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from e2e import _release_host_memory, _set_malloc_mmap_threshold, _status_kb  # noqa: E402
+from e2e import _status_kb, host_peak  # noqa: E402
 from sketch_memory import build_model  # noqa: E402
 
 CONFIGS = ("plain_k", "plain_B", "target", "target_whole")
@@ -121,14 +120,8 @@ def run_worker(args) -> dict:
     for b in batches:
         del b["source"]
     step(batches[0])  # warm-up: Adam's state, caches
-    _set_malloc_mmap_threshold(65536)
-    _release_host_memory()
     base = _status_kb("VmRSS") * 1024
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    t0 = time.perf_counter()
-    step(batches[1])
-    peak = _status_kb("VmHWM") * 1024 - base
+    peak, seconds = host_peak(step, batches[1])
     return {
         "config": args.worker,
         "vocab": vocab,
@@ -141,7 +134,7 @@ def run_worker(args) -> dict:
         "lm_head_numel": int(model.lm_head.weight.numel()),
         "peak_above_base_bytes": peak,
         "base_bytes": base,
-        "step_s": time.perf_counter() - t0,
+        "step_s": seconds,
     }
 
 
