@@ -89,9 +89,14 @@ def unconstrained_matching(x, k, *, watch=None, **_):
 
 
 def register_experiments() -> None:
-    from coreset_optim.selection import SELECTORS
+    """Register the benchmarks' experimental selection methods (here: unconstrained matching)."""
+    from coreset_optim.gradient_matching import GradientMatching
+    from coreset_optim.methods import METHODS, register_method
 
-    SELECTORS.setdefault("gradient_matching_unconstrained", unconstrained_matching)
+    if "gradient_matching_unconstrained" not in METHODS:
+        choose = staticmethod(lambda x, k, **context: unconstrained_matching(x, k, **context))
+        name = "gradient_matching_unconstrained"
+        register_method(type("UnconstrainedMatching", (GradientMatching,), {"name": name, "choose": choose}))
 
 
 def tiny_llama(seed: int, hidden: int = 64, layers: int = 2):

@@ -108,8 +108,8 @@ def run(layers: int, mode: str, args) -> dict:
     row = {
         "layers": layers,
         "mode": mode,
-        "target": [t.name for t in wrapper.sketch_targets],
-        "sketch_numel": sum(t.numel for t in wrapper.sketch_targets),
+        "target": [t.name for t in wrapper.sketch_layers],
+        "sketch_numel": sum(t.numel for t in wrapper.sketch_layers),
         "ratio_median": statistics.median(ratios),
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),

@@ -118,7 +118,7 @@ def run(world: int, rank: int, counter: Counter | None) -> dict:
             local_counts.append(len(c.local_indices))
             for name, t in c.timings.items():
                 stages.setdefault(name, []).append(t)
-    d_full = sum(p.numel() for t in opt.sketch_targets for p in t.params)
+    d_full = sum(p.numel() for t in opt.sketch_layers for p in t.params)
     return dict(
         stages_ms={n: 1000 * statistics.median(v) for n, v in stages.items()},
         bytes=None if counter is None else counter.bytes,

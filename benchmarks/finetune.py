@@ -15,8 +15,8 @@ Wall-clock: each method's seconds per step measured round-robin (one step of eac
 to load from other processes) times the step count. Activation memory: the largest number of bytes
 one forward pass saves for backward (parameters excluded).
 
-Add a method: ``METHODS["name"] = Method("coreset", {CoresetOptimizer options}, select_kwargs=...)``;
-``select_kwargs(ctx)`` returns extra keyword arguments for ``select()``; ``ctx.target`` is the
+Add a method: ``METHODS["name"] = Method("coreset", {CoresetOptimizer options}, target=...)``;
+``target(ctx)`` returns the held-out batch of a target method (``selection.set_target``); ``ctx.target`` is the
 held-out tasks' target split (a batch with input_ids/labels), disjoint from their evaluation split.
 
 Label noise (``--noise MODEL --noise-rate R --noise-placement per_source|concentrated``): wrong answers
@@ -42,6 +42,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -55,6 +56,9 @@ from coreset_optim.datasets.evaluation import evaluate_tasks, macro, mixture_wei
 from coreset_optim.datasets.noise import NOISE_MODELS, PLACEMENTS, check_noise, corrupt_mixture  # noqa: E402
 from coreset_optim.datasets.tasks import FinetuneMixture, make_finetune_mixture  # noqa: E402
 from coreset_optim.integrations.causal_lm import causal_lm_per_example_loss  # noqa: E402
+from coreset_optim.gradient_matching import GradientMatching  # noqa: E402
+from coreset_optim.method import SketchedMethod  # noqa: E402
+from coreset_optim.methods import METHODS as METHOD_REGISTRY, register_method  # noqa: E402
 from coreset_optim.suspects import hardest_first  # noqa: E402
 
 RESULTS = results_dir("finetune")  # benchmarks/results/finetune/
@@ -71,7 +75,7 @@ class Method:
     kind: str
     options: dict = field(default_factory=dict)
     steps: float = 1.0
-    select_kwargs: Callable | None = None
+    target: Callable | None = None  # ctx -> the held-out batch of selection="target"
     optimizer: str | None = None  # None: the benchmark's --optimizer
     k: int | None = None  # None: the benchmark's --k
 
@@ -117,40 +121,36 @@ METHODS: dict[str, Method] = {
     "random_k32": Method("random", k=32),
     "stratified_k32": Method("stratified", {"selection": "random"}, k=32),
     # Target-aware selection (issue 12): the held-out tasks' target split (disjoint from their
-    # evaluation split) as the target; h = target_curvature. "target" and most variants select with
-    # one greedy over the batch (target_per_source=False, measured first); *_per_source: per-source budgets.
-    "target": Method(
-        "coreset", {"selection": "target", "target_per_source": False}, select_kwargs=lambda ctx: {"target": ctx.target}
-    ),
+    # evaluation split) as the target; h = curvature. "target" and most variants select with
+    # one greedy over the batch (per_source=False, measured first); *_per_source: per-source budgets.
+    "target": Method("coreset", {"selection": "target", "per_source": False}, target=lambda ctx: ctx.target),
     "target_h1": Method(
         "coreset",
-        {"selection": "target", "target_curvature": 1.0, "target_per_source": False},
-        select_kwargs=lambda ctx: {"target": ctx.target},
+        {"selection": "target", "curvature": 1.0, "per_source": False},
+        target=lambda ctx: ctx.target,
     ),
     "target_h100": Method(
         "coreset",
-        {"selection": "target", "target_curvature": 100.0, "target_per_source": False},
-        select_kwargs=lambda ctx: {"target": ctx.target},
+        {"selection": "target", "curvature": 100.0, "per_source": False},
+        target=lambda ctx: ctx.target,
     ),
-    "target_per_source": Method(
-        "coreset", {"selection": "target", "target_per_source": True}, select_kwargs=lambda ctx: {"target": ctx.target}
-    ),
+    "per_source": Method("coreset", {"selection": "target", "per_source": True}, target=lambda ctx: ctx.target),
     "target_last_block": Method(
         "coreset",
-        {"selection": "target", "sketch_modules": LAST_BLOCK_ALL, "target_per_source": False},
-        select_kwargs=lambda ctx: {"target": ctx.target},
+        {"selection": "target", "sketch_modules": LAST_BLOCK_ALL, "per_source": False},
+        target=lambda ctx: ctx.target,
     ),
     "target_last_block_per_source": Method(
         "coreset",
-        {"selection": "target", "sketch_modules": LAST_BLOCK_ALL, "target_per_source": True},
-        select_kwargs=lambda ctx: {"target": ctx.target},
+        {"selection": "target", "sketch_modules": LAST_BLOCK_ALL, "per_source": True},
+        target=lambda ctx: ctx.target,
     ),
     # A target spread evenly over the training sources (8 examples of each, from the training pool:
     # disjoint from evaluation): does aiming at it beat balanced random k on the macro metric?
     "target_spread": Method(
         "coreset",
-        {"selection": "target", "target_per_source": False},
-        select_kwargs=lambda ctx: {"target": spread_target(ctx)},
+        {"selection": "target", "per_source": False},
+        target=lambda ctx: spread_target(ctx),
     ),
     # Fixed source reweightings toward the skills the held-out tasks need (an oracle: it knows that
     # sort_reverse needs sort and reverse, rotr_succ needs rotr and succ): k of the large batch with
@@ -264,15 +264,34 @@ def consensus_loss(x, k, *, losses, rows, mode="positive", **_):
     return hardest_first(local, k, ~ok), torch.full((k,), n / k)
 
 
+@dataclass(kw_only=True)
+class GradientMatchingUniform(GradientMatching):
+    """Experiment only: gradient matching's examples, each weighted n / k."""
+
+    name: ClassVar[str] = "gradient_matching_uniform"
+
+    def choose(self, x, k, **context):
+        return gradient_matching_uniform(x, k, **context)
+
+
+@dataclass(kw_only=True)
+class ConsensusVariant(SketchedMethod):
+    """Experiment: :func:`consensus_loss` with the agreement rule ``mode`` (one registered
+    subclass per mode, ``consensus_loss_<mode>``; no suspects reported)."""
+
+    mode: ClassVar[str] = "positive"
+
+    def choose(self, x, k, **context):
+        return consensus_loss(x, k, mode=self.mode, **context)
+
+
 def register_finetune_experiments() -> None:
-    from functools import partial
-
-    from coreset_optim.selection import SELECTORS
-
     register_experiments()
-    SELECTORS.setdefault("gradient_matching_uniform", gradient_matching_uniform)
+    register_method(GradientMatchingUniform)
     for mode in ("positive", "half", "product", "unit", "trim", "lowhalf", "lowhalf_half"):
-        SELECTORS.setdefault(f"consensus_loss_{mode}", partial(consensus_loss, mode=mode))
+        name = f"consensus_loss_{mode}"
+        if name not in METHOD_REGISTRY:
+            register_method(type(f"ConsensusLoss_{mode}", (ConsensusVariant,), {"name": name, "mode": mode}))
 
 
 @dataclass
@@ -382,7 +401,8 @@ class Trainer:
         self.wrapper = None
         if self.method.kind in ("coreset", "stratified"):
             self.wrapper = CoresetOptimizer(self.opt, self.model, coreset_size=self.k, seed=seed, **self.method.options)
-        self.select_kwargs = self.method.select_kwargs(ctx) if self.method.select_kwargs else {}
+        if self.method.target is not None:
+            self.wrapper.selection.set_target(self.method.target(ctx))
         self.names = ctx.mixture.names
         self.corrupted = ctx.corrupted
         # Under label noise: rows trained on that were corrupted, and the suspect report against truth.
@@ -412,7 +432,7 @@ class Trainer:
             for start in range(0, n, k):
                 (loss_fn({key: v[start : start + k] for key, v in big.items()}).sum() / n).backward()
         else:
-            coreset = self.wrapper.select(big, loss_fn, sources=big["source"], **self.select_kwargs)
+            coreset = self.wrapper.select(big, loss_fn, sources=big["source"])
             if self.corrupted is not None:
                 self.count_noise(big, coreset)
         self.opt.step()

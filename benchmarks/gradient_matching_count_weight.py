@@ -21,17 +21,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gradient_matching  # noqa: E402
 from common import results_dir  # noqa: E402
 
-from coreset_optim.gradient_matching import gradient_matching_coreset  # noqa: E402
-from coreset_optim.selection import SELECTORS  # noqa: E402
+from coreset_optim.gradient_matching import GradientMatching, gradient_matching_coreset  # noqa: E402
+from coreset_optim.methods import register_method  # noqa: E402
 
 COUNT_WEIGHTS = (0.0, 1.0, 3.0, 10.0, 100.0)  # 1.0 is the library's default
+
+
+def _choose(x, k, *, count_weight, **context):
+    return gradient_matching_coreset(x, k, count_weight=count_weight, **context)
 
 
 def main() -> None:
     names = ["random"]
     for cw in COUNT_WEIGHTS:
         name = f"gm_count_weight_{cw:g}"
-        SELECTORS.setdefault(name, partial(gradient_matching_coreset, count_weight=cw))
+        choose = staticmethod(partial(_choose, count_weight=cw))
+        register_method(type(name, (GradientMatching,), {"name": name, "choose": choose}))
         gradient_matching.METHODS[name] = dict(selection=name, normalize="adam")
         names.append(name)
     gradient_matching.SCRIPT = "gradient_matching_count_weight"

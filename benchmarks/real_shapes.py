@@ -148,7 +148,9 @@ def make_step(config: str, model, opt, k: int, big: int):
     selection = config.split(":", 1)[1]
     wrapper = CoresetOptimizer(opt, model, coreset_size=k, selection=selection)
     if selection == "target":
-        wrapper.set_target({key: v for key, v in batch(8, 16, model.config.vocab_size, 99).items() if key != "source"})
+        wrapper.selection.set_target(
+            {key: v for key, v in batch(8, 16, model.config.vocab_size, 99).items() if key != "source"}
+        )
 
     def coreset(b: dict) -> None:
         wrapper.select({"input_ids": b["input_ids"], "labels": b["labels"]}, loss_fn, sources=b["source"])
@@ -186,7 +188,7 @@ def run_worker(args) -> dict:
     }
     if wrapper is not None:
         c = wrapper.config
-        row.update(sketch=c.sketch, sketch_modules=[t.name for t in wrapper.sketch_targets])
+        row.update(sketch=c.sketch, sketch_modules=[t.name for t in wrapper.sketch_layers])
     return row
 
 

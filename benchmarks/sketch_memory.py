@@ -110,7 +110,7 @@ def make_step(config: str, model, loss_fn, opt, wrapper, k: int, big: int, targe
 
     def today(batch):  # select() as it was: whole per-example gradients, then normalize, then compress
         c = wrapper.config
-        targets = wrapper.sketch_targets
+        targets = wrapper.sketch_layers
         raw, losses = exact_sketches(model, targets, batch, loss_fn, big, k)
         valid = torch.isfinite(losses) & torch.isfinite(raw).all(1)
         normalized = normalize_sketches(raw, opt, sketch_params(targets), c.normalize)
@@ -180,7 +180,7 @@ def run_worker(args) -> dict:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = _status_kb("VmHWM") * 1024 - base
-    targets = [(t.name, t.numel) for t in wrapper.sketch_targets]
+    targets = [(t.name, t.numel) for t in wrapper.sketch_layers]
     return {
         "config": args.worker,
         "model": args.model,

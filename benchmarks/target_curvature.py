@@ -34,10 +34,10 @@ from coreset_optim.target import greedy_target, scale_columns, step_sizes, targe
 
 def probe(trainer: ft.Trainer, big: dict, target: dict, k: int) -> dict:
     opt, model, loss_fn = trainer.wrapper, trainer.model, trainer.loss_fn
-    params = sketch_params(opt.sketch_targets)
+    params = sketch_params(opt.sketch_layers)
     n = big["input_ids"].shape[0]
-    raw, _ = exact_sketches(model, opt.sketch_targets, big, loss_fn, n, None)
-    traw, tl = exact_sketches(model, opt.sketch_targets, target, loss_fn, target["input_ids"].shape[0], None)
+    raw, _ = exact_sketches(model, opt.sketch_layers, big, loss_fn, n, None)
+    traw, tl = exact_sketches(model, opt.sketch_layers, target, loss_fn, target["input_ids"].shape[0], None)
     updates = scale_columns(
         normalize_sketches(raw, opt.optimizer, params, "adam"), params, step_sizes(opt.optimizer, params)
     )

@@ -55,7 +55,8 @@ def make_step(config, model, loss_fn, opt, wrapper, k, big, target):
     if config == "target":
 
         def streamed(batch):
-            wrapper.select(batch, loss_fn, target=target)
+            wrapper.selection.set_target(target)
+            wrapper.select(batch, loss_fn)
             wrapper.step()
             wrapper.zero_grad(set_to_none=True)
 
@@ -63,7 +64,7 @@ def make_step(config, model, loss_fn, opt, wrapper, k, big, target):
 
     def whole(batch):  # the target stage as it was: [T, D] and [B, D] rows
         c = wrapper.config
-        targets = wrapper.sketch_targets
+        targets = wrapper.sketch_layers
         params = sketch_params(targets)
         traw, tlosses = exact_sketches(model, targets, target, loss_fn, target["input_ids"].shape[0], k)
         g_t = target_gradient(traw, tlosses)
@@ -109,8 +110,8 @@ def run_worker(args) -> dict:
         coreset_size=args.k,
         sketch_modules="lm_head",
         selection="target",
-        target_curvature=args.curvature,
-        target_per_source=False,
+        curvature=args.curvature,
+        per_source=False,
     )
     vocab = model.config.vocab_size
     target = make_batch(args.target_size, args.seq_len, vocab=vocab, seed=99)

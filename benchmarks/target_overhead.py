@@ -49,7 +49,7 @@ def main() -> None:
         inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         opt = CoresetOptimizer(inner, model, coreset_size=args.k, source_key="source", **options)
         if options.get("selection") == "target":
-            opt.set_target(target)
+            opt.selection.set_target(target)
         counter = [0]
         timings[name] = []
 

@@ -17,7 +17,7 @@ import torch
 
 from benchutil import interleave
 from coreset_optim import CoresetOptimizer
-from coreset_optim.sketch import exact_sketches
+from coreset_optim.sketch import BatchPass, exact_sketches
 from coreset_optim.streaming import compressed_sketches
 from tinyllm import build, make_batch
 
@@ -43,12 +43,7 @@ def test_sketch_pass_vs_nograd_forward(benchmark, record, size):
 
     def bounded(chunk):
         compressed_sketches(
-            model,
-            opt.sketch_targets,
-            batch,
-            loss_fn,
-            B,
-            chunk,
+            BatchPass(model, opt.sketch_layers, batch, loss_fn, B, chunk),
             optimizer=opt.optimizer,
             normalize=c.normalize,
             sketch=c.sketch,
@@ -66,7 +61,7 @@ def test_sketch_pass_vs_nograd_forward(benchmark, record, size):
         bounded(None)
 
     def whole_gradient_pass():
-        exact_sketches(model, opt.sketch_targets, batch, loss_fn, B, K)
+        exact_sketches(model, opt.sketch_layers, batch, loss_fn, B, K)
 
     m = interleave(
         {
@@ -80,7 +75,7 @@ def test_sketch_pass_vs_nograd_forward(benchmark, record, size):
     )
     row = {
         "model": size,
-        "sketch_dims": sum(t.numel for t in opt.sketch_targets),
+        "sketch_dims": sum(t.numel for t in opt.sketch_layers),
         "nograd_fwd_s": m["nograd"],
         "sketch_s": m["sketch"],
         "sketch/nograd": m["sketch"] / m["nograd"],

@@ -7,7 +7,12 @@ the same draws), each weighted n / k: an unbiased estimate of the source's sum.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import torch
+
+from .method import SelectionMethod
 
 
 def random_coreset(
@@ -32,6 +37,25 @@ def loss_coreset(
     return order[:k], torch.full((k,), n / k, device=rows.device)
 
 
-# Neither reads a gradient sketch: select() runs one no-grad pass for the losses only.
-random_coreset.needs_sketch = False  # type: ignore[attr-defined]
-loss_coreset.needs_sketch = False  # type: ignore[attr-defined]
+# Neither reads a gradient sketch: the base class's pass computes the losses only (no grad).
+
+
+@dataclass(kw_only=True)
+class RandomSubset(SelectionMethod):
+    """``selection="random"``: a uniform subset of each source, weighted n / k."""
+
+    name: ClassVar[str] = "random"
+
+    def choose(self, x: torch.Tensor, k: int, **context: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return random_coreset(x, k, **context)
+
+
+@dataclass(kw_only=True)
+class HighestLoss(SelectionMethod):
+    """``selection="loss"``: each source's k highest losses, weighted n / k (chases mislabeled
+    examples when there are some: see :class:`~coreset_optim.consensus.ConsensusLoss`)."""
+
+    name: ClassVar[str] = "loss"
+
+    def choose(self, x: torch.Tensor, k: int, **context: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return loss_coreset(x, k, **context)

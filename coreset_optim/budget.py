@@ -9,6 +9,7 @@ shares (ties: the larger source, then the first).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 
 def proportional_split(counts: Sequence[int], budget: int) -> list[int]:
@@ -40,6 +41,16 @@ def small_sources(counts: Sequence[int], budget: int) -> list[bool]:
     at most one example by rounding."""
     total = sum(counts)
     return [0 < c and c * budget < total for c in counts]
+
+
+def keep_mask(keep_sources: Any, names: Sequence[Any], counts: Sequence[int], budget: int) -> list[bool]:
+    """Which sources ``keep_sources`` marks to keep whole: "auto" the small ones
+    (:func:`small_sources`), None none, a list the sources it names."""
+    if keep_sources is None:
+        return [False] * len(names)
+    if keep_sources == "auto":
+        return small_sources(counts, budget)
+    return [name in keep_sources for name in names]
 
 
 def sources_kept_whole(counts: Sequence[int], budget: int, keep: Sequence[bool]) -> list[bool]:

@@ -16,8 +16,12 @@ consensus is the batch's own, so no clean examples and no extra forward are need
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import torch
 
+from .method import SketchedMethod
 from .suspects import flag_per_source, hardest_first
 
 MIN_EXAMPLES = 3  # a consensus needs at least two other examples of the source
@@ -47,9 +51,8 @@ def disagreeing(x: torch.Tensor) -> torch.Tensor:
 def consensus_loss_coreset(
     x: torch.Tensor, k: int, *, losses: torch.Tensor, rows: torch.Tensor, **_: object
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Selector for :data:`coreset_optim.selection.SELECTORS`: the ``k`` highest-loss rows of one
-    source's ``x[n, d]`` (its normalized sketches) among those that agree with the rest, then the
-    disagreeing ones by ascending loss; each weighted n / k."""
+    """The ``k`` highest-loss rows of one source's ``x[n, d]`` (its normalized sketches) among
+    those that agree with the rest, then the disagreeing ones by ascending loss; each weighted n / k."""
     n = rows.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
@@ -65,4 +68,15 @@ def consensus_suspects(
     return flag_per_source(sketches, disagreeing, valid, source_codes, num_sources)
 
 
-consensus_loss_coreset.suspects = consensus_suspects  # type: ignore[attr-defined]
+@dataclass(kw_only=True)
+class ConsensusLoss(SketchedMethod):
+    """``selection="consensus_loss"``, the default: the highest losses among the examples whose
+    Adam-normalized sketch agrees with their source's; the others are the suspects."""
+
+    name: ClassVar[str] = "consensus_loss"
+
+    def choose(self, x: torch.Tensor, k: int, **context: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return consensus_loss_coreset(x, k, **context)
+
+    def suspects(self, compressed, losses, valid, codes, num_sources) -> torch.Tensor:
+        return consensus_suspects(compressed, losses, valid, codes, num_sources)

@@ -175,6 +175,16 @@ class LocalBatch:
         """Nothing to agree on with other ranks while streaming sketch blocks."""
         return None
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on some rank: here, on this one."""
+        return bool(flag)
+
+    def sum_over_ranks(
+        self, summed: torch.Tensor, count: float, bad: torch.Tensor
+    ) -> tuple[torch.Tensor, float, torch.Tensor]:
+        """A sum, its count and its non-finite count over the ranks: here, as they are."""
+        return summed, count, bad
+
     def on_first_rank(self, select: Callable[..., Selection]) -> Callable[..., Selection]:
         return select
 
@@ -256,17 +266,32 @@ class Shards:
         rank gets the same sums, so all keep the same columns), a "some rank must redo" flag, and
         the largest shard, so every rank cuts the layers into the same blocks."""
 
-        def all_reduce(t: torch.Tensor) -> None:
-            buffer = t.to(comm_device(self.group, t.device))
-            dist.all_reduce(buffer, group=self.group)
-            t.copy_(buffer)
+        return Agreement(self.all_reduce, self.any_rank, max(self.sizes))
 
-        def any_rank(flag: bool) -> bool:
-            buffer = torch.tensor([float(flag)], device=comm_device(self.group, torch.device("cpu")))
-            dist.all_reduce(buffer, op=dist.ReduceOp.MAX, group=self.group)
-            return bool(buffer.item() > 0)
+    def all_reduce(self, t: torch.Tensor) -> None:
+        """Sum ``t`` over the ranks, in place."""
+        buffer = t.to(comm_device(self.group, t.device))
+        dist.all_reduce(buffer, group=self.group)
+        t.copy_(buffer)
 
-        return Agreement(all_reduce, any_rank, max(self.sizes))
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on some rank (one all-reduce of one number)."""
+        buffer = torch.tensor([float(flag)], device=comm_device(self.group, torch.device("cpu")))
+        dist.all_reduce(buffer, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(buffer.item() > 0)
+
+    def sum_over_ranks(
+        self, summed: torch.Tensor, count: float, bad: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``summed`` (float64), ``count`` and ``bad`` summed over the ranks in one all-reduce (e.g.
+        the ranks' held-out targets pooled: identical targets give their own mean)."""
+        extra = torch.stack(
+            [torch.tensor(count, dtype=torch.double, device=summed.device), bad.double().to(summed.device)]
+        )
+        packed = torch.cat([summed.double(), extra]).to(comm_device(self.group, summed.device))
+        dist.all_reduce(packed, group=self.group)
+        packed = packed.to(summed.device)
+        return packed[:-2], packed[-2], packed[-1]
 
     def gather(self, sketches: Sketches, dim: int, timings: dict[str, float]) -> Sketches:
         """The global batch's sketches (see :meth:`gather_sketches`); its seconds go to ``timings["gather"]``."""

@@ -25,7 +25,7 @@ from torch import nn
 # (model, ids of the parameters the optimizer trains) -> module names, or None: "not my kind of model".
 DefaultSketchModules = Callable[[nn.Module, "set[int]"], Optional[list[str]]]
 # (model, names of the chosen sketch modules) -> None; raises ValueError to refuse a choice.
-CheckSketchTargets = Callable[[nn.Module, Sequence[str]], None]
+CheckSketchLayers = Callable[[nn.Module, Sequence[str]], None]
 # model -> a context entered around every sketch pass (features switched off, restored on exit).
 SketchPass = Callable[[nn.Module], ContextManager[None]]
 
@@ -36,7 +36,7 @@ class ModelExtension:
 
     name: str
     default_sketch_modules: DefaultSketchModules | None = None
-    check_sketch_targets: CheckSketchTargets | None = None
+    check_sketch_layers: CheckSketchLayers | None = None
     sketch_pass: SketchPass | None = None
 
 
@@ -61,11 +61,11 @@ def extension_default_sketch_modules(model: nn.Module, trained: set[int]) -> lis
     return None
 
 
-def check_sketch_targets(model: nn.Module, target_names: Sequence[str]) -> None:
+def check_sketch_layers(model: nn.Module, layer_names: Sequence[str]) -> None:
     """Every registered extension's check of the chosen sketch modules (ValueError to refuse)."""
     for ext in list(EXTENSIONS.values()):
-        if ext.check_sketch_targets is not None:
-            ext.check_sketch_targets(model, target_names)
+        if ext.check_sketch_layers is not None:
+            ext.check_sketch_layers(model, layer_names)
 
 
 @contextlib.contextmanager

@@ -16,8 +16,14 @@ summing gains in float64 so that they choose alike:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import numpy as np
 import torch
+
+from .method import SketchedMethod
+from .similarity import SIMILARITIES, pairwise_similarity
 
 
 def facility_location_value(sim: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
@@ -116,3 +122,37 @@ def cluster_weights(sim: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
     """How many rows are most similar to each selected column (CRAIG's weights); sums to n."""
     nearest = sim.index_select(1, selected).argmax(1)
     return torch.bincount(nearest, minlength=selected.numel()).to(sim.dtype)
+
+
+def facility_location_coreset(
+    x: torch.Tensor, k: int, *, similarity: str, watch: Any = None, **_: object
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k`` rows of ``x`` by greedy facility location, weighted by cluster size."""
+    sim = pairwise_similarity(x, similarity)
+    if watch is not None:
+        watch.lap("similarity")
+    chosen = greedy_facility_location(sim, k)
+    if watch is not None:
+        watch.lap("greedy")
+    weights = cluster_weights(sim, chosen)
+    if watch is not None:
+        watch.lap("weights")
+    return chosen, weights
+
+
+@dataclass(kw_only=True)
+class FacilityLocation(SketchedMethod):
+    """``selection="facility_location"``, CoLM's rule: per source, the rows that best cover the
+    others under ``similarity`` ("l1": CoLM's ``max - ||x_i - x_j||_1``, or "cosine"), each
+    weighted by the size of its cluster."""
+
+    name: ClassVar[str] = "facility_location"
+    similarity: str = "l1"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+
+    def choose(self, x: torch.Tensor, k: int, **context: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return facility_location_coreset(x, k, similarity=self.similarity, **context)

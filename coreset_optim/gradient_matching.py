@@ -15,8 +15,13 @@ once per source; the small greedy loop then runs in float64 on the CPU with no d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import numpy as np
 import torch
+
+from .method import SketchedMethod
 
 
 def nnls_gram(
@@ -105,12 +110,21 @@ def greedy_matching(
 def gradient_matching_coreset(
     x: torch.Tensor, k: int, *, watch=None, count_weight: float = 1.0, **_: object
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Selector for :data:`coreset_optim.selection.SELECTORS` (see :func:`greedy_matching`)."""
+    """One source's ``k`` rows and non-negative weights (see :func:`greedy_matching`)."""
     chosen, weights = greedy_matching(x, k, count_weight=count_weight)
     if watch is not None:
         watch.lap("greedy")
     return chosen, weights
 
 
-# The greedy runs in numpy: select_from_sketches hands it host rows, copied once for all sources.
-gradient_matching_coreset.runs_on_host = True  # type: ignore[attr-defined]
+@dataclass(kw_only=True)
+class GradientMatching(SketchedMethod):
+    """``selection="gradient_matching"``: per source, the rows whose non-negatively weighted sum
+    best matches the sum of all its rows (the large batch's normalized gradient)."""
+
+    name: ClassVar[str] = "gradient_matching"
+    # The greedy runs in numpy: select_from_sketches hands it host rows, copied once for all sources.
+    runs_on_host: ClassVar[bool] = True
+
+    def choose(self, x: torch.Tensor, k: int, **context: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return gradient_matching_coreset(x, k, **context)

@@ -1,8 +1,9 @@
 """``CoresetOptimizer``: a torch.optim wrapper that trains each step on a weighted coreset.
 
-The class does bookkeeping (options, delegation, state); the math lives in free functions:
-:mod:`.sketch` (per-example gradients), :mod:`.normalize` (Adam's scaling), :mod:`.selection`
-(compress, similarity, greedy, weights) and :func:`backward_weighted` below.
+The class does bookkeeping (options, delegation, state); the selection method is an object
+(:mod:`.method`, registered by name in :mod:`.methods`) that owns its passes and its choose
+step; the math lives in free functions (:mod:`.sketch`, :mod:`.streaming`, :mod:`.normalize`,
+:mod:`.selection`, :mod:`.loss`).
 """
 
 from __future__ import annotations
@@ -16,24 +17,19 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .batching import batch_size
-from .budget import small_sources, sources_kept_whole
-from .config import CoresetConfig
+from .budget import keep_mask, sources_kept_whole
+from .checkpoints import STATE_KEY, WrapperState, read_wrapper_state, restore_method, wrapper_state
+from .config import CoresetConfig, resolve_options
 from .coreset import Coreset, SourceCount
-from .distributed import LocalBatch, Shards, batch_layout, comm_device, paused_gradient_sync
-from .loss import LossFn, losses_in_chunks
-from .normalize import normalize_sketches
-from .presets import FROM_PRESET, resolve_preset
-from .selection import SELECTORS, Selection, select_from_sketches, take_every_valid
-from .sketch import SketchSpec, Sketches, resolve_sketch_modules, sketch_mode, sketch_params
-from .streaming import DEFAULT_BLOCK_BYTES, compressed_sketches, summed_gradients, target_sketches
-from .target import batch_fingerprint, check_target_structure, mean_target_gradient, step_sizes
-from .zeroth_order import fixed_direction, sketch_numel, zeroth_order_sketches
-
-_STATE_KEY = "coreset_optim"
+from .distributed import LocalBatch, Shards, batch_layout, paused_gradient_sync
+from .loss import LossFn
+from .method import SelectionContext, SelectionMethod, losses_only
+from .presets import FROM_PRESET
+from .selection import Selection, select_from_sketches, take_every_valid
+from .sketch import BatchPass, Sketches, SketchSpec, resolve_sketch_modules
 
 
 def encode_sources(values: Sequence[Any] | None, size: int) -> tuple[torch.Tensor, list[Any]]:
@@ -71,6 +67,11 @@ class CoresetOptimizer(torch.optim.Optimizer):
     ``param_groups``, ``state``, ``defaults``, ``step``, ``zero_grad``, ``add_param_group`` and the
     state dict belong to the wrapped optimizer, so LR schedulers and checkpoints work unchanged.
     The wrapped optimizer's per-parameter state is only ever read.
+
+    ``selection``: a :class:`~coreset_optim.method.SelectionMethod` object, or a registered name
+    (``"consensus_loss"``, ``"loss"``, ``"facility_location"``... see :mod:`.methods`) built with
+    ``preset``'s values and ``**options`` (the method's own options, e.g. ``sketch_dim=512``).
+    The method is ``self.selection``. Shared options: :class:`~coreset_optim.CoresetConfig`.
     """
 
     def __init__(
@@ -80,28 +81,17 @@ class CoresetOptimizer(torch.optim.Optimizer):
         *,
         coreset_size: int | None = None,
         coreset_ratio: float | None = None,
+        selection: SelectionMethod | str = FROM_PRESET,
         sketch_modules: SketchSpec = None,
-        sketch_dim: int = FROM_PRESET,
-        normalize: str | None = FROM_PRESET,
-        similarity: str = FROM_PRESET,
-        keep_sources: Any = FROM_PRESET,
         source_key: str | None = None,
-        sketch_batch_size: int | None = None,
-        sketch_block_bytes: int = DEFAULT_BLOCK_BYTES,
+        keep_sources: Any = CoresetConfig.keep_sources,
+        temperature: float = CoresetConfig.temperature,
         micro_batch_size: int | None = None,
-        seed: int = 0,
-        sketch: str = FROM_PRESET,
-        selection: str = FROM_PRESET,
-        temperature: float = FROM_PRESET,
-        zo_eps: float = 1e-3,
-        zo_probes: int = 1,
-        zo_fixed_direction: bool = FROM_PRESET,
+        seed: int = CoresetConfig.seed,
         preset: str = "default",
-        distributed: Any = "auto",
+        distributed: Any = CoresetConfig.distributed,
         process_group: Any = None,
-        target_curvature: float = 0.0,
-        target_refresh: int = 1,
-        target_per_source: bool = False,
+        **options: Any,
     ) -> None:
         if isinstance(optimizer, CoresetOptimizer):
             raise TypeError("optimizer is already a CoresetOptimizer; wrap the inner optimizer once")
@@ -112,46 +102,26 @@ class CoresetOptimizer(torch.optim.Optimizer):
             )
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be the torch.nn.Module being trained, got {type(model).__name__}")
-        chosen = resolve_preset(
+        self.config, self.selection = resolve_options(
+            selection,
             preset,
-            dict(
-                sketch_dim=sketch_dim,
-                normalize=normalize,
-                similarity=similarity,
-                keep_sources=keep_sources,
-                sketch=sketch,
-                selection=selection,
-                zo_fixed_direction=zo_fixed_direction,
-                temperature=temperature,
-            ),
-        )
-        self.config = CoresetConfig(
             coreset_size=coreset_size,
             coreset_ratio=coreset_ratio,
             source_key=source_key,
-            sketch_batch_size=sketch_batch_size,
-            sketch_block_bytes=sketch_block_bytes,
+            keep_sources=keep_sources,
+            temperature=temperature,
             micro_batch_size=micro_batch_size,
             seed=seed,
-            zo_eps=zo_eps,
-            zo_probes=zo_probes,
-            **chosen,
             distributed=distributed,
-            target_curvature=target_curvature,
-            target_refresh=target_refresh,
-            target_per_source=target_per_source,
+            **options,
         )
         self.process_group = process_group  # None: the default group (not saved in checkpoints)
         self.optimizer = optimizer
         self.model = model
-        self.sketch_targets = resolve_sketch_modules(model, optimizer, sketch_modules)
+        self.sketch_layers = resolve_sketch_modules(model, optimizer, sketch_modules)
         self.generator = torch.Generator().manual_seed(seed)
         self.num_selections = 0
         self.num_steps = 0
-        self.target: Any = None  # the held-out batch of selection="target" (set_target)
-        self._target_fingerprint: str | None = None
-        # The target's mean sketch gradient, reused for ``target_refresh`` selections; checkpointed.
-        self._target_cache: dict | None = None
         # What torch.optim.Optimizer.__init__ would create, so hooks and schedulers work.
         self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
         self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
@@ -200,12 +170,11 @@ class CoresetOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         c = self.config
         size = f"coreset_size={c.coreset_size}" if c.coreset_size else f"coreset_ratio={c.coreset_ratio}"
-        modules = [t.name for t in self.sketch_targets]
+        modules = [t.name for t in self.sketch_layers]
         inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
         return (
-            f"{type(self).__name__}({size}, sketch_modules={modules}, sketch_dim={c.sketch_dim}, "
-            f"normalize={c.normalize!r}, similarity={c.similarity!r}, "
-            f"keep_sources={c.keep_sources!r}, sketch={c.sketch!r}, selection={c.selection!r}) wrapping\n{inner}"
+            f"{type(self).__name__}({size}, sketch_modules={modules}, keep_sources={c.keep_sources!r}, "
+            f"selection={self.selection!r}) wrapping\n{inner}"
         )
 
     @torch.no_grad()
@@ -242,43 +211,39 @@ class CoresetOptimizer(torch.optim.Optimizer):
         return self.optimizer.register_load_state_dict_post_hook(hook, prepend=prepend)
 
     def state_dict(self) -> dict:
-        """The wrapped optimizer's state dict plus this wrapper's own (options, counters, RNG)."""
+        """The wrapped optimizer's state dict plus this wrapper's own (options, the method's options
+        and state, counters, RNG) under ``"coreset_optim"``."""
         sd = self.optimizer.state_dict()
-        sd[_STATE_KEY] = {
-            "config": self.config.to_dict(),
-            "sketch_modules": [t.name for t in self.sketch_targets],
-            "num_selections": self.num_selections,
-            "num_steps": self.num_steps,
-            "rng_state": self.generator.get_state(),
-            "target_cache": None
-            if self._target_cache is None
-            else {
-                "fingerprint": self._target_cache["fingerprint"],
-                "grad": self._target_cache["grad"].detach().cpu().clone(),
-                "computed_at": self._target_cache["computed_at"],
-            },
-        }
+        sd[STATE_KEY] = wrapper_state(
+            WrapperState(
+                self.config,
+                self.selection.name,
+                self.selection.options(),
+                self.selection.state_dict(),
+                [t.name for t in self.sketch_layers],
+                self.num_selections,
+                self.num_steps,
+                self.generator.get_state(),
+            )
+        )
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state dict from :meth:`state_dict` (or a plain one of the wrapped optimizer)."""
+        """Load a state dict from :meth:`state_dict` (this version's or the one before method
+        objects), or a plain one of the wrapped optimizer. Checked before anything changes."""
         state_dict = dict(state_dict)
-        own = state_dict.pop(_STATE_KEY, None)
-        config = None
+        own = state_dict.pop(STATE_KEY, None)
         if own is not None:
-            config = CoresetConfig(**own["config"])
-            names = own["sketch_modules"]
-            targets = self.sketch_targets
-            if names != [t.name for t in targets]:
-                targets = resolve_sketch_modules(self.model, self.optimizer, names)
+            saved = read_wrapper_state(own)
+            method = restore_method(self.selection, saved.method_name, saved.method_options, saved.method_state)
+            layers = self.sketch_layers
+            if saved.sketch_modules != [t.name for t in layers]:
+                layers = resolve_sketch_modules(self.model, self.optimizer, saved.sketch_modules)
         self.optimizer.load_state_dict(state_dict)
         if own is not None:
-            self.config, self.sketch_targets = config, targets
-            self.num_selections = int(own["num_selections"])
-            self.num_steps = int(own["num_steps"])
-            self.generator.set_state(own["rng_state"])
-            cache = own.get("target_cache")
-            self._target_cache = None if cache is None else dict(cache)
+            self.config, self.selection, self.sketch_layers = saved.config, method, layers
+            self.num_selections, self.num_steps = saved.num_selections, saved.num_steps
+            self.generator.set_state(saved.rng_state)
 
     # --- selection ----------------------------------------------------------------------------
     def _source_values(self, batch: Any, size: int, sources: Any) -> list | None:
@@ -304,14 +269,6 @@ class CoresetOptimizer(torch.optim.Optimizer):
             )
         return list(sources)
 
-    def _keep_mask(self, names: list, counts: list[int], budget: int) -> list[bool]:
-        keep = self.config.keep_sources
-        if keep is None:
-            return [False] * len(names)
-        if keep == "auto":
-            return small_sources(counts, budget)
-        return [name in keep for name in names]
-
     def select(
         self,
         batch: Any,
@@ -320,7 +277,6 @@ class CoresetOptimizer(torch.optim.Optimizer):
         sources: Any = None,
         loss_scale: float = 1.0,
         model: nn.Module | None = None,
-        target: Any = None,
     ) -> Coreset:
         """Choose a weighted coreset of ``batch`` and backpropagate only its examples.
 
@@ -330,37 +286,41 @@ class CoresetOptimizer(torch.optim.Optimizer):
         Under torch.distributed the coreset is chosen from the global batch of all ranks and N is
         its valid count; see ``docs/distributed.md``. ``model``: the module ``loss_fn`` runs when
         it wraps the one given at construction (e.g. the DDP wrapper Trainer or Accelerate create
-        after the optimizer), so select() can pause its gradient sync. ``target``: held-out
-        examples for ``selection="target"`` (this call only; :meth:`set_target` sets them for all).
+        after the optimizer), so select() can pause its gradient sync.
 
-        One pipeline for one process and many: sketch -> normalize -> gather -> choose ->
-        backward. ``layout`` does the communication (identity gather and local backward in one
-        process, :mod:`.distributed`); when the budget covers the batch, the sketch stage computes
-        losses only and the choose stage takes every valid example. ``selection="target"`` adds
-        one stage before sketch: the target's mean gradient, with which the sketch stage folds
-        each example's alignment (and its update) instead of a compressed sketch.
+        One pipeline for one process and many, each stage asked of the selection method:
+        check -> prepare -> sketch -> gather -> choose -> backward. ``layout`` does the
+        communication (identity gather and local backward in one process, :mod:`.distributed`);
+        when the budget covers the batch, the pass computes losses only and every valid example
+        is taken.
         """
         start = time.perf_counter()
         wrapper = self._check_select_call(loss_fn, loss_scale, model)
         size = batch_size(batch)
         codes, names = encode_sources(self._source_values(batch, size, sources), size)
-        aim = self._resolve_target(batch, target)
+        method = self.selection
+        method.check(batch, self.config.source_key)
         layout = batch_layout(size, codes, names, self.config.distributed, self.process_group)
         budget = self.config.budget(layout.total)
         take_all = budget >= layout.total
+        chunk = method.sketch_batch_size or self.config.micro_batch_size or budget
+        context = SelectionContext(
+            BatchPass(self.model, self.sketch_layers, batch, loss_fn, size, chunk),
+            self.optimizer,
+            self.generator,
+            self.config.seed,
+            layout,
+            wrapper,
+            self.num_selections,
+        )
         timings: dict[str, float] = {}
-        target_grad = None
-        if aim is not None and not take_all:
-            with timed(timings, "target"):
-                target_grad = self._aim(*aim, loss_fn, wrapper, layout, budget)
+        if not take_all:
+            with timed(timings, "prepare"):
+                method.prepare(context)
         with timed(timings, "sketch"), paused_gradient_sync(wrapper):
-            raw = self._sketch(
-                batch, loss_fn, size, budget, gradients=not take_all, layout=layout, target_grad=target_grad
-            )
-        with timed(timings, "normalize"):
-            local = self._normalize(raw)
-        sketches = layout.gather(local, self._gather_dim(local), timings)
-        self._require_valid(sketches, raw)
+            local = losses_only(context.batch_pass) if take_all else method.sketches(context)
+        sketches = layout.gather(local, method.compressed_width(local.rows), timings)
+        self._require_valid(sketches, local)
         choose = self._take_all if take_all else self._choose
         selection, kept, num_valid = choose(sketches, layout, budget)
         timings.update(selection.timings)
@@ -396,11 +356,8 @@ class CoresetOptimizer(torch.optim.Optimizer):
         sub_batch, local_indices, local_weights, loss = share
         names = layout.names  # under torch.distributed: the global batch's sources
         in_batch = torch.bincount(layout.codes, minlength=len(names)).tolist()
-        flag = getattr(SELECTORS[self.config.selection], "suspects", None)
-        suspects = (
-            None
-            if flag is None
-            else flag(selection.compressed, sketches.losses, sketches.valid, layout.codes, len(names))
+        suspects = self.selection.suspects(
+            selection.compressed, sketches.losses, sketches.valid, layout.codes, len(names)
         )
         return Coreset(
             indices=selection.indices,
@@ -430,107 +387,13 @@ class CoresetOptimizer(torch.optim.Optimizer):
             raise TypeError(f"model must be the torch.nn.Module loss_fn runs (or None), got {type(model).__name__}")
         return self.model if model is None else model
 
-    def _sketch(
-        self,
-        batch: Any,
-        loss_fn: LossFn,
-        size: int,
-        budget: int,
-        gradients: bool = True,
-        layout: LocalBatch | Shards | None = None,
-        target_grad: torch.Tensor | None = None,
-    ) -> Sketches:
-        """This process's sketches ``[B, d]`` and losses; ``valid``: both finite.
-
-        Exact and projected sketches come out Adam-normalized and compressed, built block by
-        block (:mod:`.streaming`: no ``[B, layer size]`` tensor exists); ``layout``'s sources
-        choose the top coordinates, and under torch.distributed the ranks agree on them while
-        streaming (``None``: one source). ``selection="target"``: each example's ``[alignment |
-        update]`` row against ``target_grad``, built the same way (:func:`.streaming.target_sketches`).
-        Zeroth-order sketches come out raw, for the normalize stage. ``gradients=False`` (or a
-        chooser that reads no sketch: random, loss, trimmed_loss): losses only, d = 0.
-        """
-        c = self.config
-        chunk = c.sketch_batch_size or c.micro_batch_size or budget
-        if not gradients or not getattr(SELECTORS[c.selection], "needs_sketch", True):
-            losses = self._losses_without_grad(batch, loss_fn, size, chunk)
-            rows = torch.empty(size, 0, device=losses.device)
-        elif c.sketch == "zeroth_order":
-            numel = sketch_numel(self.sketch_targets)
-            if c.zo_fixed_direction:
-                directions = fixed_direction(numel, c.seed)[None, :]
-            else:
-                directions = torch.randn(c.zo_probes, numel, generator=self.generator)
-            rows, losses = zeroth_order_sketches(
-                self.model,
-                self.sketch_targets,
-                batch,
-                loss_fn,
-                size,
-                chunk,
-                eps=c.zo_eps,
-                directions=directions,
-            )
-        elif c.selection == "target":
-            assert target_grad is not None
-            params = sketch_params(self.sketch_targets)
-            return Sketches(
-                *target_sketches(
-                    self.model,
-                    self.sketch_targets,
-                    batch,
-                    loss_fn,
-                    size,
-                    chunk,
-                    optimizer=self.optimizer,
-                    normalize=c.normalize,
-                    target_grad=target_grad,
-                    step_sizes=step_sizes(self.optimizer, params),
-                    curvature=c.target_curvature,
-                    dim=c.sketch_dim,
-                    seed=c.seed,
-                    block_bytes=c.sketch_block_bytes,
-                )
-            )
-        else:
-            codes = torch.zeros(size, dtype=torch.long) if layout is None else layout.local_codes
-            return Sketches(
-                *compressed_sketches(
-                    self.model,
-                    self.sketch_targets,
-                    batch,
-                    loss_fn,
-                    size,
-                    chunk,
-                    optimizer=self.optimizer,
-                    normalize=c.normalize,
-                    sketch=c.sketch,
-                    dim=c.sketch_dim,
-                    seed=c.seed,
-                    source_codes=codes,
-                    num_sources=1 if layout is None else len(layout.names),
-                    block_bytes=c.sketch_block_bytes,
-                    agreement=None if layout is None else layout.agreement(),
-                )
-            )
-        valid = torch.isfinite(losses).to(rows.device) & torch.isfinite(rows).all(1)
-        return Sketches(rows, losses, valid)
-
-    def _normalize(self, raw: Sketches) -> Sketches:
-        """Zeroth-order rows as Adam will scale them; rows the normalization makes non-finite
-        become invalid. Exact and projected sketches were normalized while streaming."""
-        rows = raw.rows
-        if rows.shape[1] == 0 or self.config.sketch != "zeroth_order":
-            return raw
-        rows = normalize_sketches(rows, self.optimizer, sketch_params(self.sketch_targets), self.config.normalize)
-        return Sketches(rows, raw.losses, raw.valid & torch.isfinite(rows).all(1))
-
-    def _require_valid(self, sketches: Sketches, raw: Sketches) -> None:
+    def _require_valid(self, sketches: Sketches, local: Sketches) -> None:
         """ValueError, before any gradient is touched, when no example of the (global) batch is valid.
 
         Every rank sees the same gathered validity, so all raise together."""
         if not bool(sketches.valid.any()):
-            lost = bool(raw.valid.any())  # valid before normalization: Adam's scaling made them NaN
+            before = local.valid_before_normalization
+            lost = before is not None and bool(before.any())  # Adam's scaling made them NaN
             raise ValueError(
                 self._no_valid_message(int(sketches.valid.numel())) + (" (after Adam normalization)" if lost else "")
             )
@@ -542,17 +405,13 @@ class CoresetOptimizer(torch.optim.Optimizer):
     def _choose(
         self, sketches: Sketches, layout: LocalBatch | Shards, budget: int
     ) -> tuple[Selection, list[bool], int]:
-        """The configured selector on the gathered sketches (run on the first rank, shared);
-        returns the selection, the sources kept whole and the number of valid examples."""
+        """The method's choose step on the gathered sketches, group by group (run on the first
+        rank, shared); returns the selection, the sources kept whole and the number of valid
+        examples."""
         counts = self._source_counts(sketches, layout)
-        keep = self._keep_mask(layout.names, counts, budget)
-        c = self.config
-        extra = {"losses": sketches.losses, "generator": self.generator}
-        groups, num_groups, group_keep = layout.codes, len(layout.names), keep
-        if c.selection == "target":
-            extra.update(curvature=c.target_curvature, total=sum(counts))
-            if not c.target_per_source:  # one greedy over the whole batch, no per-source budgets
-                groups, num_groups, group_keep = torch.zeros_like(layout.codes), 1, [False]
+        keep = keep_mask(self.config.keep_sources, layout.names, counts, budget)
+        method, temperature = self.selection, self.config.temperature
+        groups, num_groups, group_keep = method.groups(layout.codes, len(layout.names), keep)
         selection = layout.on_first_rank(select_from_sketches)(
             sketches.rows,
             sketches.valid,
@@ -560,124 +419,15 @@ class CoresetOptimizer(torch.optim.Optimizer):
             num_groups,
             budget,
             group_keep,
-            self._gather_dim(sketches),
-            c.similarity,
-            method=c.selection,
-            extra=extra,
-            temperature=c.temperature,
+            method,
+            temperature=temperature,
+            context={"losses": sketches.losses, "generator": self.generator, "total": sum(counts)},
         )
-        if groups is not layout.codes:  # count the picks per source
+        if groups is not layout.codes:  # not one group per source: count the picks per source
             per_source = torch.bincount(layout.codes[selection.indices.cpu()], minlength=len(layout.names)).tolist()
             return dataclasses.replace(selection, selected_per_source=per_source), [False] * len(counts), sum(counts)
-        kept = sources_kept_whole(counts, budget, keep) if c.temperature == 1.0 else [False] * len(counts)
+        kept = sources_kept_whole(counts, budget, keep) if temperature == 1.0 else [False] * len(counts)
         return selection, kept, sum(counts)
-
-    def _gather_dim(self, sketches: Sketches) -> int:
-        """Columns kept by compression: ``sketch_dim``, or all of the target stage's features."""
-        return sketches.rows.shape[1] if self.config.selection == "target" else self.config.sketch_dim
-
-    # --- the target of selection="target" -------------------------------------------------------
-    def set_target(self, target: Any) -> None:
-        """The held-out examples ``selection="target"`` aims at (``None`` to clear).
-
-        A batch like the training batches (same fields; the source field may be absent), small
-        enough for one sketch pass in ``sketch_batch_size`` chunks. Not saved in checkpoints (it is
-        data): set it again after loading; the cached target gradient is kept when it is the same.
-        """
-        if target is None:
-            self.target, self._target_fingerprint = None, None
-            return
-        self._check_target_mode()
-        batch_size(target)  # a clear error for an empty or malformed batch
-        self.target, self._target_fingerprint = target, batch_fingerprint(target)
-
-    def _check_target_mode(self) -> None:
-        if self.config.selection != "target":
-            raise ValueError(
-                f"a target is only used by selection='target' (this optimizer has selection="
-                f"{self.config.selection!r}); build CoresetOptimizer(..., selection='target')"
-            )
-
-    def _resolve_target(self, batch: Any, target: Any) -> tuple[Any, str, list[str]] | None:
-        """The target this selection aims at, its fingerprint and the batch fields it lacks;
-        checked before anything runs."""
-        if target is not None:
-            self._check_target_mode()
-            batch_size(target)
-            fingerprint = batch_fingerprint(target)
-        elif self.config.selection == "target":
-            if self.target is None:
-                raise ValueError(
-                    "selection='target' needs held-out target examples: call "
-                    "optimizer.set_target(batch) once, or pass select(..., target=batch)"
-                )
-            target, fingerprint = self.target, self._target_fingerprint
-        else:
-            return None
-        return target, fingerprint, check_target_structure(batch, target, self.config.source_key)
-
-    def _aim(
-        self,
-        target: Any,
-        fingerprint: str,
-        missing: list[str],
-        loss_fn: LossFn,
-        wrapper: nn.Module,
-        layout: LocalBatch | Shards,
-        budget: int,
-    ) -> torch.Tensor:
-        """The target stage: the target's mean sketch gradient, which the sketch stage aligns each
-        example's update with (:func:`.streaming.target_sketches`)."""
-        c = self.config
-        chunk = c.sketch_batch_size or c.micro_batch_size or budget
-        try:
-            grad = self._target_gradient(target, fingerprint, loss_fn, wrapper, getattr(layout, "group", None), chunk)
-        except (KeyError, IndexError, TypeError, AttributeError) as exc:
-            if not missing:
-                raise
-            raise ValueError(
-                f"loss_fn failed on the target ({type(exc).__name__}: {exc}); the target lacks the "
-                f"batch's fields {missing}: give it the fields loss_fn reads"
-            ) from exc
-        return grad
-
-    def _target_gradient(
-        self, target: Any, fingerprint: str, loss_fn: LossFn, wrapper: nn.Module, group: Any, chunk: int
-    ) -> torch.Tensor:
-        """The target's mean sketch gradient (over every rank's target), recomputed every
-        ``target_refresh`` selections or when the target changes; the ranks decide together."""
-        cache = self._target_cache
-        stale = int(
-            cache is None
-            or cache["fingerprint"] != fingerprint
-            or self.num_selections - cache["computed_at"] >= self.config.target_refresh
-        )
-        if group is not None:
-            flag = torch.tensor([stale], device=comm_device(group, torch.device("cpu")))
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-            stale = int(flag.item())
-        if not stale:
-            return cache["grad"]
-        size = batch_size(target)
-        with paused_gradient_sync(wrapper):
-            summed, finite = summed_gradients(
-                self.model, self.sketch_targets, target, loss_fn, size, chunk, self.config.sketch_block_bytes
-            )
-        if group is None:
-            grad = mean_target_gradient(summed, finite)
-        else:
-            # Sum and count over the ranks' targets (identical targets give their own mean).
-            counts = torch.tensor([float(size), float((~finite).sum())], dtype=torch.double, device=summed.device)
-            packed = torch.cat([summed.double(), counts]).to(comm_device(group, summed.device))
-            dist.all_reduce(packed, group=group)
-            if packed[-1] > 0:
-                raise ValueError(
-                    f"{int(packed[-1])} target example(s) over the ranks have a non-finite loss or "
-                    "gradient; fix or drop them (the target must be clean held-out examples)"
-                )
-            grad = (packed[:-2] / packed[-2]).float().to(summed.device)
-        self._target_cache = {"fingerprint": fingerprint, "grad": grad, "computed_at": self.num_selections}
-        return grad
 
     def _take_all(
         self, sketches: Sketches, layout: LocalBatch | Shards, budget: int
@@ -685,13 +435,6 @@ class CoresetOptimizer(torch.optim.Optimizer):
         """The shortcut when the budget covers the batch: every valid example, weight 1."""
         counts = self._source_counts(sketches, layout)
         return take_every_valid(sketches.rows, sketches.valid, counts), [False] * len(counts), sum(counts)
-
-    def _losses_without_grad(self, batch: Any, loss_fn: LossFn, size: int, chunk: int) -> torch.Tensor:
-        """Per-example losses in eval mode, ``chunk`` examples per call (the coreset size unless
-        ``sketch_batch_size``/``micro_batch_size`` say otherwise): the pass over the large batch
-        never holds more activations than a forward of the coreset does."""
-        with sketch_mode(self.model, []), torch.no_grad():
-            return losses_in_chunks(loss_fn, batch, size, chunk)
 
     @staticmethod
     def _no_valid_message(size: int) -> str:

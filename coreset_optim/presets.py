@@ -1,14 +1,14 @@
 """Named bundles of selection options: the project's default and CoLM's released configuration.
 
-An option left out of ``CoresetOptimizer(...)`` takes its preset's value; an option given
-explicitly always wins. See ``docs/selection_quality.md`` for the measurements behind "default".
+A preset names a selection method and the options where it departs from that method's own
+defaults (the defaults live once, in the method's dataclass fields). An option left out of
+``CoresetOptimizer(...)`` takes its preset's value; an option given explicitly always wins.
+See ``docs/selection_quality.md`` for the measurements behind "default".
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-SKETCH_MODES = ("auto", "exact", "zeroth_order", "projection")
 
 
 class _FromPreset:
@@ -35,35 +35,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     # coordinates ("exact") while the whole batch's sketch-layer activations fit in 4 blocks,
     # else a streamed CountSketch ("projection"; e.g. an lm_head at a 32k+ vocabulary), so that
     # the sketch pass stays near a plain step of k (docs/performance.md, "Real shapes").
-    "default": {
-        "sketch": "auto",
-        "normalize": "adam",
-        "sketch_dim": 2560,
-        "similarity": "l1",
-        "selection": "consensus_loss",
-        "keep_sources": "auto",
-        "zo_fixed_direction": False,
-        "temperature": 1.0,
-    },
+    # Its options are ConsensusLoss's own defaults (coreset_optim/method.py, SketchedMethod).
+    "default": {"selection": "consensus_loss"},
     # CoLM's released script: SPSA sketch of the last v_proj along one direction fixed for the
     # run, CoLM's per-example Adam-update transform, top-2560 coordinates per source, L1 facility
     # location with cluster-size weights, small sources kept whole.
+    # (the top-coordinate count and the L1 similarity are FacilityLocation's own defaults; small
+    # sources kept whole is CoresetConfig's keep_sources default.)
     "colm": {
+        "selection": "facility_location",
         "sketch": "zeroth_order",
         "normalize": "adam_update",
-        "sketch_dim": 2560,
-        "similarity": "l1",
-        "selection": "facility_location",
-        "keep_sources": "auto",
         "zo_fixed_direction": True,
-        "temperature": 1.0,
     },
 }
-
-
-def resolve_preset(preset: str, options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` with every ``FROM_PRESET`` value replaced by ``preset``'s value."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
-    values = PRESETS[preset]
-    return {k: (values[k] if v is FROM_PRESET else v) for k, v in options.items()}

@@ -1,26 +1,24 @@
 """Choosing the weighted subset from normalized sketches: the pure part of ``select()``.
 
-compress (per source) -> similarity -> greedy facility location -> cluster weights, with the
+compress (per source) -> the method's choose step (e.g. similarity -> greedy facility location ->
+cluster weights) -> weights scaled to the mixture, with the
 budget shared among sources by :mod:`coreset_optim.budget`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .baselines import loss_coreset, random_coreset
-from .consensus import consensus_loss_coreset
 from .budget import allocate_budget, tempered_scores, tempered_split
 from .compress import compress_per_source, rows_per_source
-from .facility_location import cluster_weights, greedy_facility_location
-from .gradient_matching import gradient_matching_coreset
-from .similarity import pairwise_similarity
-from .target import target_coreset
-from .trimmed_loss import trimmed_loss_coreset
+
+if TYPE_CHECKING:
+    from .method import SelectionMethod
 
 
 @dataclass
@@ -32,7 +30,7 @@ class Selection:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-class _Stopwatch:
+class Stopwatch:
     """Accumulates seconds per stage; synchronizes CUDA at stage boundaries only."""
 
     def __init__(self, timings: dict[str, float], device: torch.device):
@@ -50,33 +48,6 @@ class _Stopwatch:
         self.last = now
 
 
-def facility_location_coreset(
-    x: torch.Tensor, k: int, *, similarity: str, watch: _Stopwatch, **_: object
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``k`` rows of ``x`` by greedy facility location, weighted by cluster size."""
-    sim = pairwise_similarity(x, similarity)
-    watch.lap("similarity")
-    chosen = greedy_facility_location(sim, k)
-    watch.lap("greedy")
-    weights = cluster_weights(sim, chosen)
-    watch.lap("weights")
-    return chosen, weights
-
-
-# A selector picks ``k`` rows of one source's compressed sketches ``x[n, d]`` and weights them so
-# the weights sum to ``n``. Keyword context: similarity, watch (stage timer), and whatever
-# select_from_sketches is given in ``extra`` (e.g. per-example losses, a generator).
-SELECTORS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
-    "facility_location": facility_location_coreset,
-    "gradient_matching": gradient_matching_coreset,
-    "random": random_coreset,
-    "loss": loss_coreset,
-    "trimmed_loss": trimmed_loss_coreset,
-    "consensus_loss": consensus_loss_coreset,
-    "target": target_coreset,
-}
-
-
 def select_from_sketches(
     sketches: torch.Tensor,
     valid: torch.Tensor,
@@ -84,25 +55,25 @@ def select_from_sketches(
     num_sources: int,
     budget: int,
     keep: Sequence[bool],
-    sketch_dim: int,
-    similarity: str,
-    method: str = "facility_location",
-    extra: dict | None = None,
+    method: SelectionMethod,
+    *,
     temperature: float = 1.0,
+    context: dict[str, Any] | None = None,
 ) -> Selection:
-    """Select ``budget`` of the valid rows of ``sketches[B, D]`` (normalized), source by source.
+    """Select ``budget`` of the valid rows of ``sketches[B, D]`` (normalized), source by source,
+    with ``method.choose`` (:class:`~coreset_optim.method.SelectionMethod`) on each source's rows
+    compressed to ``method.compressed_width(sketches)`` columns. ``context``: what ``choose``
+    reads besides the rows (``losses``, ``generator``, ``total``); ``rows`` and ``watch`` are added.
 
     ``temperature`` != 1 re-weights the mixture: source s gets a budget and a total weight in
     proportion to ``n_s ** (1 / temperature)`` (``inf``: every source present counts equally),
     instead of ``n_s``; the weights still sum to the number of valid examples.
     """
-    if method not in SELECTORS:
-        raise ValueError(f"selection must be one of {tuple(SELECTORS)}, got {method!r}")
-    selector = SELECTORS[method]
     device = sketches.device
     timings: dict[str, float] = {}
-    watch = _Stopwatch(timings, device)
-    if getattr(selector, "runs_on_host", False):  # one copy to the host, not one per source
+    watch = Stopwatch(timings, device)
+    sketch_dim = method.compressed_width(sketches)
+    if method.runs_on_host:  # one copy to the host, not one per source
         sketches = sketches.cpu()
     valid = valid.to(sketches.device)
     source_codes = source_codes.to(sketches.device)
@@ -126,13 +97,8 @@ def select_from_sketches(
             picked.append(rows)
             weights.append(torch.full((rows.numel(),), scale, device=rows.device))
             continue
-        local, w = selector(
-            compressed.index_select(0, rows),
-            alloc[code],
-            similarity=similarity,
-            watch=watch,
-            rows=rows,
-            **(extra or {}),
+        local, w = method.choose(
+            compressed.index_select(0, rows), alloc[code], rows=rows, watch=watch, **(context or {})
         )
         picked.append(rows.index_select(0, local))
         weights.append(w.float() * scale)

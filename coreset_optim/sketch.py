@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from .batching import chunk_slices, index_batch
-from .extensions import check_sketch_targets, extension_default_sketch_modules, sketch_pass_contexts
-from .loss import LossFn, call_loss_fn
+from .extensions import check_sketch_layers, extension_default_sketch_modules, sketch_pass_contexts
+from .loss import LossFn, call_loss_fn, losses_in_chunks
 
 SketchSpec = Union[str, nn.Module, Sequence[Union[str, nn.Module]], None]
 
@@ -41,10 +41,13 @@ class Sketches:
     rows: torch.Tensor
     losses: torch.Tensor
     valid: torch.Tensor
+    # Zeroth-order sketches, normalized whole: which rows were valid before (a row Adam's scaling
+    # made non-finite is reported as such). None: normalized while streaming, nothing to tell.
+    valid_before_normalization: torch.Tensor | None = None
 
 
 @dataclass
-class SketchTarget:
+class SketchLayer:
     """One Linear layer whose per-example gradient is part of the sketch."""
 
     name: str
@@ -57,9 +60,34 @@ class SketchTarget:
         return sum(p.numel() for p in self.params)
 
 
-def sketch_params(targets: Sequence[SketchTarget]) -> list[torch.Tensor]:
+@dataclass
+class BatchPass:
+    """One pass over a batch, ``chunk_size`` examples at a time: what every pass of ``select()``
+    (losses, sketch, target gradient) takes. ``layers``: the sketched Linear layers."""
+
+    model: nn.Module
+    layers: Sequence[SketchLayer]
+    batch: Any
+    loss_fn: LossFn
+    num_examples: int
+    chunk_size: int | None
+
+    def on(self, batch: Any, num_examples: int) -> BatchPass:
+        """The same pass over another batch (e.g. the held-out target)."""
+        return BatchPass(self.model, self.layers, batch, self.loss_fn, num_examples, self.chunk_size)
+
+    def losses(self) -> torch.Tensor:
+        """``loss_fn`` chunk by chunk (no mode or grad switched: the caller decides)."""
+        return losses_in_chunks(self.loss_fn, self.batch, self.num_examples, self.chunk_size)
+
+    def chunks(self) -> Iterator[tuple[slice, list[LayerCalls], torch.Tensor]]:
+        """:func:`captured_chunks` of this pass (inside ``sketch_mode(model, layers)``, grad on)."""
+        return captured_chunks(self.model, self.layers, self.batch, self.loss_fn, self.num_examples, self.chunk_size)
+
+
+def sketch_params(layers: Sequence[SketchLayer]) -> list[torch.Tensor]:
     """The sketched parameters, in the order their gradients sit side by side in a sketch row."""
-    return [p for t in targets for p in t.params]
+    return [p for t in layers for p in t.params]
 
 
 def _trained_param_ids(optimizer: torch.optim.Optimizer) -> set[int]:
@@ -88,8 +116,8 @@ def default_sketch_modules(model: nn.Module, optimizer: torch.optim.Optimizer) -
     return [last]
 
 
-def resolve_sketch_modules(model: nn.Module, optimizer: torch.optim.Optimizer, spec: SketchSpec) -> list[SketchTarget]:
-    """Turn names, regexes (full match) or modules into checked :class:`SketchTarget` s."""
+def resolve_sketch_modules(model: nn.Module, optimizer: torch.optim.Optimizer, spec: SketchSpec) -> list[SketchLayer]:
+    """Turn names, regexes (full match) or modules into checked :class:`SketchLayer` s."""
     if spec is None:
         spec = default_sketch_modules(model, optimizer)
     if isinstance(spec, (str, nn.Module)):
@@ -132,7 +160,7 @@ def resolve_sketch_modules(model: nn.Module, optimizer: torch.optim.Optimizer, s
             "(the last Linear layer the optimizer trains)"
         )
     trained = _trained_param_ids(optimizer)
-    targets = []
+    layers = []
     for name, module in chosen.items():
         if not isinstance(module, nn.Linear):
             raise TypeError(
@@ -146,9 +174,9 @@ def resolve_sketch_modules(model: nn.Module, optimizer: torch.optim.Optimizer, s
             )
         with_bias = module.bias is not None and id(module.bias) in trained
         params = [module.weight] + ([module.bias] if with_bias else [])
-        targets.append(SketchTarget(name, module, with_bias, params))
-    check_sketch_targets(model, [t.name for t in targets])
-    return targets
+        layers.append(SketchLayer(name, module, with_bias, params))
+    check_sketch_layers(model, [t.name for t in layers])
+    return layers
 
 
 @dataclass
@@ -207,13 +235,13 @@ def linear_per_example_grads(
 
 
 @contextlib.contextmanager
-def sketch_mode(model: nn.Module, targets: Sequence[SketchTarget]) -> Iterator[None]:
+def sketch_mode(model: nn.Module, layers: Sequence[SketchLayer]) -> Iterator[None]:
     """Eval mode, and autograd limited to the sketch parameters; everything restored afterwards.
 
     Every registered extension's sketch-pass context is entered too (the built-in one switches
     gradient checkpointing and input-require-grads hooks off, :mod:`coreset_optim.extensions`).
     """
-    keep = {id(p) for t in targets for p in t.params}
+    keep = {id(p) for t in layers for p in t.params}
     frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
     modes = [(m, m.training) for m in model.modules()]
     try:
@@ -229,39 +257,39 @@ def sketch_mode(model: nn.Module, targets: Sequence[SketchTarget]) -> Iterator[N
             m.training = training
 
 
-def _capture(targets: Sequence[SketchTarget]):
-    records: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in targets]
+def _capture(layers: Sequence[SketchLayer]):
+    records: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in layers]
 
     def make_hook(slot):
         def hook(module, args, output):
             if not isinstance(output, torch.Tensor):
-                raise TypeError(f"sketch module {targets[slot].name!r} returned a non-tensor")
+                raise TypeError(f"sketch module {layers[slot].name!r} returned a non-tensor")
             records[slot].append((args[0].detach(), output))
 
         return hook
 
-    handles = [t.module.register_forward_hook(make_hook(i)) for i, t in enumerate(targets)]
+    handles = [t.module.register_forward_hook(make_hook(i)) for i, t in enumerate(layers)]
     return records, handles
 
 
 def captured_chunks(
     model: nn.Module,
-    targets: Sequence[SketchTarget],
+    layers: Sequence[SketchLayer],
     batch: Any,
     loss_fn: LossFn,
     num_examples: int,
     chunk_size: int | None,
 ) -> Iterator[tuple[slice, list[LayerCalls], torch.Tensor]]:
-    """For each chunk of examples: ``(examples, per-target LayerCalls, losses[n])``.
+    """For each chunk of examples: ``(examples, per-layer LayerCalls, losses[n])``.
 
     One forward and one backward of the chunk's summed finite losses, stopping at the sketch
     layers (:func:`sketch_mode`); a non-finite loss contributes nothing. Each chunk's autograd
-    graph is freed before the next one starts. Must be consumed inside ``sketch_mode(model, targets)``
+    graph is freed before the next one starts. Must be consumed inside ``sketch_mode(model, layers)``
     with grad enabled.
     """
     for piece in chunk_slices(num_examples, chunk_size):
         n = piece.stop - piece.start
-        records, handles = _capture(targets)
+        records, handles = _capture(layers)
         try:
             losses = call_loss_fn(loss_fn, index_batch(batch, piece), n)
         finally:
@@ -282,12 +310,12 @@ def captured_chunks(
         grads = torch.autograd.grad(total, outputs, allow_unused=True)
         grads = [torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grads)]
         calls, pos = [], 0
-        for target, rec in zip(targets, records):
+        for layer, rec in zip(layers, records):
             if not rec:
-                raise ValueError(f"sketch module {target.name!r} was not called by loss_fn")
+                raise ValueError(f"sketch module {layer.name!r} was not called by loss_fn")
             if rec[0][0].shape[0] != n:
                 raise ValueError(
-                    f"sketch module {target.name!r} saw a leading dimension of "
+                    f"sketch module {layer.name!r} saw a leading dimension of "
                     f"{rec[0][0].shape[0]} for {n} examples; its inputs must be batch-first"
                 )
             calls.append(LayerCalls([x for x, _ in rec], list(grads[pos : pos + len(rec)])))
@@ -300,7 +328,7 @@ def captured_chunks(
 
 def exact_sketches(
     model: nn.Module,
-    targets: Sequence[SketchTarget],
+    layers: Sequence[SketchLayer],
     batch: Any,
     loss_fn: LossFn,
     num_examples: int,
@@ -314,9 +342,9 @@ def exact_sketches(
     fields, train/eval modes and ``requires_grad`` flags are unchanged.
     """
     sketch_rows, loss_rows = [], []
-    with sketch_mode(model, targets), torch.enable_grad():
-        for _, calls, losses in captured_chunks(model, targets, batch, loss_fn, num_examples, chunk_size):
-            parts = [linear_per_example_grads(c.inputs, c.grad_outputs, t.with_bias) for t, c in zip(targets, calls)]
+    with sketch_mode(model, layers), torch.enable_grad():
+        for _, calls, losses in captured_chunks(model, layers, batch, loss_fn, num_examples, chunk_size):
+            parts = [linear_per_example_grads(c.inputs, c.grad_outputs, t.with_bias) for t, c in zip(layers, calls)]
             rows = torch.cat(parts, dim=1)
             finite = torch.isfinite(losses)[:, None].to(rows.device)
             sketch_rows.append(torch.where(finite, rows, torch.full_like(rows, float("nan"))))

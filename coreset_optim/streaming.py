@@ -23,6 +23,10 @@ less over the block.
   (:func:`target_sketches`), and the update rows of the second-order term add their CountSketch
   as above; the target's own mean gradient is a sum of blocks (:func:`summed_gradients`).
 
+The streamed passes share one driver, :func:`fold_chunks`: chunk after chunk, the chunk's blocks
+go to a fold (projection, target rows, gradient sum) that turns them into the chunk's result,
+then the chunk is dropped. Top coordinates use the same blocks over the held chunks.
+
 Either way the extra memory is the compressed sketch (``B x sketch_dim``) plus one block, sized
 from ``block_bytes``, plus what the layer inputs/output gradients take. The result equals
 normalizing and compressing the whole per-example gradient at once (up to float summation order
@@ -31,19 +35,16 @@ and ties between equal top-coordinate scores).
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from .compress import StreamingTopCoordinates
-from .loss import LossFn
 from .normalize import coordinate_divisor, divisor_is_positive, param_normalizer
 from .projection import countsketch_add_
-from .sketch import LayerCalls, SketchTarget, captured_chunks, linear_grad_block, sketch_mode
+from .sketch import BatchPass, LayerCalls, SketchLayer, linear_grad_block, sketch_mode
 
 DEFAULT_BLOCK_BYTES = 32 * 2**20
 # float32 tensors of a block's size alive at once at the peak: the block, its absolute values
@@ -72,29 +73,29 @@ def rows_per_block(num_examples: int, in_features: int, block_bytes: int) -> int
     return max(1, block_bytes // per_row)
 
 
-def _layer_width(target: SketchTarget) -> tuple[int, int]:
-    out_features, in_features = target.module.weight.shape
+def _layer_width(layer: SketchLayer) -> tuple[int, int]:
+    out_features, in_features = layer.module.weight.shape
     return int(out_features), int(in_features)
 
 
 def sketch_blocks(
-    targets: Sequence[SketchTarget],
+    layers: Sequence[SketchLayer],
     calls: Sequence[Sequence[LayerCalls]],
     normalizers: Sequence[Normalizer],
     num_examples: int,
     block_bytes: int,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
     """``(start, block[n, m], divisor[m] or None)``: the per-example gradients of sketch coordinates
-    ``start .. start+m-1`` (numbered as in a whole sketch row: each target's weight, row-major,
+    ``start .. start+m-1`` (numbered as in a whole sketch row: each layer's weight, row-major,
     then its bias), every coordinate exactly once; the normalized sketch is ``block / divisor``
     (``divisor`` None: ``block`` is normalized already, or raw is wanted).
 
-    ``calls[c][t]``: what target t saw in chunk c; a block's rows are all chunks' examples in order.
+    ``calls[c][t]``: what layer t saw in chunk c; a block's rows are all chunks' examples in order.
     ``normalizers``: one per sketched parameter, in :func:`~coreset_optim.sketch.sketch_params` order.
     """
     offset, which = 0, 0
-    for t, target in enumerate(targets):
-        out_features, in_features = _layer_width(target)
+    for t, layer in enumerate(layers):
+        out_features, in_features = _layer_width(layer)
         step = rows_per_block(num_examples, in_features, block_bytes)
         weight_start, bias_start = offset, offset + out_features * in_features
         for r0 in range(0, out_features, step):
@@ -105,16 +106,16 @@ def sketch_blocks(
                 if weight is None:
                     total = sum(c[t].num_examples for c in calls)
                     weight = torch.empty(total, (rows.stop - r0) * in_features, device=chunk[t].inputs[0].device)
-                _, bias = linear_grad_block(chunk[t], rows, target.with_bias, out=weight[first : first + n])
+                _, bias = linear_grad_block(chunk[t], rows, layer.with_bias, out=weight[first : first + n])
                 biases.append(bias)
                 first += n
             yield (weight_start + r0 * in_features, *normalizers[which](weight, r0 * in_features))
             del weight
-            if target.with_bias:
+            if layer.with_bias:
                 bias = torch.cat(biases) if len(biases) > 1 else biases[0]
                 yield (bias_start + r0, *normalizers[which + 1](bias, r0))
-        offset = bias_start + (out_features if target.with_bias else 0)
-        which += 1 + int(target.with_bias)
+        offset = bias_start + (out_features if layer.with_bias else 0)
+        which += 1 + int(layer.with_bias)
 
 
 Normalizer = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor | None]"]
@@ -133,12 +134,7 @@ def block_normalizer(optimizer: torch.optim.Optimizer, param: torch.Tensor, mode
 
 
 def compressed_sketches(
-    model: nn.Module,
-    targets: Sequence[SketchTarget],
-    batch: Any,
-    loss_fn: LossFn,
-    num_examples: int,
-    chunk_size: int | None,
+    batch_pass: BatchPass,
     *,
     optimizer: torch.optim.Optimizer,
     normalize: str | None,
@@ -158,20 +154,21 @@ def compressed_sketches(
     rows are NaN. The model's ``.grad``, modes and flags are unchanged; the optimizer's state is
     only read.
     """
-    params = [p for t in targets for p in t.params]
+    layers, num_examples = batch_pass.layers, batch_pass.num_examples
+    params = [p for t in layers for p in t.params]
     normalizers = [block_normalizer(optimizer, p, normalize) for p in params]
-    with sketch_mode(model, targets), torch.enable_grad():
-        chunks = captured_chunks(model, targets, batch, loss_fn, num_examples, chunk_size)
+    with sketch_mode(batch_pass.model, layers), torch.enable_grad():
+        chunks = batch_pass.chunks()
         if sketch == "auto":
             first = [next(chunks)]
             sketch = "exact" if _hold_fits(first[0], num_examples, block_bytes, agreement) else "projection"
             chunks = _first_then(first, chunks)
             del first
         if sketch == "projection":
-            return _projected(chunks, targets, normalizers, dim, seed, block_bytes)
+            return fold_chunks(chunks, layers, normalizers, block_bytes, _ProjectionFold(dim, seed))
         held = list(chunks)
     return _top_coordinates(
-        held, targets, num_examples, normalizers, dim, source_codes, num_sources, block_bytes, agreement
+        held, layers, num_examples, normalizers, dim, source_codes, num_sources, block_bytes, agreement
     )
 
 
@@ -202,16 +199,28 @@ def _hold_fits(
     return fits if agreement is None else not agreement.any_rank(not fits)
 
 
-def _projected(chunks, targets, normalizers, dim, seed, block_bytes):
-    """Stream: each chunk's blocks folded into its CountSketch rows, then the chunk is dropped."""
+# A fold turns one chunk's blocks ``(start, block[n, m], divisor[m] or None)`` into that chunk's
+# result (e.g. its compressed rows), given the chunk's size and losses.
+Fold = Callable[[int, torch.Tensor, Iterator[tuple[int, torch.Tensor, "torch.Tensor | None"]]], Any]
+
+
+def fold_chunks(
+    chunks: Iterator[tuple[slice, list[LayerCalls], torch.Tensor]],
+    layers: Sequence[SketchLayer],
+    normalizers: Sequence[Normalizer],
+    block_bytes: int,
+    fold: Fold,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The block driver of the streamed passes: each chunk's blocks through ``fold``, the chunk
+    dropped before the next one runs; returns ``(rows[B, d], losses[B], valid[B])`` with the
+    chunks' rows stacked, ``valid`` a finite loss and row, and invalid rows NaN.
+
+    Must run inside ``sketch_mode(model, layers)`` with grad enabled (``chunks``:
+    :meth:`~coreset_optim.sketch.BatchPass.chunks`)."""
     rows, loss_rows = [], []
     for piece, calls, losses in chunks:
         n = piece.stop - piece.start
-        out = None
-        for start, block, divisor in sketch_blocks(targets, [calls], normalizers, n, block_bytes):
-            out = block.new_zeros(n, dim) if out is None else out
-            countsketch_add_(out, block, seed, start, divisor)
-        rows.append(out)
+        rows.append(fold(n, losses, sketch_blocks(layers, [calls], normalizers, n, block_bytes)))
         loss_rows.append(losses)
         del calls
     sketches, losses = torch.cat(rows), torch.cat(loss_rows)
@@ -220,9 +229,22 @@ def _projected(chunks, targets, normalizers, dim, seed, block_bytes):
     return sketches, losses, valid
 
 
-def _top_coordinates(
-    chunks, targets, num_examples, normalizers, dim, source_codes, num_sources, block_bytes, agreement
-):
+@dataclass
+class _ProjectionFold:
+    """A chunk's ``[n, dim]`` CountSketch rows, each block added as it comes."""
+
+    dim: int
+    seed: int
+
+    def __call__(self, n: int, losses: torch.Tensor, blocks) -> torch.Tensor:
+        out = None
+        for start, block, divisor in blocks:
+            out = block.new_zeros(n, self.dim) if out is None else out
+            countsketch_add_(out, block, self.seed, start, divisor)
+        return out
+
+
+def _top_coordinates(chunks, layers, num_examples, normalizers, dim, source_codes, num_sources, block_bytes, agreement):
     """Hold every chunk's layer calls, then score the whole batch's columns block by block."""
     calls = [c for _, c, _ in chunks]
     losses = torch.cat([loss for _, _, loss in chunks])
@@ -235,7 +257,7 @@ def _top_coordinates(
             valid, source_codes.to(device), num_sources, dim, None if agreement is None else agreement.all_reduce
         )
         finite = valid.clone()
-        for start, block, divisor in sketch_blocks(targets, calls, normalizers, plan_examples, block_bytes):
+        for start, block, divisor in sketch_blocks(layers, calls, normalizers, plan_examples, block_bytes):
             finite &= top.add(block, start, divisor)
         # A row found non-finite part-way has already entered some scores: redo without it (rare:
         # an overflowing gradient, or eps = 0 with a zero second moment).
@@ -253,53 +275,47 @@ def _raw(block: torch.Tensor, start: int) -> tuple[torch.Tensor, None]:
 
 
 def summed_gradients(
-    model: nn.Module,
-    targets: Sequence[SketchTarget],
-    batch: Any,
-    loss_fn: LossFn,
-    num_examples: int,
-    chunk_size: int | None,
-    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    batch_pass: BatchPass, block_bytes: int = DEFAULT_BLOCK_BYTES
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum[D] float32, finite[n])``: the sum of the finite examples' raw sketch gradients, and
     which examples have a finite loss and gradient; one ``[D]`` vector, never ``[n, D]`` (float32,
     as a whole-row mean would be: for an ``lm_head`` the vector is the size of its weight).
 
-    For the target of ``selection="target"``, whose mean gradient is ``sum / n`` when every
-    example is finite (the caller refuses the target otherwise). The model's ``.grad``, modes and
-    flags are unchanged.
+    For the held-out target of ``selection="target"``, whose mean gradient is ``sum / n`` when
+    every example is finite (the caller refuses the target otherwise). The model's ``.grad``,
+    modes and flags are unchanged.
     """
-    params = [p for t in targets for p in t.params]
-    total, flags = None, []
-    with sketch_mode(model, targets), torch.enable_grad():
-        for piece, calls, losses in captured_chunks(model, targets, batch, loss_fn, num_examples, chunk_size):
-            n = piece.stop - piece.start
-            finite = None
-            for start, block, _ in sketch_blocks(targets, [calls], [_raw] * len(params), n, block_bytes):
-                if total is None:
-                    total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=block.device)
-                if finite is None:
-                    finite = torch.isfinite(losses).to(block.device)
-                ok = torch.isfinite(block).all(1)
-                finite &= ok
-                # A non-finite row adds nothing (no host check: the block is summed either way).
-                total[start : start + block.shape[1]] += torch.where(ok[:, None], block, 0.0).sum(0)
-            flags.append(finite)
-            del calls
-    if total is None:  # no examples
-        device = params[0].device
-        total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=device)
-        return total, torch.zeros(0, dtype=torch.bool, device=device)
-    return total, torch.cat(flags)
+    params = [p for t in batch_pass.layers for p in t.params]
+    fold = _SumFold(torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device))
+    if batch_pass.num_examples == 0:
+        return fold.total, torch.zeros(0, dtype=torch.bool, device=fold.total.device)
+    with sketch_mode(batch_pass.model, batch_pass.layers), torch.enable_grad():
+        finite, _, _ = fold_chunks(batch_pass.chunks(), batch_pass.layers, [_raw] * len(params), block_bytes, fold)
+    return fold.total, finite[:, 0] > 0
+
+
+@dataclass
+class _SumFold:
+    """Adds the chunk's finite rows into ``total``; the chunk's result is its finite flags
+    (``[n, 1]``, 1.0 or 0.0: a non-finite row adds nothing, with no host check per block)."""
+
+    total: torch.Tensor
+
+    def __call__(self, n: int, losses: torch.Tensor, blocks) -> torch.Tensor:
+        finite = None
+        for start, block, _ in blocks:
+            if self.total.device != block.device:
+                self.total = self.total.to(block.device)
+            if finite is None:
+                finite = torch.isfinite(losses).to(block.device)
+            ok = torch.isfinite(block).all(1)
+            finite &= ok
+            self.total[start : start + block.shape[1]] += torch.where(ok[:, None], block, 0.0).sum(0)
+        return finite.float()[:, None]
 
 
 def target_sketches(
-    model: nn.Module,
-    targets: Sequence[SketchTarget],
-    batch: Any,
-    loss_fn: LossFn,
-    num_examples: int,
-    chunk_size: int | None,
+    batch_pass: BatchPass,
     *,
     optimizer: torch.optim.Optimizer,
     normalize: str | None,
@@ -320,45 +336,54 @@ def target_sketches(
     seeded CountSketch (the same hash as on whole rows). Returns ``(rows[B, 1 (+ d)], losses[B],
     valid[B])``; invalid rows are NaN, as in :func:`compressed_sketches`.
     """
-    params = [p for t in targets for p in t.params]
+    params = [p for t in batch_pass.layers for p in t.params]
     divisors = [coordinate_divisor(optimizer, p, normalize) for p in params]
     if any(d is None for d in divisors):
         raise ValueError(f"the target stage needs a per-coordinate normalization ('adam' or None), got {normalize!r}")
+    numel = sum(p.numel() for p in params)
+    width = 0 if curvature <= 0 else min(dim, numel)
     # eps > 0: 1 / divisor is finite, so it folds into the target's weights and the CountSketch's
     # signs (no host check per block); eps = 0: the block itself is divided, as a whole row would be.
-    fold = all(divisor_is_positive(optimizer, p) for p in params)
-    ends = list(itertools.accumulate(p.numel() for p in params))
-    numel = ends[-1]
-    width = 0 if curvature <= 0 else min(dim, numel)
-    compress = width > 0 and numel > dim
+    fold = _TargetFold(
+        target_grad,
+        width,
+        compress=width > 0 and numel > dim,
+        seed=seed,
+        divide=not all(divisor_is_positive(optimizer, p) for p in params),
+    )
     # the divisor of the update (gradient / divisor * step size), per parameter: divisor / size
     normalizers = [_scaled_divisor(divisor, float(size)) for divisor, size in zip(divisors, step_sizes)]
-    rows, loss_rows = [], []
-    with sketch_mode(model, targets), torch.enable_grad():
-        for piece, calls, losses in captured_chunks(model, targets, batch, loss_fn, num_examples, chunk_size):
-            n = piece.stop - piece.start
-            alignment = updates = None
-            for start, block, divisor in sketch_blocks(targets, [calls], normalizers, n, block_bytes):
-                if alignment is None:
-                    alignment = block.new_zeros(n, dtype=torch.float64)
-                    updates = block.new_zeros(n, width)
-                stop = start + block.shape[1]
-                g = target_grad[start:stop].to(block.device, block.dtype)
-                if not fold:
-                    block, divisor = block / divisor, None
-                alignment += block @ (g if divisor is None else g / divisor)
-                if compress:
-                    countsketch_add_(updates, block, seed, start, divisor)
-                elif width:
-                    updates[:, start:stop] = block if divisor is None else block / divisor
-            out = torch.cat([alignment.to(updates.dtype)[:, None], updates], dim=1)
-            rows.append(out)
-            loss_rows.append(losses)
-            del calls
-    sketches, losses = torch.cat(rows), torch.cat(loss_rows)
-    valid = torch.isfinite(losses).to(sketches.device) & torch.isfinite(sketches).all(1)
-    sketches = torch.where(valid[:, None], sketches, torch.full_like(sketches, float("nan")))
-    return sketches, losses, valid
+    with sketch_mode(batch_pass.model, batch_pass.layers), torch.enable_grad():
+        return fold_chunks(batch_pass.chunks(), batch_pass.layers, normalizers, block_bytes, fold)
+
+
+@dataclass
+class _TargetFold:
+    """A chunk's ``[a_j | delta_j]`` rows: each block adds its share of the alignment (in float64)
+    and its update columns (whole, or their CountSketch when ``compress``)."""
+
+    target_grad: torch.Tensor
+    width: int
+    compress: bool
+    seed: int
+    divide: bool  # divide the block itself (eps = 0) instead of folding 1 / divisor
+
+    def __call__(self, n: int, losses: torch.Tensor, blocks) -> torch.Tensor:
+        alignment = updates = None
+        for start, block, divisor in blocks:
+            if alignment is None:
+                alignment = block.new_zeros(n, dtype=torch.float64)
+                updates = block.new_zeros(n, self.width)
+            stop = start + block.shape[1]
+            g = self.target_grad[start:stop].to(block.device, block.dtype)
+            if self.divide:
+                block, divisor = block / divisor, None
+            alignment += block @ (g if divisor is None else g / divisor)
+            if self.compress:
+                countsketch_add_(updates, block, self.seed, start, divisor)
+            elif self.width:
+                updates[:, start:stop] = block if divisor is None else block / divisor
+        return torch.cat([alignment.to(updates.dtype)[:, None], updates], dim=1)
 
 
 def _scaled_divisor(divisor, size: float) -> Normalizer:

@@ -15,47 +15,68 @@ mean (raw) gradient, ``c_j = w_j / N`` the coefficient the weighted step gives e
 is GREATS's identity Hessian, ``h = 0`` the first-order term alone). ``D`` is in units of the
 target loss: the predicted decrease from the sketched parameters' part of the step.
 
-The functions here are pure tensor math; :class:`~coreset_optim.CoresetOptimizer` computes the
-inputs (the target's mean gradient and each example's ``[a_j | delta_j]`` row, both folded block by
-block in :mod:`coreset_optim.streaming`; the optimizer's step sizes) and applies the result.
+The functions here are pure tensor math; :class:`TargetAware` (``selection="target"``) is the
+method object: it holds the target batch, its options and the cached target gradient (saved in
+checkpoints), computes the inputs (the target's mean gradient and each example's
+``[a_j | delta_j]`` row, both folded block by block in :mod:`coreset_optim.streaming`; the
+optimizer's step sizes) and chooses with :func:`greedy_target`.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
-from typing import Any
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
+from .batching import batch_size
+from .distributed import paused_gradient_sync
+from .method import SelectionContext, SketchedMethod, check_number, is_int
 from .moments import _step_of, find_group
 from .projection import countsketch
+from .sketch import Sketches, sketch_params
+from .streaming import summed_gradients, target_sketches
 
 
 def target_gradient(sketches: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-    """The target's mean gradient ``[D]`` from its per-example sketches ``[T, D]``.
+    """The target's mean gradient ``[D]`` from its per-example sketches ``[T, D]`` (the reference
+    :meth:`TargetAware.prepare` is tested against).
 
     Raises ``ValueError`` unless every target example has a finite loss and gradient: a target
     with a NaN would silently drop an example the user chose, or poison every gain.
     """
     finite = torch.isfinite(losses).to(sketches.device) & torch.isfinite(sketches).all(1)
     summed = torch.where(finite[:, None], sketches, torch.zeros_like(sketches)).sum(0)
-    return mean_target_gradient(summed, finite)
+    return pooled_target_gradient(summed, finite)
 
 
-def mean_target_gradient(summed: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
-    """The target's mean gradient (float32) from the sum of its examples' gradients and which
-    examples are finite (:func:`~coreset_optim.streaming.summed_gradients`); the checks of
-    :func:`target_gradient`. Divides ``summed`` in place (no second layer-sized vector)."""
+def _same(summed: torch.Tensor, count: float, bad: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    return summed, count, bad
+
+
+def pooled_target_gradient(
+    summed: torch.Tensor,
+    finite: torch.Tensor,
+    sum_over_ranks: Callable[[torch.Tensor, float, torch.Tensor], tuple[torch.Tensor, Any, torch.Tensor]] = _same,
+) -> torch.Tensor:
+    """The target's mean gradient (float32) from the sum of its examples' gradients and which are
+    finite (:func:`~coreset_optim.streaming.summed_gradients`), pooled over the ranks' targets by
+    ``sum_over_ranks(summed, count, non-finite count)`` (the layout's; one process: nothing to
+    pool, and ``summed`` is divided in place, no second layer-sized vector). ValueError when a
+    target example (on any rank) has a non-finite loss or gradient: one host read."""
     if finite.numel() == 0:
         raise ValueError("target is empty (0 examples); pass at least one held-out example")
-    if not bool(finite.all()):
-        bad = torch.nonzero(~finite).flatten().tolist()
+    summed, count, bad = sum_over_ranks(summed, float(finite.numel()), (~finite).sum())
+    if bool(bad > 0):
+        local = torch.nonzero(~finite).flatten().tolist()
+        where = f"target examples {local[:10]}" if local else f"{int(bad)} target example(s) on other ranks"
         raise ValueError(
-            f"target examples {bad[:10]} have a non-finite loss or gradient; fix or drop them "
-            "(the target must be clean held-out examples)"
+            f"{where} have a non-finite loss or gradient; fix or drop them (the target must be clean held-out examples)"
         )
-    return summed.div_(finite.numel()).float()
+    return summed.div_(count).float()
 
 
 def step_sizes(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> list[float]:
@@ -180,7 +201,7 @@ def target_coreset(
     watch=None,
     **_: object,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Selector for :data:`coreset_optim.selection.SELECTORS`: the greedy on one group of rows.
+    """The greedy on one group of rows.
 
     ``x[n, 1 + d]``: the group's :func:`target_features` rows; ``total``: N, the valid examples of
     the whole batch. Every chosen example gets weight n / k: the step applies the group's mean
@@ -194,6 +215,148 @@ def target_coreset(
     if watch is not None:
         watch.lap("greedy")
     return chosen, torch.full((k,), n / k, device=x.device)
+
+
+# --- the method object --------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class TargetAware(SketchedMethod):
+    """``selection="target"``: the examples whose update most lowers a held-out target's loss.
+
+    Options: ``curvature`` (h >= 0 of the second-order term; 0: the first-order gain, the top-k
+    alignments), ``refresh`` (selections between recomputations of the target's gradient),
+    ``per_source`` (True: per-source budgets as the other methods; False: one greedy over the
+    batch). The target itself is data, set with :meth:`set_target` and not checkpointed; the
+    cached target gradient is (``state_dict``), and kept after a reload when the target set again
+    is the same. Needs exact sketches and a per-coordinate normalization ("adam" or None).
+    """
+
+    name: ClassVar[str] = "target"
+
+    curvature: float = 0.0
+    refresh: int = 1
+    per_source: bool = False
+    target: Any = field(default=None, init=False, repr=False, compare=False)
+    fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
+    cache: dict | None = field(default=None, init=False, repr=False, compare=False)
+    _missing: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
+    _grad: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ok = isinstance(self.curvature, (int, float)) and math.isfinite(self.curvature) and self.curvature >= 0
+        self.curvature = check_number(
+            "curvature", self.curvature, ok, "a finite float >= 0 (0: first-order gains only)"
+        )
+        if not is_int(self.refresh) or self.refresh <= 0:
+            raise ValueError(
+                f"refresh must be a positive int (selections between target-gradient refreshes), got {self.refresh!r}"
+            )
+        if not isinstance(self.per_source, bool):
+            raise TypeError(f"per_source must be a bool, got {self.per_source!r}")
+        if self.normalize == "adam_update":
+            raise ValueError(
+                "selection='target' models the step as the gradient times Adam's current "
+                "preconditioner (normalize='adam', or None for SGD-like optimizers); "
+                "normalize='adam_update' is a per-example update with the momentum inside: use 'adam'"
+            )
+        if self.sketch not in ("auto", "exact"):
+            raise ValueError(
+                f"selection='target' needs exact sketches (the target's gradient is compared with each "
+                f"example's on the same coordinates); got sketch={self.sketch!r}: use sketch='exact' (or 'auto')"
+            )
+
+    def set_target(self, target: Any) -> None:
+        """The held-out examples to aim at (``None`` to clear): a batch like the training batches
+        (same fields; the source field may be absent), small enough for one pass in
+        ``sketch_batch_size`` chunks. Not saved in checkpoints (it is data): set it again after
+        loading; the cached target gradient is kept when it is the same."""
+        if target is None:
+            self.target, self.fingerprint = None, None
+            return
+        batch_size(target)  # a clear error for an empty or malformed batch
+        self.target, self.fingerprint = target, batch_fingerprint(target)
+
+    def check(self, batch: Any, source_key: str | None) -> None:
+        if self.target is None:
+            raise ValueError(
+                "selection='target' needs held-out target examples: call "
+                "optimizer.selection.set_target(batch) once (CoresetTrainer: target_dataset=...)"
+            )
+        self._missing = check_target_structure(batch, self.target, source_key)
+
+    def prepare(self, context: SelectionContext) -> None:
+        """The target stage: the target's mean sketch gradient (over every rank's target), which
+        :meth:`sketches` aligns each example's update with; recomputed every ``refresh``
+        selections or when the target changes (the ranks decide together)."""
+        try:
+            self._grad = self._target_gradient(context)
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            if not self._missing:
+                raise
+            raise ValueError(
+                f"loss_fn failed on the target ({type(exc).__name__}: {exc}); the target lacks the "
+                f"batch's fields {self._missing}: give it the fields loss_fn reads"
+            ) from exc
+
+    def _target_gradient(self, context: SelectionContext) -> torch.Tensor:
+        cache = self.cache
+        stale = (
+            cache is None
+            or cache["fingerprint"] != self.fingerprint
+            or context.num_selections - cache["computed_at"] >= self.refresh
+        )
+        if not context.layout.any_rank(stale):
+            return cache["grad"]
+        size = batch_size(self.target)
+        with paused_gradient_sync(context.wrapper):
+            summed, finite = summed_gradients(context.batch_pass.on(self.target, size), self.sketch_block_bytes)
+        grad = pooled_target_gradient(summed, finite, context.layout.sum_over_ranks)
+        self.cache = {"fingerprint": self.fingerprint, "grad": grad, "computed_at": context.num_selections}
+        return grad
+
+    def sketches(self, context: SelectionContext) -> Sketches:
+        """Each example's ``[alignment | update]`` row against the target's gradient."""
+        params = sketch_params(context.layers)
+        return Sketches(
+            *target_sketches(
+                context.batch_pass,
+                optimizer=context.optimizer,
+                normalize=self.normalize,
+                target_grad=self._grad,
+                step_sizes=step_sizes(context.optimizer, params),
+                curvature=self.curvature,
+                dim=self.sketch_dim,
+                seed=context.seed,
+                block_bytes=self.sketch_block_bytes,
+            )
+        )
+
+    def compressed_width(self, rows: torch.Tensor) -> int:
+        return rows.shape[1]  # every feature: the alignment and the (already sketched) update
+
+    def groups(self, codes, num_sources, keep):
+        if self.per_source:
+            return codes, num_sources, keep
+        return torch.zeros_like(codes), 1, [False]  # one greedy over the batch, no per-source budgets
+
+    def choose(self, x: torch.Tensor, k: int, **context: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return target_coreset(x, k, curvature=self.curvature, **context)
+
+    def state_dict(self) -> dict[str, Any]:
+        cache = self.cache
+        if cache is None:
+            return {"cache": None}
+        grad = cache["grad"].detach().cpu().clone()
+        return {"cache": {"fingerprint": cache["fingerprint"], "grad": grad, "computed_at": cache["computed_at"]}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        cache = state.get("cache")
+        self.cache = None if cache is None else dict(cache)
+
+    def carry_over(self, method: SketchedMethod) -> None:
+        method.target, method.fingerprint = self.target, self.fingerprint
 
 
 # --- the target batch ---------------------------------------------------------------------------

@@ -15,8 +15,12 @@ losses), run on the device inside the chooser's per-source loop.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import torch
 
+from .method import SelectionMethod
 from .suspects import flag_per_source, hardest_first
 
 GAP_RATIO = 3.0  # the gap must exceed this many standard deviations of the losses below it
@@ -65,8 +69,8 @@ def suspect_examples(
 def trimmed_loss_coreset(
     x: torch.Tensor, k: int, *, losses: torch.Tensor, rows: torch.Tensor, **_: object
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Selector for :data:`coreset_optim.selection.SELECTORS`: the ``k`` hardest examples of one
-    source's clean component (then suspects, lowest loss first), each weighted n / k."""
+    """The ``k`` hardest examples of one source's clean component (then suspects, lowest loss
+    first), each weighted n / k."""
     n = rows.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
@@ -74,5 +78,15 @@ def trimmed_loss_coreset(
     return hardest_first(local, k, high_loss_cluster(local)), torch.full((k,), n / k, device=rows.device)
 
 
-trimmed_loss_coreset.needs_sketch = False  # type: ignore[attr-defined]  # losses only: one no-grad pass
-trimmed_loss_coreset.suspects = suspect_examples  # type: ignore[attr-defined]
+@dataclass(kw_only=True)
+class TrimmedLoss(SelectionMethod):
+    """``selection="trimmed_loss"``: the hardest examples below each source's high-loss cluster
+    (losses only: one no-grad pass); the cluster's examples are the suspects."""
+
+    name: ClassVar[str] = "trimmed_loss"
+
+    def choose(self, x: torch.Tensor, k: int, **context: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return trimmed_loss_coreset(x, k, **context)
+
+    def suspects(self, compressed, losses, valid, codes, num_sources) -> torch.Tensor:
+        return suspect_examples(compressed, losses, valid, codes, num_sources)

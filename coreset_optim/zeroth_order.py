@@ -12,17 +12,14 @@ The parameters are restored bit-exactly from a copy taken before the first pertu
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
-from torch import nn
 
-from .loss import LossFn, losses_in_chunks
-from .sketch import SketchTarget, sketch_mode, sketch_params
+from .sketch import BatchPass, SketchLayer, sketch_mode, sketch_params
 
 
-def sketch_numel(targets: Sequence[SketchTarget]) -> int:
-    return sum(t.numel for t in targets)
+def sketch_numel(layers: Sequence[SketchLayer]) -> int:
+    return sum(t.numel for t in layers)
 
 
 def fixed_direction(numel: int, seed: int) -> torch.Tensor:
@@ -46,12 +43,7 @@ def _restore(params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor]) -> N
 
 @torch.no_grad()
 def zeroth_order_sketches(
-    model: nn.Module,
-    targets: Sequence[SketchTarget],
-    batch: Any,
-    loss_fn: LossFn,
-    num_examples: int,
-    chunk_size: int | None,
+    batch_pass: BatchPass,
     *,
     eps: float,
     directions: torch.Tensor,
@@ -62,19 +54,19 @@ def zeroth_order_sketches(
     mean_k c_ik z_k. The losses are mean_k (L_i(+) + L_i(-)) / 2, the unperturbed loss up to
     O(eps^2). Rows of examples with a non-finite loss are NaN. Parameters are restored exactly.
     """
-    params = sketch_params(targets)
+    params = sketch_params(batch_pass.layers)
     saved = [p.detach().clone() for p in params]
     num_probes = directions.shape[0]
     sketches = None
     loss_sum = None
     try:
-        with sketch_mode(model, []):
+        with sketch_mode(batch_pass.model, []):
             for z in directions:
                 _perturb(params, z, eps)
-                plus = losses_in_chunks(loss_fn, batch, num_examples, chunk_size)
+                plus = batch_pass.losses()
                 _restore(params, saved)
                 _perturb(params, z, -eps)
-                minus = losses_in_chunks(loss_fn, batch, num_examples, chunk_size)
+                minus = batch_pass.losses()
                 _restore(params, saved)
                 coef = (plus - minus) / (2.0 * eps)
                 part = coef[:, None] * z.to(coef.device, coef.dtype)[None, :]

@@ -59,7 +59,7 @@ def main() -> None:
         min_8bit_size=0,  # tiny LoRA matrices: use the 8-bit state anyway (default 4096 values)
     )
     optimizer = CoresetOptimizer(inner, model, coreset_size=16)
-    print("sketching", [t.name for t in optimizer.sketch_targets])
+    print("sketching", [t.name for t in optimizer.sketch_layers])
     loss_fn = causal_lm_loss_fn(model)  # one loss per example: mean over its label tokens
 
     gen = torch.Generator().manual_seed(0)
@@ -79,7 +79,7 @@ def main() -> None:
                 f"step {step:3d}  coreset loss {coreset.loss.item():.3f}  held-out loss {held:.3f}  "
                 f"selected/in batch {picked}  select {1000 * coreset.timings['total']:.0f} ms"
             )
-    state = inner.state[optimizer.sketch_targets[0].module.weight]
+    state = inner.state[optimizer.sketch_layers[0].module.weight]
     print(f"done in {time.perf_counter() - start:.1f} s; the sketched layer's Adam state is {state['state2'].dtype}")
 
 

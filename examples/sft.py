@@ -118,7 +118,7 @@ def main() -> None:
                 f"{s} {log[f'coreset/selected/{s}']}/{log[f'coreset/in_batch/{s}']}" for s in ("count", "skip")
             )
             print(f"{log['step']:4d}  {log['loss']:.3f}  {per_source:45s}  {1000 * log['coreset/time_total']:.0f}")
-    print(f"sketched: {[t.name for t in trainer.coreset_optimizer.sketch_targets]}")
+    print(f"sketched: {[t.name for t in trainer.coreset_optimizer.sketch_layers]}")
     print(f"held-out completion loss: {before:.3f} -> {after:.3f}")
 
 

@@ -74,7 +74,9 @@ SCENARIOS = {
     # coreset_size >= global batch: every valid example, no sketch pass.
     "all": dict(sizes=[5, 2], options=dict(coreset_size=100, micro_batch_size=2)),
     # ratio budget on the global batch, no compression (sketch_dim >= D).
-    "ratio": dict(sizes=[7, 5], options=dict(coreset_ratio=0.5, sketch_dim=64, similarity="cosine")),
+    "ratio": dict(
+        sizes=[7, 5], options=dict(coreset_ratio=0.5, sketch_dim=64, selection="facility_location", similarity="cosine")
+    ),
     # distributed=False: each rank selects 3 of its own 6; DDP averages the two coreset gradients.
     "per_rank": dict(sizes=[6, 6], options=dict(coreset_size=3, sketch_dim=10, distributed=False)),
 }

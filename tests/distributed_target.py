@@ -19,7 +19,7 @@ import distributed_helpers as h  # noqa: E402
 # name: per-rank batch sizes, how the target is spread, options.
 SCENARIOS = {
     # The same target on every rank; first-order gains; one greedy over all sources.
-    "same_target": dict(sizes=[8, 8], target="same", options=dict(coreset_size=5, target_per_source=False)),
+    "same_target": dict(sizes=[8, 8], target="same", options=dict(coreset_size=5, per_source=False)),
     # Each rank holds part of the target; second-order term on CountSketched updates (D = 27 >
     # sketch_dim = 10); uneven shards and chunks; the cached target gradient reused once.
     "split_target": dict(
@@ -30,13 +30,13 @@ SCENARIOS = {
             sketch_dim=10,
             sketch_batch_size=2,
             micro_batch_size=2,
-            target_curvature=200.0,
-            target_refresh=2,
-            target_per_source=False,
+            curvature=200.0,
+            refresh=2,
+            per_source=False,
         ),
     ),
     # Per-source budgets.
-    "per_source": dict(sizes=[7, 5], target="same", options=dict(coreset_size=6, target_per_source=True)),
+    "per_source": dict(sizes=[7, 5], target="same", options=dict(coreset_size=6, per_source=True)),
 }
 STEPS = 3
 
@@ -81,7 +81,7 @@ def run_rank(out_dir: Path) -> None:
         opt = CoresetOptimizer(
             torch.optim.AdamW(model.parameters(), lr=0.05), ddp, selection="target", **spec["options"]
         )
-        opt.set_target(target(name, rank))
+        opt.selection.set_target(target(name, rank))
         loss_fn = h.per_example_loss(ddp)
         steps = []
         for step in range(STEPS):
@@ -100,8 +100,8 @@ def run_rank(out_dir: Path) -> None:
                     weights=c.weights.clone(),
                     num_valid=c.num_valid,
                     source_counts={k: tuple(v) for k, v in c.source_counts.items()},
-                    target_grad=opt._target_cache["grad"].clone(),
-                    computed_at=opt._target_cache["computed_at"],
+                    target_grad=opt.selection.cache["grad"].clone(),
+                    computed_at=opt.selection.cache["computed_at"],
                 )
             )
             opt.step()
@@ -116,7 +116,8 @@ def run_rank(out_dir: Path) -> None:
         x[0, 0] = float("nan")
     (bx, by), _ = batch("same_target", 0, rank)
     try:
-        opt.select((bx, by), h.per_example_loss(ddp), target=(x, y))
+        opt.selection.set_target((x, y))
+        opt.select((bx, by), h.per_example_loss(ddp))
         results["nan_target"] = None
     except ValueError as exc:
         results["nan_target"] = str(exc)

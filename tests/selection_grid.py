@@ -12,11 +12,13 @@ from __future__ import annotations
 import torch
 
 from coreset_optim import CoresetOptimizer
+from coreset_optim.checkpoints import RENAMED
 from core_utils import TwoLayer, make_batch, regression_loss
 
 SOURCES = ["a"] * 9 + ["b"] * 5 + ["c"] * 2  # one large, one middle, one small source
 
-# name -> CoresetOptimizer keyword options (coreset_size 6 of 16 unless given)
+# name -> CoresetOptimizer keyword options (coreset_size 6 of 16 unless given), as the reference
+# commit spelled them (the target method's options have lost their "target_" prefix since: RENAMED)
 GRID: dict[str, dict] = {
     "default": {},
     "colm": {"preset": "colm"},
@@ -47,16 +49,16 @@ GRID: dict[str, dict] = {
 
 def select_with_target(opt, batch, loss_fn, sources, target):
     """One selection; ``target``: held-out examples for the target method (None otherwise)."""
-    if target is None:
-        return opt.select(batch, loss_fn, sources=sources)
-    return opt.select(batch, loss_fn, sources=sources, target=target)
+    if target is not None:
+        opt.selection.set_target(target)
+    return opt.select(batch, loss_fn, sources=sources)
 
 
 def run_one(options: dict, steps: int = 2) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = TwoLayer(5, 6, 3)
     inner = torch.optim.Adam(model.parameters(), lr=1e-2)
-    kwargs = {"coreset_size": 6, **options}
+    kwargs = {"coreset_size": 6, **{RENAMED.get(k, k): v for k, v in options.items()}}
     opt = CoresetOptimizer(inner, model, seed=3, **kwargs)
     loss_fn = regression_loss(model)
     target = make_batch(4, 5, 3, seed=99) if "target" in str(options.get("selection")) else None

@@ -155,7 +155,7 @@ def test_8bit_state_streamed_in_blocks_equals_whole(mode):
     """Block-by-block normalization decodes only the 8-bit blocks it needs and gives the whole path's sketches."""
     from coreset_optim.compress import compress_per_source
     from coreset_optim.normalize import normalize_sketches
-    from coreset_optim.sketch import exact_sketches, resolve_sketch_modules, sketch_params
+    from coreset_optim.sketch import BatchPass, exact_sketches, resolve_sketch_modules, sketch_params
     from coreset_optim.streaming import compressed_sketches
 
     torch.manual_seed(0)
@@ -172,12 +172,7 @@ def test_8bit_state_streamed_in_blocks_equals_whole(mode):
     batch = make_batch(9, d_in=40, d_out=3, tokens=2, seed=7)
     codes = torch.tensor([0, 1] * 4 + [0])
     got, _, valid = compressed_sketches(
-        model,
-        targets,
-        batch,
-        loss_fn,
-        9,
-        4,
+        BatchPass(model, targets, batch, loss_fn, 9, 4),
         optimizer=opt,
         normalize=mode,
         sketch="exact",

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from coreset_optim.budget import allocate_budget, proportional_split, small_sources, sources_kept_whole
+from coreset_optim.facility_location import FacilityLocation
 from coreset_optim.selection import select_from_sketches
 from core_utils import build, make_batch, regression_loss
 
@@ -182,7 +183,7 @@ def test_selection_invariants_random():
         counts = torch.bincount(codes[valid], minlength=num_sources).tolist()
         budget = rng.randint(1, B)
         keep = small_sources(counts, budget) if trial % 2 else [rng.random() < 0.3 for _ in counts]
-        sel = select_from_sketches(sketches, valid, codes, num_sources, budget, keep, 4, "l1")
+        sel = select_from_sketches(sketches, valid, codes, num_sources, budget, keep, FacilityLocation(sketch_dim=4))
         N = int(valid.sum())
         assert sel.indices.numel() == min(budget, N) == sel.weights.numel()
         assert sel.indices.unique().numel() == sel.indices.numel()

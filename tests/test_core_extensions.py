@@ -71,11 +71,11 @@ def test_a_registered_default_comes_before_the_generic_rule(extension):
 
     model = TwoLayer()
     assert [
-        t.name for t in CoresetOptimizer(torch.optim.AdamW(model.parameters()), model, coreset_size=2).sketch_targets
+        t.name for t in CoresetOptimizer(torch.optim.AdamW(model.parameters()), model, coreset_size=2).sketch_layers
     ] == ["fc2"]
     extension(ModelExtension("test", default_sketch_modules=default))
     opt = CoresetOptimizer(torch.optim.AdamW(model.parameters()), model, coreset_size=2)
-    assert [t.name for t in opt.sketch_targets] == ["fc1"] and seen == [True]
+    assert [t.name for t in opt.sketch_layers] == ["fc1"] and seen == [True]
 
 
 def test_a_registered_check_refuses_targets(extension):
@@ -83,7 +83,7 @@ def test_a_registered_check_refuses_targets(extension):
         if "fc1" in names:
             raise ValueError("fc1 cannot be sketched here")
 
-    extension(ModelExtension("test", check_sketch_targets=check))
+    extension(ModelExtension("test", check_sketch_layers=check))
     model = TwoLayer()
     CoresetOptimizer(torch.optim.AdamW(model.parameters()), model, coreset_size=2, sketch_modules="fc2")
     with pytest.raises(ValueError, match="fc1 cannot"):
@@ -119,5 +119,5 @@ def test_register_extension_checks_its_argument_and_replaces_by_name(extension):
     names = list(extensions.EXTENSIONS)
     assert names[:2] == ["peft", "training_features"]
     first = extension(ModelExtension("test"))
-    second = extension(ModelExtension("test", check_sketch_targets=lambda m, n: None))
+    second = extension(ModelExtension("test", check_sketch_layers=lambda m, n: None))
     assert extensions.EXTENSIONS["test"] is second is not first

@@ -14,6 +14,8 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from coreset_optim.methods import METHODS
+from coreset_optim.presets import PRESETS
 from core_utils import build, make_batch, regression_loss, take_steps
 
 # Calls that read a device tensor's values on the host (or need its data to size their output).
@@ -55,20 +57,17 @@ def _bool_index(args) -> bool:
 
 def count_syncs(options: dict, *, num_sources: int, block_bytes: int, chunk: int, target: bool = False) -> list[str]:
     """The syncing calls of one select() (after a first one, which fills caches)."""
+    accepted = METHODS[options.get("selection", PRESETS["default"]["selection"])].option_names()
+    blocks = {"sketch_block_bytes": block_bytes} if "sketch_block_bytes" in accepted else {}
     model, opt, wrapper = build(
-        seed=0,
-        coreset_size=4,
-        sketch_modules=["fc1", "fc2"],
-        sketch_block_bytes=block_bytes,
-        sketch_batch_size=chunk,
-        **options,
+        seed=0, coreset_size=4, sketch_modules=["fc1", "fc2"], sketch_batch_size=chunk, **blocks, **options
     )
     take_steps(opt, model, 2)
     loss_fn = regression_loss(model)
     batch = make_batch(16, tokens=3, seed=5)
     sources = [i % num_sources for i in range(16)]
     if target:
-        wrapper.set_target(make_batch(6, tokens=3, seed=9))
+        wrapper.selection.set_target(make_batch(6, tokens=3, seed=9))
     wrapper.select(batch, loss_fn, sources=sources)
     wrapper.zero_grad()
     with HostSyncCounter() as counter:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from coreset_optim.distributed import LocalBatch, batch_layout
-from coreset_optim.selection import take_every_valid
-from coreset_optim.sketch import Sketches
+from coreset_optim.method import SelectionContext
+from coreset_optim.selection import select_from_sketches, take_every_valid
+from coreset_optim.sketch import BatchPass, Sketches
 
 from core_utils import build, make_batch, per_example_grads_loop, regression_loss, weighted_grad_reference
 
@@ -53,27 +54,30 @@ def test_take_every_valid_keeps_valid_rows_with_weight_one():
 
 
 def test_stages_compose_to_select():
-    """sketch -> normalize -> choose by hand gives select()'s coreset and sketches."""
+    """The method's pass and choose step, run by hand, give select()'s coreset and sketches."""
     model, _, wrapper = build(coreset_size=4, sketch_dim=1000, selection="gradient_matching")
     batch, loss_fn = make_batch(10), regression_loss(model)
-    raw = wrapper._sketch(batch, loss_fn, 10, 4)
-    params = [p for t in wrapper.sketch_targets for p in t.params]
-    loop = per_example_grads_loop(model, params, batch, loss_fn, 10)
-    torch.testing.assert_close(raw.rows, loop)
-    normalized = wrapper._normalize(raw)
     layout = LocalBatch.of(10, torch.zeros(10, dtype=torch.long), ["all"])
-    selection, kept, num_valid = wrapper._choose(normalized, layout, 4)
-    assert kept == [False] and num_valid == 10
+    batch_pass = BatchPass(model, wrapper.sketch_layers, batch, loss_fn, 10, 4)
+    context = SelectionContext(batch_pass, wrapper.optimizer, torch.Generator(), 0, layout, model, 0)
+    sketches = wrapper.selection.sketches(context)
+    params = [p for t in wrapper.sketch_layers for p in t.params]
+    # no optimizer state yet: Adam's normalization is the identity; 1000 > D keeps every column
+    torch.testing.assert_close(sketches.rows, per_example_grads_loop(model, params, batch, loss_fn, 10))
+    context = {"losses": sketches.losses, "generator": torch.Generator(), "total": 10}
+    selection = select_from_sketches(
+        sketches.rows, sketches.valid, layout.codes, 1, 4, [False], wrapper.selection, context=context
+    )
     cs = wrapper.select(batch, loss_fn)
     assert cs.indices.tolist() == selection.indices.tolist()
     torch.testing.assert_close(cs.weights, selection.weights)
-    torch.testing.assert_close(cs.sketches, normalized.rows)
+    torch.testing.assert_close(cs.sketches, sketches.rows)
 
 
 def test_chooser_without_sketches_reports_no_sketch_columns():
     """random/loss read no sketch: zero columns, as when every example is selected."""
     for selection in ("random", "loss"):
-        _, _, wrapper = build(coreset_size=3, selection=selection, sketch="projection", sketch_dim=4)
+        _, _, wrapper = build(coreset_size=3, selection=selection)
         model = wrapper.model
         cs = wrapper.select(make_batch(9), regression_loss(model))
         assert len(cs) == 3 and cs.sketches.shape == (9, 0)

@@ -1,6 +1,7 @@
 """Checkpoints, deepcopy, repr and LR schedulers on the wrapper."""
 
 import copy
+from pathlib import Path
 import io
 import pickle
 import warnings
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from coreset_optim import CoresetOptimizer
-from core_utils import TwoLayer, build, make_batch, regression_loss
+from core_utils import Snapshot, TwoLayer, build, make_batch, regression_loss
+from selection_grid import SOURCES
 
 
 def _train(model, wrapper, steps, first_seed):
@@ -33,7 +35,7 @@ def _round_trip(obj):
 
 @pytest.mark.parametrize("via_file,amsgrad", [(False, False), (True, True)])
 def test_state_dict_round_trip_mid_training(via_file, amsgrad):
-    kw = dict(coreset_size=4, similarity="l1", opt_kwargs={"amsgrad": amsgrad})
+    kw = dict(coreset_size=4, selection="facility_location", similarity="l1", opt_kwargs={"amsgrad": amsgrad})
     model_a, opt_a, wrap_a = build(seed=0, **kw)
     torch.randint(10, (3,), generator=wrap_a.generator)  # the wrapper's RNG has moved on
     _train(model_a, wrap_a, 20, first_seed=0)
@@ -61,12 +63,16 @@ def test_state_dict_round_trip_mid_training(via_file, amsgrad):
 
 
 def test_load_restores_saved_config_and_plain_state_dict_loads():
-    model_a, opt_a, wrap_a = build(coreset_size=5, similarity="cosine", normalize="adam_update")
+    model_a, opt_a, wrap_a = build(
+        coreset_size=5, selection="facility_location", similarity="cosine", normalize="adam_update"
+    )
     _train(model_a, wrap_a, 2, first_seed=0)
     model_b, opt_b, wrap_b = build(coreset_size=3)
     sd = wrap_a.state_dict()
     wrap_b.load_state_dict(sd)
     assert wrap_b.config == wrap_a.config
+    assert wrap_b.selection == wrap_a.selection and wrap_b.selection.similarity == "cosine"
+    assert wrap_b.selection is not wrap_a.selection
     assert "coreset_optim" in sd  # the caller's dict is not consumed
     # a plain optimizer state dict (no wrapper key) loads too and keeps the wrapper's options
     model_c, opt_c, wrap_c = build(coreset_size=3)
@@ -86,15 +92,18 @@ def test_state_dict_holds_wrapper_state_apart():
 
 
 def test_deepcopy_keeps_config_and_trains_identically():
-    model, opt, wrapper = build(coreset_size=4, similarity="l2", sketch_modules=["fc1", "fc2"])
+    model, opt, wrapper = build(
+        coreset_size=4, selection="facility_location", similarity="l2", sketch_modules=["fc1", "fc2"]
+    )
     _train(model, wrapper, 3, first_seed=0)
     twin = copy.deepcopy(wrapper)
     assert twin.config == wrapper.config and twin.config is not wrapper.config
+    assert twin.selection == wrapper.selection and twin.selection is not wrapper.selection
     assert twin.num_steps == 3
     twin_params = set(map(id, twin.model.parameters()))
     assert all(id(p) in twin_params for g in twin.param_groups for p in g["params"])
-    assert [t.name for t in twin.sketch_targets] == ["fc1", "fc2"]
-    assert all(any(t.module is m for m in twin.model.modules()) for t in twin.sketch_targets)
+    assert [t.name for t in twin.sketch_layers] == ["fc1", "fc2"]
+    assert all(any(t.module is m for m in twin.model.modules()) for t in twin.sketch_layers)
     pa = _train(model, wrapper, 2, first_seed=50)
     pb = _train(twin.model, twin, 2, first_seed=50)
     for (ia, wa), (ib, wb) in zip(pa, pb):
@@ -201,3 +210,54 @@ class WithModes(torch.optim.SGD):
 
     def eval(self):
         self.mode = "eval"
+
+
+# --- checkpoints written before selection methods were objects -----------------------------------
+
+V0 = torch.load(Path(__file__).parent / "data" / "checkpoint_v0.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("name", ["target", "colm"])
+def test_checkpoint_of_the_flat_format_loads_and_resumes(name):
+    """benchmarks/equivalence.py saved one step of each at commit f7384e5, and the coreset chosen
+    next; today's code, loading it into a default-built optimizer, chooses the same."""
+    saved = V0[name]
+    torch.manual_seed(0)
+    model = TwoLayer(5, 6, 3)
+    model.load_state_dict(saved["model"])
+    wrapper = CoresetOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), model, coreset_size=6)
+    if name == "target":
+        wrapper = CoresetOptimizer(wrapper.optimizer, model, coreset_size=6, selection="target")
+        wrapper.selection.set_target(make_batch(4, 5, 3, seed=99))
+    wrapper.load_state_dict(saved["optimizer"])
+    if name == "target":
+        assert (wrapper.selection.curvature, wrapper.selection.refresh) == (0.5, 3)
+        assert wrapper.selection.cache["computed_at"] == 0  # the cached target gradient came along
+    else:
+        assert wrapper.selection.name == "facility_location"
+        assert (wrapper.selection.sketch, wrapper.selection.sketch_dim) == ("zeroth_order", 9)
+    wrapper.zero_grad()
+    chosen = wrapper.select(make_batch(16, 5, 3, seed=1), regression_loss(model), sources=SOURCES)
+    assert chosen.indices.tolist() == saved["next_indices"].tolist()
+    torch.testing.assert_close(chosen.weights, saved["next_weights"], rtol=0, atol=0)
+
+
+def test_checkpoint_of_an_unregistered_method_is_refused_before_anything_changes():
+    model, opt, wrapper = build(coreset_size=4)
+    _train(model, wrapper, 1, first_seed=0)
+    sd = copy.deepcopy(wrapper.state_dict())
+    sd["coreset_optim"]["selection"]["name"] = "my_rule"
+    fresh_model, fresh_opt, fresh = build(coreset_size=4)
+    snap = Snapshot(fresh_model, fresh_opt)
+    with pytest.raises(ValueError, match="'my_rule', which is not registered"):
+        fresh.load_state_dict(sd)
+    snap.assert_unchanged()
+    assert fresh.num_steps == 0 and fresh.selection.name == "consensus_loss"
+
+
+def test_checkpoint_of_another_method_replaces_the_method():
+    model, opt, wrapper = build(coreset_size=4, selection="gradient_matching", sketch_dim=33)
+    _train(model, wrapper, 1, first_seed=0)
+    _, _, other = build(coreset_size=4, selection="loss")
+    other.load_state_dict(wrapper.state_dict())
+    assert type(other.selection) is type(wrapper.selection) and other.selection.sketch_dim == 33

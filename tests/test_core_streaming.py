@@ -9,7 +9,7 @@ from coreset_optim.compress import StreamingTopCoordinates, compress_per_source
 from coreset_optim.moments import dequantize_blockwise, dequantize_range
 from coreset_optim.normalize import normalize_sketches
 from coreset_optim.projection import countsketch, countsketch_add_, countsketch_hash
-from coreset_optim.sketch import exact_sketches, resolve_sketch_modules, sketch_params
+from coreset_optim.sketch import BatchPass, exact_sketches, resolve_sketch_modules, sketch_params
 from coreset_optim.streaming import compressed_sketches
 from core_utils import Snapshot, TwoLayer, make_batch, per_example_grads_loop, regression_loss, take_steps
 
@@ -55,12 +55,7 @@ def _today(model, opt, targets, batch, loss_fn, n, chunk, mode, sketch, dim, see
 
 def _stream(model, opt, targets, batch, loss_fn, n, chunk, mode, sketch, dim, seed, codes, num_sources, block_bytes):
     return compressed_sketches(
-        model,
-        targets,
-        batch,
-        loss_fn,
-        n,
-        chunk,
+        BatchPass(model, targets, batch, loss_fn, n, chunk),
         optimizer=opt,
         normalize=mode,
         sketch=sketch,

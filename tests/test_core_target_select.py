@@ -53,17 +53,18 @@ def _hand_choice(model, inner, batch, target, k, curvature, n):
 @pytest.mark.parametrize("curvature", [0.0, 3e3])
 @pytest.mark.parametrize("steps", [0, 2])
 def test_select_picks_the_hand_built_greedy_and_backpropagates_it(curvature, steps):
-    model, inner, opt = _setup(steps=steps, target_curvature=curvature)
+    model, inner, opt = _setup(steps=steps, curvature=curvature)
     batch, target = make_batch(10, seed=5), make_batch(3, seed=6)
     expected = _hand_choice(model, inner, batch, target, 4, curvature, 10)
-    cs = opt.select(batch, regression_loss(model), target=target)
+    opt.selection.set_target(target)
+    cs = opt.select(batch, regression_loss(model))
     assert cs.indices.tolist() == expected
     torch.testing.assert_close(cs.weights, torch.full((4,), 10 / 4))
     assert float(cs.weights.sum()) == pytest.approx(cs.num_valid)
     ref = weighted_grad_reference(model, batch, regression_loss(model), cs.indices, cs.weights, cs.num_valid)
     for p, g in ref.items():
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
-    assert cs.timings["target"] > 0
+    assert cs.timings["prepare"] > 0
 
 
 def test_curvature_changes_the_choice_somewhere():
@@ -79,11 +80,12 @@ def test_curvature_changes_the_choice_somewhere():
 
 
 def test_global_selection_ignores_source_budgets_and_reports_counts():
-    model, inner, opt = _setup(coreset_size=4, target_per_source=False)
+    model, inner, opt = _setup(coreset_size=4, per_source=False)
     batch, target = make_batch(10, seed=5), make_batch(3, seed=6)
     sources = ["a"] * 7 + ["b"] * 3
     expected = _hand_choice(model, inner, batch, target, 4, 0.0, 10)
-    cs = opt.select(batch, regression_loss(model), sources=sources, target=target)
+    opt.selection.set_target(target)
+    cs = opt.select(batch, regression_loss(model), sources=sources)
     assert cs.indices.tolist() == expected
     assert cs.source_counts["a"].selected == sum(i < 7 for i in expected)
     assert cs.source_counts["b"].selected == sum(i >= 7 for i in expected)
@@ -94,7 +96,8 @@ def test_per_source_selection_runs_the_greedy_within_each_budget():
     model, inner, opt = _setup(coreset_size=4, keep_sources=None)  # per-source budgets: the default
     batch, target = make_batch(12, seed=7), make_batch(3, seed=8)
     sources = ["a"] * 6 + ["b"] * 6
-    cs = opt.select(batch, regression_loss(model), sources=sources, target=target)
+    opt.selection.set_target(target)
+    cs = opt.select(batch, regression_loss(model), sources=sources)
     assert cs.source_counts["a"].selected == cs.source_counts["b"].selected == 2
     for lo, hi in ((0, 6), (6, 12)):
         part = {k: v[lo:hi] for k, v in batch.items()}
@@ -104,33 +107,33 @@ def test_per_source_selection_runs_the_greedy_within_each_budget():
 
 
 def test_set_target_is_used_and_refreshed_every_n_selections():
-    model, inner, opt = _setup(target_refresh=3)
+    model, inner, opt = _setup(refresh=3)
     target = make_batch(3, seed=6)
-    opt.set_target(target)
+    opt.selection.set_target(target)
     seen = []
     for s in range(7):
         cs = opt.select(make_batch(10, seed=50 + s), regression_loss(model))
         opt.step()
         opt.zero_grad()
-        seen.append(opt._target_cache["computed_at"])
-        assert "target" in cs.timings
+        seen.append(opt.selection.cache["computed_at"])
+        assert "prepare" in cs.timings
     assert seen == [0, 0, 0, 3, 3, 3, 6]
-    opt.set_target(make_batch(3, seed=99))  # a new target: refreshed at once
+    opt.selection.set_target(make_batch(3, seed=99))  # a new target: refreshed at once
     opt.select(make_batch(10, seed=70), regression_loss(model))
-    assert opt._target_cache["computed_at"] == 7
+    assert opt.selection.cache["computed_at"] == 7
 
 
 def test_cached_target_gradient_is_the_one_of_its_step():
     """With refresh > 1, later selections align with the gradient computed at the refresh."""
-    model, inner, opt = _setup(target_refresh=2)
+    model, inner, opt = _setup(refresh=2)
     target = make_batch(3, seed=6)
-    opt.set_target(target)
+    opt.selection.set_target(target)
     opt.select(make_batch(10, seed=1), regression_loss(model))
-    cached = opt._target_cache["grad"].clone()
+    cached = opt.selection.cache["grad"].clone()
     opt.step()
     opt.zero_grad()
     opt.select(make_batch(10, seed=2), regression_loss(model))
-    torch.testing.assert_close(opt._target_cache["grad"], cached, rtol=0, atol=0)
+    torch.testing.assert_close(opt.selection.cache["grad"], cached, rtol=0, atol=0)
     params = [model.fc2.weight, model.fc2.bias]
     now = per_example_grads_loop(model, params, target, regression_loss(model), 3).mean(0)
     assert not torch.allclose(now, cached)  # the model moved: a refresh would differ
@@ -149,20 +152,20 @@ def _train(model, opt, steps, first_seed):
 @pytest.mark.parametrize("refresh", [1, 3])
 def test_exact_resume(refresh):
     target = make_batch(3, seed=6)
-    model_a, inner_a, opt_a = _setup(target_refresh=refresh, target_curvature=1e3)
-    opt_a.set_target(target)
+    model_a, inner_a, opt_a = _setup(refresh=refresh, curvature=1e3)
+    opt_a.selection.set_target(target)
     _train(model_a, opt_a, 4, 0)
     sd, msd = copy.deepcopy(opt_a.state_dict()), copy.deepcopy(model_a.state_dict())
-    model_b, inner_b, opt_b = _setup(seed=5, target_refresh=refresh, target_curvature=1e3)
-    opt_b.set_target(copy.deepcopy(target))
+    model_b, inner_b, opt_b = _setup(seed=5, refresh=refresh, curvature=1e3)
+    opt_b.selection.set_target(copy.deepcopy(target))
     model_b.load_state_dict(msd)
     opt_b.load_state_dict(sd)
     assert opt_b.config == opt_a.config
-    assert opt_b._target_cache["computed_at"] == opt_a._target_cache["computed_at"] == 3
-    torch.testing.assert_close(opt_b._target_cache["grad"], opt_a._target_cache["grad"], rtol=0, atol=0)
+    assert opt_b.selection.cache["computed_at"] == opt_a.selection.cache["computed_at"] == 3
+    torch.testing.assert_close(opt_b.selection.cache["grad"], opt_a.selection.cache["grad"], rtol=0, atol=0)
     picks_a, picks_b = _train(model_a, opt_a, 1, 100), _train(model_b, opt_b, 1, 100)
     # The restored cache is used (refresh 3: selection 4 reuses selection 3's target gradient).
-    assert opt_b._target_cache["computed_at"] == opt_a._target_cache["computed_at"] == (3 if refresh == 3 else 4)
+    assert opt_b.selection.cache["computed_at"] == opt_a.selection.cache["computed_at"] == (3 if refresh == 3 else 4)
     picks_a += _train(model_a, opt_a, 4, 101)
     picks_b += _train(model_b, opt_b, 4, 101)
     assert [p.tolist() for p in picks_a] == [p.tolist() for p in picks_b]
@@ -176,7 +179,7 @@ def test_exact_resume(refresh):
 @pytest.fixture
 def armed():
     model, inner, opt = _setup()
-    opt.set_target(make_batch(3, seed=6))
+    opt.selection.set_target(make_batch(3, seed=6))
     opt.select(make_batch(10, seed=9), regression_loss(model))  # .grad and a cached target exist
     return model, inner, opt
 
@@ -199,14 +202,15 @@ def _bad_targets():
 def test_bad_target_in_select(armed, target, error, match):
     model, inner, opt = armed
     snap = Snapshot(model, inner)
-    cache = copy.deepcopy(opt._target_cache)
+    cache = copy.deepcopy(opt.selection.cache)
     selections, rng = opt.num_selections, opt.generator.get_state()
     with pytest.raises(error, match=match):
-        opt.select(make_batch(10, seed=10), regression_loss(model), target=target)
+        opt.selection.set_target(target)
+        opt.select(make_batch(10, seed=10), regression_loss(model))
     snap.assert_unchanged()
     assert opt.num_selections == selections and torch.equal(opt.generator.get_state(), rng)
-    assert opt._target_cache["fingerprint"] == cache["fingerprint"]
-    torch.testing.assert_close(opt._target_cache["grad"], cache["grad"], rtol=0, atol=0)
+    assert opt.selection.cache["fingerprint"] == cache["fingerprint"]
+    torch.testing.assert_close(opt.selection.cache["grad"], cache["grad"], rtol=0, atol=0)
 
 
 def test_missing_target_and_target_without_target_mode():
@@ -216,24 +220,21 @@ def test_missing_target_and_target_without_target_mode():
         opt.select(make_batch(10), regression_loss(model))
     snap.assert_unchanged()
     other = CoresetOptimizer(inner, model, coreset_size=4)
-    with pytest.raises(ValueError, match="selection='target'"):
-        other.select(make_batch(10), regression_loss(model), target=make_batch(3))
-    with pytest.raises(ValueError, match="selection='target'"):
-        other.set_target(make_batch(3))
+    assert not hasattr(other.selection, "set_target")  # only the target method holds a target
     snap.assert_unchanged()
     with pytest.raises(ValueError, match="empty"):
-        opt.set_target({"x": torch.empty(0, 5), "y": torch.empty(0, 3)})
-    assert opt.target is None
+        opt.selection.set_target({"x": torch.empty(0, 5), "y": torch.empty(0, 3)})
+    assert opt.selection.target is None
 
 
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"target_curvature": -1.0}, "target_curvature"),
-        ({"target_curvature": float("inf")}, "target_curvature"),
-        ({"target_curvature": "1"}, "target_curvature"),
-        ({"target_refresh": 0}, "target_refresh"),
-        ({"target_refresh": 1.5}, "target_refresh"),
+        ({"curvature": -1.0}, "curvature"),
+        ({"curvature": float("inf")}, "curvature"),
+        ({"curvature": "1"}, "curvature"),
+        ({"refresh": 0}, "refresh"),
+        ({"refresh": 1.5}, "refresh"),
         ({"sketch": "zeroth_order"}, "exact"),
         ({"normalize": "adam_update"}, "adam_update"),
     ],
@@ -243,19 +244,21 @@ def test_bad_target_options(kwargs, match):
     inner = torch.optim.AdamW(model.parameters())
     with pytest.raises(ValueError, match=match):
         CoresetOptimizer(inner, model, coreset_size=4, selection="target", **kwargs)
-    with pytest.raises(TypeError, match="target_per_source"):
-        CoresetOptimizer(inner, model, coreset_size=4, selection="target", target_per_source=1)
+    with pytest.raises(TypeError, match="per_source"):
+        CoresetOptimizer(inner, model, coreset_size=4, selection="target", per_source=1)
 
 
 def test_source_field_may_be_absent_from_the_target():
     model, inner, opt = _setup(source_key="source")
     batch = make_batch(10, seed=5) | {"source": ["a"] * 5 + ["b"] * 5}
-    cs = opt.select(batch, regression_loss(model), target=make_batch(3, seed=6))
+    opt.selection.set_target(make_batch(3, seed=6))
+    cs = opt.select(batch, regression_loss(model))
     assert len(cs) == 4
 
 
 def test_target_may_lack_fields_loss_fn_does_not_read():
     model, inner, opt = _setup()
     batch = make_batch(10, seed=5) | {"meta": torch.arange(10)}
-    cs = opt.select(batch, regression_loss(model), target=make_batch(3, seed=6))
+    opt.selection.set_target(make_batch(3, seed=6))
+    cs = opt.select(batch, regression_loss(model))
     assert len(cs) == 4

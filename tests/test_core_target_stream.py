@@ -12,7 +12,7 @@ import coreset_optim.sketch as sketch_module
 import coreset_optim.streaming as streaming
 from coreset_optim import CoresetOptimizer
 from coreset_optim.normalize import normalize_sketches
-from coreset_optim.sketch import exact_sketches, resolve_sketch_modules, sketch_params
+from coreset_optim.sketch import BatchPass, exact_sketches, resolve_sketch_modules, sketch_params
 from coreset_optim.streaming import summed_gradients, target_sketches
 from coreset_optim.target import step_sizes, target_features, target_gradient
 from core_utils import Snapshot, TwoLayer, make_batch, per_example_grads_loop, regression_loss, take_steps
@@ -80,12 +80,7 @@ def test_target_rows_match_whole_row_math(
     g_t = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(4))
     snap = Snapshot(model, opt)
     got, losses, valid = target_sketches(
-        model,
-        targets,
-        batch,
-        loss_fn,
-        n,
-        chunk,
+        BatchPass(model, targets, batch, loss_fn, n, chunk),
         optimizer=opt,
         normalize=mode,
         target_grad=g_t,
@@ -113,7 +108,7 @@ def test_target_rows_of_non_finite_examples_are_nan_and_invalid():
     g_t = torch.randn(sum(p.numel() for p in params))
     args = dict(optimizer=opt, normalize="adam", target_grad=g_t, step_sizes=step_sizes(opt, params), seed=0)
     got, _, valid = target_sketches(
-        model, targets, batch, regression_loss(model), 6, 4, curvature=1.0, dim=5, block_bytes=1, **args
+        BatchPass(model, targets, batch, regression_loss(model), 6, 4), curvature=1.0, dim=5, block_bytes=1, **args
     )
     assert valid.tolist() == [True, True, False, True, True, True]
     assert torch.isnan(got[2]).all() and torch.isfinite(got[valid]).all()
@@ -126,14 +121,14 @@ def test_summed_gradients_match_batch_size_one_loop(block_bytes, chunk):
     params = sketch_params(targets)
     target = make_batch(5, tokens=2, seed=6)
     loss_fn = regression_loss(model)
-    summed, finite = summed_gradients(model, targets, target, loss_fn, 5, chunk, block_bytes)
+    summed, finite = summed_gradients(BatchPass(model, targets, target, loss_fn, 5, chunk), block_bytes)
     assert summed.dtype == torch.float32 and finite.all()
     loop = per_example_grads_loop(model, params, target, loss_fn, 5)
     torch.testing.assert_close(summed, loop.sum(0), rtol=1e-5, atol=1e-6)
     raw, losses = exact_sketches(model, targets, target, loss_fn, 5, None)
     torch.testing.assert_close((summed / 5).float(), target_gradient(raw, losses), rtol=1e-5, atol=1e-7)
     target["y"][3] = float("inf")
-    _, finite = summed_gradients(model, targets, target, loss_fn, 5, chunk, block_bytes)
+    _, finite = summed_gradients(BatchPass(model, targets, target, loss_fn, 5, chunk), block_bytes)
     assert finite.tolist() == [True, True, True, False, True]
 
 
@@ -150,7 +145,7 @@ def test_select_target_mode_holds_no_whole_layer(monkeypatch):
         model,
         coreset_size=3,
         selection="target",
-        target_curvature=2.0,
+        curvature=2.0,
         sketch_dim=6,
         sketch_modules=["fc1", "fc2"],
         sketch_block_bytes=1,
@@ -169,7 +164,8 @@ def test_select_target_mode_holds_no_whole_layer(monkeypatch):
 
     monkeypatch.setattr(streaming, "linear_grad_block", spy)
     monkeypatch.setattr(sketch_module, "linear_per_example_grads", whole)
-    cs = opt.select(make_batch(10, tokens=2, seed=1), regression_loss(model), target=make_batch(3, tokens=2, seed=2))
+    opt.selection.set_target(make_batch(3, tokens=2, seed=2))
+    cs = opt.select(make_batch(10, tokens=2, seed=1), regression_loss(model))
     assert len(cs.indices) == 3
     # target (3 examples) then batch (10): fc1 = 4 rows of 5 inputs, fc2 = 3 rows of 4, one per block
     assert widths == [(3, 5)] * 4 + [(3, 4)] * 3 + [(10, 5)] * 4 + [(10, 4)] * 3
@@ -189,15 +185,14 @@ def test_select_target_same_coreset_for_any_block_budget():
             model,
             coreset_size=4,
             selection="target",
-            target_curvature=50.0,
+            curvature=50.0,
             sketch_dim=8,
             sketch_modules=["fc1", "fc2"],
             sketch_block_bytes=block,
         )
-        cs = opt.select(
-            make_batch(12, tokens=2, seed=3), regression_loss(model), target=make_batch(4, tokens=2, seed=4)
-        )
-        picks.append((cs.indices, opt._target_cache["grad"]))
+        opt.selection.set_target(make_batch(4, tokens=2, seed=4))
+        cs = opt.select(make_batch(12, tokens=2, seed=3), regression_loss(model))
+        picks.append((cs.indices, opt.selection.cache["grad"]))
     assert torch.equal(picks[0][0], picks[1][0])
     torch.testing.assert_close(picks[0][1], picks[1][1])
 
@@ -211,12 +206,7 @@ def test_zero_step_size_gives_zero_rows_like_whole_rows():
     g_t = torch.randn(sum(p.numel() for p in params))
     for dim in (5, 10**4):
         got, _, valid = target_sketches(
-            model,
-            targets,
-            batch,
-            regression_loss(model),
-            5,
-            None,
+            BatchPass(model, targets, batch, regression_loss(model), 5, None),
             optimizer=opt,
             normalize="adam",
             target_grad=g_t,

@@ -30,7 +30,8 @@ def _one_process(name, before, step):
     inner.load_state_dict(before["optimizer"])
     opt = CoresetOptimizer(inner, model, selection="target", **t.SCENARIOS[name]["options"])
     (x, y), src = t.batch(name, step)
-    cs = opt.select((x, y), h.per_example_loss(model), sources=src, target=t.target(name))
+    opt.selection.set_target(t.target(name))
+    cs = opt.select((x, y), h.per_example_loss(model), sources=src)
     return model, cs, opt
 
 
@@ -45,7 +46,7 @@ def test_ranks_pick_the_same_coreset_as_one_process(ranks, name):
         assert float(r0["weights"].sum()) == pytest.approx(r0["num_valid"])
         model, cs, opt = _one_process(name, r0["before"], step)
         if r0["computed_at"] == step:  # refreshed this step: the one-process target gradient
-            torch.testing.assert_close(r0["target_grad"], opt._target_cache["grad"], rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(r0["target_grad"], opt.selection.cache["grad"], rtol=1e-5, atol=1e-7)
             assert cs.indices.tolist() == r0["indices"].tolist()
             torch.testing.assert_close(cs.weights, r0["weights"])
         model.zero_grad()  # DDP's averaged gradient is the coreset's

@@ -53,7 +53,7 @@ def test_normalization_reads_bnb_state(name):
     opt = CoresetOptimizer(OPTIMIZERS[name](params), model, coreset_size=4, sketch_modules=names)
     _train(model, opt, 3)
     eight_bit = "32bit" not in name
-    targets = opt.sketch_targets
+    targets = opt.sketch_layers
     batch = pattern_batch(8, seed=99)
     raw, _ = exact_sketches(model, targets, batch, causal_lm_loss_fn(model), 8, None)
     sketch_params = [p for t in targets for p in t.params]
@@ -121,8 +121,8 @@ def test_qlora_sketches_match_batch_size_one_loop(tmp_path):
     )
     batch = pattern_batch(5, seed=3, pad_last=4)
     loss_fn = causal_lm_loss_fn(model)
-    sketches, _ = exact_sketches(model, opt.sketch_targets, batch, loss_fn, 5, None)
-    weight = opt.sketch_targets[0].module.weight
+    sketches, _ = exact_sketches(model, opt.sketch_layers, batch, loss_fn, 5, None)
+    weight = opt.sketch_layers[0].module.weight
     model.eval()
     ref = torch.stack(
         [
@@ -141,7 +141,7 @@ def test_qlora_trains_with_paged_adamw8bit(tmp_path):
         model,
         coreset_ratio=0.25,
     )
-    assert [t.name for t in opt.sketch_targets] == ["base_model.model.model.layers.1.self_attn.v_proj.lora_B.default"]
+    assert [t.name for t in opt.sketch_layers] == ["base_model.model.model.layers.1.self_attn.v_proj.lora_B.default"]
     _train(model, opt, 1)
     # The sketch pass runs in eval mode with frozen inputs; it must not let bitsandbytes repack the
     # 4-bit weights (see integrations/training_features.py), or no gradient reaches block 0.
@@ -155,7 +155,7 @@ def test_qlora_trains_with_paged_adamw8bit(tmp_path):
     )
     _train(model, opt, 11)
     assert _mean_loss(model) < before - 0.1
-    state = opt.optimizer.state[opt.sketch_targets[0].module.weight]
+    state = opt.optimizer.state[opt.sketch_layers[0].module.weight]
     assert state["state2"].dtype == torch.uint8 and state["step"] == 12
 
 

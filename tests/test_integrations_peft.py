@@ -57,7 +57,7 @@ def test_lora_default_without_importing_the_integrations():
         "model = get_peft_model(Net(), LoraConfig(r=2, target_modules=['q_proj', 'v_proj']))\n"
         "params = [p for p in model.parameters() if p.requires_grad]\n"
         "opt = CoresetOptimizer(torch.optim.AdamW(params), model, coreset_size=2)\n"
-        "print([t.name for t in opt.sketch_targets])\n"
+        "print([t.name for t in opt.sketch_layers])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -67,13 +67,13 @@ def test_lora_default_without_importing_the_integrations():
 def test_default_target_is_last_v_proj_lora_b():
     model = lora(tiny_llama())
     opt = _wrap(model)
-    assert [t.name for t in opt.sketch_targets] == ["base_model.model.model.layers.1.self_attn.v_proj.lora_B.default"]
+    assert [t.name for t in opt.sketch_layers] == ["base_model.model.model.layers.1.self_attn.v_proj.lora_B.default"]
 
 
 def test_default_target_without_v_proj_is_last_lora_layer():
     model = lora(tiny_gpt2(), targets=("c_attn", "c_proj"))
     opt = _wrap(model)
-    assert [t.name for t in opt.sketch_targets] == ["base_model.model.transformer.h.1.mlp.c_proj.lora_B.default"]
+    assert [t.name for t in opt.sketch_layers] == ["base_model.model.transformer.h.1.mlp.c_proj.lora_B.default"]
 
 
 def test_default_covers_every_active_adapter_only():
@@ -84,7 +84,7 @@ def test_default_covers_every_active_adapter_only():
     # peft activates one adapter at a time; the default follows the active one.
     model.set_adapter("other")
     opt = _wrap(model)
-    assert [t.name for t in opt.sketch_targets] == ["base_model.model.model.layers.1.self_attn.v_proj.lora_B.other"]
+    assert [t.name for t in opt.sketch_layers] == ["base_model.model.model.layers.1.self_attn.v_proj.lora_B.other"]
     model.base_model.set_adapter(["default", "other"])
     for p in model.parameters():
         p.requires_grad_(False)
@@ -92,7 +92,7 @@ def test_default_covers_every_active_adapter_only():
         if "lora_" in name:
             p.requires_grad_(True)
     opt = _wrap(model)
-    assert [t.name for t in opt.sketch_targets] == [
+    assert [t.name for t in opt.sketch_layers] == [
         "base_model.model.model.layers.1.self_attn.v_proj.lora_B.default",
         "base_model.model.model.layers.1.self_attn.v_proj.lora_B.other",
     ]
@@ -104,7 +104,7 @@ def test_lora_sketch_modules_helper():
     assert len(names) == 8
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default" in names
     opt = _wrap(model, sketch_modules=names)
-    assert sorted(t.name for t in opt.sketch_targets) == sorted(names)
+    assert sorted(t.name for t in opt.sketch_layers) == sorted(names)
     assert lora_sketch_modules(model, modules=None, layers=None) == [
         f"base_model.model.model.layers.{i}.self_attn.{m}.lora_B.default" for i in (0, 1) for m in ("q_proj", "v_proj")
     ]
@@ -153,8 +153,8 @@ def test_lora_sketches_match_batch_size_one_loop():
     batch = pattern_batch(6, pad_last=3)
     names = lora_sketch_modules(model, modules=["q_proj", "v_proj"], layers=[-1], factors=("A", "B"))
     opt = _wrap(model, sketch_modules=names)
-    sketches, _ = exact_sketches(model, opt.sketch_targets, batch, causal_lm_loss_fn(model), 6, 4)
-    ref = _reference_lora_grads(model, batch, [t.name for t in opt.sketch_targets])
+    sketches, _ = exact_sketches(model, opt.sketch_layers, batch, causal_lm_loss_fn(model), 6, 4)
+    ref = _reference_lora_grads(model, batch, [t.name for t in opt.sketch_layers])
     torch.testing.assert_close(sketches, ref, rtol=1e-4, atol=1e-6)
 
 
@@ -178,8 +178,8 @@ def test_sketch_pass_with_gradient_checkpointing_and_input_require_grads():
     spy = emb.register_forward_hook(lambda m, a, out: seen.append(out.requires_grad))
     batch = pattern_batch(5)
     opt_plain, opt_checked = _wrap(plain), _wrap(checked)
-    ref, _ = exact_sketches(plain, opt_plain.sketch_targets, batch, causal_lm_loss_fn(plain), 5, None)
-    got, _ = exact_sketches(checked, opt_checked.sketch_targets, batch, causal_lm_loss_fn(checked), 5, None)
+    ref, _ = exact_sketches(plain, opt_plain.sketch_layers, batch, causal_lm_loss_fn(plain), 5, None)
+    got, _ = exact_sketches(checked, opt_checked.sketch_layers, batch, causal_lm_loss_fn(checked), 5, None)
     spy.remove()
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
     assert seen == [False]  # the hook that forces requires_grad on the embeddings was off
@@ -221,4 +221,4 @@ def test_causal_lm_per_example_loss_matches_hf_per_example():
 def test_plain_model_keeps_the_core_default_when_peft_is_loaded():
     model = tiny_llama()
     opt = CoresetOptimizer(torch.optim.AdamW(model.parameters()), model, coreset_size=2)
-    assert [t.name for t in opt.sketch_targets] == ["lm_head"]
+    assert [t.name for t in opt.sketch_layers] == ["lm_head"]

@@ -71,7 +71,7 @@ def test_lora_trains_with_sources(tmp_path, arch, optim):
     assert after < before - 0.05, (before, after)
     opt = unwrap_coreset_optimizer(trainer.optimizer)
     assert isinstance(opt, CoresetOptimizer)
-    assert [t.name for t in opt.sketch_targets] == [target]
+    assert [t.name for t in opt.sketch_layers] == [target]
     logs = train_logs(trainer)
     assert len(logs) == 2
     for log in logs:
@@ -94,7 +94,7 @@ def test_gpt2_lora_bnb_optims_are_read(tmp_path, optim):
     trainer.train()
     opt = unwrap_coreset_optimizer(trainer.optimizer)
     assert isinstance(opt.optimizer, bnb.optim.optimizer.Optimizer8bit)
-    for target in opt.sketch_targets:
+    for target in opt.sketch_layers:
         state = opt.optimizer.state[target.module.weight]
         assert state["state2"].dtype == (torch.float32 if "32bit" in optim else torch.uint8)
         moments = read_adam_moments(opt.optimizer, target.module.weight)
@@ -345,29 +345,41 @@ def test_unreadable_second_moment_is_reported_after_the_first_step(tmp_path):
     assert trainer.coreset_optimizer.num_steps == 1
 
 
+def settings(config, method):
+    """Every option's value: the shared config's and the selection method's."""
+    return {**config.to_dict(), **method.options(), "selection": method.name}
+
+
 def test_presets_and_selection_options_reach_the_optimizer(tmp_path):
-    default = make_args(tmp_path).coreset_config()
-    assert (default.sketch, default.selection, default.normalize) == ("auto", "consensus_loss", "adam")
-    colm = make_args(tmp_path, coreset_preset="colm").coreset_config()
-    assert (colm.sketch, colm.selection, colm.normalize, colm.zo_fixed_direction) == (
+    default = settings(*make_args(tmp_path).coreset_options())
+    assert (default["sketch"], default["selection"], default["normalize"]) == ("auto", "consensus_loss", "adam")
+    colm = settings(*make_args(tmp_path, coreset_preset="colm").coreset_options())
+    assert (colm["sketch"], colm["selection"], colm["normalize"], colm["zo_fixed_direction"]) == (
         "zeroth_order",
         "facility_location",
         "adam_update",
         True,
     )
     # an option given explicitly wins over the preset
-    mixed = make_args(tmp_path, coreset_preset="colm", selection="random", normalize=None).coreset_config()
-    assert (mixed.sketch, mixed.selection, mixed.normalize) == ("zeroth_order", "random", None)
+    mixed = make_args(tmp_path, coreset_preset="colm", selection="gradient_matching", normalize=None)
+    mixed = settings(*mixed.coreset_options())
+    assert (mixed["sketch"], mixed["selection"], mixed["normalize"]) == ("zeroth_order", "gradient_matching", None)
     # ... also when the value given is the default preset's own (it was once dropped as "unset")
-    given = make_args(tmp_path, coreset_preset="colm", selection="loss", sketch="exact").coreset_config()
-    assert (given.sketch, given.selection) == ("exact", "loss")
+    given = settings(
+        *make_args(tmp_path, coreset_preset="colm", selection="consensus_loss", sketch="exact").coreset_options()
+    )
+    assert (given["sketch"], given["selection"]) == ("exact", "consensus_loss")
+    # a preset's option the chosen method does not take is left out; one given is refused
+    assert "sketch" not in settings(*make_args(tmp_path, coreset_preset="colm", selection="loss").coreset_options())
+    with pytest.raises(TypeError, match="'loss' takes no option .'sketch'"):
+        make_args(tmp_path, selection="loss", sketch="exact")
     with pytest.raises(ValueError, match="preset"):
         make_args(tmp_path, coreset_preset="nope")
     args = make_args(tmp_path, selection="facility_location", similarity="cosine", max_steps=1)
     trainer = CoresetTrainer(model=lora(tiny_llama()), args=args, train_dataset=make_dataset())
     trainer.train()
-    config = trainer.coreset_optimizer.config
-    assert (config.selection, config.similarity) == ("facility_location", "cosine")
+    method = trainer.coreset_optimizer.selection
+    assert (method.name, method.similarity) == ("facility_location", "cosine")
 
 
 def test_causal_lm_loss_fn_builds_no_kv_cache():
@@ -462,24 +474,28 @@ def test_every_given_option_reaches_the_optimizer_config(tmp_path, preset, name)
         extra = {}
         if name.startswith("target_"):  # target options need selection="target" (and, under colm, its sketch)
             extra = {"selection": "target", "normalize": "adam", "sketch": "exact"}
-        config = make_args(tmp_path, coreset_preset=preset, **{name: value, **extra}).coreset_config()
-        assert getattr(config, option) == value, (name, value, getattr(config, option))
+        if name == "similarity":  # facility location's option
+            extra = {"selection": "facility_location"}
+        given = settings(*make_args(tmp_path, coreset_preset=preset, **{name: value, **extra}).coreset_options())
+        assert given[option] == value, (name, value, given[option])
         model = lora(tiny_llama())
         opt = CoresetOptimizer(
             torch.optim.AdamW(model.parameters()),
             model,
             **make_args(tmp_path, coreset_preset=preset, **{name: value, **extra}).coreset_kwargs(),
         )
-        assert getattr(opt.config, option) == value
+        assert settings(opt.config, opt.selection)[option] == value
 
 
 def test_options_not_given_take_the_optimizer_defaults(tmp_path):
-    """Arguments with no coreset option give the same config as CoresetOptimizer(coreset_size=4)."""
+    """Arguments with no coreset option give the same options as CoresetOptimizer(coreset_size=4)."""
     model = lora(tiny_llama())
-    plain = CoresetOptimizer(torch.optim.AdamW(model.parameters()), model, coreset_size=4).config
-    assert make_args(tmp_path).coreset_config() == plain
-    colm = CoresetOptimizer(torch.optim.AdamW(model.parameters()), model, coreset_size=4, preset="colm").config
-    assert make_args(tmp_path, coreset_preset="colm").coreset_config() == colm
+    plain = CoresetOptimizer(torch.optim.AdamW(model.parameters()), model, coreset_size=4)
+    assert settings(*make_args(tmp_path).coreset_options()) == settings(plain.config, plain.selection)
+    colm = CoresetOptimizer(torch.optim.AdamW(model.parameters()), model, coreset_size=4, preset="colm")
+    assert settings(*make_args(tmp_path, coreset_preset="colm").coreset_options()) == settings(
+        colm.config, colm.selection
+    )
 
 
 class SuspectRecordingTrainer(CoresetTrainer):

@@ -53,11 +53,11 @@ def _run(tmp_path, max_steps, resume=None, model=None, **kwargs):
 def test_target_reaches_the_optimizer_and_is_timed(tmp_path):
     trainer = _run(tmp_path, 3)
     opt = trainer.coreset_optimizer
-    assert opt.config.selection == "target" and opt.config.target_refresh == 3
-    assert opt.target["input_ids"].shape[0] == 4 and "source" not in opt.target
+    assert opt.selection.name == "target" and opt.selection.refresh == 3
+    assert opt.selection.target["input_ids"].shape[0] == 4 and "source" not in opt.selection.target
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert all(log["coreset/time_target"] >= 0 for log in logs)
-    assert opt._target_cache["computed_at"] == 0  # refreshed at selection 0, reused at 1 and 2
+    assert all(log["coreset/time_prepare"] >= 0 for log in logs)
+    assert opt.selection.cache["computed_at"] == 0  # refreshed at selection 0, reused at 1 and 2
 
 
 def test_resume_is_exact(tmp_path):
@@ -83,5 +83,5 @@ def test_target_options_must_agree(tmp_path):
             train_dataset=make_dataset(),
             target_dataset=make_dataset(n=4),
         )
-    with pytest.raises(ValueError, match="target_curvature"):
+    with pytest.raises(ValueError, match="curvature"):
         make_args(tmp_path, selection="target", target_curvature=-1.0)

@@ -15,14 +15,14 @@ def _args(tmp_path, **kw):
 
 def test_temperature_passes_through(tmp_path):
     args = _args(tmp_path, coreset_temperature=float("inf"))
-    assert args.coreset_config().temperature == float("inf")
+    assert args.coreset_options()[0].temperature == float("inf")
     assert args.coreset_kwargs(with_modules=False)["temperature"] == float("inf")
 
 
 def test_unset_temperature_is_the_presets(tmp_path):
     args = _args(tmp_path)
     assert "temperature" not in args.coreset_kwargs(with_modules=False)
-    assert args.coreset_config().temperature == 1.0
+    assert args.coreset_options()[0].temperature == 1.0
 
 
 def test_bad_temperature_fails_at_construction(tmp_path):

@@ -89,7 +89,7 @@ def test_sft_trains_on_coresets_and_logs_selection_stats(tmp_path):
         assert log["coreset/invalid"] == 0
         assert log["coreset/time_sketch"] > 0 and log["coreset/time_backward"] > 0
         assert math.isfinite(log["loss"])
-    assert [t.name for t in trainer.coreset_optimizer.sketch_targets] == [
+    assert [t.name for t in trainer.coreset_optimizer.sketch_layers] == [
         "base_model.model.model.layers.1.self_attn.v_proj.lora_B.default"
     ]
 

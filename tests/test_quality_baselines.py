@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from coreset_optim import CoresetOptimizer
-from coreset_optim.selection import SELECTORS
+from coreset_optim.methods import METHODS as REGISTRY
 
 from quality_helpers import make_loss_fn, per_example_grads, tiny_batch, tiny_model
 
@@ -88,4 +88,5 @@ def test_small_sources_kept_whole_for_every_method():
 
 
 def test_registry_holds_every_method():
-    assert set(METHODS) <= set(SELECTORS)
+    assert set(METHODS) <= set(REGISTRY)
+    assert all(REGISTRY[name].name == name for name in REGISTRY)

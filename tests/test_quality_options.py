@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from coreset_optim import CoresetOptimizer
+from coreset_optim.consensus import ConsensusLoss
 from coreset_optim.presets import PRESETS
 
 from quality_helpers import make_loss_fn, tiny_batch, tiny_model
@@ -43,13 +44,13 @@ def test_colm_preset_and_explicit_override():
     model, opt = _parts()
     colm = CoresetOptimizer(opt, model, coreset_size=4, preset="colm")
     for key, value in PRESETS["colm"].items():
-        assert getattr(colm.config, key) == value
+        assert (colm.selection.name if key == "selection" else getattr(colm.selection, key)) == value
     override = CoresetOptimizer(opt, model, coreset_size=4, preset="colm", normalize=None, similarity="cosine")
-    assert override.config.normalize is None and override.config.similarity == "cosine"
-    assert override.config.sketch == "zeroth_order"
+    assert override.selection.normalize is None and override.selection.similarity == "cosine"
+    assert override.selection.sketch == "zeroth_order"
     default = CoresetOptimizer(opt, model, coreset_size=4)
-    for key, value in PRESETS["default"].items():
-        assert getattr(default.config, key) == value
+    assert PRESETS["default"] == {"selection": "consensus_loss"}  # the rest: the method's own defaults
+    assert default.selection == ConsensusLoss()
 
 
 def test_colm_preset_runs_and_restores_from_state_dict():

@@ -45,5 +45,5 @@ def test_projection_mode_in_optimizer_uses_seed_from_state():
     assert result.sketches.shape == (24, 4)
     state = wrapper.state_dict()
     assert state["coreset_optim"]["config"]["seed"] == 9
-    assert state["coreset_optim"]["config"]["sketch"] == "projection"
+    assert state["coreset_optim"]["selection"]["options"]["sketch"] == "projection"
     torch.testing.assert_close(result.weights.sum(), torch.tensor(24.0))

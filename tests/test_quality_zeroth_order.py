@@ -1,7 +1,7 @@
 import torch
 
 from coreset_optim import CoresetOptimizer
-from coreset_optim.sketch import resolve_sketch_modules
+from coreset_optim.sketch import BatchPass, resolve_sketch_modules
 from coreset_optim.zeroth_order import fixed_direction, zeroth_order_sketches
 
 from quality_helpers import make_loss_fn, per_example_grads, tiny_batch, tiny_model
@@ -10,8 +10,8 @@ from quality_helpers import make_loss_fn, per_example_grads, tiny_batch, tiny_mo
 def _setup(dtype=torch.float64):
     model = tiny_model(dtype=dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    targets = resolve_sketch_modules(model, opt, None)  # the last Linear: weight + bias
-    return model, opt, targets, tiny_batch(dtype=dtype)
+    layers = resolve_sketch_modules(model, opt, None)  # the last Linear: weight + bias
+    return model, opt, layers, tiny_batch(dtype=dtype)
 
 
 def test_parameters_restored_bit_exactly():
@@ -27,11 +27,13 @@ def test_parameters_restored_bit_exactly():
 
 def test_central_difference_of_quadratic_is_the_directional_derivative():
     # The loss is quadratic in the last layer's parameters, so the central difference is exact.
-    model, _, targets, batch = _setup()
-    params = [p for t in targets for p in t.params]
+    model, _, layers, batch = _setup()
+    params = [p for t in layers for p in t.params]
     exact = per_example_grads(model, batch, params)
     z = torch.randn(2, exact.shape[1], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    sketches, losses = zeroth_order_sketches(model, targets, batch, make_loss_fn(model), 24, 10, eps=1e-3, directions=z)
+    sketches, losses = zeroth_order_sketches(
+        BatchPass(model, layers, batch, make_loss_fn(model), 24, 10), eps=1e-3, directions=z
+    )
     expected = ((exact @ z.T)[:, :, None] * z[None]).mean(1)
     torch.testing.assert_close(sketches, expected, rtol=1e-6, atol=1e-9)
     with torch.no_grad():  # the mid-point loss is off by eps^2 z^T H z / 2 only
@@ -39,14 +41,16 @@ def test_central_difference_of_quadratic_is_the_directional_derivative():
 
 
 def test_cosine_with_exact_sketch_grows_with_probes():
-    model, _, targets, batch = _setup()
-    params = [p for t in targets for p in t.params]
+    model, _, layers, batch = _setup()
+    params = [p for t in layers for p in t.params]
     exact = per_example_grads(model, batch, params)
     gen = torch.Generator().manual_seed(0)
     cos = {}
     for k in (1, 8, 256):
         z = torch.randn(k, exact.shape[1], generator=gen, dtype=torch.float64)
-        s, _ = zeroth_order_sketches(model, targets, batch, make_loss_fn(model), 24, None, eps=1e-3, directions=z)
+        s, _ = zeroth_order_sketches(
+            BatchPass(model, layers, batch, make_loss_fn(model), 24, None), eps=1e-3, directions=z
+        )
         cos[k] = torch.nn.functional.cosine_similarity(s, exact, dim=1).mean().item()
     assert cos[1] < cos[8] < cos[256]
     assert cos[256] > 0.9

@@ -1,4 +1,4 @@
-"""Sketch targets for PEFT LoRA models: which ``lora_A`` / ``lora_B`` layers to sketch.
+"""Sketch layers for PEFT LoRA models: which ``lora_A`` / ``lora_B`` layers to sketch.
 
 CoLM sketches the LoRA-B matrix of the last layer's ``v_proj``; that is the default here for any
 model holding peft ``LoraLayer`` s (a ``PeftModel`` or a model with injected adapters), for every
@@ -162,15 +162,15 @@ def default_lora_sketch_modules(model: nn.Module, trained: set[int]) -> list[str
     return trained_b(*picked[0])
 
 
-def check_lora_targets(model: nn.Module, target_names: Sequence[str]) -> None:
-    """Refuse sketch targets inside a LoRA layer whose adapter uses a variant such as DoRA."""
+def check_lora_layers(model: nn.Module, layer_names: Sequence[str]) -> None:
+    """Refuse sketch layers inside a LoRA layer whose adapter uses a variant such as DoRA."""
     for name, layer in lora_layers(model):
         for adapter in list(layer.lora_A):
             variant = _variant_of(layer, adapter)
             if variant is None:
                 continue
             inside = (f"{name}.lora_A.{adapter}", f"{name}.lora_B.{adapter}")
-            hit = [t for t in target_names if t in inside]
+            hit = [t for t in layer_names if t in inside]
             if hit:
                 raise ValueError(
                     f"sketch_modules: {hit[0]!r} belongs to adapter {adapter!r}, which uses the LoRA "
@@ -181,5 +181,5 @@ def check_lora_targets(model: nn.Module, target_names: Sequence[str]) -> None:
 
 
 register_extension(
-    ModelExtension("peft", default_sketch_modules=default_lora_sketch_modules, check_sketch_targets=check_lora_targets)
+    ModelExtension("peft", default_sketch_modules=default_lora_sketch_modules, check_sketch_layers=check_lora_layers)
 )

@@ -37,8 +37,8 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from ..config import CoresetConfig
-from ..presets import FROM_PRESET, PRESETS, resolve_preset
+from ..config import CoresetConfig, resolve_options
+from ..method import SelectionMethod
 from ..coreset import Coreset
 from ..moments import has_second_moment, read_adam_moments
 from ..optimizer import CoresetOptimizer
@@ -92,8 +92,8 @@ class CoresetArguments:
         },
     )
     # Every option below defaults to "not given" (None, or PRESET where None is a value), so that
-    # CoresetOptimizer and the preset decide its value: defaults are stated once, in config.py and
-    # presets.py, and whatever is given is passed through as given.
+    # CoresetOptimizer and the preset decide its value: defaults are stated once (CoresetConfig and
+    # the selection method's fields), and whatever is given is passed through as given.
     keep_sources: Optional[Union[str, list]] = field(
         default=PRESET,
         metadata={"help": "'auto', None, or source ids whose examples are all kept; default: the preset's."},
@@ -158,7 +158,7 @@ class CoresetArguments:
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        config = self.coreset_config()  # raises ValueError on bad options, before anything runs
+        config, _ = self.coreset_options()  # raises ValueError on bad options, before anything runs
         world = max(1, int(self.world_size))  # under torchrun the large batch spans all ranks
         large = self.per_device_train_batch_size * world
         if config.coreset_size is not None and config.coreset_size > large:
@@ -178,12 +178,10 @@ class CoresetArguments:
                 "example, e.g. the row index) or leave suspects_file unset"
             )
 
-    def coreset_config(self) -> CoresetConfig:
-        """The optimizer's options these arguments stand for (checked: ValueError/TypeError)."""
-        kwargs = self.coreset_kwargs(with_modules=False)
-        preset = kwargs.pop("preset")
-        unset = dict.fromkeys(PRESETS["default"], FROM_PRESET)
-        return CoresetConfig(**resolve_preset(preset, {**unset, **kwargs}))
+    def coreset_options(self) -> tuple[CoresetConfig, SelectionMethod]:
+        """The optimizer's shared options and selection method these arguments stand for
+        (checked: ValueError/TypeError), as ``CoresetOptimizer`` would build them."""
+        return resolve_options(**self.coreset_kwargs(with_modules=False))
 
     def coreset_kwargs(self, with_modules: bool = True) -> dict[str, Any]:
         """The keyword arguments of ``CoresetOptimizer`` these arguments stand for: exactly the
@@ -212,9 +210,9 @@ OPTION_NAMES = {
     "coreset_seed": "seed",
     "sketch": "sketch",
     "selection": "selection",
-    "target_curvature": "target_curvature",
-    "target_refresh": "target_refresh",
-    "target_per_source": "target_per_source",
+    "target_curvature": "curvature",
+    "target_refresh": "refresh",
+    "target_per_source": "per_source",
     "coreset_temperature": "temperature",
 }
 
@@ -330,7 +328,7 @@ class CoresetTrainerMixin:
                 f"own training_step; {type(self).__name__} cannot wrap it. Use an Adam-type optimizer"
             )
         target = getattr(self, "target_dataset", None)
-        if (args.coreset_config().selection == "target") != (target is not None):
+        if callable(getattr(args.coreset_options()[1], "set_target", None)) != (target is not None):
             raise ValueError(
                 f"selection='target' and {type(self).__name__}(target_dataset=...) go together: pass the "
                 "held-out examples to aim at, or leave both unset"
@@ -369,7 +367,7 @@ class CoresetTrainerMixin:
         if isinstance(built, CoresetOptimizer):
             self.optimizer = built
             return built
-        normalize = self.args.coreset_config().normalize
+        normalize = getattr(self.args.coreset_options()[1], "normalize", None)  # None: no sketch
         if normalize is not None and not any(has_second_moment(g) for g in built.param_groups):
             raise ValueError(
                 f"optim={getattr(self.args.optim, 'value', self.args.optim)!r} built {type(built).__name__}, "
@@ -380,7 +378,7 @@ class CoresetTrainerMixin:
             )
         self.optimizer = CoresetOptimizer(built, self.model if model is None else model, **self.args.coreset_kwargs())
         if self.target_dataset is not None:
-            self.optimizer.set_target(self._target_batch())
+            self.optimizer.selection.set_target(self._target_batch())
         return self.optimizer
 
     def _target_batch(self) -> dict[str, Any]:
@@ -472,15 +470,15 @@ class CoresetTrainerMixin:
 
     def _check_moments_once(self, opt: CoresetOptimizer) -> None:
         """After the first optimizer step, the normalization must find Adam's second moment."""
-        if self._moments_checked or opt.config.normalize is None or opt.num_steps == 0:
+        if self._moments_checked or getattr(opt.selection, "normalize", None) is None or opt.num_steps == 0:
             return
         self._moments_checked = True
-        for target in opt.sketch_targets:
-            for p in target.params:
+        for layer in opt.sketch_layers:
+            for p in layer.params:
                 if read_adam_moments(opt.optimizer, p) is None:
                     raise ValueError(
                         f"after the first step, {type(opt.optimizer).__name__} has no Adam second moment "
-                        f"for {target.name!r} in a layout coreset_optim reads (exp_avg_sq, or "
+                        f"for {layer.name!r} in a layout coreset_optim reads (exp_avg_sq, or "
                         f"bitsandbytes state2); set normalize=None or use an Adam-type optimizer"
                     )
 

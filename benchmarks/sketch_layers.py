@@ -17,7 +17,7 @@ block's down_proj, v_proj, o_proj, and all seven Linear layers of the last block
 materialized, then normalized and compressed; top coordinates and the former randint-hashed
 CountSketch), to check the bounded path is not worse.
 
-Usage: ``python benchmarks/sketch_targets.py [--seeds 3] [--batches 3]``.
+Usage: ``python benchmarks/sketch_layers.py [--seeds 3] [--batches 3]``.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def old_countsketch(x: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
 def whole_path(wrapper, model, opt, batch, loss_fn, big, k, projection: bool):
     """Today's select(): whole per-example gradients -> normalize -> (old CountSketch) -> select."""
     c = wrapper.config
-    targets = wrapper.sketch_targets
+    targets = wrapper.sketch_layers
     t0 = time.perf_counter()
     raw, losses = exact_sketches(model, targets, batch, loss_fn, big, k)
     valid = torch.isfinite(losses) & torch.isfinite(raw).all(1)
@@ -193,7 +193,7 @@ def write_markdown(result: dict, path: Path) -> None:
     lines = [
         md_header(result["produced_by"]) + "# Sketch target for full fine-tuning, and bounded vs whole sketches",
         "",
-        f"Produced by `benchmarks/sketch_targets.py` ({result['args']['seeds']} seeds x "
+        f"Produced by `benchmarks/sketch_layers.py` ({result['args']['seeds']} seeds x "
         f"{result['args']['batches']} batches; 2-layer Llama, vocabulary {result['args']['vocab']}, "
         f"hidden 256, B = {result['args']['batch']}, k = {result['args']['k']}, "
         f"{result['args']['seq_len']} tokens; machine: {result['machine']['cpu']}, "
@@ -234,8 +234,8 @@ def main(argv=None) -> None:
     parser.add_argument("--warm-steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ways", default="", help="';'-separated subset of the ways (default: all)")
-    parser.add_argument("--name", default="sketch_targets")
-    parser.add_argument("--out", default=str(results_dir("sketch_targets")))
+    parser.add_argument("--name", default="sketch_layers")
+    parser.add_argument("--out", default=str(results_dir("sketch_layers")))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -246,7 +246,7 @@ def main(argv=None) -> None:
     result["rows"] = rows
     result["summary"] = summarize(rows)
     result["machine"]["load_average_end"] = os.getloadavg()
-    result = stamped(result, "sketch_targets")
+    result = stamped(result, "sketch_layers")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))

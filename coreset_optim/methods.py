@@ -1,0 +1,73 @@
+"""The registry of selection methods: ``selection="name"`` -> its class, and building one from a
+name, a preset and the options given.
+
+A new method is one module (a :class:`~coreset_optim.method.SelectionMethod` subclass) plus one
+line below (or :func:`register_method` from outside the package); see ``docs/api.md``, "Adding a
+selection method".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .baselines import HighestLoss, RandomSubset
+from .consensus import ConsensusLoss
+from .facility_location import FacilityLocation
+from .gradient_matching import GradientMatching
+from .method import SelectionMethod
+from .presets import FROM_PRESET, PRESETS
+from .target import TargetAware
+from .trimmed_loss import TrimmedLoss
+
+METHODS: dict[str, type[SelectionMethod]] = {
+    "consensus_loss": ConsensusLoss,
+    "facility_location": FacilityLocation,
+    "gradient_matching": GradientMatching,
+    "random": RandomSubset,
+    "loss": HighestLoss,
+    "trimmed_loss": TrimmedLoss,
+    "target": TargetAware,
+}
+
+
+def register_method(cls: type[SelectionMethod]) -> type[SelectionMethod]:
+    """Make ``selection=cls.name`` build ``cls`` (usable as a class decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, SelectionMethod)) or not cls.name:
+        raise TypeError(f"register_method takes a SelectionMethod subclass with a name, got {cls!r}")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_class(name: Any) -> type[SelectionMethod]:
+    """The class registered as ``name``; ValueError listing the names otherwise."""
+    if not isinstance(name, str) or name not in METHODS:
+        raise ValueError(f"selection must be a SelectionMethod object or one of {tuple(METHODS)}, got {name!r}")
+    return METHODS[name]
+
+
+def build_method(selection: Any = FROM_PRESET, preset: str = "default", **options: Any) -> SelectionMethod:
+    """The selection method: ``selection`` itself when it is a method object (then no options may
+    be given: they belong in its constructor), else the registered class of that name (the
+    preset's when not given) built from the preset's values for the options it takes, overridden
+    by ``options``. An option the method does not take is a TypeError naming the ones it does;
+    a preset value the method does not take is left out (e.g. CoLM's sketch for "random")."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
+    if isinstance(selection, SelectionMethod):
+        if options:
+            raise TypeError(
+                f"options {sorted(options)} were given beside the method object {type(selection).__name__}; "
+                f"pass them to its constructor, e.g. {type(selection).__name__}({next(iter(options))}=...)"
+            )
+        return selection
+    values = PRESETS[preset]
+    cls = method_class(values["selection"] if selection is FROM_PRESET else selection)
+    accepted = cls.option_names()
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"selection={cls.name!r} takes no option {unknown}; its options are {list(accepted)} "
+            "(an option of another method, or a misspelling?)"
+        )
+    given = {k: v for k, v in values.items() if k in accepted}
+    return cls(**{**given, **options})
