@@ -44,7 +44,7 @@ from coreset_optim import CoresetOptimizer  # noqa: E402
 from coreset_optim.budget import small_sources  # noqa: E402
 from coreset_optim.normalize import adam_normalize  # noqa: E402
 from coreset_optim.moments import read_adam_moments  # noqa: E402
-from coreset_optim.optimizer import encode_sources  # noqa: E402
+from coreset_optim.sources import encode_sources  # noqa: E402
 from coreset_optim.selection import select_from_sketches  # noqa: E402
 from coreset_optim.datasets.synthetic import make_mixture  # noqa: E402
 

@@ -187,8 +187,7 @@ def run_worker(args) -> dict:
         "step_s": seconds,
     }
     if wrapper is not None:
-        c = wrapper.config
-        row.update(sketch=c.sketch, sketch_modules=[t.name for t in wrapper.sketch_layers])
+        row.update(sketch=wrapper.selection.sketch, sketch_modules=[t.name for t in wrapper.sketch_layers])
     return row
 
 

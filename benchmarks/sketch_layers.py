@@ -40,7 +40,8 @@ from coreset_optim import CoresetOptimizer  # noqa: E402
 from coreset_optim.batching import index_batch  # noqa: E402
 from coreset_optim.normalize import normalize_sketches  # noqa: E402
 from coreset_optim.loss import backward_weighted  # noqa: E402
-from coreset_optim.optimizer import encode_sources  # noqa: E402
+from coreset_optim.sources import encode_sources  # noqa: E402
+from coreset_optim.budget import keep_mask  # noqa: E402
 from coreset_optim.selection import select_from_sketches  # noqa: E402
 from coreset_optim.sketch import exact_sketches, sketch_params  # noqa: E402
 from common import md_header, results_dir, stamped  # noqa: E402
@@ -75,15 +76,15 @@ def old_countsketch(x: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
 
 def whole_path(wrapper, model, opt, batch, loss_fn, big, k, projection: bool):
     """Today's select(): whole per-example gradients -> normalize -> (old CountSketch) -> select."""
-    c = wrapper.config
+    c, method = wrapper.config, wrapper.selection
     targets = wrapper.sketch_layers
     t0 = time.perf_counter()
     raw, losses = exact_sketches(model, targets, batch, loss_fn, big, k)
     valid = torch.isfinite(losses) & torch.isfinite(raw).all(1)
-    normalized = normalize_sketches(raw, opt, sketch_params(targets), c.normalize)
+    normalized = normalize_sketches(raw, opt, sketch_params(targets), method.normalize)
     del raw
     if projection:
-        normalized = old_countsketch(normalized, c.sketch_dim, c.seed)
+        normalized = old_countsketch(normalized, method.sketch_dim, c.seed)
     seconds = time.perf_counter() - t0
     codes, names = encode_sources(batch["source"], big)
     counts = torch.bincount(codes[valid], minlength=len(names)).tolist()
@@ -93,11 +94,9 @@ def whole_path(wrapper, model, opt, batch, loss_fn, big, k, projection: bool):
         codes,
         len(names),
         k,
-        wrapper._keep_mask(names, counts, k),
-        c.sketch_dim,
-        c.similarity,
-        method=c.selection,
-        extra={"losses": losses, "generator": wrapper.generator},
+        keep_mask(c.keep_sources, names, counts, k),
+        method,
+        context={"losses": losses, "generator": wrapper.generator, "total": sum(counts)},
     )
     backward_weighted(index_batch(batch, result.indices), result.weights, loss_fn, sum(counts), None)
     return result.indices, seconds

@@ -83,9 +83,10 @@ def make_step(config: str, model, loss_fn, opt, wrapper, k: int, big: int, targe
     import torch
 
     from coreset_optim.batching import index_batch
+    from coreset_optim.budget import keep_mask
     from coreset_optim.normalize import normalize_sketches
     from coreset_optim.loss import backward_weighted
-    from coreset_optim.optimizer import encode_sources
+    from coreset_optim.sources import encode_sources
     from coreset_optim.selection import select_from_sketches
     from coreset_optim.sketch import exact_sketches, sketch_params
 
@@ -109,11 +110,11 @@ def make_step(config: str, model, loss_fn, opt, wrapper, k: int, big: int, targe
         return coreset
 
     def today(batch):  # select() as it was: whole per-example gradients, then normalize, then compress
-        c = wrapper.config
+        method = wrapper.selection
         targets = wrapper.sketch_layers
         raw, losses = exact_sketches(model, targets, batch, loss_fn, big, k)
         valid = torch.isfinite(losses) & torch.isfinite(raw).all(1)
-        normalized = normalize_sketches(raw, opt, sketch_params(targets), c.normalize)
+        normalized = normalize_sketches(raw, opt, sketch_params(targets), method.normalize)
         codes, names = encode_sources(batch["source"], big)
         counts = torch.bincount(codes[valid], minlength=len(names)).tolist()
         result = select_from_sketches(
@@ -122,11 +123,9 @@ def make_step(config: str, model, loss_fn, opt, wrapper, k: int, big: int, targe
             codes,
             len(names),
             k,
-            wrapper._keep_mask(names, counts, k),
-            c.sketch_dim,
-            c.similarity,
-            method=c.selection,
-            extra={"losses": losses, "generator": wrapper.generator},
+            keep_mask(wrapper.config.keep_sources, names, counts, k),
+            method,
+            context={"losses": losses, "generator": wrapper.generator, "total": sum(counts)},
         )
         backward_weighted(index_batch(batch, result.indices), result.weights, loss_fn, sum(counts), None)
         del raw, normalized
@@ -190,10 +189,10 @@ def run_worker(args) -> dict:
         "k": args.k,
         "seq_len": args.seq_len,
         "target": targets,
-        "sketch": wrapper.config.sketch,
-        "block_bytes": wrapper.config.sketch_block_bytes,
-        "sketch_batch_size": wrapper.config.sketch_batch_size,
-        "sketch_dim": wrapper.config.sketch_dim,
+        "sketch": wrapper.selection.sketch,
+        "block_bytes": wrapper.selection.sketch_block_bytes,
+        "sketch_batch_size": wrapper.selection.sketch_batch_size,
+        "sketch_dim": wrapper.selection.sketch_dim,
         "peak_above_base_bytes": peak,
         "base_bytes": base,
         "step_s": time.perf_counter() - t0,

@@ -63,16 +63,16 @@ def make_step(config, model, loss_fn, opt, wrapper, k, big, target):
         return streamed
 
     def whole(batch):  # the target stage as it was: [T, D] and [B, D] rows
-        c = wrapper.config
+        c, method = wrapper.config, wrapper.selection
         targets = wrapper.sketch_layers
         params = sketch_params(targets)
         traw, tlosses = exact_sketches(model, targets, target, loss_fn, target["input_ids"].shape[0], k)
         g_t = target_gradient(traw, tlosses)
         del traw
         raw, losses = exact_sketches(model, targets, batch, loss_fn, big, k)
-        rows = normalize_sketches(raw, opt, params, c.normalize)
+        rows = normalize_sketches(raw, opt, params, method.normalize)
         del raw
-        rows = target_features(rows, g_t, params, step_sizes(opt, params), c.target_curvature, c.sketch_dim, c.seed)
+        rows = target_features(rows, g_t, params, step_sizes(opt, params), method.curvature, method.sketch_dim, c.seed)
         valid = torch.isfinite(losses) & torch.isfinite(rows).all(1)
         n = int(valid.sum())
         result = select_from_sketches(
@@ -82,10 +82,8 @@ def make_step(config, model, loss_fn, opt, wrapper, k, big, target):
             1,
             k,
             [False],
-            rows.shape[1],
-            c.similarity,
-            method="target",
-            extra={"losses": losses, "generator": wrapper.generator, "curvature": c.target_curvature, "total": n},
+            method,
+            context={"losses": losses, "generator": wrapper.generator, "total": n},
         )
         backward_weighted(index_batch(batch, result.indices), result.weights, loss_fn, n, None)
         del rows

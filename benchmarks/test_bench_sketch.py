@@ -39,19 +39,19 @@ def test_sketch_pass_vs_nograd_forward(benchmark, record, size):
             for start in range(0, B, K):
                 loss_fn({"input_ids": batch["input_ids"][start : start + K]})
 
-    c = opt.config
+    c, method = opt.config, opt.selection
 
     def bounded(chunk):
         compressed_sketches(
             BatchPass(model, opt.sketch_layers, batch, loss_fn, B, chunk),
             optimizer=opt.optimizer,
-            normalize=c.normalize,
-            sketch=c.sketch,
-            dim=c.sketch_dim,
+            normalize=method.normalize,
+            sketch=method.sketch,
+            dim=method.sketch_dim,
             seed=c.seed,
             source_codes=torch.zeros(B, dtype=torch.long),
             num_sources=1,
-            block_bytes=c.sketch_block_bytes,
+            block_bytes=method.sketch_block_bytes,
         )
 
     def sketch_pass():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -73,3 +74,13 @@ def backward_weighted_losses(loss_fn: LossFn, batch: Any, weights: torch.Tensor,
         )
     part.backward()
     return part.detach()
+
+
+def check_loss_scale(loss_scale: Any) -> None:
+    """A finite, non-zero number (or a tensor, not checked: that would synchronize the device)."""
+    if isinstance(loss_scale, torch.Tensor):
+        return
+    if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)):
+        raise TypeError(f"loss_scale must be a float, got {type(loss_scale).__name__}")
+    if not math.isfinite(loss_scale) or loss_scale == 0:
+        raise ValueError(f"loss_scale must be a finite, non-zero number, got {loss_scale}")

@@ -8,12 +8,9 @@ step; the math lives in free functions (:mod:`.sketch`, :mod:`.streaming`, :mod:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,40 +22,13 @@ from .checkpoints import STATE_KEY, WrapperState, read_wrapper_state, restore_me
 from .config import CoresetConfig, resolve_options
 from .coreset import Coreset, SourceCount
 from .distributed import LocalBatch, Shards, batch_layout, paused_gradient_sync
-from .loss import LossFn
+from .loss import LossFn, check_loss_scale
 from .method import SelectionContext, SelectionMethod, losses_only
 from .presets import FROM_PRESET
 from .selection import Selection, select_from_sketches, take_every_valid
 from .sketch import BatchPass, Sketches, SketchSpec, resolve_sketch_modules
-
-
-def encode_sources(values: Sequence[Any] | None, size: int) -> tuple[torch.Tensor, list[Any]]:
-    """Integer codes (in order of first appearance) and the source names they stand for."""
-    if values is None:
-        return torch.zeros(size, dtype=torch.long), ["all"]
-    names: dict[Any, int] = {}
-    codes = [names.setdefault(v, len(names)) for v in values]
-    return torch.tensor(codes, dtype=torch.long), list(names)
-
-
-def _check_loss_scale(loss_scale: Any) -> None:
-    """A finite, non-zero number (or a tensor, not checked: that would synchronize the device)."""
-    if isinstance(loss_scale, torch.Tensor):
-        return
-    if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)):
-        raise TypeError(f"loss_scale must be a float, got {type(loss_scale).__name__}")
-    if not math.isfinite(loss_scale) or loss_scale == 0:
-        raise ValueError(f"loss_scale must be a finite, non-zero number, got {loss_scale}")
-
-
-@contextlib.contextmanager
-def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
-    """Add the seconds the block takes to ``timings[stage]``."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+from .sources import encode_sources, source_values
+from .timing import timed
 
 
 class CoresetOptimizer(torch.optim.Optimizer):
@@ -246,29 +216,6 @@ class CoresetOptimizer(torch.optim.Optimizer):
             self.generator.set_state(saved.rng_state)
 
     # --- selection ----------------------------------------------------------------------------
-    def _source_values(self, batch: Any, size: int, sources: Any) -> list | None:
-        if sources is None and self.config.source_key is not None:
-            key = self.config.source_key
-            if not isinstance(batch, Mapping) or key not in batch:
-                raise ValueError(
-                    f"source_key={key!r} is not a key of the batch; add the source ids to the "
-                    "batch under that key, pass sources=..., or set source_key=None"
-                )
-            sources = batch[key]
-        if sources is None:
-            return None
-        if isinstance(sources, torch.Tensor):
-            sources = sources.tolist()
-        elif hasattr(sources, "tolist"):
-            sources = sources.tolist()
-        if isinstance(sources, (str, bytes)) or not isinstance(sources, Sequence):
-            raise TypeError(f"sources must be a list or 1-D tensor of source ids, got {type(sources).__name__}")
-        if len(sources) != size:
-            raise ValueError(
-                f"sources has {len(sources)} entries for a batch of {size} examples; give one source id per example"
-            )
-        return list(sources)
-
     def select(
         self,
         batch: Any,
@@ -297,7 +244,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
         start = time.perf_counter()
         wrapper = self._check_select_call(loss_fn, loss_scale, model)
         size = batch_size(batch)
-        codes, names = encode_sources(self._source_values(batch, size, sources), size)
+        codes, names = encode_sources(source_values(batch, size, sources, self.config.source_key), size)
         method = self.selection
         method.check(batch, self.config.source_key)
         layout = batch_layout(size, codes, names, self.config.distributed, self.process_group)
@@ -382,7 +329,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
         """The module whose gradient sync select() pauses; TypeError/ValueError on bad arguments."""
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (batch -> Tensor[n]), got {type(loss_fn).__name__}")
-        _check_loss_scale(loss_scale)
+        check_loss_scale(loss_scale)
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be the torch.nn.Module loss_fn runs (or None), got {type(model).__name__}")
         return self.model if model is None else model

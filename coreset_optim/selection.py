@@ -7,7 +7,6 @@ budget shared among sources by :mod:`coreset_optim.budget`.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -16,6 +15,7 @@ import torch
 
 from .budget import allocate_budget, tempered_scores, tempered_split
 from .compress import compress_per_source, rows_per_source
+from .timing import Stopwatch
 
 if TYPE_CHECKING:
     from .method import SelectionMethod
@@ -28,24 +28,6 @@ class Selection:
     compressed: torch.Tensor  # Tensor[B, d]
     selected_per_source: list[int]
     timings: dict[str, float] = field(default_factory=dict)
-
-
-class Stopwatch:
-    """Accumulates seconds per stage; synchronizes CUDA at stage boundaries only."""
-
-    def __init__(self, timings: dict[str, float], device: torch.device):
-        self.timings, self.cuda = timings, device.type == "cuda"
-        self.last = self._now()
-
-    def _now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def lap(self, stage: str) -> None:
-        now = self._now()
-        self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
-        self.last = now
 
 
 def select_from_sketches(
