@@ -133,20 +133,20 @@ class CoresetArguments:
     selection: Optional[str] = field(
         default=None,
         metadata={
-            "help": "'loss', 'trimmed_loss', 'gradient_matching', 'facility_location', 'random' or 'target'; "
-            "None: the preset's."
+            "help": "A registered selection method (coreset_optim.METHODS: 'consensus_loss', 'loss', "
+            "'trimmed_loss', 'gradient_matching', 'facility_location', 'random', 'target', ...); None: the preset's."
         },
     )
     target_curvature: Optional[float] = field(
         default=None,
-        metadata={"help": "selection='target': curvature h of the second-order term (default 0: first order)."},
+        metadata={"help": "selection='target': the method's curvature h of the second-order term (0: first order)."},
     )
     target_refresh: Optional[int] = field(
         default=None,
-        metadata={"help": "selection='target': selections between refreshes of the target's gradient (default 1)."},
+        metadata={"help": "selection='target': the method's refresh, selections between target-gradient refreshes."},
     )
     target_per_source: Optional[bool] = field(
-        default=None, metadata={"help": "selection='target': True for per-source budgets (default False: one greedy)."}
+        default=None, metadata={"help": "selection='target': the method's per_source (True: per-source budgets)."}
     )
     coreset_temperature: Optional[float] = field(
         default=None,
