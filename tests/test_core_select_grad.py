@@ -110,8 +110,14 @@ def test_coreset_size_at_least_batch_selects_all_with_weight_one():
 def test_timings_reported():
     model, opt, wrapper = build(coreset_size=3)
     cs = wrapper.select(make_batch(8), regression_loss(model))
-    for stage in ("sketch", "backward", "total"):  # normalization is part of the sketch stage
-        assert cs.timings[stage] >= 0.0
+    # the default method's stages (normalization is part of the sketch stage), then facility
+    # location's own; no gather in one process
+    assert set(cs.timings) == {"prepare", "sketch", "compress", "weights", "backward", "total"}
+    assert cs.timings["sketch"] > 0 and cs.timings["backward"] > 0
+    assert cs.timings["total"] >= sum(v for k, v in cs.timings.items() if k != "total")
+    _, _, fl = build(coreset_size=3, selection="facility_location")
+    timings = fl.select(make_batch(8), regression_loss(fl.model)).timings
+    assert {"similarity", "greedy", "weights"} <= set(timings)
 
 
 @pytest.mark.parametrize("size", [4, 30])

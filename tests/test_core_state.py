@@ -199,7 +199,9 @@ def test_other_attributes_of_the_wrapped_optimizer_are_reachable():
     wrapper.eval()
     assert wrapper.optimizer.mode == "eval" and wrapper.mode == "eval"
     assert not hasattr(wrapper, "no_such_attribute")
-    assert copy.deepcopy(wrapper).eval is not None
+    twin = copy.deepcopy(wrapper)
+    twin.train()  # reaches the twin's own copy of the wrapped optimizer
+    assert twin.mode == "train" and wrapper.mode == "eval"
     assert isinstance(pickle.loads(pickle.dumps(wrapper)), CoresetOptimizer)
 
 
@@ -210,6 +212,9 @@ class WithModes(torch.optim.SGD):
 
     def eval(self):
         self.mode = "eval"
+
+    def train(self):
+        self.mode = "train"
 
 
 # --- checkpoints written before selection methods were objects -----------------------------------
