@@ -14,7 +14,7 @@ from typing import Any
 
 from .method import SelectionMethod, check_optional_positive_int, is_int
 from .methods import build_method
-from .presets import FROM_PRESET
+from .presets import DEFAULT_PRESET, FROM_PRESET
 
 
 @dataclass
@@ -85,7 +85,7 @@ CONFIG_OPTIONS = tuple(f.name for f in fields(CoresetConfig))
 
 
 def resolve_options(
-    selection: Any = FROM_PRESET, preset: str = "default", **options: Any
+    selection: Any = FROM_PRESET, preset: str = DEFAULT_PRESET, **options: Any
 ) -> tuple[CoresetConfig, SelectionMethod]:
     """``CoresetOptimizer``'s options (all but the optimizer, model, sketch modules and process
     group), checked and split: the shared :class:`CoresetConfig`, and the selection method built

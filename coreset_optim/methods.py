@@ -15,7 +15,7 @@ from .consensus import ConsensusLoss
 from .facility_location import FacilityLocation
 from .gradient_matching import GradientMatching
 from .method import SelectionMethod
-from .presets import FROM_PRESET, PRESETS
+from .presets import DEFAULT_PRESET, FROM_PRESET, PRESETS
 from .target import TargetAware
 from .trimmed_loss import TrimmedLoss
 
@@ -45,7 +45,7 @@ def method_class(name: Any) -> type[SelectionMethod]:
     return METHODS[name]
 
 
-def build_method(selection: Any = FROM_PRESET, preset: str = "default", **options: Any) -> SelectionMethod:
+def build_method(selection: Any = FROM_PRESET, preset: str = DEFAULT_PRESET, **options: Any) -> SelectionMethod:
     """The selection method: ``selection`` itself when it is a method object (then no options may
     be given: they belong in its constructor), else the registered class of that name (the
     preset's when not given) built from the preset's values for the options it takes, overridden

@@ -24,7 +24,7 @@ from .coreset import Coreset, SourceCount
 from .distributed import LocalBatch, Shards, batch_layout, paused_gradient_sync
 from .loss import LossFn, check_loss_scale
 from .method import SelectionContext, SelectionMethod, losses_only
-from .presets import FROM_PRESET
+from .presets import DEFAULT_PRESET, FROM_PRESET
 from .selection import Selection, select_from_sketches, take_every_valid
 from .sketch import BatchPass, Sketches, SketchSpec, resolve_sketch_modules
 from .sources import encode_sources, source_values
@@ -58,7 +58,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
         temperature: float = CoresetConfig.temperature,
         micro_batch_size: int | None = None,
         seed: int = CoresetConfig.seed,
-        preset: str = "default",
+        preset: str = DEFAULT_PRESET,
         distributed: Any = CoresetConfig.distributed,
         process_group: Any = None,
         **options: Any,

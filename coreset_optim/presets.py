@@ -19,6 +19,7 @@ class _FromPreset:
 
 
 FROM_PRESET: Any = _FromPreset()
+DEFAULT_PRESET = "default"
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Chosen by benchmarks/finetune.py with and without label noise (docs/selection_quality.md,

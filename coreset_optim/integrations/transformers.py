@@ -39,6 +39,7 @@ from transformers import Trainer, TrainingArguments
 
 from ..config import CoresetConfig, resolve_options
 from ..method import SelectionMethod
+from ..presets import DEFAULT_PRESET
 from ..coreset import Coreset
 from ..moments import has_second_moment, read_adam_moments
 from ..optimizer import CoresetOptimizer
@@ -125,7 +126,7 @@ class CoresetArguments:
         default=None, metadata={"help": "Seed of the selection's random generator; default 0."}
     )
     coreset_preset: str = field(
-        default="default", metadata={"help": "'default' or 'colm': fills the options not given."}
+        default=DEFAULT_PRESET, metadata={"help": "'default' or 'colm': fills the options not given."}
     )
     sketch: Optional[str] = field(
         default=None, metadata={"help": "'auto', 'exact', 'zeroth_order' or 'projection'; None: the preset's."}
