@@ -45,7 +45,7 @@ LABELS = {
     "d": "ideal: no-grad fwd B + fwd/bwd k",
     "e": "accumulate B in micro-batches of k",
 }
-STAGES = ("sketch", "normalize", "compress", "similarity", "greedy", "weights", "backward", "total")
+STAGES = ("prepare", "sketch", "compress", "similarity", "greedy", "weights", "backward", "total")
 
 
 # --- worker: one configuration in this process ------------------------------------------------
@@ -308,7 +308,7 @@ def summarize(time_runs: dict[int, list[dict]], mem_runs: dict[str, dict], ks: l
         stage_rows = [r["stage_rows"] for r in runs]
         stage_rows = [row for rows_ in stage_rows for row in rows_]
         stages = {s: statistics.median(row.get(s, 0.0) for row in stage_rows) for s in STAGES}
-        selection = sum(stages[s] for s in ("normalize", "compress", "similarity", "greedy", "weights"))
+        selection = sum(stages[s] for s in ("prepare", "compress", "similarity", "greedy", "weights"))
         outside = stages["total"] - sum(stages[s] for s in STAGES if s != "total")
         out[k] = {
             "configs": rows,

@@ -722,7 +722,7 @@ def markdown(summary: dict, mixture: FinetuneMixture, args, noise: dict | None =
     if t:
         f = lambda x: "n/a" if x is None else fmt(x)  # noqa: E731
         gc = t.get("gap_closure_mixture")
-        gc_text = "n/a" if not gc else f"{gc['of_means']:.2f} / {fmt(gc['per_seed'], 2)}"
+        gc_text = "n/a" if not gc or gc["of_means"] is None else f"{gc['of_means']:.2f} / {fmt(gc['per_seed'], 2)}"
         lines += [
             "",
             "## The issue's targets (k = B/4; differences paired by seed: mean ± sd over seeds)",

@@ -44,6 +44,7 @@ from coreset_optim import CoresetOptimizer  # noqa: E402
 from coreset_optim.budget import small_sources  # noqa: E402
 from coreset_optim.normalize import adam_normalize  # noqa: E402
 from coreset_optim.moments import read_adam_moments  # noqa: E402
+from coreset_optim.methods import build_method  # noqa: E402
 from coreset_optim.sources import encode_sources  # noqa: E402
 from coreset_optim.selection import select_from_sketches  # noqa: E402
 from coreset_optim.datasets.synthetic import make_mixture  # noqa: E402
@@ -141,7 +142,8 @@ def bound(g, codes, names, k, method="gradient_matching"):
     counts = torch.bincount(codes, minlength=len(names)).tolist()
     keep = small_sources(counts, k)
     valid = torch.ones(g.shape[0], dtype=torch.bool)
-    sel = select_from_sketches(g, valid, codes, len(names), k, keep, g.shape[1] + 1, "l1", method=method)
+    chooser = build_method(method, sketch_dim=g.shape[1] + 1)  # every coordinate: no compression
+    sel = select_from_sketches(g, valid, codes, len(names), k, keep, chooser)
     return sel.indices, sel.weights
 
 

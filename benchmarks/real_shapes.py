@@ -187,7 +187,8 @@ def run_worker(args) -> dict:
         "step_s": seconds,
     }
     if wrapper is not None:
-        row.update(sketch=wrapper.selection.sketch, sketch_modules=[t.name for t in wrapper.sketch_layers])
+        sketch = getattr(wrapper.selection, "sketch", None)  # loss, trimmed_loss, random: no sketch option
+        row.update(sketch=sketch, sketch_modules=[t.name for t in wrapper.sketch_layers])
     return row
 
 

@@ -169,7 +169,7 @@ def main() -> None:
     lines = [
         f"GPT-2 (vocab {r0['vocab']}, hidden {r0['hidden']}, 2 layers), full fine-tuning with AdamW, sketch layer "
         f"lm_head ({r0['lm_head_numel'] / 1e6:.1f} M values), B = {r0['batch']}, k = {r0['k']}, target of "
-        f"{r0['target_size']} examples, {r0['seq_len']} tokens, target_curvature = {r0['curvature']}, CPU, "
+        f"{r0['target_size']} examples, {r0['seq_len']} tokens, curvature = {r0['curvature']}, CPU, "
         f"{args.threads} thread; one measured step per configuration in a fresh process; peak RSS above the "
         "RSS before the step (shared 2-core machine).",
         "",

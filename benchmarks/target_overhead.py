@@ -36,9 +36,9 @@ def main() -> None:
     configs = {
         "default": {},
         "target": dict(selection="target"),
-        "target_curvature": dict(selection="target", target_curvature=1.0),
-        "target_refresh2": dict(selection="target", target_refresh=2),
-        "target_refresh4": dict(selection="target", target_refresh=4),
+        "target_curvature": dict(selection="target", curvature=1.0),
+        "target_refresh2": dict(selection="target", refresh=2),
+        "target_refresh4": dict(selection="target", refresh=4),
     }
     batches = [make_batch(args.batch, T, seed=i) for i in range(8)]
     target = make_batch(args.target, T, seed=999)
@@ -69,7 +69,7 @@ def main() -> None:
         rows[name] = {
             "s_per_step": seconds,
             "ratio_to_default": seconds / base,
-            "target_stage_ms": 1e3 * statistics.median(t.get("target", 0.0) for t in stages),
+            "target_stage_ms": 1e3 * statistics.median(t.get("prepare", 0.0) for t in stages),
             "sketch_ms": 1e3 * statistics.median(t.get("sketch", 0.0) for t in stages),
             "greedy_ms": 1e3 * statistics.median(t.get("greedy", 0.0) for t in stages),
         }

@@ -10,7 +10,7 @@ from coreset_optim import CoresetOptimizer
 from tinyllm import build, make_batch
 
 B, K, T = 128, 32, 64
-STAGES = ("sketch", "normalize", "compress", "similarity", "greedy", "weights", "backward")
+STAGES = ("prepare", "sketch", "compress", "similarity", "greedy", "weights", "backward")
 
 
 def test_select_stages(benchmark, record):
@@ -35,7 +35,7 @@ def test_select_stages(benchmark, record):
     rows.clear()
     benchmark.pedantic(step, rounds=5, iterations=1)
     med = {s: statistics.median(r.get(s, 0.0) for r in rows) for s in (*STAGES, "total")}
-    selection = sum(med[s] for s in ("normalize", "compress", "similarity", "greedy", "weights"))
+    selection = sum(med[s] for s in ("prepare", "compress", "similarity", "greedy", "weights"))
     row = {f"{s}_ms": med[s] * 1e3 for s in (*STAGES, "total")}
     row["unaccounted_ms"] = (med["total"] - sum(med[s] for s in STAGES)) * 1e3
     row["selection_stages/total"] = selection / med["total"]
