@@ -88,6 +88,24 @@ def unconstrained_matching(x, k, *, watch=None, **_):
     return greedy_matching(x, k, count_weight=0.0, rescale=False)
 
 
+def select_whole_rows(wrapper, batch, loss_fn, rows, valid, losses, big: int, k: int):
+    """select()'s choose and backward stages on rows built whole (the former path the bounded
+    sketch replaced): the wrapper's method, budgets and generator; returns the selection."""
+    from coreset_optim.batching import index_batch
+    from coreset_optim.budget import keep_mask
+    from coreset_optim.loss import backward_weighted
+    from coreset_optim.selection import select_from_sketches
+    from coreset_optim.sources import encode_sources
+
+    codes, names = encode_sources(batch["source"], big)
+    counts = torch.bincount(codes[valid], minlength=len(names)).tolist()
+    keep = keep_mask(wrapper.config.keep_sources, names, counts, k)
+    context = {"losses": losses, "generator": wrapper.generator, "total": sum(counts)}
+    result = select_from_sketches(rows, valid, codes, len(names), k, keep, wrapper.selection, context=context)
+    backward_weighted(index_batch(batch, result.indices), result.weights, loss_fn, sum(counts), None)
+    return result
+
+
 def register_experiments() -> None:
     """Register the benchmarks' experimental selection methods (here: unconstrained matching)."""
     from coreset_optim.gradient_matching import GradientMatching

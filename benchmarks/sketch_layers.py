@@ -37,14 +37,9 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from coreset_optim import CoresetOptimizer  # noqa: E402
-from coreset_optim.batching import index_batch  # noqa: E402
 from coreset_optim.normalize import normalize_sketches  # noqa: E402
-from coreset_optim.loss import backward_weighted  # noqa: E402
-from coreset_optim.sources import encode_sources  # noqa: E402
-from coreset_optim.budget import keep_mask  # noqa: E402
-from coreset_optim.selection import select_from_sketches  # noqa: E402
 from coreset_optim.sketch import exact_sketches, sketch_params  # noqa: E402
-from common import md_header, results_dir, stamped  # noqa: E402
+from common import md_header, results_dir, select_whole_rows, stamped  # noqa: E402
 from e2e import machine_info  # noqa: E402
 from sketch_memory import build_model  # noqa: E402
 from tinyllm import make_batch  # noqa: E402
@@ -86,19 +81,7 @@ def whole_path(wrapper, model, opt, batch, loss_fn, big, k, projection: bool):
     if projection:
         normalized = old_countsketch(normalized, method.sketch_dim, c.seed)
     seconds = time.perf_counter() - t0
-    codes, names = encode_sources(batch["source"], big)
-    counts = torch.bincount(codes[valid], minlength=len(names)).tolist()
-    result = select_from_sketches(
-        normalized,
-        valid,
-        codes,
-        len(names),
-        k,
-        keep_mask(c.keep_sources, names, counts, k),
-        method,
-        context={"losses": losses, "generator": wrapper.generator, "total": sum(counts)},
-    )
-    backward_weighted(index_batch(batch, result.indices), result.weights, loss_fn, sum(counts), None)
+    result = select_whole_rows(wrapper, batch, loss_fn, normalized, valid, losses, big, k)
     return result.indices, seconds
 
 

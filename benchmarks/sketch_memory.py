@@ -82,12 +82,9 @@ def build_model(name: str, seq_len: int, vocab: int | None = None, hidden: int |
 def make_step(config: str, model, loss_fn, opt, wrapper, k: int, big: int, target):
     import torch
 
+    from common import select_whole_rows
     from coreset_optim.batching import index_batch
-    from coreset_optim.budget import keep_mask
     from coreset_optim.normalize import normalize_sketches
-    from coreset_optim.loss import backward_weighted
-    from coreset_optim.sources import encode_sources
-    from coreset_optim.selection import select_from_sketches
     from coreset_optim.sketch import exact_sketches, sketch_params
 
     def plain(batch, n):
@@ -115,19 +112,7 @@ def make_step(config: str, model, loss_fn, opt, wrapper, k: int, big: int, targe
         raw, losses = exact_sketches(model, targets, batch, loss_fn, big, k)
         valid = torch.isfinite(losses) & torch.isfinite(raw).all(1)
         normalized = normalize_sketches(raw, opt, sketch_params(targets), method.normalize)
-        codes, names = encode_sources(batch["source"], big)
-        counts = torch.bincount(codes[valid], minlength=len(names)).tolist()
-        result = select_from_sketches(
-            normalized,
-            valid,
-            codes,
-            len(names),
-            k,
-            keep_mask(wrapper.config.keep_sources, names, counts, k),
-            method,
-            context={"losses": losses, "generator": wrapper.generator, "total": sum(counts)},
-        )
-        backward_weighted(index_batch(batch, result.indices), result.weights, loss_fn, sum(counts), None)
+        select_whole_rows(wrapper, batch, loss_fn, normalized, valid, losses, big, k)
         del raw, normalized
         opt.step()
         opt.zero_grad(set_to_none=True)
