@@ -83,7 +83,7 @@ def md_header(produced_by: dict) -> str:
 def unconstrained_matching(x, k, *, watch=None, **_):
     """Experiment only: GradMatch's raw NNLS weights (no count coordinate, no rescale to n), so
     the weights do NOT sum to the source's count: it measures what the coreset contract costs."""
-    from coreset_optim.gradient_matching import greedy_matching
+    from coreset_optim.methods.gradient_matching import greedy_matching
 
     return greedy_matching(x, k, count_weight=0.0, rescale=False)
 
@@ -92,10 +92,10 @@ def select_whole_rows(wrapper, batch, loss_fn, rows, valid, losses, big: int, k:
     """select()'s choose and backward stages on rows built whole (the former path the bounded
     sketch replaced): the wrapper's method, budgets and generator; returns the selection."""
     from coreset_optim.batching import index_batch
-    from coreset_optim.budget import keep_mask
+    from coreset_optim.mixture.budget import keep_mask
     from coreset_optim.loss import backward_weighted
-    from coreset_optim.selection import select_from_sketches
-    from coreset_optim.sources import encode_sources
+    from coreset_optim.mixture.choose import select_from_sketches
+    from coreset_optim.mixture.sources import encode_sources
 
     codes, names = encode_sources(batch["source"], big)
     counts = torch.bincount(codes[valid], minlength=len(names)).tolist()
@@ -108,8 +108,8 @@ def select_whole_rows(wrapper, batch, loss_fn, rows, valid, losses, big: int, k:
 
 def register_experiments() -> None:
     """Register the benchmarks' experimental selection methods (here: unconstrained matching)."""
-    from coreset_optim.gradient_matching import GradientMatching
-    from coreset_optim.methods import METHODS, register_method
+    from coreset_optim.methods.gradient_matching import GradientMatching
+    from coreset_optim.methods.registry import register_method, METHODS
 
     if "gradient_matching_unconstrained" not in METHODS:
         choose = staticmethod(lambda x, k, **context: unconstrained_matching(x, k, **context))

@@ -5,7 +5,7 @@ in chunks of k, and in one piece) and the coreset configurations, on the same ba
 Every method of a seed starts from the same base and LoRA initialisation and sees the same large
 batches (drawn uniformly from the pool). "random k" trains on the first k examples of each large
 batch (unweighted mean); "balanced k" / "temperature k" pick k of the large batch with per-source
-budgets from :func:`coreset_optim.budget.tempered_split` (T = inf / 2), unweighted mean: the
+budgets from :func:`coreset_optim.mixture.budget.tempered_split` (T = inf / 2), unweighted mean: the
 rebalancing baselines for the macro metric; "stratified k" is ``selection="random"``: the
 coreset's per-source budgets and kept sources, random examples, unbiased weights.
 
@@ -50,16 +50,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ActivationMeter, BatchStream, machine, register_experiments, results_dir, md_header, stamped  # noqa: E402
 
 from coreset_optim import CoresetOptimizer  # noqa: E402
-from coreset_optim.budget import tempered_split  # noqa: E402
+from coreset_optim.mixture.budget import tempered_split
 from coreset_optim.datasets.base_model import load_base  # noqa: E402
 from coreset_optim.datasets.evaluation import evaluate_tasks, macro, mixture_weighted  # noqa: E402
 from coreset_optim.datasets.noise import NOISE_MODELS, PLACEMENTS, check_noise, corrupt_mixture  # noqa: E402
 from coreset_optim.datasets.tasks import FinetuneMixture, make_finetune_mixture  # noqa: E402
 from coreset_optim.integrations.causal_lm import causal_lm_per_example_loss  # noqa: E402
-from coreset_optim.gradient_matching import GradientMatching  # noqa: E402
-from coreset_optim.method import SketchedMethod  # noqa: E402
-from coreset_optim.methods import METHODS as METHOD_REGISTRY, register_method  # noqa: E402
-from coreset_optim.suspects import hardest_first  # noqa: E402
+from coreset_optim.methods.gradient_matching import GradientMatching
+from coreset_optim.methods.base import SketchedMethod
+from coreset_optim.methods.registry import register_method, METHODS as METHOD_REGISTRY
+from coreset_optim.methods.suspects import hardest_first
 
 RESULTS = results_dir("finetune")  # benchmarks/results/finetune/
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -224,7 +224,7 @@ QUICK_SET = ["random_k", "stratified_k", "balanced_k", "accum_B", "default"]
 
 def gradient_matching_uniform(x, k, *, watch=None, **_):
     """Experiment only: gradient matching's examples, each weighted n / k (uniform within a source)."""
-    from coreset_optim.gradient_matching import greedy_matching
+    from coreset_optim.methods.gradient_matching import greedy_matching
 
     chosen, _ = greedy_matching(x, k)
     return chosen, torch.full((k,), x.shape[0] / k)
@@ -251,7 +251,7 @@ def consensus_loss(x, k, *, losses, rows, mode="positive", **_):
         u = torch.nn.functional.normalize(x.double(), dim=1)
         ok = torch.nn.functional.cosine_similarity(x.double(), u.sum(0, keepdim=True) - u, dim=1) > 0
     elif mode == "trim":  # agreeing and not in the high-loss cluster
-        from coreset_optim.trimmed_loss import high_loss_cluster
+        from coreset_optim.methods.trimmed_loss import high_loss_cluster
 
         ok = (a > 0) & ~high_loss_cluster(local)
     elif mode == "positive":

@@ -41,12 +41,12 @@ from common import (  # noqa: E402
 )
 
 from coreset_optim import CoresetOptimizer  # noqa: E402
-from coreset_optim.budget import small_sources  # noqa: E402
-from coreset_optim.normalize import adam_normalize  # noqa: E402
-from coreset_optim.moments import read_adam_moments  # noqa: E402
-from coreset_optim.methods import build_method  # noqa: E402
-from coreset_optim.sources import encode_sources  # noqa: E402
-from coreset_optim.selection import select_from_sketches  # noqa: E402
+from coreset_optim.mixture.budget import small_sources
+from coreset_optim.precondition.normalize import adam_normalize
+from coreset_optim.precondition.moments import read_adam_moments
+from coreset_optim.methods.registry import build_method
+from coreset_optim.mixture.sources import encode_sources
+from coreset_optim.mixture.choose import select_from_sketches
 from coreset_optim.datasets.synthetic import make_mixture  # noqa: E402
 
 # Who writes, and where: benchmarks/results/<SCRIPT>/ (gradient_matching_count_weight.py sets its own).

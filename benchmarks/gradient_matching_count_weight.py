@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gradient_matching  # noqa: E402
 from common import results_dir  # noqa: E402
 
-from coreset_optim.gradient_matching import GradientMatching, gradient_matching_coreset  # noqa: E402
-from coreset_optim.methods import register_method  # noqa: E402
+from coreset_optim.methods.gradient_matching import gradient_matching_coreset, GradientMatching
+from coreset_optim.methods.registry import register_method
 
 COUNT_WEIGHTS = (0.0, 1.0, 3.0, 10.0, 100.0)  # 1.0 is the library's default
 

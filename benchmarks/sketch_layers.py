@@ -37,8 +37,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from coreset_optim import CoresetOptimizer  # noqa: E402
-from coreset_optim.normalize import normalize_sketches  # noqa: E402
-from coreset_optim.sketch import exact_sketches, sketch_params  # noqa: E402
+from coreset_optim.precondition.normalize import normalize_sketches  # noqa: E402
+from coreset_optim.sketch.capture import exact_sketches, sketch_params  # noqa: E402
 from common import md_header, results_dir, select_whole_rows, stamped  # noqa: E402
 from e2e import machine_info  # noqa: E402
 from sketch_memory import build_model  # noqa: E402

@@ -84,8 +84,8 @@ def make_step(config: str, model, loss_fn, opt, wrapper, k: int, big: int, targe
 
     from common import select_whole_rows
     from coreset_optim.batching import index_batch
-    from coreset_optim.normalize import normalize_sketches
-    from coreset_optim.sketch import exact_sketches, sketch_params
+    from coreset_optim.precondition.normalize import normalize_sketches
+    from coreset_optim.sketch.capture import exact_sketches, sketch_params
 
     def plain(batch, n):
         sub = index_batch(batch, torch.arange(n))

@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import finetune as ft  # noqa: E402
 from common import machine, md_header, results_dir, stamped  # noqa: E402
 
-from coreset_optim.normalize import normalize_sketches  # noqa: E402
-from coreset_optim.sketch import exact_sketches, sketch_params  # noqa: E402
-from coreset_optim.target import greedy_target, scale_columns, step_sizes, target_gradient  # noqa: E402
+from coreset_optim.precondition.normalize import normalize_sketches
+from coreset_optim.sketch.capture import exact_sketches, sketch_params
+from coreset_optim.methods.target import greedy_target, scale_columns, step_sizes, target_gradient
 
 
 def probe(trainer: ft.Trainer, big: dict, target: dict, k: int) -> dict:

@@ -38,10 +38,10 @@ def make_step(config, model, loss_fn, opt, wrapper, k, big, target):
 
     from coreset_optim.batching import index_batch
     from coreset_optim.loss import backward_weighted
-    from coreset_optim.normalize import normalize_sketches
-    from coreset_optim.selection import select_from_sketches
-    from coreset_optim.sketch import exact_sketches, sketch_params
-    from coreset_optim.target import step_sizes, target_features, target_gradient
+    from coreset_optim.precondition.normalize import normalize_sketches
+    from coreset_optim.mixture.choose import select_from_sketches
+    from coreset_optim.sketch.capture import exact_sketches, sketch_params
+    from coreset_optim.methods.target import step_sizes, target_features, target_gradient
 
     def plain(batch, n):
         loss_fn(index_batch(batch, torch.arange(n))).mean().backward()

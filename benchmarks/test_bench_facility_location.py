@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from benchutil import interleave
-from coreset_optim.facility_location import (
+from coreset_optim.methods.facility_location import (
     facility_location_value,
     greedy_facility_location,
     greedy_facility_location_dense,
 )
-from coreset_optim.similarity import pairwise_similarity
+from coreset_optim.methods.similarity import pairwise_similarity
 
 REPS = {128: 25, 512: 9, 2048: 3}
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from benchutil import interleave
-from coreset_optim.moments import read_adam_moments
-from coreset_optim.normalize import normalize_sketches
+from coreset_optim.precondition.moments import read_adam_moments
+from coreset_optim.precondition.normalize import normalize_sketches
 
 ROWS, SHAPE = 32, (512, 512)
 

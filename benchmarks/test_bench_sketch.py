@@ -5,9 +5,9 @@ layer's v_proj LoRA-B), sketched in chunks of k = 32 as select() does. The pass 
 with autograd from the sketch module up plus a backward through the layers above it: about one
 layer's worth, so its excess over a no-grad forward shrinks like 1/depth (compare l4 and l8).
 
-``sketch`` is the path select() takes (:func:`coreset_optim.streaming.compressed_sketches`: blocks of
+``sketch`` is the path select() takes (:func:`coreset_optim.sketch.streaming.compressed_sketches`: blocks of
 output rows, normalized and compressed as they come); ``whole`` is the whole-gradient
-:func:`~coreset_optim.sketch.exact_sketches`, kept as the tests' reference, timed beside it.
+:func:`~coreset_optim.sketch.capture.exact_sketches`, kept as the tests' reference, timed beside it.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 
 from benchutil import interleave
 from coreset_optim import CoresetOptimizer
-from coreset_optim.sketch import BatchPass, exact_sketches
-from coreset_optim.streaming import compressed_sketches
+from coreset_optim.sketch.capture import exact_sketches, BatchPass
+from coreset_optim.sketch.streaming import compressed_sketches
 from tinyllm import build, make_batch
 
 B, K, T = 128, 32, 64

@@ -1,9 +1,9 @@
 """Mini-batch coresets for memory-efficient training, as a torch.optim plug-in (CoLM)."""
 
 from .config import CoresetConfig
-from .coreset import Coreset, SourceCount
-from .method import SelectionContext, SelectionMethod, SketchedMethod
-from .methods import METHODS, register_method
+from .records import Coreset, SourceCount
+from .methods.base import SelectionContext, SelectionMethod, SketchedMethod
+from .methods.registry import register_method, METHODS
 from .optimizer import CoresetOptimizer
 from . import integrations  # noqa: F401, E402  (the built-in extensions register themselves)
 

@@ -1,4 +1,5 @@
-"""Slicing user batches along their leading (example) dimension.
+"""Slicing user batches along their leading (example) dimension, and calling the user's
+per-example loss function on a slice, with the checks that make its mistakes clear.
 
 A batch is a tensor, a mapping of fields, or a tuple/list of fields. A field is a tensor (or numpy
 array) whose first dimension is the example dimension, or, inside a mapping, a per-example list.
@@ -8,7 +9,7 @@ array) whose first dimension is the example dimension, or, inside a mapping, a p
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -97,3 +98,37 @@ def chunk_slices(size: int, chunk: int | None) -> list[slice]:
     if chunk is None or chunk >= size:
         return [slice(0, size)]
     return [slice(start, min(start + chunk, size)) for start in range(0, size, chunk)]
+
+
+LossFn = Callable[[Any], torch.Tensor]
+
+
+def call_loss_fn(loss_fn: LossFn, batch: Any, num_examples: int) -> torch.Tensor:
+    """``loss_fn(batch)`` checked to be a Tensor[num_examples] of per-example losses."""
+    losses = loss_fn(batch)
+    if not isinstance(losses, torch.Tensor):
+        raise TypeError(
+            f"loss_fn must return a Tensor of per-example losses, got {type(losses).__name__}; "
+            "return e.g. F.cross_entropy(..., reduction='none') reduced to one value per example"
+        )
+    if losses.ndim != 1 or losses.shape[0] != num_examples:
+        raise ValueError(
+            f"loss_fn returned a tensor of shape {tuple(losses.shape)} for a slice of "
+            f"{num_examples} examples; it must return one loss per example (shape "
+            f"[{num_examples}]), not a scalar or a per-token loss: use reduction='none' and "
+            "average each example's tokens"
+        )
+    if not losses.is_floating_point():
+        raise TypeError(f"loss_fn must return floating-point losses, got dtype {losses.dtype}")
+    return losses
+
+
+def losses_in_chunks(loss_fn: LossFn, batch: Any, num_examples: int, chunk: int | None) -> torch.Tensor:
+    """Detached per-example losses of the whole batch, ``chunk`` examples per ``loss_fn`` call.
+
+    The caller chooses the context (e.g. ``torch.no_grad()`` and eval mode)."""
+    rows = [
+        call_loss_fn(loss_fn, index_batch(batch, piece), piece.stop - piece.start).detach()
+        for piece in chunk_slices(num_examples, chunk)
+    ]
+    return torch.cat(rows)

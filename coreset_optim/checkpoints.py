@@ -6,13 +6,12 @@ were objects (one flat options dict, the target cache beside it).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from .config import CONFIG_OPTIONS, CoresetConfig
-from .method import SelectionMethod
-from .methods import METHODS, method_class
 
 STATE_KEY = "coreset_optim"
 VERSION = 2
@@ -45,8 +44,10 @@ def wrapper_state(state: WrapperState) -> dict[str, Any]:
     }
 
 
-def read_wrapper_state(own: dict[str, Any]) -> WrapperState:
-    """The entry read back (either format); ValueError when it is neither."""
+def read_wrapper_state(own: dict[str, Any], option_names: Callable[[str], Sequence[str]]) -> WrapperState:
+    """The entry read back (either format); ValueError when it is neither. ``option_names(name)``:
+    the options of the method registered as ``name`` (the flat format of version 1 mixed every
+    method's options in one dict)."""
     if not isinstance(own, dict) or "config" not in own or "rng_state" not in own:
         raise ValueError(f"the state dict's {STATE_KEY!r} entry was not written by CoresetOptimizer.state_dict()")
     if own.get("version", 1) == VERSION:
@@ -68,7 +69,7 @@ def read_wrapper_state(own: dict[str, Any]) -> WrapperState:
         )
     flat = own["config"]  # version 1: every option in one dict
     name = flat["selection"]
-    accepted = method_class(name).option_names()
+    accepted = option_names(name)
     options = {RENAMED.get(k, k): v for k, v in flat.items() if RENAMED.get(k, k) in accepted}
     cache = own.get("target_cache")
     return WrapperState(
@@ -81,19 +82,3 @@ def read_wrapper_state(own: dict[str, Any]) -> WrapperState:
         int(own["num_steps"]),
         own["rng_state"],
     )
-
-
-def restore_method(current: SelectionMethod, name: str, options: dict, state: dict) -> SelectionMethod:
-    """The method a checkpoint saved: of ``current``'s class when the name matches (keeping what
-    ``current`` holds that checkpoints do not save, e.g. the target batch), else the registered
-    class of that name."""
-    if name == current.name:
-        return current.restored(options, state)
-    if name not in METHODS:
-        raise ValueError(
-            f"the checkpoint was saved with selection {name!r}, which is not registered here; construct "
-            f"CoresetOptimizer(selection=<a {name!r} method object>) or register_method(its class) before loading"
-        )
-    method = METHODS[name](**options)
-    method.load_state_dict(state)
-    return method

@@ -1,8 +1,9 @@
 """The options of :class:`~coreset_optim.CoresetOptimizer` that every selection method shares
 (the budget, the mixture, chunking, the seed, the ranks), checked once, saved in checkpoints.
 
-Each method's own options live in its object (:mod:`coreset_optim.method`); :func:`resolve_options`
-splits ``CoresetOptimizer``'s keyword options between the two.
+Each method's own options live in its object (:mod:`coreset_optim.methods.base`);
+:func:`~coreset_optim.methods.registry.resolve_options` splits ``CoresetOptimizer``'s keyword
+options between the two. This module imports no method: every method may read the shared config.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from .method import SelectionMethod, check_optional_positive_int, is_int
-from .methods import build_method
-from .presets import DEFAULT_PRESET, FROM_PRESET
+from .checks import check_optional_positive_int, is_int
 
 
 @dataclass
@@ -82,14 +81,3 @@ class CoresetConfig:
 
 
 CONFIG_OPTIONS = tuple(f.name for f in fields(CoresetConfig))
-
-
-def resolve_options(
-    selection: Any = FROM_PRESET, preset: str = DEFAULT_PRESET, **options: Any
-) -> tuple[CoresetConfig, SelectionMethod]:
-    """``CoresetOptimizer``'s options (all but the optimizer, model, sketch modules and process
-    group), checked and split: the shared :class:`CoresetConfig`, and the selection method built
-    from ``selection``, ``preset`` and the remaining options (:func:`~coreset_optim.methods.build_method`)."""
-    shared = {name: options.pop(name) for name in CONFIG_OPTIONS if name in options}
-    config = CoresetConfig(**shared)
-    return config, build_method(selection, preset, **options)

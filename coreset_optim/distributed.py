@@ -30,11 +30,12 @@ import torch
 import torch.distributed as dist
 
 from .batching import chunk_slices, index_batch
-from .compress import top_coordinates
-from .loss import LossFn, backward_weighted, backward_weighted_losses
-from .selection import Selection
-from .sketch import Sketches
-from .streaming import Agreement
+from .sketch.compress import top_coordinates
+from .batching import LossFn
+from .loss import backward_weighted, backward_weighted_losses
+from .records import Selection
+from .records import Sketches
+from .records import Agreement
 
 DISTRIBUTED_MODES = ("auto", True, False)
 

@@ -1,46 +1,13 @@
-"""Calling the user's per-example loss function, with the checks that make its mistakes clear."""
+"""Backpropagating the chosen examples' weighted losses, in micro-batches like gradient accumulation."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from .batching import chunk_slices, index_batch
-
-LossFn = Callable[[Any], torch.Tensor]
-
-
-def call_loss_fn(loss_fn: LossFn, batch: Any, num_examples: int) -> torch.Tensor:
-    """``loss_fn(batch)`` checked to be a Tensor[num_examples] of per-example losses."""
-    losses = loss_fn(batch)
-    if not isinstance(losses, torch.Tensor):
-        raise TypeError(
-            f"loss_fn must return a Tensor of per-example losses, got {type(losses).__name__}; "
-            "return e.g. F.cross_entropy(..., reduction='none') reduced to one value per example"
-        )
-    if losses.ndim != 1 or losses.shape[0] != num_examples:
-        raise ValueError(
-            f"loss_fn returned a tensor of shape {tuple(losses.shape)} for a slice of "
-            f"{num_examples} examples; it must return one loss per example (shape "
-            f"[{num_examples}]), not a scalar or a per-token loss: use reduction='none' and "
-            "average each example's tokens"
-        )
-    if not losses.is_floating_point():
-        raise TypeError(f"loss_fn must return floating-point losses, got dtype {losses.dtype}")
-    return losses
-
-
-def losses_in_chunks(loss_fn: LossFn, batch: Any, num_examples: int, chunk: int | None) -> torch.Tensor:
-    """Detached per-example losses of the whole batch, ``chunk`` examples per ``loss_fn`` call.
-
-    The caller chooses the context (e.g. ``torch.no_grad()`` and eval mode)."""
-    rows = [
-        call_loss_fn(loss_fn, index_batch(batch, piece), piece.stop - piece.start).detach()
-        for piece in chunk_slices(num_examples, chunk)
-    ]
-    return torch.cat(rows)
+from .batching import LossFn, call_loss_fn, chunk_slices, index_batch
 
 
 def backward_weighted(

@@ -1,9 +1,9 @@
 """``CoresetOptimizer``: a torch.optim wrapper that trains each step on a weighted coreset.
 
 The class does bookkeeping (options, delegation, state); the selection method is an object
-(:mod:`.method`, registered by name in :mod:`.methods`) that owns its passes and its choose
-step; the math lives in free functions (:mod:`.sketch`, :mod:`.streaming`, :mod:`.normalize`,
-:mod:`.selection`, :mod:`.loss`).
+(:mod:`.methods.base`, registered by name in :mod:`.methods.registry`) that owns its passes and
+its choose step; the math lives in free functions (:mod:`.sketch`, :mod:`.precondition`,
+:mod:`.mixture`, :mod:`.loss`); the layout over the ranks is :mod:`.distributed`.
 """
 
 from __future__ import annotations
@@ -16,18 +16,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batching import batch_size
-from .budget import keep_mask, sources_kept_whole
-from .checkpoints import STATE_KEY, WrapperState, read_wrapper_state, restore_method, wrapper_state
-from .config import CoresetConfig, resolve_options
-from .coreset import Coreset, SourceCount
-from .distributed import LocalBatch, Shards, batch_layout, paused_gradient_sync
-from .loss import LossFn, check_loss_scale
-from .method import SelectionContext, SelectionMethod, losses_only
+from .batching import LossFn, batch_size
+from .checkpoints import STATE_KEY, WrapperState, read_wrapper_state, wrapper_state
+from .config import CoresetConfig
+from .distributed import batch_layout, paused_gradient_sync
+from .loss import check_loss_scale
+from .methods.base import SelectionContext, SelectionMethod, losses_only
+from .methods.registry import method_class, resolve_options, restore_method
+from .mixture.budget import keep_mask, sources_kept_whole
+from .mixture.choose import select_from_sketches, take_every_valid
+from .mixture.sources import encode_sources, source_values
 from .presets import DEFAULT_PRESET, FROM_PRESET
-from .selection import Selection, select_from_sketches, take_every_valid
-from .sketch import BatchPass, Sketches, SketchSpec, resolve_sketch_modules
-from .sources import encode_sources, source_values
+from .records import Coreset, Layout, Selection, Sketches, SourceCount
+from .sketch.capture import BatchPass, SketchSpec, resolve_sketch_modules
 from .timing import timed
 
 
@@ -38,7 +39,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
     state dict belong to the wrapped optimizer, so LR schedulers and checkpoints work unchanged.
     The wrapped optimizer's per-parameter state is only ever read.
 
-    ``selection``: a :class:`~coreset_optim.method.SelectionMethod` object, or a registered name
+    ``selection``: a :class:`~coreset_optim.methods.base.SelectionMethod` object, or a registered name
     (``"consensus_loss"``, ``"loss"``, ``"facility_location"``... see :mod:`.methods`) built with
     ``preset``'s values and ``**options`` (the method's own options, e.g. ``sketch_dim=512``).
     The method is ``self.selection``. Shared options: :class:`~coreset_optim.CoresetConfig`.
@@ -204,7 +205,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         own = state_dict.pop(STATE_KEY, None)
         if own is not None:
-            saved = read_wrapper_state(own)
+            saved = read_wrapper_state(own, lambda name: method_class(name).option_names())
             method = restore_method(self.selection, saved.method_name, saved.method_options, saved.method_state)
             layers = self.sketch_layers
             if saved.sketch_modules != [t.name for t in layers]:
@@ -289,7 +290,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
     # --- the stages of select() ----------------------------------------------------------------
     def _coreset(
         self,
-        layout: LocalBatch | Shards,
+        layout: Layout,
         sketches: Sketches,
         selection: Selection,
         kept: list[bool],
@@ -345,13 +346,11 @@ class CoresetOptimizer(torch.optim.Optimizer):
                 self._no_valid_message(int(sketches.valid.numel())) + (" (after Adam normalization)" if lost else "")
             )
 
-    def _source_counts(self, sketches: Sketches, layout: LocalBatch | Shards) -> list[int]:
+    def _source_counts(self, sketches: Sketches, layout: Layout) -> list[int]:
         """Valid examples per source of the (global) batch."""
         return torch.bincount(layout.codes[sketches.valid.cpu()], minlength=len(layout.names)).tolist()
 
-    def _choose(
-        self, sketches: Sketches, layout: LocalBatch | Shards, budget: int
-    ) -> tuple[Selection, list[bool], int]:
+    def _choose(self, sketches: Sketches, layout: Layout, budget: int) -> tuple[Selection, list[bool], int]:
         """The method's choose step on the gathered sketches, group by group (run on the first
         rank, shared); returns the selection, the sources kept whole and the number of valid
         examples."""
@@ -376,9 +375,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
         kept = sources_kept_whole(counts, budget, keep) if temperature == 1.0 else [False] * len(counts)
         return selection, kept, sum(counts)
 
-    def _take_all(
-        self, sketches: Sketches, layout: LocalBatch | Shards, budget: int
-    ) -> tuple[Selection, list[bool], int]:
+    def _take_all(self, sketches: Sketches, layout: Layout, budget: int) -> tuple[Selection, list[bool], int]:
         """The shortcut when the budget covers the batch: every valid example, weight 1."""
         counts = self._source_counts(sketches, layout)
         return take_every_valid(sketches.rows, sketches.valid, counts), [False] * len(counts), sum(counts)

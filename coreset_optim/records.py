@@ -1,11 +1,63 @@
-"""What one selection returns."""
+"""The records ``select()``'s stages pass each other, and the one it returns: the floor of the
+package that methods, the mixture, the sketch pass and the distributed layout all import (it
+imports nothing of theirs).
+
+``Sketches`` (one row per example) -> ``Selection`` (indices, weights) -> ``Coreset`` (what the
+user gets); ``Agreement`` is what ranks share while streaming; ``Layout`` is what ``select()``
+asks of the batch's layout over the ranks (:class:`~coreset_optim.distributed.LocalBatch` in one
+process, :class:`~coreset_optim.distributed.Shards` under torch.distributed).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
+
+
+@dataclass
+class Sketches:
+    """What flows between ``select()``'s stages: one row per example of a batch.
+
+    ``rows``: Tensor[n, D] (D = 0 when the chooser needs no gradient, e.g. every example is
+    selected); ``losses``: Tensor[n]; ``valid``: BoolTensor[n], a finite loss and a finite row.
+    The sketch stage gives raw gradients, the normalize stage Adam-normalized ones, the gather
+    stage the global batch's (compressed across ranks under ``torch.distributed``).
+    """
+
+    rows: torch.Tensor
+    losses: torch.Tensor
+    valid: torch.Tensor
+    # Zeroth-order sketches, normalized whole: which rows were valid before (a row Adam's scaling
+    # made non-finite is reported as such). None: normalized while streaming, nothing to tell.
+    valid_before_normalization: torch.Tensor | None = None
+
+
+@dataclass
+class Selection:
+    """The chosen rows of the (global) batch and their weights, before the backward."""
+
+    indices: torch.Tensor  # LongTensor[k], ascending
+    weights: torch.Tensor  # Tensor[k], sums to the number of valid examples
+    compressed: torch.Tensor  # Tensor[B, d]
+    selected_per_source: list[int]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Agreement:
+    """What ranks selecting from one global batch must share while they stream (None: one process).
+
+    ``all_reduce(t)`` sums ``t`` over the ranks in place; ``any_rank(flag)`` is True when the flag is
+    set on some rank; ``plan_examples`` is the largest number of examples on any rank, so that all
+    ranks cut the layers into the same blocks (and so make the same collectives).
+    """
+
+    all_reduce: Callable[[torch.Tensor], None]
+    any_rank: Callable[[bool], bool]
+    plan_examples: int
 
 
 class SourceCount(NamedTuple):
@@ -70,3 +122,41 @@ class Coreset:
 
     def __len__(self) -> int:
         return int(self.indices.numel())
+
+
+class Layout(Protocol):
+    """How the batch ``select()`` chooses from is laid out over the ranks, and the collectives it
+    uses: ``gather`` (this rank's sketches -> the global batch's), ``on_first_rank`` (run the
+    chooser once, share its result) and ``backward`` (each rank its own share)."""
+
+    sizes: list[int]  # examples per rank
+    names: list[Any]  # the global batch's source names
+    codes: torch.Tensor  # LongTensor[total]: source code of every example of the global batch
+    local_codes: torch.Tensor  # LongTensor[local size]: this rank's examples, global codes
+
+    @property
+    def total(self) -> int: ...
+
+    def gather(self, sketches: Sketches, dim: int, timings: dict[str, float]) -> Sketches: ...
+
+    def agreement(self) -> Agreement | None: ...
+
+    def any_rank(self, flag: bool) -> bool: ...
+
+    def sum_over_ranks(
+        self, summed: torch.Tensor, count: float, bad: torch.Tensor
+    ) -> tuple[torch.Tensor, float, torch.Tensor]: ...
+
+    def on_first_rank(self, select: Callable[..., Selection]) -> Callable[..., Selection]: ...
+
+    def backward(
+        self,
+        batch: Any,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        loss_fn: Callable[[Any], torch.Tensor],
+        denominator: float,
+        micro_batch_size: int | None,
+        model: torch.nn.Module,
+        valid: torch.Tensor,
+    ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]: ...

@@ -9,7 +9,7 @@ bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnbF  # noqa: E402
 
 from coreset_optim import CoresetOptimizer  # noqa: E402
-from coreset_optim.moments import dequantize_blockwise, read_adam_moments  # noqa: E402
+from coreset_optim.precondition.moments import dequantize_blockwise, read_adam_moments  # noqa: E402
 from core_utils import TwoLayer, make_batch, regression_loss  # noqa: E402
 
 EIGHT_BIT = {
@@ -126,7 +126,7 @@ def test_wrapper_runs_on_bnb(name, normalize):
 
 @pytest.mark.parametrize("mode", ["adam", "adam_update"])
 def test_bnb_lion_stays_raw(mode):
-    from coreset_optim.normalize import normalize_sketches
+    from coreset_optim.precondition.normalize import normalize_sketches
 
     opt, p, _, _ = _run_side_by_side(lambda ps: bnb.optim.Lion8bit(ps, min_8bit_size=0), steps=2)
     g = torch.randn(3, p.numel())
@@ -135,7 +135,7 @@ def test_bnb_lion_stays_raw(mode):
 
 def test_bnb_ademamix_reads_second_moment():
     """AdEMAMix stacks two EMAs in state1 (not Adam's m); its state2 is Adam's v."""
-    from coreset_optim.normalize import normalize_sketches
+    from coreset_optim.precondition.normalize import normalize_sketches
 
     opt, p, ref, q = _run_side_by_side(lambda ps: bnb.optim.AdEMAMix8bit(ps, min_8bit_size=0), steps=5)
     m = read_adam_moments(opt, p)
@@ -153,10 +153,10 @@ def test_bnb_ademamix_reads_second_moment():
 @pytest.mark.parametrize("mode", ["adam", "adam_update"])
 def test_8bit_state_streamed_in_blocks_equals_whole(mode):
     """Block-by-block normalization decodes only the 8-bit blocks it needs and gives the whole path's sketches."""
-    from coreset_optim.compress import compress_per_source
-    from coreset_optim.normalize import normalize_sketches
-    from coreset_optim.sketch import BatchPass, exact_sketches, resolve_sketch_modules, sketch_params
-    from coreset_optim.streaming import compressed_sketches
+    from coreset_optim.sketch.compress import compress_per_source
+    from coreset_optim.precondition.normalize import normalize_sketches
+    from coreset_optim.sketch.capture import exact_sketches, resolve_sketch_modules, sketch_params, BatchPass
+    from coreset_optim.sketch.streaming import compressed_sketches
 
     torch.manual_seed(0)
     model = TwoLayer(d_in=40, hidden=30, d_out=3)

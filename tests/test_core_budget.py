@@ -6,9 +6,9 @@ from fractions import Fraction
 import pytest
 import torch
 
-from coreset_optim.budget import allocate_budget, proportional_split, small_sources, sources_kept_whole
-from coreset_optim.facility_location import FacilityLocation
-from coreset_optim.selection import select_from_sketches
+from coreset_optim.mixture.budget import allocate_budget, proportional_split, small_sources, sources_kept_whole
+from coreset_optim.methods.facility_location import FacilityLocation
+from coreset_optim.mixture.choose import select_from_sketches
 from core_utils import build, make_batch, regression_loss
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from coreset_optim.compress import compress_per_source
+from coreset_optim.sketch.compress import compress_per_source
 from coreset_optim.config import CoresetConfig
 from core_utils import build, make_batch, regression_loss
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from coreset_optim import CoresetOptimizer
-from coreset_optim.consensus import agreement, consensus_loss_coreset, disagreeing
-from coreset_optim.normalize import normalize_sketches
+from coreset_optim.methods.consensus import agreement, consensus_loss_coreset, disagreeing
+from coreset_optim.precondition.normalize import normalize_sketches
 
 from core_utils import TwoLayer, per_example_grads_loop, take_steps
 

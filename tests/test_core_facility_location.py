@@ -6,12 +6,8 @@ import math
 import pytest
 import torch
 
-from coreset_optim.facility_location import (
-    cluster_weights,
-    facility_location_value,
-    greedy_facility_location,
-)
-from coreset_optim.similarity import pairwise_similarity
+from coreset_optim.methods.facility_location import cluster_weights, facility_location_value, greedy_facility_location
+from coreset_optim.methods.similarity import pairwise_similarity
 
 
 def objective(sim, chosen):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from coreset_optim.methods import METHODS
+from coreset_optim.methods.registry import METHODS
 from coreset_optim.presets import PRESETS
 from core_utils import build, make_batch, regression_loss, take_steps
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from coreset_optim import CoresetOptimizer
-from coreset_optim.methods import METHODS
+from coreset_optim.methods.registry import METHODS
 from core_utils import Snapshot, build, make_batch, regression_loss, weighted_grad_reference
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from coreset_optim import CoresetOptimizer
-from coreset_optim.moments import read_adam_moments
-from coreset_optim.normalize import normalize_sketches
+from coreset_optim.precondition.moments import read_adam_moments
+from coreset_optim.precondition.normalize import normalize_sketches
 from core_utils import (
     TwoLayer,
     assert_state_dicts_equal,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from coreset_optim.distributed import LocalBatch, batch_layout
-from coreset_optim.method import SelectionContext
-from coreset_optim.selection import select_from_sketches, take_every_valid
-from coreset_optim.sketch import BatchPass, Sketches
+from coreset_optim.methods.base import SelectionContext
+from coreset_optim.mixture.choose import select_from_sketches, take_every_valid
+from coreset_optim.sketch.capture import BatchPass
+from coreset_optim.records import Sketches
 
 from core_utils import build, make_batch, per_example_grads_loop, regression_loss, weighted_grad_reference
 

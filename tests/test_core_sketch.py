@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from coreset_optim.sketch import exact_sketches, linear_per_example_grads, resolve_sketch_modules
+from coreset_optim.sketch.capture import exact_sketches, linear_per_example_grads, resolve_sketch_modules
 from core_utils import TwoLayer, make_batch, per_example_grads_loop, regression_loss
 
 

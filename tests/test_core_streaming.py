@@ -4,13 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-import coreset_optim.streaming as streaming
-from coreset_optim.compress import StreamingTopCoordinates, compress_per_source
-from coreset_optim.moments import dequantize_blockwise, dequantize_range
-from coreset_optim.normalize import normalize_sketches
-from coreset_optim.projection import countsketch, countsketch_add_, countsketch_hash
-from coreset_optim.sketch import BatchPass, exact_sketches, resolve_sketch_modules, sketch_params
-from coreset_optim.streaming import compressed_sketches
+import coreset_optim.sketch.streaming as streaming
+from coreset_optim.sketch.compress import compress_per_source, StreamingTopCoordinates
+from coreset_optim.precondition.moments import dequantize_blockwise, dequantize_range
+from coreset_optim.precondition.normalize import normalize_sketches
+from coreset_optim.sketch.projection import countsketch, countsketch_add_, countsketch_hash
+from coreset_optim.sketch.capture import exact_sketches, resolve_sketch_modules, sketch_params, BatchPass
+from coreset_optim.sketch.streaming import compressed_sketches
 from core_utils import Snapshot, TwoLayer, make_batch, per_example_grads_loop, regression_loss, take_steps
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from coreset_optim.normalize import normalize_sketches
-from coreset_optim.sketch import exact_sketches, resolve_sketch_modules, sketch_params
-from coreset_optim.target import (
+from coreset_optim.precondition.normalize import normalize_sketches
+from coreset_optim.sketch.capture import exact_sketches, resolve_sketch_modules, sketch_params
+from coreset_optim.methods.target import (
     greedy_target,
     predicted_decrease,
     scale_columns,

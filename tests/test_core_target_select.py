@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from coreset_optim import CoresetOptimizer
-from coreset_optim.target import greedy_target
+from coreset_optim.methods.target import greedy_target
 from core_utils import (
     Snapshot,
     TwoLayer,

@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-import coreset_optim.sketch as sketch_module
-import coreset_optim.streaming as streaming
+import coreset_optim.sketch.capture as sketch_module
+import coreset_optim.sketch.streaming as streaming
 from coreset_optim import CoresetOptimizer
-from coreset_optim.normalize import normalize_sketches
-from coreset_optim.sketch import BatchPass, exact_sketches, resolve_sketch_modules, sketch_params
-from coreset_optim.streaming import summed_gradients, target_sketches
-from coreset_optim.target import step_sizes, target_features, target_gradient
+from coreset_optim.precondition.normalize import normalize_sketches
+from coreset_optim.sketch.capture import exact_sketches, resolve_sketch_modules, sketch_params, BatchPass
+from coreset_optim.methods.target_passes import summed_gradients, target_sketches
+from coreset_optim.methods.target import step_sizes, target_features, target_gradient
 from core_utils import Snapshot, TwoLayer, make_batch, per_example_grads_loop, regression_loss, take_steps
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from core_utils import build, make_batch, regression_loss, take_steps, weighted_grad_reference
-from coreset_optim.budget import tempered_split
+from coreset_optim.mixture.budget import tempered_split
 
 SOURCES = ["a"] * 14 + ["b"] * 6 + ["c"] * 3 + ["d"]  # 24 examples
 

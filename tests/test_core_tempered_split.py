@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from coreset_optim.budget import proportional_split, tempered_split
+from coreset_optim.mixture.budget import proportional_split, tempered_split
 
 INF = float("inf")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from coreset_optim import CoresetOptimizer
-from coreset_optim.trimmed_loss import high_loss_cluster, suspect_examples, trimmed_loss_coreset
+from coreset_optim.methods.trimmed_loss import high_loss_cluster, suspect_examples, trimmed_loss_coreset
 
 from core_utils import TwoLayer
 

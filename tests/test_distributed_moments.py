@@ -13,8 +13,8 @@ import types
 
 import torch
 
-from coreset_optim.moments import read_adam_moments
-from coreset_optim.normalize import adam_normalize, normalize_sketches
+from coreset_optim.precondition.moments import read_adam_moments
+from coreset_optim.precondition.normalize import adam_normalize, normalize_sketches
 
 
 def test_zero_partitioned_param_reads_full_state(monkeypatch):

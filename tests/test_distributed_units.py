@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coreset_optim import CoresetOptimizer
-from coreset_optim.compress import compress_per_source
+from coreset_optim.sketch.compress import compress_per_source
 from coreset_optim.distributed import (
     global_source_names,
     process_group,

@@ -15,8 +15,8 @@ from _integrations_models import lora, one_thread, pattern_batch, tiny_llama  # 
 from coreset_optim import CoresetOptimizer  # noqa: E402
 from coreset_optim.integrations.causal_lm import causal_lm_loss_fn, causal_lm_per_example_loss  # noqa: E402
 from coreset_optim.integrations.peft import lora_sketch_modules  # noqa: E402
-from coreset_optim.normalize import normalize_sketches  # noqa: E402
-from coreset_optim.sketch import exact_sketches  # noqa: E402
+from coreset_optim.precondition.normalize import normalize_sketches  # noqa: E402
+from coreset_optim.sketch.capture import exact_sketches  # noqa: E402
 
 OPTIMIZERS = {
     "Adam8bit": lambda ps: bnb.optim.Adam8bit(ps, lr=1e-2, min_8bit_size=0),

@@ -17,7 +17,7 @@ from _integrations_models import lora, one_thread, pattern_batch, tiny_gpt2, tin
 from coreset_optim import CoresetOptimizer  # noqa: E402
 from coreset_optim.integrations.causal_lm import causal_lm_loss_fn, causal_lm_per_example_loss  # noqa: E402
 from coreset_optim.integrations.peft import lora_sketch_modules  # noqa: E402
-from coreset_optim.sketch import exact_sketches  # noqa: E402
+from coreset_optim.sketch.capture import exact_sketches  # noqa: E402
 
 
 def _wrap(model, **kwargs):
@@ -27,7 +27,7 @@ def _wrap(model, **kwargs):
 
 def test_imports_stay_lazy():
     code = (
-        "import sys, coreset_optim, coreset_optim.sketch\n"
+        "import sys, coreset_optim, coreset_optim.sketch.capture\n"
         "import coreset_optim.integrations.peft, coreset_optim.integrations.causal_lm\n"
         "import coreset_optim.integrations.training_features\n"
         "print([m for m in ('peft', 'transformers', 'bitsandbytes', 'accelerate') if m in sys.modules])"

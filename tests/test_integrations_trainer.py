@@ -29,7 +29,7 @@ from coreset_optim.integrations.transformers import (  # noqa: E402
     CoresetTrainer,
     unwrap_coreset_optimizer,
 )
-from coreset_optim.moments import read_adam_moments  # noqa: E402
+from coreset_optim.precondition.moments import read_adam_moments  # noqa: E402
 
 
 def eval_loss(model, seed=123):

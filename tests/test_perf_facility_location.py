@@ -5,13 +5,13 @@ import itertools
 import pytest
 import torch
 
-from coreset_optim.facility_location import (
+from coreset_optim.methods.facility_location import (
     facility_location_value,
     greedy_facility_location,
     greedy_facility_location_dense,
     greedy_facility_location_incremental,
 )
-from coreset_optim.similarity import pairwise_similarity
+from coreset_optim.methods.similarity import pairwise_similarity
 
 
 def brute_force_greedy(sim: torch.Tensor, k: int) -> list[int]:

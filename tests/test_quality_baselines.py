@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from coreset_optim import CoresetOptimizer
-from coreset_optim.methods import METHODS as REGISTRY
+from coreset_optim.methods.registry import METHODS as REGISTRY
 
 from quality_helpers import make_loss_fn, per_example_grads, tiny_batch, tiny_model
 

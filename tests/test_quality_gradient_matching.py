@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from coreset_optim.gradient_matching import greedy_matching, nnls_gram
+from coreset_optim.methods.gradient_matching import greedy_matching, nnls_gram
 
 
 def _brute_force_nnls(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -100,7 +100,7 @@ def test_warm_started_greedy_equals_cold_refits():
     """The greedy loop warm-starts each NNLS refit; a cold refit at every step gives the same."""
     import numpy as np
 
-    from coreset_optim import gradient_matching as gm
+    from coreset_optim.methods import gradient_matching as gm
 
     gen = torch.Generator().manual_seed(5)
     for trial in range(4):

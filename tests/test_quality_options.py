@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from coreset_optim import CoresetOptimizer
-from coreset_optim.consensus import ConsensusLoss
+from coreset_optim.methods.consensus import ConsensusLoss
 from coreset_optim.presets import PRESETS
 
 from quality_helpers import make_loss_fn, tiny_batch, tiny_model

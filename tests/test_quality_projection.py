@@ -1,7 +1,7 @@
 import torch
 
 from coreset_optim import CoresetOptimizer
-from coreset_optim.projection import countsketch
+from coreset_optim.sketch.projection import countsketch
 
 from quality_helpers import make_loss_fn, tiny_batch, tiny_model
 
@@ -14,7 +14,7 @@ def test_deterministic_under_seed():
 
 def test_matches_explicit_projection_matrix():
     x = torch.randn(4, 50, generator=torch.Generator().manual_seed(1))
-    from coreset_optim.projection import countsketch_hash
+    from coreset_optim.sketch.projection import countsketch_hash
 
     buckets, signs = countsketch_hash(50, 8, seed=2)
     matrix = torch.zeros(50, 8)

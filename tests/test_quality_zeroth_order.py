@@ -1,8 +1,8 @@
 import torch
 
 from coreset_optim import CoresetOptimizer
-from coreset_optim.sketch import BatchPass, resolve_sketch_modules
-from coreset_optim.zeroth_order import fixed_direction, zeroth_order_sketches
+from coreset_optim.sketch.capture import resolve_sketch_modules, BatchPass
+from coreset_optim.sketch.zeroth_order import fixed_direction, zeroth_order_sketches
 
 from quality_helpers import make_loss_fn, per_example_grads, tiny_batch, tiny_model
 

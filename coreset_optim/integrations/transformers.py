@@ -37,11 +37,12 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from ..config import CoresetConfig, resolve_options
-from ..method import SelectionMethod
+from ..config import CoresetConfig
+from ..methods.registry import resolve_options
+from ..methods.base import SelectionMethod
 from ..presets import DEFAULT_PRESET
-from ..coreset import Coreset
-from ..moments import has_second_moment, read_adam_moments
+from ..records import Coreset
+from ..precondition.moments import has_second_moment, read_adam_moments
 from ..optimizer import CoresetOptimizer
 from .causal_lm import causal_lm_loss_fn, causal_lm_per_example_loss
 

@@ -17,43 +17,26 @@ and their checks (``__post_init__``), and a few methods answer the pipeline's qu
 * :meth:`SelectionMethod.state_dict` / :meth:`SelectionMethod.load_state_dict`: what a
   checkpoint keeps besides the options (e.g. a cache).
 
-``coreset_optim.methods`` maps the registered names (``selection="loss"``...) to the classes.
+``coreset_optim.methods.registry`` maps the registered names (``selection="loss"``...) to the classes.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from .normalize import NORMALIZE_MODES, normalize_sketches
-from .sketch import BatchPass, Sketches, SketchLayer, sketch_mode, sketch_params
-from .streaming import DEFAULT_BLOCK_BYTES, compressed_sketches
-from .zeroth_order import fixed_direction, sketch_numel, zeroth_order_sketches
-
-if TYPE_CHECKING:
-    from .distributed import LocalBatch, Shards
+from ..precondition.normalize import normalize_sketches, NORMALIZE_MODES
+from ..sketch.capture import sketch_mode, sketch_params, BatchPass, SketchLayer
+from ..sketch.streaming import compressed_sketches, DEFAULT_BLOCK_BYTES
+from ..checks import check_number, check_optional_positive_int, is_int
+from ..records import Layout, Sketches
+from ..sketch.zeroth_order import fixed_direction, sketch_numel, zeroth_order_sketches
 
 SKETCH_MODES = ("auto", "exact", "zeroth_order", "projection")
-
-
-def is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def check_optional_positive_int(name: str, value: Any) -> None:
-    if value is not None and (not is_int(value) or value <= 0):
-        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-
-
-def check_number(name: str, value: Any, ok: bool, hint: str) -> float:
-    """``float(value)``; ValueError naming ``name`` unless it is a real number and ``ok``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok:
-        raise ValueError(f"{name} must be {hint}, got {value!r}")
-    return float(value)
 
 
 @dataclass
@@ -65,7 +48,7 @@ class SelectionContext:
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
     seed: int
-    layout: LocalBatch | Shards
+    layout: Layout
     wrapper: nn.Module  # the module whose gradient sync is paused during passes
     num_selections: int  # selections made before this one
 

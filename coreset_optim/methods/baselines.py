@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .method import SelectionMethod
+from .base import SelectionMethod
 
 
 def random_coreset(
@@ -53,7 +53,7 @@ class RandomSubset(SelectionMethod):
 @dataclass(kw_only=True)
 class HighestLoss(SelectionMethod):
     """``selection="loss"``: each source's k highest losses, weighted n / k (chases mislabeled
-    examples when there are some: see :class:`~coreset_optim.consensus.ConsensusLoss`)."""
+    examples when there are some: see :class:`~coreset_optim.methods.consensus.ConsensusLoss`)."""
 
     name: ClassVar[str] = "loss"
 

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .method import SketchedMethod
+from .base import SketchedMethod
 from .suspects import flag_per_source, hardest_first
 
 MIN_EXAMPLES = 3  # a consensus needs at least two other examples of the source

@@ -22,8 +22,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .method import SketchedMethod
-from .similarity import SIMILARITIES, pairwise_similarity
+from .base import SketchedMethod
+from .similarity import pairwise_similarity, SIMILARITIES
 
 
 def facility_location_value(sim: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:

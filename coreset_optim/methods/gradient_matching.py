@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .method import SketchedMethod
+from .base import SketchedMethod
 
 
 def nnls_gram(

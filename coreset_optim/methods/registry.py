@@ -1,7 +1,8 @@
-"""The registry of selection methods: ``selection="name"`` -> its class, and building one from a
-name, a preset and the options given.
+"""The registry of selection methods: ``selection="name"`` -> its class; building one from a name,
+a preset and the options given (:func:`build_method`, :func:`resolve_options`), or from what a
+checkpoint saved (:func:`restore_method`). Presets are data (:mod:`coreset_optim.presets`).
 
-A new method is one module (a :class:`~coreset_optim.method.SelectionMethod` subclass) plus one
+A new method is one module (a :class:`~coreset_optim.methods.base.SelectionMethod` subclass) plus one
 line below (or :func:`register_method` from outside the package); see ``docs/api.md``, "Adding a
 selection method".
 """
@@ -14,8 +15,9 @@ from .baselines import HighestLoss, RandomSubset
 from .consensus import ConsensusLoss
 from .facility_location import FacilityLocation
 from .gradient_matching import GradientMatching
-from .method import SelectionMethod
-from .presets import DEFAULT_PRESET, FROM_PRESET, PRESETS
+from ..config import CONFIG_OPTIONS, CoresetConfig
+from ..presets import DEFAULT_PRESET, FROM_PRESET, PRESETS
+from .base import SelectionMethod
 from .target import TargetAware
 from .trimmed_loss import TrimmedLoss
 
@@ -45,6 +47,17 @@ def method_class(name: Any) -> type[SelectionMethod]:
     return METHODS[name]
 
 
+def resolve_options(
+    selection: Any = FROM_PRESET, preset: str = DEFAULT_PRESET, **options: Any
+) -> tuple[CoresetConfig, SelectionMethod]:
+    """``CoresetOptimizer``'s options (all but the optimizer, model, sketch modules and process
+    group), checked and split: the shared :class:`CoresetConfig`, and the selection method built
+    from ``selection``, ``preset`` and the remaining options (:func:`build_method`)."""
+    shared = {name: options.pop(name) for name in CONFIG_OPTIONS if name in options}
+    config = CoresetConfig(**shared)
+    return config, build_method(selection, preset, **options)
+
+
 def build_method(selection: Any = FROM_PRESET, preset: str = DEFAULT_PRESET, **options: Any) -> SelectionMethod:
     """The selection method: ``selection`` itself when it is a method object (then no options may
     be given: they belong in its constructor), else the registered class of that name (the
@@ -71,3 +84,19 @@ def build_method(selection: Any = FROM_PRESET, preset: str = DEFAULT_PRESET, **o
         )
     given = {k: v for k, v in values.items() if k in accepted}
     return cls(**{**given, **options})
+
+
+def restore_method(current: SelectionMethod, name: str, options: dict, state: dict) -> SelectionMethod:
+    """The method a checkpoint saved: of ``current``'s class when the name matches (keeping what
+    ``current`` holds that checkpoints do not save, e.g. the target batch), else the registered
+    class of that name."""
+    if name == current.name:
+        return current.restored(options, state)
+    if name not in METHODS:
+        raise ValueError(
+            f"the checkpoint was saved with selection {name!r}, which is not registered here; construct "
+            f"CoresetOptimizer(selection=<a {name!r} method object>) or register_method(its class) before loading"
+        )
+    method = METHODS[name](**options)
+    method.load_state_dict(state)
+    return method

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from .compress import rows_per_source
+from ..sketch.compress import rows_per_source
 
 
 def hardest_first(losses: torch.Tensor, k: int, suspect: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ target loss: the predicted decrease from the sketched parameters' part of the st
 The functions here are pure tensor math; :class:`TargetAware` (``selection="target"``) is the
 method object: it holds the target batch, its options and the cached target gradient (saved in
 checkpoints), computes the inputs (the target's mean gradient and each example's
-``[a_j | delta_j]`` row, both folded block by block in :mod:`coreset_optim.streaming`; the
+``[a_j | delta_j]`` row, both folded block by block in :mod:`coreset_optim.sketch.streaming`; the
 optimizer's step sizes) and chooses with :func:`greedy_target`.
 """
 
@@ -32,13 +32,15 @@ from typing import Any, ClassVar
 
 import torch
 
-from .batching import batch_size
-from .distributed import paused_gradient_sync
-from .method import SelectionContext, SketchedMethod, check_number, is_int
-from .moments import _step_of, find_group
-from .projection import countsketch
-from .sketch import Sketches, sketch_params
-from .streaming import summed_gradients, target_sketches
+from ..batching import batch_size
+from ..distributed import paused_gradient_sync
+from .base import SelectionContext, SketchedMethod
+from ..checks import check_number, is_int
+from ..precondition.moments import find_group, step_count
+from ..sketch.projection import countsketch
+from ..records import Sketches
+from ..sketch.capture import sketch_params
+from .target_passes import summed_gradients, target_sketches
 
 
 def target_gradient(sketches: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
@@ -63,7 +65,7 @@ def pooled_target_gradient(
     sum_over_ranks: Callable[[torch.Tensor, float, torch.Tensor], tuple[torch.Tensor, Any, torch.Tensor]] = _same,
 ) -> torch.Tensor:
     """The target's mean gradient (float32) from the sum of its examples' gradients and which are
-    finite (:func:`~coreset_optim.streaming.summed_gradients`), pooled over the ranks' targets by
+    finite (:func:`~coreset_optim.methods.target_passes.summed_gradients`), pooled over the ranks' targets by
     ``sum_over_ranks(summed, count, non-finite count)`` (the layout's; one process: nothing to
     pool, and ``summed`` is divided in place, no second layer-sized vector). ValueError when a
     target example (on any rank) has a non-finite loss or gradient: one host read."""
@@ -95,7 +97,7 @@ def step_sizes(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor])
         if betas is None:
             sizes.append(lr)
             continue
-        t = _step_of(optimizer.state.get(p) or {})
+        t = step_count(optimizer.state.get(p) or {})
         beta1 = float(betas[0])
         sizes.append(lr * (1.0 - beta1) / (1.0 - beta1 ** (t + 1)))
     return sizes
@@ -176,7 +178,7 @@ def target_features(
 ) -> torch.Tensor:
     """What the greedy needs per example: ``[a_j | delta_j]`` rows, ``[B, 1 (+ d)]``, from whole
     normalized rows (the reference: ``select()`` folds the same rows block by block,
-    :func:`coreset_optim.streaming.target_sketches`, never holding ``normalized``).
+    :func:`coreset_optim.methods.target_passes.target_sketches`, never holding ``normalized``).
 
     ``a_j = g_t . delta_j`` on all sketch coordinates. The update rows are only needed for the
     second-order term (``curvature > 0``); beyond ``dim`` coordinates they are CountSketched

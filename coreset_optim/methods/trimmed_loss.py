@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .method import SelectionMethod
+from .base import SelectionMethod
 from .suspects import flag_per_source, hardest_first
 
 GAP_RATIO = 3.0  # the gap must exceed this many standard deviations of the losses below it

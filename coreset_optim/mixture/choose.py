@@ -2,32 +2,23 @@
 
 compress (per source) -> the method's choose step (e.g. similarity -> greedy facility location ->
 cluster weights) -> weights scaled to the mixture, with the
-budget shared among sources by :mod:`coreset_optim.budget`.
+budget shared among sources by :mod:`coreset_optim.mixture.budget`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .budget import allocate_budget, tempered_scores, tempered_split
-from .compress import compress_per_source, rows_per_source
-from .timing import Stopwatch
+from ..sketch.compress import compress_per_source, rows_per_source
+from ..records import Selection
+from ..timing import Stopwatch
 
 if TYPE_CHECKING:
-    from .method import SelectionMethod
-
-
-@dataclass
-class Selection:
-    indices: torch.Tensor  # LongTensor[k], ascending
-    weights: torch.Tensor  # Tensor[k], sums to the number of valid examples
-    compressed: torch.Tensor  # Tensor[B, d]
-    selected_per_source: list[int]
-    timings: dict[str, float] = field(default_factory=dict)
+    from ..methods.base import SelectionMethod
 
 
 def select_from_sketches(
@@ -43,7 +34,7 @@ def select_from_sketches(
     context: dict[str, Any] | None = None,
 ) -> Selection:
     """Select ``budget`` of the valid rows of ``sketches[B, D]`` (normalized), source by source,
-    with ``method.choose`` (:class:`~coreset_optim.method.SelectionMethod`) on each source's rows
+    with ``method.choose`` (:class:`~coreset_optim.methods.base.SelectionMethod`) on each source's rows
     compressed to ``method.compressed_width(sketches)`` columns. ``context``: what ``choose``
     reads besides the rows (``losses``, ``generator``, ``total``); ``rows`` and ``watch`` are added.
 

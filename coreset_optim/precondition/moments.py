@@ -108,7 +108,7 @@ def is_deepspeed_param(param: torch.Tensor) -> bool:
     return getattr(param, "_hp_mapping", None) is not None or hasattr(param, "ds_id")
 
 
-def _step_of(state: dict) -> int:
+def step_count(state: dict) -> int:
     step = state.get("step", 0)
     if isinstance(step, torch.Tensor):
         step = step.item()
@@ -204,7 +204,7 @@ def adam_moment_ranges(
         return MomentRanges(
             exp_avg=None if m is None else _tensor_reader(m),
             exp_avg_sq=_tensor_reader(state["exp_avg_sq"]),
-            step=_step_of(state),
+            step=step_count(state),
             beta1=beta1,
             beta2=beta2,
             eps=eps,
@@ -217,7 +217,7 @@ def adam_moment_ranges(
         return MomentRanges(
             exp_avg=m,
             exp_avg_sq=_bnb_reader(state, 2),
-            step=_step_of(state),
+            step=step_count(state),
             beta1=beta1,
             beta2=beta2,
             eps=eps,
@@ -258,7 +258,7 @@ def _read_deepspeed_moments(optimizer: torch.optim.Optimizer, param: torch.Tenso
         return None
     m = safe_get_full_optimizer_state(param, "exp_avg")
     flat = [optimizer.state.get(p) for p in group["params"]]
-    steps = [_step_of(s) for s in flat if s and "step" in s]
+    steps = [step_count(s) for s in flat if s and "step" in s]
     if not steps:
         return None
     peak = safe_get_full_optimizer_state(param, "max_exp_avg_sq") if group.get("amsgrad") else None

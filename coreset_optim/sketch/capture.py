@@ -3,7 +3,7 @@
 For ``y = x W^T + b`` the gradient of example i's loss is ``sum_t dy[i, t]^T x[i, t]`` (and
 ``sum_t dy[i, t]`` for the bias): a batched matmul over what a forward hook saw and what autograd
 gives for the layer's output, for any block of output rows (:func:`linear_grad_block`;
-:mod:`coreset_optim.streaming` folds block after block into the compressed sketch). The pass
+:mod:`coreset_optim.sketch.streaming` folds block after block into the compressed sketch). The pass
 backpropagates the *sum* of per-example losses (so every example's gradient is unscaled), only as
 far as the sketch modules: every other parameter is excluded from autograd for the pass, so
 nothing below them is kept for backward, and ``torch.autograd.grad`` is used so no ``.grad`` is
@@ -21,29 +21,10 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from .batching import chunk_slices, index_batch
-from .extensions import check_sketch_layers, extension_default_sketch_modules, sketch_pass_contexts
-from .loss import LossFn, call_loss_fn, losses_in_chunks
+from ..batching import LossFn, call_loss_fn, chunk_slices, index_batch, losses_in_chunks
+from ..extensions import check_sketch_layers, extension_default_sketch_modules, sketch_pass_contexts
 
 SketchSpec = Union[str, nn.Module, Sequence[Union[str, nn.Module]], None]
-
-
-@dataclass
-class Sketches:
-    """What flows between ``select()``'s stages: one row per example of a batch.
-
-    ``rows``: Tensor[n, D] (D = 0 when the chooser needs no gradient, e.g. every example is
-    selected); ``losses``: Tensor[n]; ``valid``: BoolTensor[n], a finite loss and a finite row.
-    The sketch stage gives raw gradients, the normalize stage Adam-normalized ones, the gather
-    stage the global batch's (compressed across ranks under ``torch.distributed``).
-    """
-
-    rows: torch.Tensor
-    losses: torch.Tensor
-    valid: torch.Tensor
-    # Zeroth-order sketches, normalized whole: which rows were valid before (a row Adam's scaling
-    # made non-finite is reported as such). None: normalized while streaming, nothing to tell.
-    valid_before_normalization: torch.Tensor | None = None
 
 
 @dataclass
@@ -228,7 +209,7 @@ def linear_per_example_grads(
     """Per-example gradient of a whole Linear layer, flattened: Tensor[n, out*in (+ out)], float32.
 
     Holds the full ``[n, layer]`` tensor: for tests and analysis; ``select()`` folds blocks of it
-    into the compressed sketch instead (:mod:`coreset_optim.streaming`).
+    into the compressed sketch instead (:mod:`coreset_optim.sketch.streaming`).
     """
     weight, bias = linear_grad_block(LayerCalls(list(inputs), list(grad_outputs)), slice(None), with_bias)
     return weight if bias is None else torch.cat([weight, bias], dim=1)
@@ -337,7 +318,7 @@ def exact_sketches(
     """Whole per-example gradients of the sketch parameters and the per-example losses.
 
     Returns ``(sketches[B, D] float32, losses[B])``: a ``[B, layer size]`` tensor, for tests and
-    analysis only (``select()`` uses :func:`coreset_optim.streaming.compressed_sketches`, which
+    analysis only (``select()`` uses :func:`coreset_optim.sketch.streaming.compressed_sketches`, which
     never holds it). Rows of examples whose loss is not finite are NaN. The model's ``.grad``
     fields, train/eval modes and ``requires_grad`` flags are unchanged.
     """

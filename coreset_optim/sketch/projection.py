@@ -9,7 +9,7 @@ the largest ones).
 modulo the prime p = 2**31 - 1 (a 4-wise independent hash, what CountSketch's variance bound asks
 for) gives the sign (its lowest bit) and the bucket (the other 30 bits scaled to ``[0, dim)``). So any range of
 coordinates is hashed on its own and a layer can be projected block by block
-(:mod:`coreset_optim.streaming`) with the same result as at once. The coefficients are a function
+(:mod:`coreset_optim.sketch.streaming`) with the same result as at once. The coefficients are a function
 of the seed alone, so the same seed (saved in the optimizer's state) gives the same projection
 after a checkpoint reload. Indices beyond p are folded in (j mod p plus a multiple of j // p).
 """

@@ -1,7 +1,7 @@
 """Compressed sketches built block by block: no ``[B, layer size]`` tensor ever exists.
 
 A Linear layer's per-example gradient for output rows r0:r1 needs only ``dy[..., r0:r1]`` and the
-layer's input (:func:`~coreset_optim.sketch.linear_grad_block`). Each block is normalized with the
+layer's input (:func:`~coreset_optim.sketch.capture.linear_grad_block`). Each block is normalized with the
 wrapped optimizer's moments of those coordinates only (every normalization is elementwise) and
 folded straight into the compressed sketch. Where the normalization divides each coordinate by
 one number for all examples ("adam", raw), the division is left to the compressor, which applies
@@ -13,15 +13,14 @@ less over the block.
   gradients are dropped once folded.
 * top coordinates (``sketch="exact"``): a column's score (mean |value| over a source's valid rows)
   depends on that column alone, so a running per-source top-``dim`` merge
-  (:class:`~coreset_optim.compress.StreamingTopCoordinates`) keeps the columns a whole-gradient compression keeps. A
-  score needs every example, so the sketch layers' inputs and output gradients of the whole
-  (local) batch are held while the blocks run: ``B x tokens x (in + out)`` values per layer, the
-  size of that layer's activations, not of its weight.
+  (:class:`~coreset_optim.sketch.compress.StreamingTopCoordinates`) keeps the columns a
+  whole-gradient compression keeps. A score needs every example, so the sketch layers' inputs
+  and output gradients of the whole (local) batch are held while the blocks run:
+  ``B x tokens x (in + out)`` values per layer, the size of that layer's activations, not of
+  its weight.
 
-* the target stage (``selection="target"``, :mod:`~coreset_optim.target`): an example's
-  alignment ``a_j = g_t . delta_j`` is linear in its gradient, so each block adds its share
-  (:func:`target_sketches`), and the update rows of the second-order term add their CountSketch
-  as above; the target's own mean gradient is a sum of blocks (:func:`summed_gradients`).
+* the target method's passes (:mod:`~coreset_optim.methods.target_passes`) fold their blocks
+  with the same driver.
 
 The streamed passes share one driver, :func:`fold_chunks`: chunk after chunk, the chunk's blocks
 go to a fold (projection, target rows, gradient sum) that turns them into the chunk's result,
@@ -42,29 +41,16 @@ from typing import Any
 import torch
 
 from .compress import StreamingTopCoordinates
-from .normalize import coordinate_divisor, divisor_is_positive, param_normalizer
+from ..precondition.normalize import coordinate_divisor, divisor_is_positive, param_normalizer
 from .projection import countsketch_add_
-from .sketch import BatchPass, LayerCalls, SketchLayer, linear_grad_block, sketch_mode
+from ..records import Agreement
+from .capture import linear_grad_block, sketch_mode, BatchPass, LayerCalls, SketchLayer
 
 DEFAULT_BLOCK_BYTES = 32 * 2**20
 # float32 tensors of a block's size alive at once at the peak: the block, its absolute values
 # (top coordinates) or signed copy (projection), and a temporary of "adam_update"'s
 # normalization; with margin.
 BLOCK_COPIES = 4
-
-
-@dataclass
-class Agreement:
-    """What ranks selecting from one global batch must share while they stream (None: one process).
-
-    ``all_reduce(t)`` sums ``t`` over the ranks in place; ``any_rank(flag)`` is True when the flag is
-    set on some rank; ``plan_examples`` is the largest number of examples on any rank, so that all
-    ranks cut the layers into the same blocks (and so make the same collectives).
-    """
-
-    all_reduce: Callable[[torch.Tensor], None]
-    any_rank: Callable[[bool], bool]
-    plan_examples: int
 
 
 def rows_per_block(num_examples: int, in_features: int, block_bytes: int) -> int:
@@ -91,7 +77,7 @@ def sketch_blocks(
     (``divisor`` None: ``block`` is normalized already, or raw is wanted).
 
     ``calls[c][t]``: what layer t saw in chunk c; a block's rows are all chunks' examples in order.
-    ``normalizers``: one per sketched parameter, in :func:`~coreset_optim.sketch.sketch_params` order.
+    ``normalizers``: one per sketched parameter, in :func:`~coreset_optim.sketch.capture.sketch_params` order.
     """
     offset, which = 0, 0
     for t, layer in enumerate(layers):
@@ -216,7 +202,7 @@ def fold_chunks(
     chunks' rows stacked, ``valid`` a finite loss and row, and invalid rows NaN.
 
     Must run inside ``sketch_mode(model, layers)`` with grad enabled (``chunks``:
-    :meth:`~coreset_optim.sketch.BatchPass.chunks`)."""
+    :meth:`~coreset_optim.sketch.capture.BatchPass.chunks`)."""
     rows, loss_rows = [], []
     for piece, calls, losses in chunks:
         n = piece.stop - piece.start
@@ -268,133 +254,3 @@ def _top_coordinates(chunks, layers, num_examples, normalizers, dim, source_code
             break
         valid = finite
     return top.result(num_examples, device=device), losses, valid
-
-
-def _raw(block: torch.Tensor, start: int) -> tuple[torch.Tensor, None]:
-    return block, None
-
-
-def summed_gradients(
-    batch_pass: BatchPass, block_bytes: int = DEFAULT_BLOCK_BYTES
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum[D] float32, finite[n])``: the sum of the finite examples' raw sketch gradients, and
-    which examples have a finite loss and gradient; one ``[D]`` vector, never ``[n, D]`` (float32,
-    as a whole-row mean would be: for an ``lm_head`` the vector is the size of its weight).
-
-    For the held-out target of ``selection="target"``, whose mean gradient is ``sum / n`` when
-    every example is finite (the caller refuses the target otherwise). The model's ``.grad``,
-    modes and flags are unchanged.
-    """
-    params = [p for t in batch_pass.layers for p in t.params]
-    fold = _SumFold(torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device))
-    if batch_pass.num_examples == 0:
-        return fold.total, torch.zeros(0, dtype=torch.bool, device=fold.total.device)
-    with sketch_mode(batch_pass.model, batch_pass.layers), torch.enable_grad():
-        finite, _, _ = fold_chunks(batch_pass.chunks(), batch_pass.layers, [_raw] * len(params), block_bytes, fold)
-    return fold.total, finite[:, 0] > 0
-
-
-@dataclass
-class _SumFold:
-    """Adds the chunk's finite rows into ``total``; the chunk's result is its finite flags
-    (``[n, 1]``, 1.0 or 0.0: a non-finite row adds nothing, with no host check per block)."""
-
-    total: torch.Tensor
-
-    def __call__(self, n: int, losses: torch.Tensor, blocks) -> torch.Tensor:
-        finite = None
-        for start, block, _ in blocks:
-            if self.total.device != block.device:
-                self.total = self.total.to(block.device)
-            if finite is None:
-                finite = torch.isfinite(losses).to(block.device)
-            ok = torch.isfinite(block).all(1)
-            finite &= ok
-            self.total[start : start + block.shape[1]] += torch.where(ok[:, None], block, 0.0).sum(0)
-        return finite.float()[:, None]
-
-
-def target_sketches(
-    batch_pass: BatchPass,
-    *,
-    optimizer: torch.optim.Optimizer,
-    normalize: str | None,
-    target_grad: torch.Tensor,
-    step_sizes: Sequence[float],
-    curvature: float,
-    dim: int,
-    seed: int,
-    block_bytes: int = DEFAULT_BLOCK_BYTES,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The target stage's rows ``[a_j | delta_j]`` (:func:`~coreset_optim.target.target_features`),
-    folded block by block: never a ``[B, layer size]`` tensor.
-
-    ``delta_j``: example j's gradient divided by the optimizer's per-coordinate divisor (``normalize``
-    must be one, "adam" or raw) times its parameter's step size (``step_sizes``, one per sketched
-    parameter); ``a_j = g_t . delta_j`` over every sketch coordinate. The update rows are only
-    built when ``curvature > 0``: whole when the sketch has at most ``dim`` coordinates, else their
-    seeded CountSketch (the same hash as on whole rows). Returns ``(rows[B, 1 (+ d)], losses[B],
-    valid[B])``; invalid rows are NaN, as in :func:`compressed_sketches`.
-    """
-    params = [p for t in batch_pass.layers for p in t.params]
-    divisors = [coordinate_divisor(optimizer, p, normalize) for p in params]
-    if any(d is None for d in divisors):
-        raise ValueError(f"the target stage needs a per-coordinate normalization ('adam' or None), got {normalize!r}")
-    numel = sum(p.numel() for p in params)
-    width = 0 if curvature <= 0 else min(dim, numel)
-    # eps > 0: 1 / divisor is finite, so it folds into the target's weights and the CountSketch's
-    # signs (no host check per block); eps = 0: the block itself is divided, as a whole row would be.
-    fold = _TargetFold(
-        target_grad,
-        width,
-        compress=width > 0 and numel > dim,
-        seed=seed,
-        divide=not all(divisor_is_positive(optimizer, p) for p in params),
-    )
-    # the divisor of the update (gradient / divisor * step size), per parameter: divisor / size
-    normalizers = [_scaled_divisor(divisor, float(size)) for divisor, size in zip(divisors, step_sizes)]
-    with sketch_mode(batch_pass.model, batch_pass.layers), torch.enable_grad():
-        return fold_chunks(batch_pass.chunks(), batch_pass.layers, normalizers, block_bytes, fold)
-
-
-@dataclass
-class _TargetFold:
-    """A chunk's ``[a_j | delta_j]`` rows: each block adds its share of the alignment (in float64)
-    and its update columns (whole, or their CountSketch when ``compress``)."""
-
-    target_grad: torch.Tensor
-    width: int
-    compress: bool
-    seed: int
-    divide: bool  # divide the block itself (eps = 0) instead of folding 1 / divisor
-
-    def __call__(self, n: int, losses: torch.Tensor, blocks) -> torch.Tensor:
-        alignment = updates = None
-        for start, block, divisor in blocks:
-            if alignment is None:
-                alignment = block.new_zeros(n, dtype=torch.float64)
-                updates = block.new_zeros(n, self.width)
-            stop = start + block.shape[1]
-            g = self.target_grad[start:stop].to(block.device, block.dtype)
-            if self.divide:
-                block, divisor = block / divisor, None
-            alignment += block @ (g if divisor is None else g / divisor)
-            if self.compress:
-                countsketch_add_(updates, block, self.seed, start, divisor)
-            elif self.width:
-                updates[:, start:stop] = block if divisor is None else block / divisor
-        return torch.cat([alignment.to(updates.dtype)[:, None], updates], dim=1)
-
-
-def _scaled_divisor(divisor, size: float) -> Normalizer:
-    """``f(block, start) -> (block, divisor / size)``: the update is ``block / (divisor / size)``
-    (size 0, a zero learning rate: an infinite divisor, a zero update)."""
-
-    def f(block: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        d = divisor(start, start + block.shape[1])
-        if d is None:
-            d = torch.ones(block.shape[1], dtype=block.dtype, device=block.device)
-        d = d.to(block.device, block.dtype)
-        return block, d / size if size != 0 else torch.full_like(d, float("inf"))
-
-    return f

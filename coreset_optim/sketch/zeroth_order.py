@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .sketch import BatchPass, SketchLayer, sketch_mode, sketch_params
+from .capture import sketch_mode, sketch_params, BatchPass, SketchLayer
 
 
 def sketch_numel(layers: Sequence[SketchLayer]) -> int:
