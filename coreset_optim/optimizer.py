@@ -367,7 +367,8 @@ class CoresetOptimizer(torch.optim.Optimizer):
             group_keep,
             method,
             temperature=temperature,
-            context={"losses": sketches.losses, "generator": self.generator, "total": sum(counts)},
+            losses=sketches.losses,
+            generator=self.generator,
         )
         if groups is not layout.codes:  # not one group per source: count the picks per source
             per_source = torch.bincount(layout.codes[selection.indices.cpu()], minlength=len(layout.names)).tolist()

@@ -3,18 +3,22 @@ package that methods, the mixture, the sketch pass and the distributed layout al
 imports nothing of theirs).
 
 ``Sketches`` (one row per example) -> ``Selection`` (indices, weights) -> ``Coreset`` (what the
-user gets); ``Agreement`` is what ranks share while streaming; ``Layout`` is what ``select()``
-asks of the batch's layout over the ranks (:class:`~coreset_optim.distributed.LocalBatch` in one
-process, :class:`~coreset_optim.distributed.Shards` under torch.distributed).
+user gets). ``ChooseContext`` is what a method's choose step reads besides the rows;
+``Agreement`` is what ranks share while streaming; ``Layout`` is what ``select()`` asks of the
+batch's layout over the ranks (:class:`~coreset_optim.distributed.LocalBatch` in one process,
+:class:`~coreset_optim.distributed.Shards` under torch.distributed).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from .timing import Stopwatch
 
 
 @dataclass
@@ -44,6 +48,21 @@ class Selection:
     compressed: torch.Tensor  # Tensor[B, d]
     selected_per_source: list[int]
     timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChooseContext:
+    """What :meth:`~coreset_optim.SelectionMethod.choose` reads besides one group's rows ``x[n, d]``."""
+
+    rows: torch.Tensor  # LongTensor[n]: the group's rows, as indices into the batch
+    losses: torch.Tensor  # Tensor[B]: every example's loss
+    generator: torch.Generator | None  # the optimizer's generator (saved in checkpoints)
+    total: int  # N: the valid examples of the whole batch
+    watch: Stopwatch  # watch.lap("stage") times a sub-stage of the choice
+
+    def group_losses(self) -> torch.Tensor:
+        """The group's losses, ``Tensor[n]``, on the rows' device."""
+        return self.losses.to(self.rows.device).index_select(0, self.rows)
 
 
 @dataclass

@@ -8,11 +8,11 @@ update the optimizer would make for them alone) is largest in ``ord``-norm, each
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
-from coreset_optim import SketchedMethod, register_method
+from coreset_optim import ChooseContext, SketchedMethod, register_method
 
 
 def largest_rows(x: torch.Tensor, k: int, ord: float) -> torch.Tensor:
@@ -34,6 +34,5 @@ class LargestUpdate(SketchedMethod):
         if isinstance(self.ord, bool) or not isinstance(self.ord, (int, float)) or not self.ord > 0:
             raise ValueError(f"ord must be a number > 0 (2: Euclidean), got {self.ord!r}")
 
-    def choose(self, x: torch.Tensor, k: int, **context: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        n = x.shape[0]
-        return largest_rows(x, k, self.ord), torch.full((k,), n / k, device=x.device)
+    def choose(self, x: torch.Tensor, k: int, context: ChooseContext) -> tuple[torch.Tensor, None]:
+        return largest_rows(x, k, self.ord), None  # None: each weighted n / k

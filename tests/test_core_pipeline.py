@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
+import pytest
 import torch
 
 from coreset_optim.distributed import LocalBatch, batch_layout
-from coreset_optim.methods.base import SelectionContext
+from coreset_optim.methods.base import SelectionContext, SelectionMethod
 from coreset_optim.mixture.choose import select_from_sketches, take_every_valid
 from coreset_optim.sketch.capture import BatchPass
 from coreset_optim.records import Sketches
@@ -65,9 +69,8 @@ def test_stages_compose_to_select():
     params = [p for t in wrapper.sketch_layers for p in t.params]
     # no optimizer state yet: Adam's normalization is the identity; 1000 > D keeps every column
     torch.testing.assert_close(sketches.rows, per_example_grads_loop(model, params, batch, loss_fn, 10))
-    context = {"losses": sketches.losses, "generator": torch.Generator(), "total": 10}
     selection = select_from_sketches(
-        sketches.rows, sketches.valid, layout.codes, 1, 4, [False], wrapper.selection, context=context
+        sketches.rows, sketches.valid, layout.codes, 1, 4, [False], wrapper.selection, losses=sketches.losses
     )
     cs = wrapper.select(batch, loss_fn)
     assert cs.indices.tolist() == selection.indices.tolist()
@@ -82,3 +85,30 @@ def test_chooser_without_sketches_reports_no_sketch_columns():
         model = wrapper.model
         cs = wrapper.select(make_batch(9), regression_loss(model))
         assert len(cs) == 3 and cs.sketches.shape == (9, 0)
+
+
+@dataclasses.dataclass(kw_only=True)
+class FirstRows(SelectionMethod):
+    """Each group's first ``k`` rows (``extra``: return that many more), default weights."""
+
+    name: ClassVar[str] = "first_rows_test"
+    extra: int = 0
+
+    def choose(self, x, k, context):
+        assert 1 <= k < x.shape[0] and context.total == 10
+        return torch.arange(k + self.extra), None
+
+
+def test_default_weights_are_n_over_k_per_source():
+    model, _, wrapper = build(coreset_size=4, selection=FirstRows())
+    sources = ["a"] * 6 + ["b"] * 4  # budgets 2 and 2 of 6 and 4 rows
+    cs = wrapper.select(make_batch(10), regression_loss(model), sources=sources)
+    assert cs.indices.tolist() == [0, 1, 6, 7]
+    torch.testing.assert_close(cs.weights, torch.tensor([3.0, 3.0, 2.0, 2.0]))
+
+
+def test_a_choice_of_the_wrong_size_is_refused_before_the_backward():
+    model, _, wrapper = build(coreset_size=4, selection=FirstRows(extra=1))
+    with pytest.raises(ValueError, match="FirstRows.choose was asked for k=2"):
+        wrapper.select(make_batch(10), regression_loss(model), sources=["a"] * 6 + ["b"] * 4)
+    assert all(p.grad is None for p in model.parameters())

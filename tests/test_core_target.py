@@ -84,14 +84,13 @@ def test_ties_go_to_the_lowest_index():
     assert chosen.tolist() == [1, 2]
 
 
-def test_selector_weights_are_the_group_mean():
+def test_selector_runs_the_greedy_with_the_group_mean_coefficient():
     updates, target, a = _random_case(n=6)
     x = torch.cat([a[:, None], updates], 1)
-    chosen, weights = target_coreset(x, 2, curvature=0.0, total=10)
+    chosen = target_coreset(x, 2, curvature=0.0, total=10)
     assert sorted(chosen.tolist()) == sorted(torch.topk(a, 2).indices.tolist())
-    torch.testing.assert_close(weights, torch.full((2,), 3.0))
     # With curvature, the selector runs the greedy on the update columns with c = (n / k) / N.
-    chosen, _ = target_coreset(x, 3, curvature=5.0, total=10)
+    chosen = target_coreset(x, 3, curvature=5.0, total=10)
     expected, _ = greedy_target(a, updates, 3, (6 / 3) / 10, 5.0)
     assert chosen.tolist() == expected.tolist()
 

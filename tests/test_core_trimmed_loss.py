@@ -57,10 +57,9 @@ def test_separated_corrupted_rows_are_found_and_a_smooth_spread_is_left_alone():
 def test_selector_takes_the_hardest_clean_examples_then_the_mildest_suspects():
     losses = torch.cat([torch.linspace(0.1, 1.0, 20), torch.tensor([3.0, 3.2, 2.9, 3.4])])
     rows = torch.arange(24)
-    chosen, weights = trimmed_loss_coreset(None, 5, losses=losses, rows=rows)
+    chosen = trimmed_loss_coreset(losses, 5)
     assert chosen.tolist() == [19, 18, 17, 16, 15]
-    torch.testing.assert_close(weights, torch.full((5,), 24 / 5))
-    chosen, _ = trimmed_loss_coreset(None, 22, losses=losses, rows=rows)
+    chosen = trimmed_loss_coreset(losses, 22)
     assert chosen.tolist()[20:] == [22, 20]  # clean ones ran out: the suspects with the lowest loss
 
 

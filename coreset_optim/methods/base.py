@@ -33,7 +33,7 @@ from ..precondition.normalize import normalize_sketches, NORMALIZE_MODES
 from ..sketch.capture import sketch_mode, sketch_params, BatchPass, SketchLayer
 from ..sketch.streaming import compressed_sketches, DEFAULT_BLOCK_BYTES
 from ..checks import check_number, check_optional_positive_int, is_int
-from ..records import Layout, Sketches
+from ..records import ChooseContext, Layout, Sketches
 from ..sketch.zeroth_order import fixed_direction, sketch_numel, zeroth_order_sketches
 
 SKETCH_MODES = ("auto", "exact", "zeroth_order", "projection")
@@ -110,19 +110,11 @@ class SelectionMethod:
         """How the budget is split: by default one group per source, ``keep`` kept whole."""
         return codes, num_sources, keep
 
-    def choose(
-        self,
-        x: torch.Tensor,
-        k: int,
-        *,
-        rows: torch.Tensor,
-        losses: torch.Tensor,
-        generator: torch.Generator,
-        total: int,
-        watch: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``k`` of one group's rows ``x[n, d]`` (``rows``: their batch indices; ``losses``: the
-        whole batch's; ``total``: valid examples in the batch) and weights summing to ``n``."""
+    def choose(self, x: torch.Tensor, k: int, context: ChooseContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``k`` of one group's rows ``x[n, d]`` (``1 <= k < n``: the pipeline takes a group whole
+        when its budget covers it) as local indices ``[k]``, and their weights ``[k]`` summing to
+        ``n``, or None for ``n / k`` each. ``context``: the rows' batch indices, the batch's
+        losses, the generator, the number of valid examples, a stopwatch."""
         raise NotImplementedError(f"{type(self).__name__} must define choose()")
 
     def suspects(

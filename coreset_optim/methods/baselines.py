@@ -1,4 +1,4 @@
-"""Baseline selectors, same contract as facility location: ``k`` rows, weights summing to n.
+"""Baseline selectors: ``k`` rows of a source, each weighted n / k (the pipeline's default weights).
 
 ``random``: a uniform subset drawn with the optimizer's generator (so a checkpoint reload replays
 the same draws), each weighted n / k: an unbiased estimate of the source's sum.
@@ -8,33 +8,22 @@ the same draws), each weighted n / k: an unbiased estimate of the source's sum.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
+from ..records import ChooseContext
 from .base import SelectionMethod
 
 
-def random_coreset(
-    x: torch.Tensor, k: int, *, generator: torch.Generator | None = None, **_: object
-) -> tuple[torch.Tensor, torch.Tensor]:
-    n = x.shape[0]
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, {n}], got {k}")
-    chosen = torch.randperm(n, generator=generator)[:k].to(x.device)
-    return chosen, torch.full((k,), n / k, device=x.device)
+def random_rows(n: int, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``k`` of ``n`` rows, uniformly without replacement (on the host: the generator's device)."""
+    return torch.randperm(n, generator=generator)[:k]
 
 
-def loss_coreset(
-    x: torch.Tensor, k: int, *, losses: torch.Tensor, rows: torch.Tensor, **_: object
-) -> tuple[torch.Tensor, torch.Tensor]:
-    n = rows.numel()
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, {n}], got {k}")
-    local = losses.to(rows.device).index_select(0, rows).float()
-    # Stable descending order: equal losses keep their batch order.
-    order = torch.sort(local, descending=True, stable=True).indices
-    return order[:k], torch.full((k,), n / k, device=rows.device)
+def highest_losses(losses: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` highest of ``losses[n]``; equal losses keep their order (a stable sort)."""
+    return torch.sort(losses.float(), descending=True, stable=True).indices[:k]
 
 
 # Neither reads a gradient sketch: the base class's pass computes the losses only (no grad).
@@ -46,8 +35,8 @@ class RandomSubset(SelectionMethod):
 
     name: ClassVar[str] = "random"
 
-    def choose(self, x: torch.Tensor, k: int, **context: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return random_coreset(x, k, **context)
+    def choose(self, x: torch.Tensor, k: int, context: ChooseContext) -> tuple[torch.Tensor, None]:
+        return random_rows(x.shape[0], k, context.generator).to(x.device), None
 
 
 @dataclass(kw_only=True)
@@ -57,5 +46,5 @@ class HighestLoss(SelectionMethod):
 
     name: ClassVar[str] = "loss"
 
-    def choose(self, x: torch.Tensor, k: int, **context: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return loss_coreset(x, k, **context)
+    def choose(self, x: torch.Tensor, k: int, context: ChooseContext) -> tuple[torch.Tensor, None]:
+        return highest_losses(context.group_losses(), k), None

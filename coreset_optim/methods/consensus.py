@@ -17,10 +17,11 @@ consensus is the batch's own, so no clean examples and no extra forward are need
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
+from ..records import ChooseContext
 from .base import SketchedMethod
 from .suspects import flag_per_source, hardest_first
 
@@ -48,16 +49,10 @@ def disagreeing(x: torch.Tensor) -> torch.Tensor:
     return agreement(x) <= 0
 
 
-def consensus_loss_coreset(
-    x: torch.Tensor, k: int, *, losses: torch.Tensor, rows: torch.Tensor, **_: object
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` highest-loss rows of one source's ``x[n, d]`` (its normalized sketches) among
-    those that agree with the rest, then the disagreeing ones by ascending loss; each weighted n / k."""
-    n = rows.numel()
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, {n}], got {k}")
-    local = losses.to(x.device).index_select(0, rows.to(x.device))
-    return hardest_first(local, k, disagreeing(x)).to(rows.device), torch.full((k,), n / k, device=rows.device)
+def consensus_loss_coreset(x: torch.Tensor, k: int, losses: torch.Tensor) -> torch.Tensor:
+    """The ``k`` highest-loss rows of one source's ``x[n, d]`` (its normalized sketches; ``losses``:
+    theirs) among those that agree with the rest, then the disagreeing ones by ascending loss."""
+    return hardest_first(losses.to(x.device), k, disagreeing(x))
 
 
 def consensus_suspects(
@@ -75,8 +70,8 @@ class ConsensusLoss(SketchedMethod):
 
     name: ClassVar[str] = "consensus_loss"
 
-    def choose(self, x: torch.Tensor, k: int, **context: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return consensus_loss_coreset(x, k, **context)
+    def choose(self, x: torch.Tensor, k: int, context: ChooseContext) -> tuple[torch.Tensor, None]:
+        return consensus_loss_coreset(x, k, context.group_losses()).to(context.rows.device), None
 
     def suspects(self, compressed, losses, valid, codes, num_sources) -> torch.Tensor:
         return consensus_suspects(compressed, losses, valid, codes, num_sources)

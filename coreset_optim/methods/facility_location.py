@@ -17,11 +17,13 @@ summing gains in float64 so that they choose alike:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 
+from ..records import ChooseContext
+from ..timing import Stopwatch
 from .base import SketchedMethod
 from .similarity import pairwise_similarity, SIMILARITIES
 
@@ -125,7 +127,7 @@ def cluster_weights(sim: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
 
 
 def facility_location_coreset(
-    x: torch.Tensor, k: int, *, similarity: str, watch: Any = None, **_: object
+    x: torch.Tensor, k: int, similarity: str, watch: Stopwatch | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``k`` rows of ``x`` by greedy facility location, weighted by cluster size."""
     sim = pairwise_similarity(x, similarity)
@@ -154,5 +156,5 @@ class FacilityLocation(SketchedMethod):
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
 
-    def choose(self, x: torch.Tensor, k: int, **context: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return facility_location_coreset(x, k, similarity=self.similarity, **context)
+    def choose(self, x: torch.Tensor, k: int, context: ChooseContext) -> tuple[torch.Tensor, torch.Tensor]:
+        return facility_location_coreset(x, k, self.similarity, context.watch)

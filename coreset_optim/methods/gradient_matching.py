@@ -16,11 +16,13 @@ once per source; the small greedy loop then runs in float64 on the CPU with no d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 
+from ..records import ChooseContext
+from ..timing import Stopwatch
 from .base import SketchedMethod
 
 
@@ -108,7 +110,7 @@ def greedy_matching(
 
 
 def gradient_matching_coreset(
-    x: torch.Tensor, k: int, *, watch=None, count_weight: float = 1.0, **_: object
+    x: torch.Tensor, k: int, watch: Stopwatch | None = None, count_weight: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One source's ``k`` rows and non-negative weights (see :func:`greedy_matching`)."""
     chosen, weights = greedy_matching(x, k, count_weight=count_weight)
@@ -126,5 +128,5 @@ class GradientMatching(SketchedMethod):
     # The greedy runs in numpy: select_from_sketches hands it host rows, copied once for all sources.
     runs_on_host: ClassVar[bool] = True
 
-    def choose(self, x: torch.Tensor, k: int, **context: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return gradient_matching_coreset(x, k, **context)
+    def choose(self, x: torch.Tensor, k: int, context: ChooseContext) -> tuple[torch.Tensor, torch.Tensor]:
+        return gradient_matching_coreset(x, k, context.watch)

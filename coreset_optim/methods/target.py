@@ -34,6 +34,8 @@ import torch
 
 from ..batching import batch_size
 from ..distributed import paused_gradient_sync
+from ..records import ChooseContext
+from ..timing import Stopwatch
 from .base import SelectionContext, SketchedMethod
 from ..checks import check_number, is_int
 from ..precondition.moments import find_group, step_count
@@ -195,20 +197,14 @@ def target_features(
 
 
 def target_coreset(
-    x: torch.Tensor,
-    k: int,
-    *,
-    curvature: float,
-    total: int,
-    watch=None,
-    **_: object,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, k: int, curvature: float, total: int, watch: Stopwatch | None = None
+) -> torch.Tensor:
     """The greedy on one group of rows.
 
     ``x[n, 1 + d]``: the group's :func:`target_features` rows; ``total``: N, the valid examples of
-    the whole batch. Every chosen example gets weight n / k: the step applies the group's mean
-    gradient over the chosen examples, the update whose effect the greedy predicted (weights sum
-    to n).
+    the whole batch. Every chosen example gets weight n / k (the pipeline's default): the step
+    applies the group's mean gradient over the chosen examples, the update whose effect the
+    greedy predicted.
     """
     n = x.shape[0]
     coefficient = (n / k) / total
@@ -216,7 +212,7 @@ def target_coreset(
     chosen, _ = greedy_target(x[:, 0], updates, k, coefficient, curvature)
     if watch is not None:
         watch.lap("greedy")
-    return chosen, torch.full((k,), n / k, device=x.device)
+    return chosen
 
 
 # --- the method object --------------------------------------------------------------------------
@@ -343,8 +339,8 @@ class TargetAware(SketchedMethod):
             return codes, num_sources, keep
         return torch.zeros_like(codes), 1, [False]  # one greedy over the batch, no per-source budgets
 
-    def choose(self, x: torch.Tensor, k: int, **context: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return target_coreset(x, k, curvature=self.curvature, **context)
+    def choose(self, x: torch.Tensor, k: int, context: ChooseContext) -> tuple[torch.Tensor, None]:
+        return target_coreset(x, k, self.curvature, context.total, context.watch), None
 
     def state_dict(self) -> dict[str, Any]:
         cache = self.cache

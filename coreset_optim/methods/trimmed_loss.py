@@ -16,10 +16,11 @@ losses), run on the device inside the chooser's per-source loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
+from ..records import ChooseContext
 from .base import SelectionMethod
 from .suspects import flag_per_source, hardest_first
 
@@ -66,16 +67,10 @@ def suspect_examples(
     return flag_per_source(losses, high_loss_cluster, valid, source_codes, num_sources)
 
 
-def trimmed_loss_coreset(
-    x: torch.Tensor, k: int, *, losses: torch.Tensor, rows: torch.Tensor, **_: object
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` hardest examples of one source's clean component (then suspects, lowest loss
-    first), each weighted n / k."""
-    n = rows.numel()
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, {n}], got {k}")
-    local = losses.to(rows.device).index_select(0, rows)
-    return hardest_first(local, k, high_loss_cluster(local)), torch.full((k,), n / k, device=rows.device)
+def trimmed_loss_coreset(losses: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` hardest examples of one source's clean component (``losses[n]``: the source's),
+    then its suspects, lowest loss first."""
+    return hardest_first(losses, k, high_loss_cluster(losses))
 
 
 @dataclass(kw_only=True)
@@ -85,8 +80,8 @@ class TrimmedLoss(SelectionMethod):
 
     name: ClassVar[str] = "trimmed_loss"
 
-    def choose(self, x: torch.Tensor, k: int, **context: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return trimmed_loss_coreset(x, k, **context)
+    def choose(self, x: torch.Tensor, k: int, context: ChooseContext) -> tuple[torch.Tensor, None]:
+        return trimmed_loss_coreset(context.group_losses(), k), None
 
     def suspects(self, compressed, losses, valid, codes, num_sources) -> torch.Tensor:
         return suspect_examples(compressed, losses, valid, codes, num_sources)

@@ -14,7 +14,7 @@ import torch
 
 from .budget import allocate_budget, tempered_scores, tempered_split
 from ..sketch.compress import compress_per_source, rows_per_source
-from ..records import Selection
+from ..records import ChooseContext, Selection
 from ..timing import Stopwatch
 
 if TYPE_CHECKING:
@@ -31,12 +31,16 @@ def select_from_sketches(
     method: SelectionMethod,
     *,
     temperature: float = 1.0,
-    context: dict[str, Any] | None = None,
+    losses: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> Selection:
     """Select ``budget`` of the valid rows of ``sketches[B, D]`` (normalized), source by source,
     with ``method.choose`` (:class:`~coreset_optim.methods.base.SelectionMethod`) on each source's rows
-    compressed to ``method.compressed_width(sketches)`` columns. ``context``: what ``choose``
-    reads besides the rows (``losses``, ``generator``, ``total``); ``rows`` and ``watch`` are added.
+    compressed to ``method.compressed_width(sketches)`` columns; ``losses`` (None: zeros) and
+    ``generator`` (None: torch's global one) reach it in its
+    :class:`~coreset_optim.records.ChooseContext`. A group whose budget covers it
+    is taken whole; a method asked for ``k`` of ``n`` rows (``1 <= k < n``) returns ``k`` indices
+    and their weights, or None for ``n / k`` each.
 
     ``temperature`` != 1 re-weights the mixture: source s gets a budget and a total weight in
     proportion to ``n_s ** (1 / temperature)`` (``inf``: every source present counts equally),
@@ -50,6 +54,8 @@ def select_from_sketches(
         sketches = sketches.cpu()
     valid = valid.to(sketches.device)
     source_codes = source_codes.to(sketches.device)
+    if losses is None:
+        losses = torch.zeros(valid.shape[0], device=sketches.device)
     counts, source_rows = rows_per_source(valid, source_codes, num_sources)
     compressed = compress_per_source(sketches, valid, source_codes, num_sources, sketch_dim, source_rows)
     watch.lap("compress")
@@ -70,11 +76,11 @@ def select_from_sketches(
             picked.append(rows)
             weights.append(torch.full((rows.numel(),), scale, device=rows.device))
             continue
-        local, w = method.choose(
-            compressed.index_select(0, rows), alloc[code], rows=rows, watch=watch, **(context or {})
-        )
+        k, n = alloc[code], rows.numel()
+        context = ChooseContext(rows, losses, generator, sum(counts), watch)
+        local, w = checked_choice(method, method.choose(compressed.index_select(0, rows), k, context), k)
         picked.append(rows.index_select(0, local))
-        weights.append(w.float() * scale)
+        weights.append((torch.full((k,), n / k, device=rows.device) if w is None else w.float()) * scale)
     indices = torch.cat(picked)
     weights_t = torch.cat(weights)
     num_valid = sum(counts)
@@ -84,6 +90,19 @@ def select_from_sketches(
     order = indices.argsort()
     watch.lap("weights")
     return Selection(indices[order].to(device), weights_t[order].to(device), compressed.to(device), alloc, timings)
+
+
+def checked_choice(method: SelectionMethod, choice: Any, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``method.choose``'s answer, checked to be ``(indices[k], weights[k] or None)`` (shapes only:
+    no device sync)."""
+    name = type(method).__name__
+    if not (isinstance(choice, tuple) and len(choice) == 2 and isinstance(choice[0], torch.Tensor)):
+        raise TypeError(f"{name}.choose must return (indices, weights or None), got {type(choice).__name__}")
+    indices, weights = choice
+    if indices.shape != (k,) or (weights is not None and weights.shape != (k,)):
+        got = tuple(indices.shape), None if weights is None else tuple(weights.shape)
+        raise ValueError(f"{name}.choose was asked for k={k} rows and returned shapes {got}; return k of each")
+    return indices, weights
 
 
 def take_every_valid(sketches: torch.Tensor, valid: torch.Tensor, counts: Sequence[int]) -> Selection:
