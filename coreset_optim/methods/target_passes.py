@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..precondition.normalize import coordinate_divisor, divisor_is_positive
+from ..precondition.normalize import ParamPreconditioner
 from ..sketch.projection import countsketch_add_
 from ..sketch.capture import sketch_mode, BatchPass
 from ..sketch.streaming import fold_chunks, DEFAULT_BLOCK_BYTES, Normalizer
@@ -87,7 +87,8 @@ def target_sketches(
     valid[B])``; invalid rows are NaN, as in :func:`compressed_sketches`.
     """
     params = [p for t in batch_pass.layers for p in t.params]
-    divisors = [coordinate_divisor(optimizer, p, normalize) for p in params]
+    scalings = [ParamPreconditioner.of(optimizer, p, normalize) for p in params]
+    divisors = [s.divisor() for s in scalings]
     if any(d is None for d in divisors):
         raise ValueError(f"the target stage needs a per-coordinate normalization ('adam' or None), got {normalize!r}")
     numel = sum(p.numel() for p in params)
@@ -99,7 +100,7 @@ def target_sketches(
         width,
         compress=width > 0 and numel > dim,
         seed=seed,
-        divide=not all(divisor_is_positive(optimizer, p) for p in params),
+        divide=not all(s.divisor_is_positive() for s in scalings),
     )
     # the divisor of the update (gradient / divisor * step size), per parameter: divisor / size
     normalizers = [_scaled_divisor(divisor, float(size)) for divisor, size in zip(divisors, step_sizes)]

@@ -17,10 +17,11 @@ then) and gets raw gradients once it has state.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from .moments import adam_moment_ranges, find_group, has_second_moment
+from .moments import MomentRanges, adam_moment_ranges, find_group, has_second_moment
 
 BlockNormalizer = Callable[[torch.Tensor, int], torch.Tensor]  # (values[n, m], flat start) -> normalized
 
@@ -68,89 +69,107 @@ def adam_update_normalize(
     return m_hat / (v_hat.sqrt() + eps)
 
 
-def param_normalizer(
-    optimizer: torch.optim.Optimizer, param: torch.Tensor, mode: str | None, inplace: bool = False
-) -> BlockNormalizer:
-    """How to normalize any block of ``param``'s per-example gradients: ``f(values[n, m], start)``
-    for the flat coordinates ``start .. start+m-1``, reading the optimizer's moments of that range only.
-
-    Every mode is elementwise in the coordinates, so normalizing block by block equals
-    normalizing the whole gradient at once. ``inplace``: the "adam" mode divides the block itself.
-    """
-    if mode not in NORMALIZE_MODES:
-        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {mode!r}")
-    raw: BlockNormalizer = lambda values, start: values  # noqa: E731
-    if mode is None:
-        return raw
-    group = find_group(optimizer, param)
-    if not has_second_moment(group):
-        return raw
-    ranges = adam_moment_ranges(optimizer, param, group)
-    if mode == "adam":
-        if ranges is None:
-            return raw
-
-        def adam(values: torch.Tensor, start: int) -> torch.Tensor:
-            m = ranges.read_denominator(start, start + values.shape[1])
-            return adam_normalize(values, m, ranges.step, ranges.beta2, ranges.eps, inplace=inplace)
-
-        return adam
-    if ranges is None:
-        if optimizer.state.get(param):  # state without an Adam second moment (Lion, Adamax): raw
-            return raw
-        beta1, beta2, eps = group["betas"][0], group["betas"][1], float(group["eps"])
-        return lambda values, start: adam_update_normalize(values, None, None, 0, beta1, beta2, eps)  # noqa: E731
-
-    def adam_update(values: torch.Tensor, start: int) -> torch.Tensor:
-        m = ranges.read(start, start + values.shape[1])
-        return adam_update_normalize(
-            values, m.exp_avg, m.exp_avg_sq, m.step, m.beta1, m.beta2, m.eps, amsgrad_max=m.max_exp_avg_sq
-        )
-
-    return adam_update
-
-
 DivisorFn = Callable[[int, int], "torch.Tensor | None"]  # (start, stop) -> per-coordinate divisor, None: raw
 
 
-def coordinate_divisor(optimizer: torch.optim.Optimizer, param: torch.Tensor, mode: str | None) -> DivisorFn | None:
-    """When ``mode`` divides each coordinate of ``param`` by one positive number for every example
-    ("adam", or raw), the function giving those numbers for a flat range (``None`` from it: raw);
-    ``None`` when it does not (``"adam_update"`` mixes in the example's own gradient).
+def _raw_block(values: torch.Tensor, start: int) -> torch.Tensor:
+    return values
 
-    Lets a compressor score columns and normalize only the values it keeps, the same as
-    normalizing every value first (up to float rounding): ``sum_i |g_i / d| = sum_i |g_i| / d``.
+
+def _raw_divisor(start: int, stop: int) -> None:
+    return None
+
+
+@dataclass
+class ParamPreconditioner:
+    """How the wrapped optimizer will scale one parameter's gradient under ``mode``, read once:
+    its param group and Adam moments are found here, and every question below is answered from
+    them (block normalizer, per-coordinate divisor, whether that divisor is known positive).
+
+    Build it with :meth:`of`. ``group`` is None when the group is not Adam's; ``ranges`` is None
+    when the mode is raw or there are no moments (yet); ``has_state``: the optimizer holds state
+    for the parameter (with ``ranges`` None: Lion, Adamax, whose gradients are used raw).
     """
-    if mode not in NORMALIZE_MODES:
-        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {mode!r}")
-    raw: DivisorFn = lambda start, stop: None  # noqa: E731
-    if mode is None:
-        return raw
-    group = find_group(optimizer, param)
-    if not has_second_moment(group):
-        return raw
-    ranges = adam_moment_ranges(optimizer, param, group)
-    if mode == "adam_update":
-        return raw if ranges is None and optimizer.state.get(param) else None
-    if ranges is None or ranges.step <= 0:
-        return raw
-    return lambda start, stop: adam_denominator(
-        ranges.read_denominator(start, stop), ranges.step, ranges.beta2, ranges.eps
-    )
 
+    mode: str | None
+    group: dict | None
+    ranges: MomentRanges | None
+    has_state: bool
 
-def divisor_is_positive(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> bool:
-    """Whether :func:`coordinate_divisor`'s numbers are known positive without reading them:
-    ``sqrt(v_hat) + eps >= eps`` with eps a normal float32 (so ``1 / divisor`` is finite), or there
-    is no divisor at all.
+    @classmethod
+    def of(cls, optimizer: torch.optim.Optimizer, param: torch.Tensor, mode: str | None) -> ParamPreconditioner:
+        if mode not in NORMALIZE_MODES:
+            raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {mode!r}")
+        group = find_group(optimizer, param)
+        if not has_second_moment(group):
+            return cls(mode, None, None, False)
+        ranges = None if mode is None else adam_moment_ranges(optimizer, param, group)
+        return cls(mode, group, ranges, bool(optimizer.state.get(param)))
 
-    A compressor may then fold ``1 / divisor`` into its weights (a product, no host check of the
-    values: no device sync per block); with ``eps = 0`` it must divide the values themselves.
-    """
-    group = find_group(optimizer, param)
-    if not has_second_moment(group):
-        return True
-    return float(group["eps"]) >= torch.finfo(torch.float32).tiny  # 1 / eps finite in float32
+    def block_normalizer(self, inplace: bool = False) -> BlockNormalizer:
+        """How to normalize any block of the parameter's per-example gradients: ``f(values[n, m],
+        start)`` for the flat coordinates ``start .. start+m-1``, reading the moments of that range
+        only.
+
+        Every mode is elementwise in the coordinates, so normalizing block by block equals
+        normalizing the whole gradient at once. ``inplace``: the "adam" mode divides the block itself.
+        """
+        ranges, group = self.ranges, self.group
+        if self.mode is None or group is None:
+            return _raw_block
+        if self.mode == "adam":
+            if ranges is None:
+                return _raw_block
+
+            def adam(values: torch.Tensor, start: int) -> torch.Tensor:
+                m = ranges.read_denominator(start, start + values.shape[1])
+                return adam_normalize(values, m, ranges.step, ranges.beta2, ranges.eps, inplace=inplace)
+
+            return adam
+        if ranges is None:
+            if self.has_state:  # state without an Adam second moment (Lion, Adamax): raw
+                return _raw_block
+            beta1, beta2, eps = group["betas"][0], group["betas"][1], float(group["eps"])
+            return lambda values, start: adam_update_normalize(values, None, None, 0, beta1, beta2, eps)  # noqa: E731
+
+        def adam_update(values: torch.Tensor, start: int) -> torch.Tensor:
+            m = ranges.read(start, start + values.shape[1])
+            return adam_update_normalize(
+                values, m.exp_avg, m.exp_avg_sq, m.step, m.beta1, m.beta2, m.eps, amsgrad_max=m.max_exp_avg_sq
+            )
+
+        return adam_update
+
+    def divisor(self) -> DivisorFn | None:
+        """When the mode divides each coordinate by one positive number for every example ("adam",
+        or raw), the function giving those numbers for a flat range (``None`` from it: raw);
+        ``None`` when it does not (``"adam_update"`` mixes in the example's own gradient).
+
+        Lets a compressor score columns and normalize only the values it keeps, the same as
+        normalizing every value first (up to float rounding): ``sum_i |g_i / d| = sum_i |g_i| / d``.
+        """
+        ranges = self.ranges
+        if self.mode is None or self.group is None:
+            return _raw_divisor
+        if self.mode == "adam_update":
+            return _raw_divisor if ranges is None and self.has_state else None
+        if ranges is None or ranges.step <= 0:
+            return _raw_divisor
+        return lambda start, stop: adam_denominator(
+            ranges.read_denominator(start, stop), ranges.step, ranges.beta2, ranges.eps
+        )
+
+    def divisor_is_positive(self) -> bool:
+        """Whether :meth:`divisor`'s numbers are known positive without reading them:
+        ``sqrt(v_hat) + eps >= eps`` with eps a normal float32 (so ``1 / divisor`` is finite), or
+        there is no divisor at all.
+
+        A compressor may then fold ``1 / divisor`` into its weights (a product, no host check of the
+        values: no device sync per block); with ``eps = 0`` it must divide the values themselves.
+        """
+        if self.group is None:
+            return True
+        return float(self.group["eps"]) >= torch.finfo(torch.float32).tiny  # 1 / eps finite in float32
 
 
 def normalize_sketches(
@@ -167,6 +186,6 @@ def normalize_sketches(
     blocks, start = [], 0
     for p in params:
         stop = start + p.numel()
-        blocks.append(param_normalizer(optimizer, p, mode)(sketches[:, start:stop], 0))
+        blocks.append(ParamPreconditioner.of(optimizer, p, mode).block_normalizer()(sketches[:, start:stop], 0))
         start = stop
     return torch.cat(blocks, dim=1)

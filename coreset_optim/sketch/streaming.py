@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from .compress import StreamingTopCoordinates
-from ..precondition.normalize import coordinate_divisor, divisor_is_positive, param_normalizer
+from ..precondition.normalize import ParamPreconditioner
 from .projection import countsketch_add_
 from ..records import Agreement
 from .capture import linear_grad_block, sketch_mode, BatchPass, LayerCalls, SketchLayer
@@ -112,10 +112,11 @@ def block_normalizer(optimizer: torch.optim.Optimizer, param: torch.Tensor, mode
     a per-coordinate divisor left to the compressor when the mode is one ("adam", raw: it then
     divides only what it keeps) and it is known positive (eps > 0), else the block normalized in
     place ("adam_update", or eps = 0, where folding ``1 / divisor`` could multiply 0 by inf)."""
-    divisor = coordinate_divisor(optimizer, param, mode)
-    if divisor is not None and divisor_is_positive(optimizer, param):
+    scaling = ParamPreconditioner.of(optimizer, param, mode)
+    divisor = scaling.divisor()
+    if divisor is not None and scaling.divisor_is_positive():
         return lambda block, start: (block, divisor(start, start + block.shape[1]))
-    normalize = param_normalizer(optimizer, param, mode, inplace=True)
+    normalize = scaling.block_normalizer(inplace=True)
     return lambda block, start: (normalize(block, start), None)
 
 
