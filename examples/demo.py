@@ -144,8 +144,8 @@ def part2(args, methods: list[str] = METHODS, plot_name: str = "finetune.png") -
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
-    out = ROOT / "demo_output" / plot_name
-    out.parent.mkdir(exist_ok=True)
+    out = Path(os.environ.get("DEMO_OUTPUT", ROOT / "demo_output")) / plot_name
+    out.parent.mkdir(parents=True, exist_ok=True)
     bench.plot(runs, summary, ctx.mixture, out, methods=methods)
     print(f"\nplot saved to {out}")
     print("The full benchmark (3 seeds, more methods): PYTHONPATH=. python benchmarks/finetune.py")
