@@ -284,8 +284,14 @@ class CoresetOptimizer(torch.optim.Optimizer):
                 sketches.valid,
             )
         self.num_selections += 1
+        # Taking every example compares nothing (no sketch ran): no example is judged a suspect.
+        suspects = (
+            None
+            if take_all
+            else method.suspects(selection.compressed, sketches.losses, sketches.valid, layout.codes, len(layout.names))
+        )
         timings["total"] = time.perf_counter() - start
-        return self._coreset(layout, sketches, selection, kept, num_valid, share, loss_scale, timings)
+        return self._coreset(layout, sketches, selection, kept, num_valid, share, loss_scale, timings, suspects)
 
     # --- the stages of select() ----------------------------------------------------------------
     def _coreset(
@@ -298,15 +304,13 @@ class CoresetOptimizer(torch.optim.Optimizer):
         share: tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor],
         loss_scale: Any,
         timings: dict[str, float],
+        suspects: torch.Tensor | None,
     ) -> Coreset:
         """The :class:`Coreset` of one selection; ``share``: :meth:`backward`'s ``(sub_batch,
         local indices, local weights, loss)``."""
         sub_batch, local_indices, local_weights, loss = share
         names = layout.names  # under torch.distributed: the global batch's sources
         in_batch = torch.bincount(layout.codes, minlength=len(names)).tolist()
-        suspects = self.selection.suspects(
-            selection.compressed, sketches.losses, sketches.valid, layout.codes, len(names)
-        )
         return Coreset(
             indices=selection.indices,
             weights=selection.weights,

@@ -12,7 +12,7 @@ from coreset_optim import CoresetOptimizer
 from coreset_optim.methods.consensus import agreement, consensus_loss_coreset, disagreeing
 from coreset_optim.precondition.normalize import normalize_sketches
 
-from core_utils import TwoLayer, per_example_grads_loop, take_steps
+from core_utils import TwoLayer, build, make_batch, per_example_grads_loop, regression_loss, take_steps
 
 
 def cosine(a: list[float], b: list[float]) -> float:
@@ -104,3 +104,15 @@ def test_a_coherent_minority_of_large_rows_does_not_set_the_consensus():
     assert disagreeing(x).tolist() == [False] * 8 + [True] * 2
     raw = torch.nn.functional.cosine_similarity(x, x.sum(0, keepdim=True) - x, dim=1)
     assert (raw[:8] <= 0).all()  # what the raw sum would have said
+
+
+@pytest.mark.parametrize("selection", ["consensus_loss", "trimmed_loss"])
+def test_no_suspects_when_the_budget_takes_every_example(selection):
+    """A budget covering the batch (a small last batch, k >= B) runs no sketch: nothing was
+    compared, so nothing is flagged (it used to flag all 8 of 8 from empty sketches)."""
+    model, _, wrapper = build(coreset_size=8, selection=selection)
+    coreset = wrapper.select(make_batch(8), regression_loss(model), sources=["a"] * 8)
+    assert len(coreset) == 8 and coreset.suspects is None
+    model, _, wrapper = build(coreset_size=7, selection=selection)
+    coreset = wrapper.select(make_batch(8), regression_loss(model), sources=["a"] * 8)
+    assert coreset.suspects is not None and coreset.suspects.shape == (8,)

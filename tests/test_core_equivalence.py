@@ -22,6 +22,10 @@ from selection_grid import GRID, run_one
 
 REFERENCE = torch.load(Path(__file__).parent / "data" / "selection_grid_reference.pt", weights_only=False)
 FLOAT_ULPS = 16
+# Deliberate changes since the reference, each with its reason: entries of the reference no longer
+# produced. "take_all": a budget covering the batch runs no sketch, so it judges no example a
+# suspect (the reference flagged every example from empty sketches).
+DROPPED = {"take_all": {"0/suspects", "1/suspects"}}
 
 
 def assert_same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
@@ -42,6 +46,7 @@ def test_reference_covers_the_grid():
 @pytest.mark.parametrize("name", sorted(GRID))
 def test_same_coresets_and_gradients_as_the_reference(name):
     got, want = run_one(GRID[name]), REFERENCE["results"][name]
+    want = {key: value for key, value in want.items() if key not in DROPPED.get(name, set())}
     assert sorted(got) == sorted(want)
     for key in want:
         assert_same(got[key], want[key], f"{name} {key}")
