@@ -63,7 +63,7 @@ class BatchPass:
 
     def chunks(self) -> Iterator[tuple[slice, list[LayerCalls], torch.Tensor]]:
         """:func:`captured_chunks` of this pass (inside ``sketch_mode(model, layers)``, grad on)."""
-        return captured_chunks(self.model, self.layers, self.batch, self.loss_fn, self.num_examples, self.chunk_size)
+        return captured_chunks(self)
 
 
 def sketch_params(layers: Sequence[SketchLayer]) -> list[torch.Tensor]:
@@ -253,26 +253,20 @@ def _capture(layers: Sequence[SketchLayer]):
     return records, handles
 
 
-def captured_chunks(
-    model: nn.Module,
-    layers: Sequence[SketchLayer],
-    batch: Any,
-    loss_fn: LossFn,
-    num_examples: int,
-    chunk_size: int | None,
-) -> Iterator[tuple[slice, list[LayerCalls], torch.Tensor]]:
-    """For each chunk of examples: ``(examples, per-layer LayerCalls, losses[n])``.
+def captured_chunks(batch_pass: BatchPass) -> Iterator[tuple[slice, list[LayerCalls], torch.Tensor]]:
+    """For each chunk of the pass's examples: ``(examples, per-layer LayerCalls, losses[n])``.
 
     One forward and one backward of the chunk's summed finite losses, stopping at the sketch
     layers (:func:`sketch_mode`); a non-finite loss contributes nothing. Each chunk's autograd
     graph is freed before the next one starts. Must be consumed inside ``sketch_mode(model, layers)``
     with grad enabled.
     """
-    for piece in chunk_slices(num_examples, chunk_size):
+    layers = batch_pass.layers
+    for piece in chunk_slices(batch_pass.num_examples, batch_pass.chunk_size):
         n = piece.stop - piece.start
         records, handles = _capture(layers)
         try:
-            losses = call_loss_fn(loss_fn, index_batch(batch, piece), n)
+            losses = call_loss_fn(batch_pass.loss_fn, index_batch(batch_pass.batch, piece), n)
         finally:
             for h in handles:
                 h.remove()
@@ -324,7 +318,7 @@ def exact_sketches(
     """
     sketch_rows, loss_rows = [], []
     with sketch_mode(model, layers), torch.enable_grad():
-        for _, calls, losses in captured_chunks(model, layers, batch, loss_fn, num_examples, chunk_size):
+        for _, calls, losses in captured_chunks(BatchPass(model, layers, batch, loss_fn, num_examples, chunk_size)):
             parts = [linear_per_example_grads(c.inputs, c.grad_outputs, t.with_bias) for t, c in zip(layers, calls)]
             rows = torch.cat(parts, dim=1)
             finite = torch.isfinite(losses)[:, None].to(rows.device)
