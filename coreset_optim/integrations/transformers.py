@@ -24,6 +24,10 @@ Trainer logs as ``loss``.
 Two small glue overrides keep the source column alive: ``get_train_dataloader`` (the column
 survives ``remove_unused_columns`` and the data collator, as a per-example list) and ``log``
 (selection statistics join the training logs at ``logging_steps``).
+
+Each selection is also an event for the Trainer's callbacks: ``on_selection(args, state, control,
+coreset=..., inputs=..., **kwargs)``, called on every callback that defines it (see
+:class:`CoresetCallback`).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..config import CoresetConfig
 from ..methods.registry import resolve_options
@@ -48,6 +52,7 @@ from .causal_lm import causal_lm_loss_fn, causal_lm_per_example_loss
 
 __all__ = [
     "CoresetArguments",
+    "CoresetCallback",
     "CoresetTrainer",
     "CoresetTrainerMixin",
     "CoresetTrainingArguments",
@@ -233,6 +238,40 @@ def unwrap_coreset_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
+class CoresetCallback(TrainerCallback):
+    """A ``transformers.TrainerCallback`` with one more event, :meth:`on_selection`, which the coreset
+    trainers (``CoresetTrainer``, ``CoresetSFTTrainer``, any ``CoresetTrainerMixin`` subclass) fire
+    after every selection.
+
+    Subclass it and override ``on_selection``, then pass it like any callback
+    (``callbacks=[...]`` or ``trainer.add_callback``). Subclassing is a convenience: the trainers call
+    ``on_selection`` on every callback in ``trainer.callback_handler.callbacks`` that has one, and
+    leave the others (a plain ``TrainerCallback``) alone.
+    """
+
+    def on_selection(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        coreset: Coreset | None = None,
+        inputs: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Called once per micro-batch (``training_step``), on every process, right after ``select()``.
+
+        By then the coreset's weighted gradient has been added to ``.grad`` (the optimizer step of this
+        accumulation window has not run: ``state.global_step`` counts the steps before it), and the
+        selection statistics have been counted for the logs. ``coreset`` is the
+        :class:`~coreset_optim.Coreset` that ``select()`` returned; ``inputs`` is this process's
+        micro-batch as the training step received it, on the device, with the ``source_column`` and
+        ``id_column`` still in it (per-example lists); ``coreset.local_indices`` index its rows (under
+        torchrun ``coreset.indices`` index the global batch). ``kwargs`` are those of every Trainer
+        event (``model``, ``optimizer``, ``lr_scheduler``, ``processing_class``, ``train_dataloader``,
+        ``eval_dataloader``). Like other events it may set flags on ``control`` or return it.
+        """
+
+
 class SourceCollator:
     """Takes the kept columns (sources, ids) out of each feature before the user's collator, and
     puts them back into the batch as per-example lists (collators drop or choke on such columns)."""
@@ -282,6 +321,10 @@ class CoresetTrainerMixin:
     ``target_dataset``: held-out examples (a dataset or a list of features, collated like the
     training data) that ``selection="target"`` aims at.
     The arguments must be a :class:`CoresetArguments` dataclass (``arguments_class``).
+
+    After each selection the trainer calls ``on_selection(args, state, control, coreset=...,
+    inputs=..., **kwargs)`` on every callback that defines it (see :class:`CoresetCallback`);
+    callbacks without the method are not affected.
     """
 
     arguments_class: type = CoresetArguments
@@ -305,6 +348,7 @@ class CoresetTrainerMixin:
         self._suspect_counts: dict[Any, int] = {}  # id -> times flagged in this logging window
         self._moments_checked = False
         self._check_coreset_setup()
+        self._selection_events()  # a non-callable on_selection fails here, before training
 
     def _check_coreset_arguments(self, args: Any, per_example_loss: PerExampleLoss | None) -> None:
         """Refuse options the coreset step cannot honour, before the base trainer is built (subclasses add)."""
@@ -439,7 +483,8 @@ class CoresetTrainerMixin:
         """Select a coreset of the micro-batch and backpropagate it (instead of the whole batch)."""
         del num_items_in_batch  # counts tokens of the whole large batch: not the coreset's scale
         model.train()
-        inputs = dict(self._prepare_inputs(inputs))
+        received = dict(self._prepare_inputs(inputs))  # what on_selection gets: the kept columns still in it
+        inputs = dict(received)
         sources = None
         if self.args.source_column is not None:
             if self.args.source_column not in inputs:
@@ -466,6 +511,7 @@ class CoresetTrainerMixin:
         self._record_selection(coreset)
         if ids is not None and self.args.suspects_file is not None:
             self._count_suspects(coreset, ids)
+        self._on_selection(coreset, received)
         # The Trainer logs what this returns as "loss": the large batch's mean loss, as plain
         # training would report it (the coreset's weighted loss is logged as "coreset/loss").
         return coreset.batch_loss.detach().to(coreset.loss.device) / steps
@@ -500,6 +546,32 @@ class CoresetTrainerMixin:
         for stage, seconds in coreset.timings.items():
             key = f"coreset/time_{stage}"
             stats[key] = stats.get(key, 0.0) + seconds
+
+    def _selection_events(self) -> list[Callable[..., Any]]:
+        """The ``on_selection`` methods of the trainer's callbacks, in their order."""
+        events = []
+        for callback in self.callback_handler.callbacks:
+            event = getattr(callback, "on_selection", None)
+            if event is None:
+                continue
+            if not callable(event):
+                raise TypeError(
+                    f"callback {type(callback).__name__}.on_selection must be a method "
+                    f"(args, state, control, coreset=..., inputs=..., **kwargs), got {type(event).__name__}"
+                )
+            events.append(event)
+        return events
+
+    def _on_selection(self, coreset: Coreset, inputs: Mapping[str, Any]) -> None:
+        """Fire ``on_selection`` on every callback that has it, as ``CallbackHandler.call_event`` fires
+        the Trainer's own events (the same keyword arguments; a returned ``control`` replaces it)."""
+        handler = self.callback_handler
+        names = ("model", "processing_class", "optimizer", "lr_scheduler", "train_dataloader", "eval_dataloader")
+        kwargs = {name: getattr(handler, name, None) for name in names}
+        for event in self._selection_events():
+            result = event(self.args, self.state, self.control, coreset=coreset, inputs=inputs, **kwargs)
+            if result is not None:
+                self.control = result
 
     def _count_suspects(self, coreset: Coreset, ids: Sequence[Any]) -> None:
         """Count, per id of this process's examples, how often the selector flagged it as suspect."""
@@ -549,7 +621,8 @@ class CoresetTrainer(CoresetTrainerMixin, Trainer):
 
     ``per_example_loss(model, inputs) -> Tensor[n]`` gives one loss per example; the default is
     the causal-LM loss (mean over each example's label tokens, ``-100`` ignored, labels shifted).
-    Needs :class:`CoresetTrainingArguments`.
+    Needs :class:`CoresetTrainingArguments`. Each selection fires ``on_selection`` on the callbacks
+    that define it (:class:`CoresetCallback`).
     """
 
     arguments_class = CoresetTrainingArguments

@@ -41,7 +41,9 @@ class CoresetSFTTrainer(CoresetTrainerMixin, SFTTrainer):
     """``trl.SFTTrainer`` that backpropagates a weighted coreset of every micro-batch.
 
     ``per_example_loss(model, inputs) -> Tensor[n]`` replaces the default per-example loss (the
-    mean NLL of each example's label tokens). Needs :class:`CoresetSFTConfig`.
+    mean NLL of each example's label tokens). Needs :class:`CoresetSFTConfig`. Each selection fires
+    ``on_selection`` on the callbacks that define it, as in ``CoresetTrainer``
+    (:class:`~coreset_optim.integrations.transformers.CoresetCallback`).
     """
 
     arguments_class = CoresetSFTConfig
