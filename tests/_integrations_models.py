@@ -125,23 +125,22 @@ def make_args(tmp_path, **kwargs):
     return CoresetTrainingArguments(**defaults)
 
 
-class Recording:
-    """Trainer mixin (before the trainer class): keeps every micro-batch it saw and every coreset
-    it selected, for the reference checks."""
+def selection_recorder():
+    """A CoresetCallback whose ``seen`` holds every micro-batch a selection was made from (the
+    ``inputs`` of ``on_selection``, copied), ``coresets`` every Coreset and ``steps`` the
+    ``state.global_step`` at each selection, for the reference checks."""
+    from coreset_optim.integrations.transformers import CoresetCallback
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.seen, self.coresets = [], []
+    class SelectionRecorder(CoresetCallback):
+        def __init__(self):
+            self.seen, self.coresets, self.steps = [], [], []
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        self.seen.append({k: v.clone() if torch.is_tensor(v) else list(v) for k, v in inputs.items()})
-        return super().training_step(model, inputs, num_items_in_batch)
+        def on_selection(self, args, state, control, coreset=None, inputs=None, **kwargs):
+            self.seen.append({k: v.clone() if torch.is_tensor(v) else list(v) for k, v in inputs.items()})
+            self.coresets.append(coreset)
+            self.steps.append(state.global_step)
 
-    def _record_selection(self, coreset):
-        self.coresets.append(
-            (self.state.global_step, coreset.indices.tolist(), coreset.weights.clone(), coreset.num_valid)
-        )
-        super()._record_selection(coreset)
+    return SelectionRecorder()
 
 
 def grad_capture():

@@ -15,10 +15,10 @@ from _integrations_models import (  # noqa: E402,F401
     lora,
     make_args,
     make_dataset,
-    Recording,
     grad_capture,
     one_thread,
     pattern_batch,
+    selection_recorder,
     tiny_gpt2,
     tiny_llama,
 )
@@ -26,6 +26,7 @@ from _integrations_models import (  # noqa: E402,F401
 from coreset_optim import CoresetOptimizer  # noqa: E402
 from coreset_optim.integrations.causal_lm import causal_lm_loss_fn, causal_lm_per_example_loss  # noqa: E402
 from coreset_optim.integrations.transformers import (  # noqa: E402
+    CoresetCallback,
     CoresetTrainer,
     unwrap_coreset_optimizer,
 )
@@ -103,21 +104,17 @@ def test_gpt2_lora_bnb_optims_are_read(tmp_path, optim):
     assert "coreset/selected/all" not in train_logs(trainer)[0]
 
 
-class RecordingTrainer(Recording, CoresetTrainer):
-    """Keeps every micro-batch it saw and every coreset it selected (for the reference checks)."""
-
-
 def _reference_step_gradient(model, micro_batches, coresets, accumulation):
     """sum over micro-batches of (1/GA) * sum_j w_j grad(loss_j) / N_valid, one example at a time."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     loss_fn = causal_lm_loss_fn(model)
     model.train()
-    for batch, (_, indices, weights, _) in zip(micro_batches, coresets):
+    for batch, coreset in zip(micro_batches, coresets):
         valid = int((batch["labels"][:, 1:] != -100).any(1).sum())
-        for j, i in enumerate(indices):
+        for j, i in enumerate(coreset.indices.tolist()):
             one = {k: batch[k][i : i + 1] for k in ("input_ids", "attention_mask", "labels")}
-            loss = loss_fn(one)[0] * weights[j] / valid / accumulation
+            loss = loss_fn(one)[0] * coreset.weights[j] / valid / accumulation
             grads = torch.autograd.grad(loss, list(params.values()))
             for n, g in zip(params, grads):
                 total[n] += g
@@ -141,13 +138,13 @@ def test_step_gradient_matches_hand_written_loop_under_accumulation(tmp_path, si
         logging_steps=1,
         **{"coreset_size": None, **size},
     )
-    capture = grad_capture()
-    trainer = RecordingTrainer(model=model, args=args, train_dataset=data, callbacks=[capture])
+    capture, recorder = grad_capture(), selection_recorder()
+    trainer = CoresetTrainer(model=model, args=args, train_dataset=data, callbacks=[capture, recorder])
     trainer.train()
-    assert len(trainer.seen) == 2 and len(capture.grads) == 1
-    assert sum(c[3] for c in trainer.coresets) == 15  # one invalid example in 16
+    assert len(recorder.seen) == 2 and len(capture.grads) == 1
+    assert sum(c.num_valid for c in recorder.coresets) == 15  # one invalid example in 16
     assert trainer.state.log_history[0]["coreset/invalid"] == 1
-    ref = _reference_step_gradient(initial, trainer.seen, trainer.coresets, accumulation=2)
+    ref = _reference_step_gradient(initial, recorder.seen, recorder.coresets, accumulation=2)
     for name, grad in capture.grads[0].items():
         torch.testing.assert_close(grad, ref[name], rtol=1e-4, atol=1e-7, msg=name)
 
@@ -164,9 +161,10 @@ def _run(tmp_path, model, max_steps, resume=None, optim="adamw_torch"):
         logging_steps=1,
         source_column="source",
     )
-    trainer = RecordingTrainer(model=model, args=args, train_dataset=make_dataset(n=32))
+    recorder = selection_recorder()
+    trainer = CoresetTrainer(model=model, args=args, train_dataset=make_dataset(n=32), callbacks=[recorder])
     trainer.train(resume_from_checkpoint=resume)
-    return trainer
+    return trainer, recorder
 
 
 @pytest.mark.parametrize(
@@ -176,7 +174,7 @@ def test_resume_from_checkpoint_is_exact(tmp_path, arch, optim):
     if "8bit" in optim:
         pytest.importorskip("bitsandbytes")
     build = MODELS[arch][0]
-    full = _run(tmp_path / "a", build(), 4, optim=optim)
+    full, full_selections = _run(tmp_path / "a", build(), 4, optim=optim)
     checkpoint = tmp_path / "a" / "out" / "checkpoint-2"
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     assert saved["coreset_optim"]["num_selections"] == 2 and saved["coreset_optim"]["num_steps"] == 2
@@ -187,10 +185,12 @@ def test_resume_from_checkpoint_is_exact(tmp_path, arch, optim):
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.normal_()
-    resumed = _run(tmp_path / "b", model, 4, resume=str(checkpoint), optim=optim)
-    assert [c[:2] for c in resumed.coresets] == [c[:2] for c in full.coresets[2:]]
-    for (_, _, w_res, _), (_, _, w_full, _) in zip(resumed.coresets, full.coresets[2:]):
-        assert torch.equal(w_res, w_full)
+    resumed, resumed_selections = _run(tmp_path / "b", model, 4, resume=str(checkpoint), optim=optim)
+    assert resumed_selections.steps == full_selections.steps[2:] == [2, 3]
+    assert len(resumed_selections.coresets) == 2
+    for c_res, c_full in zip(resumed_selections.coresets, full_selections.coresets[2:]):
+        assert c_res.indices.tolist() == c_full.indices.tolist()
+        assert torch.equal(c_res.weights, c_full.weights)
     a, b = full.coreset_optimizer, resumed.coreset_optimizer
     assert (a.num_selections, a.num_steps) == (b.num_selections, b.num_steps) == (4, 4)
     assert torch.equal(a.generator.get_state(), b.generator.get_state())
@@ -198,6 +198,103 @@ def test_resume_from_checkpoint_is_exact(tmp_path, arch, optim):
     for name, p in resumed.model.named_parameters():
         if p.requires_grad:
             assert torch.equal(p, pa[name]), name
+
+
+def test_on_selection_gets_each_coreset_select_returned_and_its_batch(tmp_path, monkeypatch):
+    """on_selection fires once per micro-batch (optimizer steps x accumulation), after the coreset's
+    backward and before the optimizer step, with the very Coreset select() returned and the batch it
+    chose from (the source column included); a plain TrainerCallback and one that defines
+    on_selection without deriving from CoresetCallback sit beside it."""
+    from transformers import TrainerCallback
+
+    produced = []  # (batch, sources, coreset) of every select() call
+    select = CoresetOptimizer.select
+
+    def recording_select(self, batch, loss_fn, **kwargs):
+        coreset = select(self, batch, loss_fn, **kwargs)
+        produced.append((dict(batch), kwargs["sources"], coreset))
+        return coreset
+
+    monkeypatch.setattr(CoresetOptimizer, "select", recording_select)
+
+    class DuckTyped(TrainerCallback):  # on_selection, but not a CoresetCallback
+        def __init__(self):
+            self.grads, self.optimizers = [], []
+
+        def on_selection(self, args, state, control, coreset=None, inputs=None, model=None, optimizer=None, **kw):
+            self.grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+            self.optimizers.append(unwrap_coreset_optimizer(optimizer))
+
+    args = make_args(
+        tmp_path,
+        per_device_train_batch_size=8,
+        coreset_size=3,
+        gradient_accumulation_steps=2,
+        max_steps=3,
+        max_grad_norm=0.0,
+        source_column="source",
+    )
+    capture, recorder, duck = grad_capture(), selection_recorder(), DuckTyped()
+    trainer = CoresetTrainer(
+        model=lora(tiny_llama()),
+        args=args,
+        train_dataset=make_dataset(n=48),
+        callbacks=[capture, recorder, duck, CoresetCallback()],
+    )
+    trainer.train()
+    assert len(produced) == len(recorder.coresets) == len(duck.grads) == 3 * 2
+    assert all(got is made for got, (_, _, made) in zip(recorder.coresets, produced))
+    assert recorder.steps == [0, 0, 1, 1, 2, 2]  # global_step counts the optimizer steps before this one
+    for inputs, (batch, sources, _) in zip(recorder.seen, produced):
+        assert set(inputs) == set(batch) | {"source"} and inputs["source"] == sources
+        for key, value in batch.items():
+            assert torch.equal(inputs[key], value), key
+    assert all(opt is trainer.coreset_optimizer for opt in duck.optimizers)
+    # after the window's last micro-batch, .grad is what the optimizer steps with; after its first, not yet
+    assert len(capture.grads) == 3
+    for step, final in enumerate(capture.grads):
+        first, last = duck.grads[2 * step], duck.grads[2 * step + 1]
+        assert all(torch.equal(last[n], g) for n, g in final.items())
+        assert not all(torch.equal(first[n], g) for n, g in final.items())
+
+
+def test_on_selection_can_stop_training(tmp_path):
+    """Like the Trainer's own events, on_selection may set flags on control."""
+
+    class StopAfterThree(CoresetCallback):
+        calls = 0
+
+        def on_selection(self, args, state, control, **kwargs):
+            self.calls += 1
+            control.should_training_stop = self.calls == 3
+
+    stop = StopAfterThree()
+    trainer = CoresetTrainer(
+        model=lora(tiny_llama()), args=make_args(tmp_path, max_steps=6), train_dataset=make_dataset(), callbacks=[stop]
+    )
+    trainer.train()
+    assert stop.calls == 3 and trainer.state.global_step == 3
+
+
+def test_a_non_callable_on_selection_is_refused(tmp_path):
+    from transformers import TrainerCallback
+
+    class Broken(TrainerCallback):
+        on_selection = "log it"
+
+    with pytest.raises(TypeError, match="Broken.on_selection must be a method"):
+        CoresetTrainer(
+            model=lora(tiny_llama()), args=make_args(tmp_path), train_dataset=make_dataset(), callbacks=[Broken()]
+        )
+    model = lora(tiny_llama())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = CoresetTrainer(model=model, args=make_args(tmp_path), train_dataset=make_dataset())
+    trainer.add_callback(Broken)  # added after construction: refused at the first selection
+    with pytest.raises(TypeError, match="Broken.on_selection must be a method"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
 
 
 def _lora_state(model):
@@ -398,20 +495,6 @@ def test_causal_lm_loss_fn_builds_no_kv_cache():
     torch.testing.assert_close(losses, expected)
 
 
-class LossRecordingTrainer(CoresetTrainer):
-    """Keeps every micro-batch and, per selection, (batch losses, coreset loss)."""
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        self.seen = getattr(self, "seen", []) + [
-            {k: v.clone() if torch.is_tensor(v) else list(v) for k, v in inputs.items()}
-        ]
-        return super().training_step(model, inputs, num_items_in_batch)
-
-    def _record_selection(self, coreset):
-        self.selections = getattr(self, "selections", []) + [(coreset.losses.clone(), float(coreset.loss))]
-        super()._record_selection(coreset)
-
-
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_logged_loss_is_the_large_batch_mean_loss(tmp_path, accumulation):
     """The Trainer's 'loss' is the mean of the large batches' per-example losses (what plain
@@ -421,13 +504,15 @@ def test_logged_loss_is_the_large_batch_mean_loss(tmp_path, accumulation):
     model = lora(tiny_llama())
     initial = copy.deepcopy(model)
     args = make_args(tmp_path, max_steps=4, logging_steps=2, gradient_accumulation_steps=accumulation, selection="loss")
-    trainer = LossRecordingTrainer(model=model, args=args, train_dataset=make_dataset(sources=None))
+    recorder = selection_recorder()
+    trainer = CoresetTrainer(model=model, args=args, train_dataset=make_dataset(sources=None), callbacks=[recorder])
     trainer.train()
+    selections = [(c.losses, float(c.loss)) for c in recorder.coresets]
     logs = train_logs(trainer)
     assert len(logs) == 2
     per_window = 2 * accumulation
     for w, log in enumerate(logs):
-        window = trainer.selections[w * per_window : (w + 1) * per_window]
+        window = selections[w * per_window : (w + 1) * per_window]
         batch_means = [losses[torch.isfinite(losses)].mean().item() for losses, _ in window]
         # Trainer: the window's summed returns / optimizer steps; each return is the mean / GA.
         assert log["loss"] == pytest.approx(sum(batch_means) / per_window, rel=1e-3, abs=1e-4)
@@ -437,10 +522,10 @@ def test_logged_loss_is_the_large_batch_mean_loss(tmp_path, accumulation):
     # the first batch's.
     initial.eval()
     with torch.no_grad():
-        first = trainer.seen[0]
+        first = recorder.seen[0]
         out = initial(input_ids=first["input_ids"], attention_mask=first["attention_mask"])
         plain = causal_lm_per_example_loss(out, first["labels"])
-    torch.testing.assert_close(plain, trainer.selections[0][0], equal_nan=True, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(plain, selections[0][0], equal_nan=True, rtol=1e-4, atol=1e-5)
 
 
 # One non-default value and one equal to the default preset's (or the optimizer's) default per option.
@@ -498,18 +583,6 @@ def test_options_not_given_take_the_optimizer_defaults(tmp_path):
     )
 
 
-class SuspectRecordingTrainer(CoresetTrainer):
-    """Keeps each step's ids and the coreset's suspects."""
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        self.step_ids = getattr(self, "step_ids", []) + [list(inputs["row_id"])]
-        return super().training_step(model, inputs, num_items_in_batch)
-
-    def _record_selection(self, coreset):
-        self.step_suspects = getattr(self, "step_suspects", []) + [coreset.suspects.tolist()]
-        super()._record_selection(coreset)
-
-
 @pytest.mark.parametrize("selection", ["consensus_loss", "trimmed_loss"])
 def test_suspects_file_counts_each_ids_flags_per_logging_window(tmp_path, selection):
     """The file has one line per logging window whose suspects are each id's count of flags in it,
@@ -532,16 +605,18 @@ def test_suspects_file_counts_each_ids_flags_per_logging_window(tmp_path, select
         id_column="row_id",
         suspects_file=str(path),
     )
-    trainer = SuspectRecordingTrainer(model=lora(tiny_llama()), args=args, train_dataset=dataset)
-    trainer.train()
+    recorder = selection_recorder()
+    CoresetTrainer(model=lora(tiny_llama()), args=args, train_dataset=dataset, callbacks=[recorder]).train()
+    step_ids = [batch["row_id"] for batch in recorder.seen]  # on_selection's inputs keep the id column
+    step_suspects = [c.suspects.tolist() for c in recorder.coresets]
     lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     for w in range(2):
         want = Counter()
-        for ids, flags in zip(trainer.step_ids[2 * w : 2 * w + 2], trainer.step_suspects[2 * w : 2 * w + 2]):
+        for ids, flags in zip(step_ids[2 * w : 2 * w + 2], step_suspects[2 * w : 2 * w + 2]):
             want.update(i for i, f in zip(ids, flags) if f)
         got = next((dict(map(tuple, line["suspects"])) for line in lines if line["step"] == 2 * (w + 1)), {})
         assert got == dict(want)
-    assert any(any(flags) for flags in trainer.step_suspects)  # the check above compared something
+    assert any(any(flags) for flags in step_suspects)  # the check above compared something
     assert all(line["suspects"] for line in lines)  # a window without suspects writes no line
 
 

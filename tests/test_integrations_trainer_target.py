@@ -10,19 +10,16 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-from _integrations_models import lora, make_args, make_dataset, one_thread, tiny_llama  # noqa: E402,F401
+from _integrations_models import (  # noqa: E402,F401
+    lora,
+    make_args,
+    make_dataset,
+    one_thread,
+    selection_recorder,
+    tiny_llama,
+)
 
 from coreset_optim.integrations.transformers import CoresetTrainer  # noqa: E402
-
-
-class Recording(CoresetTrainer):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.coresets = []
-
-    def _record_selection(self, coreset):
-        self.coresets.append((coreset.indices.tolist(), coreset.weights.clone()))
-        super()._record_selection(coreset)
 
 
 def _run(tmp_path, max_steps, resume=None, model=None, **kwargs):
@@ -40,18 +37,20 @@ def _run(tmp_path, max_steps, resume=None, model=None, **kwargs):
         target_curvature=10.0,
         **kwargs,
     )
-    trainer = Recording(
+    recorder = selection_recorder()
+    trainer = CoresetTrainer(
         model=lora(tiny_llama()) if model is None else model,
         args=args,
         train_dataset=make_dataset(n=32),
         target_dataset=make_dataset(n=4, seed=9),
+        callbacks=[recorder],
     )
     trainer.train(resume_from_checkpoint=resume)
-    return trainer
+    return trainer, recorder
 
 
 def test_target_reaches_the_optimizer_and_is_timed(tmp_path):
-    trainer = _run(tmp_path, 3)
+    trainer, _ = _run(tmp_path, 3)
     opt = trainer.coreset_optimizer
     assert opt.selection.name == "target" and opt.selection.refresh == 3
     assert opt.selection.target["input_ids"].shape[0] == 4 and "source" not in opt.selection.target
@@ -63,10 +62,15 @@ def test_target_reaches_the_optimizer_and_is_timed(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    full = _run(tmp_path / "a", 5)
+    full, full_selections = _run(tmp_path / "a", 5)
     model = lora(tiny_llama())
-    resumed = _run(tmp_path / "b", 5, resume=str(tmp_path / "a" / "out" / "checkpoint-2"), model=model)
-    assert [c[0] for c in resumed.coresets] == [c[0] for c in full.coresets[2:]]
+    resumed, resumed_selections = _run(
+        tmp_path / "b", 5, resume=str(tmp_path / "a" / "out" / "checkpoint-2"), model=model
+    )
+    assert len(resumed_selections.coresets) == 3
+    for c_res, c_full in zip(resumed_selections.coresets, full_selections.coresets[2:]):
+        assert c_res.indices.tolist() == c_full.indices.tolist()
+        assert torch.equal(c_res.weights, c_full.weights)
     pa = dict(full.model.named_parameters())
     for name, p in resumed.model.named_parameters():
         if p.requires_grad:

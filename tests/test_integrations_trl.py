@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("trl")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-from _integrations_models import Recording, grad_capture, lora, one_thread, tiny_llama  # noqa: E402,F401
+from _integrations_models import grad_capture, lora, one_thread, selection_recorder, tiny_llama  # noqa: E402,F401
 
 from coreset_optim.integrations.causal_lm import causal_lm_per_example_loss  # noqa: E402
 from coreset_optim.integrations.transformers import CoresetTrainingArguments  # noqa: E402
@@ -69,10 +69,6 @@ def sft_args(tmp_path, **kwargs):
     return CoresetSFTConfig(**defaults)
 
 
-class RecordingSFTTrainer(Recording, CoresetSFTTrainer):
-    """Keeps every micro-batch it saw and every coreset it selected."""
-
-
 def test_sft_trains_on_coresets_and_logs_selection_stats(tmp_path):
     args = sft_args(tmp_path, source_column="source", max_steps=4, logging_steps=2)
     trainer = CoresetSFTTrainer(
@@ -111,9 +107,10 @@ def _reference_step_gradient(model, masks, micro_batches, coresets, accumulation
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     model.train()
-    for batch, (_, indices, weights, num_valid) in zip(micro_batches, coresets):
+    for batch, coreset in zip(micro_batches, coresets):
+        num_valid, weights = coreset.num_valid, coreset.weights
         assert num_valid == batch["input_ids"].shape[0]  # every example has tokens that carry loss
-        for j, i in enumerate(indices):
+        for j, i in enumerate(coreset.indices.tolist()):
             ids = batch["input_ids"][i][batch["attention_mask"][i].bool()]
             carries = torch.tensor(masks[tuple(ids.tolist())][1:])  # token t is predicted at t - 1
             logits = model(input_ids=ids[None]).logits[0, :-1]
@@ -138,17 +135,17 @@ def test_step_gradient_is_the_weighted_completion_only_reference(tmp_path, size)
         gradient_checkpointing=False,
         **size,
     )
-    capture = grad_capture()
-    trainer = RecordingSFTTrainer(
-        model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[capture]
+    capture, recorder = grad_capture(), selection_recorder()
+    trainer = CoresetSFTTrainer(
+        model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[capture, recorder]
     )
     assert trainer.completion_only_loss  # SFT's default for prompt-completion data
     trainer.train()
-    assert len(trainer.seen) == 2 and len(capture.grads) == 1
+    assert len(recorder.seen) == 2 and len(capture.grads) == 1
     # the prompt tokens carry no label: the per-example losses the coreset saw are completion-only
-    for batch in trainer.seen:
+    for batch in recorder.seen:
         assert bool((batch["labels"] == -100).any(1).all())
-    ref = _reference_step_gradient(initial, completion_masks(tokenizer, data), trainer.seen, trainer.coresets, 2)
+    ref = _reference_step_gradient(initial, completion_masks(tokenizer, data), recorder.seen, recorder.coresets, 2)
     for name, grad in capture.grads[0].items():
         torch.testing.assert_close(grad, ref[name], rtol=1e-4, atol=1e-7, msg=name)
 
@@ -200,25 +197,32 @@ def test_step_gradient_is_the_weighted_assistant_only_reference(tmp_path):
         logging_steps=1,
         gradient_checkpointing=False,
     )
-    capture = grad_capture()
-    trainer = RecordingSFTTrainer(
-        model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[capture]
+    capture, recorder = grad_capture(), selection_recorder()
+    trainer = CoresetSFTTrainer(
+        model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[capture, recorder]
     )
     trainer.train()
-    assert len(trainer.seen) == 2 and len(capture.grads) == 1
-    ref = _reference_step_gradient(initial, assistant_masks(tokenizer, data), trainer.seen, trainer.coresets, 2)
+    assert len(recorder.seen) == 2 and len(capture.grads) == 1
+    ref = _reference_step_gradient(initial, assistant_masks(tokenizer, data), recorder.seen, recorder.coresets, 2)
     for name, grad in capture.grads[0].items():
         torch.testing.assert_close(grad, ref[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
 def test_per_example_losses_follow_the_labels_sft_built(tmp_path):
-    """completion_only_loss=False: every token but padding counts (the mask is SFT's, not ours)."""
+    """completion_only_loss=False: every token but padding counts (the mask is SFT's, not ours).
+    The losses a selection was made on (on_selection's coreset.losses, before the first step) are
+    those of the untrained model on the labels of the batch it chose from."""
     tokenizer, data = tiny_tokenizer(), sft_dataset(n=8)
-    model = lora(tiny_llama())
     for completion_only in (True, False):
+        model = lora(tiny_llama())
+        initial = copy.deepcopy(model).eval()
         args = sft_args(tmp_path, completion_only_loss=completion_only, max_steps=1, gradient_checkpointing=False)
-        trainer = RecordingSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
-        batch = next(iter(trainer.get_train_dataloader()))
+        recorder = selection_recorder()
+        trainer = CoresetSFTTrainer(
+            model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[recorder]
+        )
+        trainer.train()
+        (batch,), (coreset,) = recorder.seen, recorder.coresets
         labelled = (batch["labels"] != -100).sum(1)
         tokens = batch["attention_mask"].sum(1)
         if completion_only:
@@ -226,24 +230,24 @@ def test_per_example_losses_follow_the_labels_sft_built(tmp_path):
         else:
             assert torch.equal(labelled, tokens)
         with torch.no_grad():
-            losses = trainer._per_example_losses(model, batch)
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        torch.testing.assert_close(losses, causal_lm_per_example_loss(out, batch["labels"]))
+            out = initial(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        torch.testing.assert_close(coreset.losses, causal_lm_per_example_loss(out, batch["labels"]))
 
 
 def _run(tmp_path, model, max_steps, resume=None):
     args = sft_args(
         tmp_path, max_steps=max_steps, save_strategy="steps", save_steps=2, logging_steps=1, source_column="source"
     )
-    trainer = RecordingSFTTrainer(
-        model=model, args=args, train_dataset=sft_dataset(), processing_class=tiny_tokenizer()
+    recorder = selection_recorder()
+    trainer = CoresetSFTTrainer(
+        model=model, args=args, train_dataset=sft_dataset(), processing_class=tiny_tokenizer(), callbacks=[recorder]
     )
     trainer.train(resume_from_checkpoint=resume)
-    return trainer
+    return trainer, recorder
 
 
 def test_resume_from_checkpoint_is_exact(tmp_path):
-    full = _run(tmp_path / "a", lora(tiny_llama()), 4)
+    full, full_selections = _run(tmp_path / "a", lora(tiny_llama()), 4)
     checkpoint = tmp_path / "a" / "out" / "checkpoint-2"
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     assert saved["coreset_optim"]["num_selections"] == 2 and saved["coreset_optim"]["num_steps"] == 2
@@ -252,10 +256,12 @@ def test_resume_from_checkpoint_is_exact(tmp_path):
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.normal_()
-    resumed = _run(tmp_path / "b", model, 4, resume=str(checkpoint))
-    assert [c[:2] for c in resumed.coresets] == [c[:2] for c in full.coresets[2:]]
-    for (_, _, w_res, _), (_, _, w_full, _) in zip(resumed.coresets, full.coresets[2:]):
-        assert torch.equal(w_res, w_full)
+    resumed, resumed_selections = _run(tmp_path / "b", model, 4, resume=str(checkpoint))
+    assert resumed_selections.steps == full_selections.steps[2:] == [2, 3]
+    assert len(resumed_selections.coresets) == 2
+    for c_res, c_full in zip(resumed_selections.coresets, full_selections.coresets[2:]):
+        assert c_res.indices.tolist() == c_full.indices.tolist()
+        assert torch.equal(c_res.weights, c_full.weights)
     assert torch.equal(full.coreset_optimizer.generator.get_state(), resumed.coreset_optimizer.generator.get_state())
     pa = dict(full.model.named_parameters())
     for name, p in resumed.model.named_parameters():
