@@ -4,7 +4,7 @@ Trains a tiny Llama (random init, 2 CPU threads at most) on a 7-source synthetic
 a random batch of k, a coreset of k chosen from B (this library's default, and CoLM's published
 configuration via preset="colm"), and batch B (accumulated in micro-batches of k, and in one
 piece). Prints a table (held-out loss overall and for the smallest source, activation memory,
-time per step) and saves a PNG. About two minutes on 2 CPU cores.
+time per step) and saves a PNG; its progress bar shows the elapsed time.
 
     python examples/compare.py [--steps 200] [--out compare.png]
 """

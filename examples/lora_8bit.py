@@ -1,9 +1,11 @@
-"""LoRA + bitsandbytes 8-bit AdamW + CoresetOptimizer, in a plain training loop (CPU, < 1 min).
+"""LoRA + bitsandbytes 8-bit AdamW + CoresetOptimizer, in a plain training loop (CPU).
 
 A tiny random-init Llama learns short arithmetic sequences from a two-source mixture. Each step
-draws a large batch of 64, trains on a weighted coreset of 16 chosen by matching the Adam-normalized
-gradient of the last block's v_proj LoRA-B (the default sketch target for a LoRA model), and
-prints the selection: how many examples per source, and the loss.
+draws a large batch of 64 and trains on a weighted coreset of 16 chosen by the default selection
+(``consensus_loss``: per source, the highest-loss examples among those whose Adam-normalized
+gradient of the last block's v_proj LoRA-B, the default sketch target for a LoRA model, agrees
+with the rest of their source). Every 5 steps it prints the selection (how many examples per
+source), the coreset and held-out losses; at the end, its run time.
 
     pip install "coreset_optim[bnb,peft,hf]"
     python examples/lora_8bit.py

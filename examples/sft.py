@@ -6,7 +6,7 @@ and pads; each micro-batch of 32 trains on a weighted coreset of 8. Full fine-tu
 sketched layer is then the last trained Linear, ``lm_head``); ``--lora`` passes SFT a
 ``peft_config`` instead (sketched: the last ``v_proj``'s LoRA-B), which on this random-init
 model learns little in 40 steps, with or without coresets. Offline: the word-level tokenizer is
-built in code (CPU, about a minute).
+built in code (CPU).
 
     pip install "coreset_optim[peft,trl]"
     python examples/sft.py [--lora]

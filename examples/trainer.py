@@ -1,7 +1,7 @@
 """The Hugging Face Trainer on coresets: change the Trainer class and its arguments, keep the rest.
 
 A tiny random-init GPT-2 with LoRA learns short arithmetic sequences from a three-source mixture
-(CPU, < 1 min). The micro-batch of 32 is the large batch; each micro-batch trains on a weighted
+(CPU). The micro-batch of 32 is the large batch; each micro-batch trains on a weighted
 coreset of 8. The selection statistics join the Trainer's logs every ``logging_steps``; the run
 saves a checkpoint and resumes from it (the selector's state travels in optimizer.pt).
 
