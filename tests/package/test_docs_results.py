@@ -1,6 +1,7 @@
 """The docs cite what exists: every ``benchmarks/results/...`` path named in the README, docs/*.md
-and benchmarks/README.md is in the repository, and every relative markdown link in them points
-to a file that exists (and, with ``#anchor``, to a heading of that file)."""
+and benchmarks/README.md is in the repository (and so is every other repository path they name:
+``tests/...``, ``examples/...``, ``coreset_optim/...``), and every relative markdown link in them
+points to a file that exists (and, with ``#anchor``, to a heading of that file)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCS = sorted([ROOT / "README.md", ROOT / "benchmarks" / "README.md", *(ROOT / "docs").glob("*.md")])
 
 RESULT_PATH = re.compile(r"benchmarks/results/[\w./{},*-]*")
+REPO_PATH = re.compile(r"(?<![\w/.])(?:tests|examples|benchmarks|coreset_optim|docs)/[\w./{},*-]*[\w}*]")
+RESULTS = ROOT / "benchmarks" / "results"
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*#*\s*$")
 FENCE = re.compile(r"^\s*(```|~~~)")
@@ -26,10 +29,10 @@ def expand_braces(path: str) -> list[str]:
     return ["".join(choice) for choice in itertools.product(*options)]
 
 
-def cited_results(text: str) -> set[str]:
+def cited_results(text: str, pattern: re.Pattern = RESULT_PATH) -> set[str]:
     """The result paths a text names; a template (``.../<out>_noise-<model>.md``) is left out."""
     found = set()
-    for m in RESULT_PATH.finditer(text):
+    for m in pattern.finditer(text):
         if text[m.end() : m.end() + 1] == "<":
             continue
         found.update(expand_braces(m.group().rstrip(".,:")))
@@ -86,6 +89,11 @@ def test_the_scan_sees_what_it_should():
         slug("Real shapes: long sequences (`results/real_shapes/`)") == "real-shapes-long-sequences-resultsreal_shapes"
     )
     assert slug("`select(batch, loss_fn)` -> Coreset") == "selectbatch-loss_fn---coreset"
+    assert cited_results("see tests/test_x.py and examples/a.{py,md}.", REPO_PATH) == {
+        "tests/test_x.py",
+        "examples/a.py",
+        "examples/a.md",
+    }
     assert not exists("benchmarks/results/no_such_script/no_such_file.md")
     assert exists("benchmarks/results/*/*.md")
 
@@ -94,6 +102,25 @@ def test_the_scan_sees_what_it_should():
 def test_cited_result_files_exist(doc: Path):
     missing = sorted(p for p in cited_results(doc.read_text()) if not exists(p))
     assert not missing, f"{doc.relative_to(ROOT)} cites result files that are not in the repository: {missing}"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_cited_repository_paths_exist(doc: Path):
+    missing = sorted(p for p in cited_results(doc.read_text(), REPO_PATH) if not exists(p))
+    assert not missing, f"{doc.relative_to(ROOT)} names paths that are not in the repository: {missing}"
+
+
+def test_benchmark_index_results_exist():
+    """benchmarks/README.md's table names results relative to benchmarks/results/ (``e2e/e2e.md``)."""
+    text = (ROOT / "benchmarks" / "README.md").read_text()
+    folders = {p.name for p in RESULTS.iterdir() if p.is_dir()}
+    cited = set()
+    for token in re.findall(r"`([\w]+/[\w./{},*-]+)`", text):
+        if token.split("/")[0] in folders:
+            cited.update(expand_braces(token))
+    assert cited, "the scan found none of the index's results"
+    missing = sorted(p for p in cited if not exists(f"benchmarks/results/{p}"))
+    assert not missing, f"benchmarks/README.md names results that do not exist: {missing}"
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
