@@ -56,7 +56,6 @@ def test_separated_corrupted_rows_are_found_and_a_smooth_spread_is_left_alone():
 
 def test_selector_takes_the_hardest_clean_examples_then_the_mildest_suspects():
     losses = torch.cat([torch.linspace(0.1, 1.0, 20), torch.tensor([3.0, 3.2, 2.9, 3.4])])
-    rows = torch.arange(24)
     chosen = trimmed_loss_coreset(losses, 5)
     assert chosen.tolist() == [19, 18, 17, 16, 15]
     chosen = trimmed_loss_coreset(losses, 22)
