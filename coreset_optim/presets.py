@@ -36,7 +36,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # coordinates ("exact") while the whole batch's sketch-layer activations fit in 4 blocks,
     # else a streamed CountSketch ("projection"; e.g. an lm_head at a 32k+ vocabulary), so that
     # the sketch pass stays near a plain step of k (docs/performance.md, "Real shapes").
-    # Its options are ConsensusLoss's own defaults (coreset_optim/method.py, SketchedMethod).
+    # Its options are ConsensusLoss's own defaults (coreset_optim/methods/base.py, SketchedMethod).
     "default": {"selection": "consensus_loss"},
     # CoLM's released script: SPSA sketch of the last v_proj along one direction fixed for the
     # run, CoLM's per-example Adam-update transform, top-2560 coordinates per source, L1 facility
