@@ -6,7 +6,7 @@ source, a small part of it that a source reweighting cannot isolate: e.g. ``sort
 one length. Its eval split (``--eval-size``) and target split (``--target-size``) are disjoint from
 each other and from the training pool (:func:`make_finetune_mixture`'s ``slices``).
 
-Methods, on the same large batches per seed (reusing finetune.py's Trainer and BatchStream):
+Methods, on the same large batches per seed (the fine-tuning set-up of ``lib/finetune.py``):
 target-aware selection with the slice's target split, random k, stratified random k, balanced
 random k, fixed up-weightings of the slice's source (``fixed`` kind, budgets in proportion to
 count x weight) and batch B accumulated in chunks of k. Every method runs ``--steps`` steps.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import statistics
 import sys
 import time
@@ -31,11 +30,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import finetune as ft  # noqa: E402
-from common import machine, md_header, results_dir, stamped  # noqa: E402
+from lib.finetune import ARMS, Arm, Context, add_setup_options, evaluate, make_trainer  # noqa: E402
+from lib.results import machine, md_header, results_dir, save_json  # noqa: E402
+from lib.summary import mean_sd, paired  # noqa: E402
+from lib.training import BatchStream, train  # noqa: E402
+from lib.workers import parallel  # noqa: E402
 
-from coreset_optim.datasets.evaluation import evaluate_tasks, macro, mixture_weighted  # noqa: E402
-from coreset_optim.datasets.tasks import SEP, Task, make_finetune_mixture  # noqa: E402
+from coreset_optim.datasets.tasks import SEP, SOURCES, Task, make_finetune_mixture  # noqa: E402
 
 RESULTS = results_dir("finetune_slice")  # benchmarks/results/finetune_slice/
 
@@ -51,59 +52,34 @@ CANDIDATES = {
 }
 
 
-def slice_target(ctx) -> dict:
-    return {"target": ctx.target}
+def slice_arms(source: str) -> dict[str, Arm]:
+    """The fine-tuning benchmark's arms, plus target-aware selection aimed at the slice's target
+    split (per-source budgets, or one greedy over the batch) and fixed up-weightings of the
+    slice's source."""
+    return {
+        **ARMS,
+        "target_slice": Arm("coreset", {"selection": "target", "per_source": True}, target="target_split"),
+        "target_slice_one_greedy": Arm("coreset", {"selection": "target", "per_source": False}, target="target_split"),
+        f"{source}_x4_k": Arm("fixed", {"weights": source_weights(source, 4.0)}),
+        f"{source}_x16_k": Arm("fixed", {"weights": source_weights(source, 16.0)}),
+    }
 
 
-def register_methods(source: str) -> None:
-    """Slice methods in finetune.METHODS (idempotent; also run in spawned workers)."""
-    ft.METHODS.update(
-        {
-            "target_slice": ft.Method("coreset", {"selection": "target"}, select_kwargs=slice_target),
-            "target_slice_one_greedy": ft.Method(
-                "coreset", {"selection": "target", "target_per_source": False}, select_kwargs=slice_target
-            ),
-            f"{source}_x4_k": ft.Method("fixed", {"weights": _weights(source, 4.0)}),
-            f"{source}_x16_k": ft.Method("fixed", {"weights": _weights(source, 16.0)}),
-        }
-    )
-
-
-def _weights(source: str, w: float) -> dict:
-    from coreset_optim.datasets.tasks import SOURCES
-
+def source_weights(source: str, w: float) -> dict:
     return {s.task.name: (w if s.task.name == source else 1.0) for s in SOURCES}
 
 
-def build(args, slices):
+def build(args, slices) -> Context:
     mixture = make_finetune_mixture(args.pool, args.eval_size, args.target_size, seed=0, held_out=(), slices=slices)
     target = {k: mixture.target[slices[0].name][k] for k in ("input_ids", "labels")}
-    return ft.Context(mixture, target, args)
+    return Context(mixture, target, args)
 
 
-def evaluate(model, mixture) -> dict:
-    res = evaluate_tasks(model, mixture.eval)
-    out = {"accuracy": res["accuracy"], "loss": res["loss"]}
-    for metric in ("accuracy", "loss"):
-        out[f"{metric}_mixture"] = mixture_weighted(res[metric], mixture.names, mixture.shares)
-        out[f"{metric}_macro"] = macro(res[metric], mixture.names)
-    return out
-
-
-def run(name: str, seed: int, args, slice_names: list[str]) -> dict:
+def run(name: str, arm: Arm, seed: int, args, slice_names: list[str]) -> dict:
     torch.set_num_threads(1)
-    ft.register_finetune_experiments()
-    register_methods(args.source)
-    slices = [CANDIDATES[n] for n in slice_names]
-    ctx = build(args, slices)
-    trainer = ft.Trainer(name, seed, ctx)
-    stream = ft.BatchStream(ctx.mixture.train, seed + 1)
-    spent = 0.0
-    for _ in range(args.steps):
-        big = stream.next(args.batch)
-        t0 = time.perf_counter()
-        trainer.step(big)
-        spent += time.perf_counter() - t0
+    ctx = build(args, [CANDIDATES[n] for n in slice_names])
+    trainer = make_trainer(arm, seed, ctx)
+    _, spent = train(trainer, BatchStream(ctx.mixture.train, seed + 1), args.steps, args.batch, None)
     return {
         "method": name,
         "seed": seed,
@@ -117,12 +93,12 @@ def diagnose(name: str, seed: int, args) -> dict:
     """What ``name`` (a target mode) picks: the share of its coreset from the slice's source and
     from the slice itself (the source's examples of the slice's lengths), against the batches'."""
     torch.set_num_threads(1)
-    ft.register_finetune_experiments()
-    register_methods(args.source)
     sl = CANDIDATES[args.slice]
     ctx = build(args, [sl])
-    trainer = ft.Trainer(name, seed, ctx)
-    stream = ft.BatchStream(ctx.mixture.train, seed + 1)
+    trainer = make_trainer(slice_arms(args.source)[name], seed, ctx)
+    picked = []
+    trainer.on_select = lambda big, coreset: picked.append(coreset.indices)
+    stream = BatchStream(ctx.mixture.train, seed + 1)
     src = ctx.mixture.names.index(args.source)
     counts = {"batch_source": 0, "batch_slice": 0, "picked_source": 0, "picked_slice": 0, "batch": 0, "picked": 0}
     for _ in range(args.steps):
@@ -130,10 +106,8 @@ def diagnose(name: str, seed: int, args) -> dict:
         length = (big["input_ids"] == SEP).float().argmax(1) - 2  # SEP position - BOS - one op token
         in_source = big["source"] == src
         in_slice = in_source & (length >= sl.lengths[0]) & (length <= sl.lengths[1])
-        cs = trainer.wrapper.select(big, trainer.loss_fn, sources=big["source"], **trainer.select_kwargs)
-        trainer.opt.step()
-        trainer.opt.zero_grad(set_to_none=True)
-        idx = cs.indices
+        trainer.step(big)
+        idx = picked[-1]
         counts["batch"] += big["source"].numel()
         counts["picked"] += idx.numel()
         counts["batch_source"] += int(in_source.sum())
@@ -143,12 +117,8 @@ def diagnose(name: str, seed: int, args) -> dict:
     return {"method": name, "seed": seed, "steps": args.steps, **counts}
 
 
-def _run_star(a):
-    return run(*a)
-
-
-def mean_sd(xs):
-    return {"mean": statistics.mean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0, "per_seed": xs}
+def run_star(job):
+    return run(*job)
 
 
 def summarize(runs, slice_name, methods):
@@ -169,12 +139,6 @@ def summarize(runs, slice_name, methods):
         s["per_source_acc"] = {n: statistics.mean(r["accuracy"][n] for r in rs) for n in rs[0]["accuracy"]}
         out[m] = s
     return out
-
-
-def paired(ms, a, b, key):
-    if a not in ms or b not in ms or ms[a]["seeds"] != ms[b]["seeds"]:
-        return None
-    return mean_sd([x - y for x, y in zip(ms[a][key]["per_seed"], ms[b][key]["per_seed"])])
 
 
 def markdown(ms, args, slice_name, mixture, refs):
@@ -198,7 +162,7 @@ def markdown(ms, args, slice_name, mixture, refs):
         "",
         'Methods: `target_slice` = `selection="target"` with default options (per-source budgets, h = 0, target '
         "refreshed every step), target = the slice's target split; `target_slice_one_greedy` = the same with "
-        "`target_per_source=False` (one greedy over the batch, free to move budget across sources); "
+        "`per_source=False` (one greedy over the batch, free to move budget across sources); "
         f"`{args.source}_x4_k` / `{args.source}_x16_k` = fixed reweighting: "
         "k of the large batch with budgets in proportion "
         f"to count x weight, `{args.source}` weighted 4 / 16, random within a source, unweighted mean (an oracle: it "
@@ -248,35 +212,26 @@ def markdown(ms, args, slice_name, mixture, refs):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--k", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--optimizer", default="adamw")
-    ap.add_argument("--pool", type=int, default=20000)
-    ap.add_argument("--eval-size", type=int, default=200)
-    ap.add_argument("--target-size", type=int, default=32)
+    add_setup_options(ap, steps=400)
     ap.add_argument("--slice", default="sort_len3")
     ap.add_argument("--source", default="sort")
     ap.add_argument(
         "--methods",
         default="random_k,target_slice,stratified_k,balanced_k,accum_B,sort_x4_k,target_slice_one_greedy,sort_x16_k",
     )
-    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each (1: in this process)")
     ap.add_argument("--probe", action="store_true", help="random k, seed 0, every candidate slice evaluated")
     ap.add_argument("--diagnose", action="store_true", help="seed 0: what the two target modes pick")
     ap.add_argument("--out", default="finetune_slice")
     ap.add_argument("--resume", default="")
+    ap.add_argument("--results", default=None, help=f"the folder results go to (default {RESULTS})")
     args = ap.parse_args(argv)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = Path(args.results) if args.results else RESULTS
+    results.mkdir(parents=True, exist_ok=True)
     start = time.time()
     if args.diagnose:
         out = [diagnose(m, 0, args) for m in ("target_slice_one_greedy", "target_slice")]
-        (RESULTS / f"{args.out}_picks.json").write_text(
-            json.dumps(stamped({"args": vars(args), "picks": out}, "finetune_slice"), indent=1)
-        )
+        save_json(results / f"{args.out}_picks.json", {"args": vars(args), "picks": out}, "finetune_slice")
         for d in out:
             print(
                 f"{d['method']}: {args.source} {d['picked_source'] / d['picked']:.3f} of picks vs "
@@ -285,36 +240,38 @@ def main(argv=None):
             )
         return
     if args.probe:
-        r = run("random_k", 0, args, list(CANDIDATES))
+        r = run("random_k", ARMS["random_k"], 0, args, list(CANDIDATES))
         print(json.dumps({n: (r["accuracy"][n], r["loss"][n]) for n in r["accuracy"]}, indent=1))
         return
-    register_methods(args.source)
+    arms = slice_arms(args.source)
     methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in arms]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; known: {list(arms)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     runs = json.loads(Path(args.resume).read_text())["runs"] if args.resume else []
     have = {(r["method"], r["seed"]) for r in runs}
-    jobs = [(m, s, args, [args.slice]) for m in methods for s in seeds if (m, s) not in have]
-    with mp.get_context("spawn").Pool(args.jobs) as pool:
-        for r in pool.imap_unordered(_run_star, jobs):
-            runs.append(r)
-            print(
-                f"[{time.time() - start:5.0f}s] {r['method']} seed {r['seed']}: slice {r['accuracy'][args.slice]:.3f} "
-                f"loss {r['loss'][args.slice]:.3f} mixture {r['accuracy_mixture']:.3f} macro {r['accuracy_macro']:.3f}",
-                file=sys.stderr,
-                flush=True,
-            )
-            (RESULTS / f"{args.out}.partial.json").write_text(json.dumps({"args": vars(args), "runs": runs}))
+    jobs = [(m, arms[m], s, args, [args.slice]) for m in methods for s in seeds if (m, s) not in have]
+    for r in parallel(run_star, jobs, args.jobs):
+        runs.append(r)
+        print(
+            f"[{time.time() - start:5.0f}s] {r['method']} seed {r['seed']}: slice {r['accuracy'][args.slice]:.3f} "
+            f"loss {r['loss'][args.slice]:.3f} mixture {r['accuracy_mixture']:.3f} macro {r['accuracy_macro']:.3f}",
+            file=sys.stderr,
+            flush=True,
+        )
+        (results / f"{args.out}.partial.json").write_text(json.dumps({"args": vars(args), "runs": runs}))
     ctx = build(args, [CANDIDATES[args.slice]])
     ms = summarize(runs, args.slice, methods)
     refs = ["random_k", "stratified_k", "balanced_k", f"{args.source}_x4_k", f"{args.source}_x16_k", "accum_B"]
     md = markdown(ms, args, args.slice, ctx.mixture, refs)
-    payload = stamped(
+    payload = save_json(
+        results / f"{args.out}.json",
         {"args": vars(args), "machine": machine(), "seconds": time.time() - start, "summary": ms, "runs": runs},
         "finetune_slice",
     )
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(payload, indent=1))
-    (RESULTS / f"{args.out}.md").write_text(md_header(payload["produced_by"]) + md)
-    (RESULTS / f"{args.out}.partial.json").unlink(missing_ok=True)
+    (results / f"{args.out}.md").write_text(md_header(payload["produced_by"]) + md)
+    (results / f"{args.out}.partial.json").unlink(missing_ok=True)
     print(md)
 
 

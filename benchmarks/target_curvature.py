@@ -16,7 +16,6 @@ Writes benchmarks/results/target_curvature/target_curvature.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -24,15 +23,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import finetune as ft  # noqa: E402
-from common import machine, md_header, results_dir, stamped  # noqa: E402
+from lib.finetune import ARMS, build_context, default_args, make_trainer  # noqa: E402
+from lib.results import machine, md_header, results_dir, save_json  # noqa: E402
+from lib.training import BatchStream, Trainer  # noqa: E402
 
-from coreset_optim.precondition.normalize import normalize_sketches
-from coreset_optim.sketch.capture import exact_sketches, sketch_params
-from coreset_optim.methods.target import greedy_target, scale_columns, step_sizes, target_gradient
+from coreset_optim.methods.target import greedy_target, scale_columns, step_sizes, target_gradient  # noqa: E402
+from coreset_optim.precondition.normalize import normalize_sketches  # noqa: E402
+from coreset_optim.sketch.capture import exact_sketches, sketch_params  # noqa: E402
 
 
-def probe(trainer: ft.Trainer, big: dict, target: dict, k: int) -> dict:
+def probe(trainer: Trainer, big: dict, target: dict, k: int) -> dict:
     opt, model, loss_fn = trainer.wrapper, trainer.model, trainer.loss_fn
     params = sketch_params(opt.sketch_layers)
     n = big["input_ids"].shape[0]
@@ -78,14 +78,14 @@ def main() -> None:
     ap.add_argument("--methods", default="target,target_last_block")
     cli = ap.parse_args()
     torch.set_num_threads(1)
-    args = ft.parse_args([])
-    ctx = ft.build_context(args)
+    args = default_args()  # the fine-tuning benchmark's set-up
+    ctx = build_context(args)
     at = {int(x) for x in cli.at.split(",")}
     rows = []
     for method in cli.methods.split(","):
         for seed in (int(s) for s in cli.seeds.split(",")):
-            trainer = ft.Trainer(method, seed, ctx)
-            stream = ft.BatchStream(ctx.mixture.train, seed + 1)
+            trainer = make_trainer(ARMS[method], seed, ctx)
+            stream = BatchStream(ctx.mixture.train, seed + 1)
             for step in range(1, cli.steps + 1):
                 big = stream.next(args.batch)
                 if step in at:
@@ -93,10 +93,8 @@ def main() -> None:
                     rows.append({"method": method, "seed": seed, "step": step, **r})
                     print(rows[-1], flush=True)
                 trainer.step(big)
-    out = stamped({"machine": machine(), "rows": rows}, "target_curvature")
     results = results_dir("target_curvature")
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "target_curvature.json").write_text(json.dumps(out, indent=1))
+    out = save_json(results / "target_curvature.json", {"machine": machine(), "rows": rows}, "target_curvature")
     lines = [
         "Target-aware selection: scale of the second-order term on the fine-tuning benchmark "
         f"(LoRA, AdamW lr {args.lr}, B={args.batch}, k={args.k}; median over seeds {cli.seeds}).",

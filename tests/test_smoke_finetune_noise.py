@@ -1,14 +1,18 @@
-"""benchmarks/finetune.py end to end on a tiny pool, clean and with label noise (seconds): result files,
-the noise record, and every method's batches keeping their pool index aligned with their rows."""
+"""benchmarks/finetune.py end to end on a tiny pool, clean and with label noise (seconds), run as a
+script in a subprocess (tests import nothing from benchmarks/): result files, the noise record,
+its set-up checks (``--check``: the noise is in the pool only, every method's batches keep their
+pool index aligned with their rows) and the checks of its noise options."""
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "finetune.py"
 TINY = [
     "--pool",
     "300",
@@ -33,22 +37,23 @@ TINY = [
     "--no-equal-time",
 ]
 NOISY = ["--noise", "random_tokens", "--noise-rate", "0.2"]
+EVERY_KIND = "random_k,balanced_k,skills_k,accum_B,batch_B,stratified_k,default,gradient_matching,fl_l1,target"
 
 
-@pytest.fixture(scope="module")
-def ft():
+def finetune(*argv: str) -> subprocess.CompletedProcess:
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import finetune
-
-    return finetune
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.parametrize("noise, name", [([], "finetune"), (NOISY, "finetune_noise-random_tokens-0.2")])
-def test_tiny_benchmark_writes_results_named_by_noise(ft, tmp_path, monkeypatch, noise, name):
-    monkeypatch.setattr(ft, "RESULTS", tmp_path)
-    ft.main(TINY + ["--methods", "random_k,default"] + noise)
+def test_tiny_benchmark_writes_results_named_by_noise(tmp_path, noise, name):
+    proc = finetune(*TINY, "--methods", "random_k,default", "--results", str(tmp_path), *noise)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.{ext}" for ext in ("json", "md", "png")]
     data = json.loads((tmp_path / f"{name}.json").read_text())
     assert set(data["summary"]["methods"]) == {"random_k", "default"}
@@ -68,65 +73,37 @@ def test_tiny_benchmark_writes_results_named_by_noise(ft, tmp_path, monkeypatch,
     assert "Label noise in the training pool only" in md and "label noise random_tokens 0.2" in md
 
 
-def test_noise_is_in_the_pool_only_and_the_mask_matches(ft):
-    clean = ft.build_context(ft.parse_args(TINY))
-    noisy = ft.build_context(ft.parse_args(TINY + NOISY))
-    assert clean.corrupted is None and noisy.corrupted.sum() > 0
-    changed = (clean.mixture.train["labels"] != noisy.mixture.train["labels"]).any(1)
-    assert torch.equal(changed, noisy.corrupted)
-    assert torch.equal(noisy.mixture.train["index"], torch.arange(300))
-    for name, data in clean.mixture.eval.items():
-        assert torch.equal(noisy.mixture.eval[name]["labels"], data["labels"])
-    assert torch.equal(noisy.target["labels"], clean.target["labels"])
+@pytest.mark.parametrize(
+    "noise, name",
+    [
+        (NOISY, "finetune_noise-random_tokens-0.2"),
+        (
+            ["--noise", "other_task", "--noise-rate", "0.1", "--noise-placement", "concentrated", "--noise-seed", "3"],
+            "finetune_noise-other_task-0.1-concentrated-seed3",
+        ),
+    ],
+)
+def test_noise_is_in_the_pool_only_and_every_method_keeps_the_index_with_the_rows(noise, name):
+    """``--check``: the noise changes pool rows only and the mask marks exactly them (evaluation and
+    target clean); each sub-batch every method's loss sees (whatever it selected) still has each
+    row's pool index."""
+    proc = finetune(*TINY, *noise, "--methods", EVERY_KIND, "--check")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert f"results name: {name}" in lines
+    assert any(line.startswith("label noise: ") for line in lines)
+    for method in EVERY_KIND.split(","):
+        assert any(line.startswith(f"{method}: ") for line in lines), method
 
 
 @pytest.mark.parametrize(
-    "method",
+    "options, message",
     [
-        "random_k",
-        "balanced_k",
-        "skills_k",
-        "accum_B",
-        "batch_B",
-        "stratified_k",
-        "default",
-        "gradient_matching",
-        "fl_l1",
-        "target",
+        (["--noise-rate", "0.2"], "need --noise MODEL"),  # no --noise
+        (["--noise", "random_tokens", "--noise-rate", "1.0"], "rate"),
+        (["--noise", "flip"], "invalid choice"),
     ],
 )
-def test_every_method_slices_the_index_with_the_rows(ft, method):
-    """Each sub-batch a method's loss sees (whatever it selected) still has each row's pool index."""
-    ctx = ft.build_context(ft.parse_args(TINY + NOISY))
-    ft.register_finetune_experiments()
-    trainer = ft.Trainer(method, 0, ctx)
-    pool, inner, seen = ctx.mixture.train, trainer.loss_fn, []
-
-    def checked(batch):
-        if "index" not in batch:  # (chunks of) the target split of selection="target": not pool rows
-            target_rows = {tuple(r) for r in ctx.target["input_ids"].tolist()}
-            assert method == "target" and all(tuple(r) in target_rows for r in batch["input_ids"].tolist())
-            return inner(batch)
-        assert torch.equal(pool["input_ids"][batch["index"]], batch["input_ids"])
-        assert torch.equal(pool["labels"][batch["index"]], batch["labels"])
-        seen.append(batch["index"])
-        return inner(batch)
-
-    trainer.loss_fn = checked
-    trainer.step(ft.BatchStream(pool, 1).next(16))
-    assert seen
-
-
-def test_noise_options_are_checked_and_named(ft):
-    with pytest.raises(SystemExit):
-        ft.parse_args(TINY + ["--noise-rate", "0.2"])  # no --noise
-    with pytest.raises(SystemExit):
-        ft.parse_args(TINY + ["--noise", "random_tokens", "--noise-rate", "1.0"])
-    with pytest.raises(SystemExit):
-        ft.parse_args(TINY + ["--noise", "flip"])
-    args = ft.parse_args(
-        ["--noise", "other_task", "--noise-rate", "0.1", "--noise-placement", "concentrated", "--noise-seed", "3"]
-    )
-    assert args.out == "finetune_noise-other_task-0.1-concentrated-seed3"
-    assert ft.parse_args(["--noise", "swap_within_source"]).out == "finetune_noise-swap_within_source-0.2"
-    assert ft.parse_args([]).out == "finetune"
+def test_noise_options_are_checked(options, message):
+    proc = finetune(*options, "--check")
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-3000:]
