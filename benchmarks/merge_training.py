@@ -18,8 +18,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import results_dir  # noqa: E402
-from training import set_times, summarize, write_results  # noqa: E402
+from lib.results import results_dir  # noqa: E402
+from lib.summary import set_times  # noqa: E402
+from lib.synthetic import summarize, write_results  # noqa: E402
 
 from coreset_optim.datasets.synthetic import make_mixture  # noqa: E402
 
