@@ -5,6 +5,7 @@ coreset of the batch with a selection method (``methods/``) and backpropagates o
 """
 
 from .config import CoresetConfig
+from .methods.anchored import AnchoredConsensus
 from .methods.base import SelectionContext, SelectionMethod, SketchedMethod
 from .methods.baselines import HighestLoss, RandomSubset
 from .methods.consensus import ConsensusLoss
@@ -19,6 +20,7 @@ from . import integrations  # noqa: F401, E402  (the built-in extensions registe
 
 __all__ = [
     "METHODS",
+    "AnchoredConsensus",
     "ChooseContext",
     "ConsensusLoss",
     "Coreset",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .anchored import AnchoredConsensus
 from .baselines import HighestLoss, RandomSubset
 from .consensus import ConsensusLoss
 from .facility_location import FacilityLocation
@@ -22,6 +23,7 @@ from .target import TargetAware
 from .trimmed_loss import TrimmedLoss
 
 METHODS: dict[str, type[SelectionMethod]] = {
+    "anchored_consensus": AnchoredConsensus,
     "consensus_loss": ConsensusLoss,
     "facility_location": FacilityLocation,
     "gradient_matching": GradientMatching,

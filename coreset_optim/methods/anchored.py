@@ -1,0 +1,117 @@
+"""Highest loss among the examples that agree with their source's small-loss half
+(``selection="anchored_consensus"``).
+
+``consensus_loss`` lets every example of a source vote on the source's direction. Once wrong
+answers are many (40 % of a source) or coherent (another task's answers), they win the vote, the
+clean examples look like the dissenters, and the highest-loss "agreeing" examples are the wrong
+ones: the run collapses. Two signals that a majority of wrong answers cannot capture:
+
+* **the small-loss half votes** (co-teaching's small-loss criterion): a wrong answer keeps a high
+  loss, so the half of the source with the lowest losses is mostly clean even at 40 % noise, and
+  its sum of unit sketches is the anchor (:func:`anchor_agreement`);
+* **a loss gap**: wrong answers form a separate high-loss component (:func:`high_loss_component`,
+  a 1-D two-means split kept only when its groups lie ``min_separation`` pooled standard
+  deviations apart).
+
+Suspects (:func:`anchored_suspects`) are the rows of the high component that agree with the anchor
+less than a typical small-loss row does, and the upper half's rows that pull against it (a
+negative cosine). A hard clean example has a high loss but pulls with the anchor, so it stays
+eligible: the coreset is still the hardest eligible examples (then suspects, lowest loss first),
+weighted n / k. Measured against random and stratified random subsets at every noise model and
+rate of the fine-tuning benchmark, clean data included: ``docs/selection_quality.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch.nn import functional as F
+
+from ..checks import check_number
+from ..records import ChooseContext
+from ..sketch.compress import rows_per_source
+from .base import SketchedMethod
+from .suspects import hardest_first
+
+MIN_EXAMPLES = 4  # a small-loss half of two, an upper half of two
+MAX_HIGH_SHARE = 0.6  # the high component holds at most this share of a source's rows
+
+
+def anchor_agreement(x: torch.Tensor, voters: torch.Tensor) -> torch.Tensor:
+    """``Tensor[n]`` (float64): cosine of each row of ``x[n, d]`` with the sum of the voters' unit
+    vectors, leaving out the row's own vote (0 for a zero row or a zero sum)."""
+    unit = F.normalize(x.double(), dim=1)
+    votes = unit * voters.to(unit.dtype)[:, None]
+    return F.cosine_similarity(x.double(), votes.sum(0, keepdim=True) - votes, dim=1, eps=1e-30)
+
+
+def high_loss_component(losses: torch.Tensor, min_separation: float = 2.0) -> torch.Tensor:
+    """``BoolTensor[n]``: the upper group of the best two-means split of ``losses`` (largest
+    separation ``(mean_high - mean_low) / pooled sd`` among the splits leaving at most
+    ``MAX_HIGH_SHARE`` of the rows above), when that separation reaches ``min_separation``; all
+    False otherwise or for fewer than ``MIN_EXAMPLES`` losses."""
+    n = losses.numel()
+    out = torch.zeros(n, dtype=torch.bool, device=losses.device)
+    if n < MIN_EXAMPLES:
+        return out
+    s, order = torch.sort(losses.double())
+    low_sizes = torch.arange(max(1, int(n * (1 - MAX_HIGH_SHARE))), n, device=losses.device)
+    prefix = torch.cat([s.new_zeros(1), torch.cumsum(s, 0)])
+    prefix_sq = torch.cat([s.new_zeros(1), torch.cumsum(s * s, 0)])
+    lo_sum, lo_sq = prefix[low_sizes], prefix_sq[low_sizes]
+    hi_sum, hi_sq = prefix[-1] - lo_sum, prefix_sq[-1] - lo_sq
+    lo_n, hi_n = low_sizes.double(), n - low_sizes.double()
+    within = (lo_sq - lo_sum**2 / lo_n) + (hi_sq - hi_sum**2 / hi_n)  # summed squared deviations
+    sd = (within.clamp_min(0) / n).sqrt() + 1e-6
+    separation = (hi_sum / hi_n - lo_sum / lo_n) / sd
+    best = int(separation.argmax())
+    if float(separation[best]) >= min_separation:
+        out[order[int(low_sizes[best]) :]] = True
+    return out
+
+
+def anchored_suspects(x: torch.Tensor, losses: torch.Tensor, min_separation: float = 2.0) -> torch.Tensor:
+    """``BoolTensor[n]``: one source's rows ``x[n, d]`` (normalized sketches, ``losses[n]``) that
+    look mislabeled: in the high-loss component and less aligned with the small-loss half's anchor
+    than that half's median row, or in the upper half by loss and pulling against the anchor."""
+    n = losses.numel()
+    if n < MIN_EXAMPLES:
+        return torch.zeros(n, dtype=torch.bool, device=losses.device)
+    small = losses <= losses.median()
+    cosine = anchor_agreement(x, small.to(x.device)).to(losses.device)
+    typical = cosine[small].median()
+    high = high_loss_component(losses, min_separation)
+    return (high & (cosine < typical)) | (~small & (cosine < 0))
+
+
+@dataclass(kw_only=True)
+class AnchoredConsensus(SketchedMethod):
+    """``selection="anchored_consensus"``, the default: per source, the highest losses among the
+    examples that agree with the source's small-loss half; the others are the suspects.
+    ``min_separation``: how far apart (in pooled standard deviations) the high-loss component must
+    lie from the rest to count as one."""
+
+    name: ClassVar[str] = "anchored_consensus"
+    min_separation: float = 2.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ok = isinstance(self.min_separation, (int, float)) and math.isfinite(self.min_separation)
+        self.min_separation = check_number(
+            "min_separation", self.min_separation, ok and self.min_separation > 0, "a positive finite float (e.g. 2.0)"
+        )
+
+    def choose(self, x: torch.Tensor, k: int, context: ChooseContext) -> tuple[torch.Tensor, None]:
+        losses = context.group_losses().to(x.device)
+        return hardest_first(losses, k, anchored_suspects(x, losses, self.min_separation)), None
+
+    def suspects(self, compressed, losses, valid, codes, num_sources) -> torch.Tensor:
+        out = torch.zeros(compressed.shape[0], dtype=torch.bool, device=compressed.device)
+        _, rows = rows_per_source(valid.to(compressed.device), codes.to(compressed.device), num_sources)
+        for source_rows in rows:
+            picked = losses.to(compressed.device).index_select(0, source_rows)
+            out[source_rows] = anchored_suspects(compressed.index_select(0, source_rows), picked, self.min_separation)
+        return out

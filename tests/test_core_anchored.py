@@ -1,0 +1,137 @@
+"""anchored_consensus: the small-loss half votes, a loss gap gates; each stage against a plain
+loop, and select() against a per-example reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from coreset_optim import AnchoredConsensus, CoresetOptimizer
+from coreset_optim.methods.anchored import anchor_agreement, anchored_suspects, high_loss_component
+from coreset_optim.precondition.normalize import normalize_sketches
+
+from core_utils import TwoLayer, per_example_grads_loop, take_steps
+
+
+def cosine(a, b):
+    na, nb = math.sqrt(sum(v * v for v in a)), math.sqrt(sum(v * v for v in b))
+    return 0.0 if na == 0 or nb == 0 else sum(p * q for p, q in zip(a, b)) / (na * nb)
+
+
+def unit(v):
+    n = math.sqrt(sum(t * t for t in v))
+    return [t / n for t in v] if n else [0.0] * len(v)
+
+
+def test_anchor_agreement_matches_a_loop():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 3, generator=g)
+    voters = torch.tensor([True, False, True, True, False, False, True])
+    rows = x.tolist()
+    want = []
+    for i, row in enumerate(rows):
+        anchor = [0.0, 0.0, 0.0]
+        for j, other in enumerate(rows):
+            if voters[j] and j != i:
+                anchor = [a + u for a, u in zip(anchor, unit(other))]
+        want.append(cosine(row, anchor))
+    torch.testing.assert_close(anchor_agreement(x, voters), torch.tensor(want, dtype=torch.float64))
+
+
+def brute_force_split(losses, min_separation):
+    """Every allowed cut, its separation computed from the two groups' lists."""
+    n, s = len(losses), sorted(losses)
+    best, best_cut = -1.0, None
+    for cut in range(max(1, int(n * 0.4)), n):
+        lo, hi = s[:cut], s[cut:]
+        m_lo, m_hi = sum(lo) / len(lo), sum(hi) / len(hi)
+        ss = sum((v - m_lo) ** 2 for v in lo) + sum((v - m_hi) ** 2 for v in hi)
+        sep = (m_hi - m_lo) / (math.sqrt(ss / n) + 1e-6)
+        if sep > best:
+            best, best_cut = sep, cut
+    if best < min_separation:
+        return set()
+    threshold = s[best_cut]
+    return {i for i, v in enumerate(losses) if v >= threshold}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_high_loss_component_matches_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(4, 30, (1,), generator=g))
+    losses = torch.rand(n, generator=g) ** 3 * 4  # distinct values
+    if seed % 2:
+        losses[: n // 3] += 3.0  # a separate high group
+    got = set(torch.nonzero(high_loss_component(losses, 2.0)).flatten().tolist())
+    assert got == brute_force_split(losses.tolist(), 2.0)
+    assert not high_loss_component(losses[:3]).any()  # too few to split
+
+
+def test_wrong_answers_are_flagged_and_hard_clean_ones_kept():
+    """Six easy rows and three hard rows pull along +x; four wrong answers (a separate high-loss
+    group, 31 % of the source) pull along -x. Only the wrong ones are suspects, and the coreset
+    takes the hard clean rows first."""
+    g = torch.Generator().manual_seed(2)
+    easy = torch.tensor([[1.0, 0.0]]) + 0.3 * torch.randn(6, 2, generator=g)
+    hard = torch.tensor([[3.0, 1.0]]) + 0.3 * torch.randn(3, 2, generator=g)
+    wrong = torch.tensor([[-4.0, 0.5]]) + 0.3 * torch.randn(4, 2, generator=g)
+    x = torch.cat([easy, hard, wrong])
+    losses = torch.tensor([0.1, 0.2, 0.15, 0.05, 0.3, 0.25, 1.2, 1.5, 1.1, 4.0, 4.2, 3.9, 4.4])
+    suspects = anchored_suspects(x, losses)
+    assert torch.nonzero(suspects).flatten().tolist() == [9, 10, 11, 12]
+    chosen, weights = AnchoredConsensus().choose(x, 4, _context(losses))
+    assert chosen.tolist() == [7, 6, 8, 4] and weights is None  # hard clean, then the hardest easy one
+
+
+def _context(losses):
+    from coreset_optim import ChooseContext
+
+    return ChooseContext(torch.arange(losses.numel()), losses, None, losses.numel(), None)
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_select_matches_a_per_example_reference(steps):
+    """The suspects and the coreset of select(), against per-example gradients from a loop,
+    normalized by hand, and the rule written out with lists."""
+    torch.manual_seed(0)
+    model = TwoLayer(d_in=4, hidden=5, d_out=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    take_steps(opt, model, steps)
+    wrapper = CoresetOptimizer(
+        opt, model, coreset_size=6, selection="anchored_consensus", sketch_modules=["fc2"], sketch_dim=10_000
+    )
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(24, 4, generator=g)
+    with torch.no_grad():
+        y = model(x) + 1.0 + 0.5 * torch.rand(24, 2, generator=g)
+    flipped = [2, 9, 15, 20]
+    y[flipped] -= 4.0  # wrong answers: a high loss, pulling the other way
+    batch = {"x": x, "y": y}
+
+    def loss_fn(b):
+        return (model(b["x"]) - b["y"]).pow(2).mean(1)
+
+    sources = [i % 2 for i in range(24)]
+    params = [model.fc2.weight, model.fc2.bias]
+    normalized = normalize_sketches(per_example_grads_loop(model, params, batch, loss_fn, 24), opt, params, "adam")
+    with torch.no_grad():
+        losses = loss_fn(batch)
+    want_suspects, want = [], []
+    for s in range(2):
+        rows = [i for i in range(24) if sources[i] == s]
+        flags = anchored_suspects(normalized[rows], losses[rows]).tolist()
+        want_suspects += [j for j, f in zip(rows, flags) if f]
+        ranked = sorted(rows, key=lambda j: (flags[rows.index(j)], -losses[j].item()))
+        want += ranked[:3]
+    coreset = wrapper.select(batch, loss_fn, sources=sources)
+    assert sorted(want_suspects) == flipped
+    assert torch.nonzero(coreset.suspects).flatten().tolist() == flipped
+    assert coreset.indices.tolist() == sorted(want)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "2", True])
+def test_min_separation_is_checked(bad):
+    with pytest.raises(ValueError, match="min_separation"):
+        AnchoredConsensus(min_separation=bad)
