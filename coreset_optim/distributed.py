@@ -132,6 +132,30 @@ def averages_gradients(model: torch.nn.Module) -> bool:
     return callable(getattr(model, "no_sync", None)) or callable(getattr(model, "set_requires_gradient_sync", None))
 
 
+def init_fsdp_dtypes(model: torch.nn.Module) -> bool:
+    """Run FSDP2's lazy initialization of ``model`` now, while every trained parameter requires grad.
+
+    ``fully_shard`` fixes each parameter group's mixed-precision dtypes (the dtype gradients are
+    reduced in and cast back to) at the root's first forward, from the parameters that require
+    grad *then*. When that first forward is a sketch pass, which freezes every parameter but the
+    sketched ones, groups without a sketched parameter record none: under a
+    ``MixedPrecisionPolicy`` their reduced bf16 gradients are then assigned to the fp32 sharded
+    parameters (a ``RuntimeError`` in the coreset's backward) and an fp32 ``reduce_dtype`` is
+    ignored. Call this before the first ``select()`` on a model sharded with ``fully_shard``.
+    Returns whether ``model`` is an FSDP2 root; a model already initialized is left as it is.
+    Uses FSDP2's internal ``_get_fsdp_state()._lazy_init()`` (tested with torch 2.13), which is
+    idempotent: the first forward does exactly this.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return False
+    if not isinstance(model, FSDPModule):
+        return False
+    model._get_fsdp_state()._lazy_init()
+    return True
+
+
 @contextlib.contextmanager
 def paused_gradient_sync(model: torch.nn.Module):
     """DDP's ``no_sync()`` around passes that must not arm its gradient reducer (sketch passes).

@@ -33,6 +33,8 @@ coreset=..., inputs=..., **kwargs)``, called on every callback that defines it (
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -41,13 +43,16 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..checkpoints import STATE_KEY
 from ..config import CoresetConfig
+from ..distributed import init_fsdp_dtypes
 from ..methods.registry import resolve_options
 from ..methods.base import SelectionMethod
 from ..presets import DEFAULT_PRESET
 from ..records import Coreset
 from ..precondition.moments import has_second_moment, read_adam_moments
 from ..optimizer import CoresetOptimizer
+from ..sketch.capture import resolve_sketch_modules
 from .causal_lm import causal_lm_loss_fn, causal_lm_per_example_loss
 
 __all__ = [
@@ -61,6 +66,9 @@ __all__ = [
 ]
 
 PerExampleLoss = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
+
+# Under FSDP, the CoresetOptimizer's own state in a Trainer checkpoint (see _save_optimizer_and_scheduler).
+CORESET_STATE_NAME = "coreset_optim.pt"
 
 
 # The default of the two options for which None is a value of its own (keep_sources, normalize):
@@ -347,6 +355,7 @@ class CoresetTrainerMixin:
         self._coreset_stats: dict[str, float] = {}
         self._suspect_counts: dict[Any, int] = {}  # id -> times flagged in this logging window
         self._moments_checked = False
+        self._fsdp_initialized = False  # see training_step
         self._check_coreset_setup()
         self._selection_events()  # a non-callable on_selection fails here, before training
 
@@ -356,12 +365,24 @@ class CoresetTrainerMixin:
     # --- checks before training --------------------------------------------------------------
     def _check_coreset_setup(self) -> None:
         args = self.args
-        if args.n_gpu > 1 or getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
+        name = type(self).__name__
+        if args.n_gpu > 1:
             raise ValueError(
-                f"{type(self).__name__} runs one device per process: DDP through torchrun/accelerate works "
-                "(the coreset is chosen from the global batch), but not DataParallel (n_gpu > 1), "
-                "DeepSpeed or FSDP yet (see docs/distributed.md)"
+                f"{name} runs one device per process, not DataParallel (n_gpu={args.n_gpu} GPUs in one "
+                "process); launch one process per GPU with torchrun or accelerate launch (DDP, or FSDP2 with "
+                "fsdp=True, fsdp_config={'version': 2}; see docs/distributed.md)"
             )
+        if getattr(self, "is_fsdp_enabled", False):
+            version = getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1)
+            if version != 2:
+                raise ValueError(
+                    f"{name} supports FSDP2 (fully_shard) only, got FSDP version {version}: under FSDP1 each rank "
+                    "holds flat slices of the parameters and of Adam's state, which the sketch normalization "
+                    "cannot read (FSDP2 keeps per-parameter DTensors); set fsdp_config={'version': 2} "
+                    "(transformers' default) or fsdp_version: 2 in the accelerate config"
+                )
+        if getattr(self, "is_deepspeed_enabled", False):
+            raise ValueError(f"{name} does not support DeepSpeed yet (see docs/distributed.md)")
         if args.fp16:
             raise ValueError(
                 f"{type(self).__name__} does not support fp16 with a gradient scaler (the coreset's backward "
@@ -409,6 +430,7 @@ class CoresetTrainerMixin:
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """Build the optimizer ``optim=`` names (or take the one passed in) and wrap it once."""
         self._check_coreset_setup()
+        self._fsdp_initialized = False
         built = unwrap_coreset_optimizer(super().create_optimizer(model))
         if isinstance(built, CoresetOptimizer):
             self.optimizer = built
@@ -443,6 +465,32 @@ class CoresetTrainerMixin:
                 {k: v for k, v in f.items() if k not in kept} if isinstance(f, Mapping) else f for f in features
             ]
         return dict(self._prepare_inputs(self.data_collator(features)))
+
+    # --- checkpoints under FSDP ----------------------------------------------------------------
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Under FSDP the Trainer saves the optimizer through ``torch.distributed.checkpoint``, which
+        keeps only ``state`` and ``param_groups`` of its state dict: the selector's own state
+        (options, counters, generator, the method's state) goes to ``coreset_optim.pt`` beside it."""
+        super()._save_optimizer_and_scheduler(output_dir)
+        if getattr(self, "is_fsdp_enabled", False) and self.args.should_save:
+            torch.save(self.coreset_optimizer.state_dict()[STATE_KEY], os.path.join(output_dir, CORESET_STATE_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Load what :meth:`_save_optimizer_and_scheduler` wrote, after the Trainer's own loading."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or not getattr(self, "is_fsdp_enabled", False):
+            return
+        path = os.path.join(checkpoint, CORESET_STATE_NAME)
+        if not os.path.isfile(path):
+            warnings.warn(
+                f"{checkpoint} has no {CORESET_STATE_NAME} (not saved by {type(self).__name__} under FSDP): the "
+                "selection's counters, generator and method state start afresh",
+                stacklevel=2,
+            )
+            return
+        opt = self.coreset_optimizer
+        # The wrapped optimizer's state, just loaded, is handed back as it is (same tensors).
+        opt.load_state_dict({**opt.optimizer.state_dict(), STATE_KEY: torch.load(path, weights_only=True)})
 
     @property
     def coreset_optimizer(self) -> CoresetOptimizer:
@@ -499,6 +547,10 @@ class CoresetTrainerMixin:
                 raise ValueError(f"id_column={self.args.id_column!r} is missing from the batch; keep it in the dataset")
             ids = inputs.pop(self.args.id_column)
         opt = self.coreset_optimizer
+        self._rebind_sketch_layers(opt)  # FSDP2 shards the model after the optimizer is built
+        if not self._fsdp_initialized:
+            # FSDP2 fixes its mixed-precision dtypes at the first forward: not in the sketch pass
+            self._fsdp_initialized = init_fsdp_dtypes(model) or True
         self._check_moments_once(opt)
         steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
         coreset = opt.select(
@@ -515,6 +567,22 @@ class CoresetTrainerMixin:
         # The Trainer logs what this returns as "loss": the large batch's mean loss, as plain
         # training would report it (the coreset's weighted loss is logged as "coreset/loss").
         return coreset.batch_loss.detach().to(coreset.loss.device) / steps
+
+    @staticmethod
+    def _rebind_sketch_layers(opt: CoresetOptimizer) -> None:
+        """Point the sketch layers at the parameters their modules hold now.
+
+        The Trainer builds the optimizer before Accelerate shards the model under FSDP2
+        (``fully_shard`` replaces every parameter by a sharded DTensor, in place, and Accelerate
+        switches the wrapped optimizer's param groups to them): the layers found at construction
+        then still hold the replaced tensors, which the optimizer no longer has. Same names, new
+        parameters; nothing happens when they are current."""
+        current = all(
+            t.params and t.params[0] is t.module.weight and (not t.with_bias or t.params[-1] is t.module.bias)
+            for t in opt.sketch_layers
+        )
+        if not current:
+            opt.sketch_layers = resolve_sketch_modules(opt.model, opt.optimizer, [t.name for t in opt.sketch_layers])
 
     def _check_moments_once(self, opt: CoresetOptimizer) -> None:
         """After the first optimizer step, the normalization must find Adam's second moment."""
