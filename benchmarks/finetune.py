@@ -58,10 +58,10 @@ from lib.finetune import (  # noqa: E402
     noise_record,
     noise_settings,
 )
-from lib.results import machine, md_header, results_dir, save_json  # noqa: E402
+from lib.results import machine, md_header, results_dir, save_json, table_head  # noqa: E402
 from lib.summary import at_step, at_time, fmt, mean_curve, mean_sd, paired, set_times  # noqa: E402
 from lib.training import BatchStream, step_costs, train  # noqa: E402
-from lib.workers import parallel  # noqa: E402
+from lib.workers import collect  # noqa: E402
 
 from coreset_optim.datasets.noise import NOISE_MODELS, PLACEMENTS, check_noise  # noqa: E402
 from coreset_optim.datasets.tasks import FinetuneMixture  # noqa: E402
@@ -326,8 +326,7 @@ def markdown(summary: dict, mixture: FinetuneMixture, args, noise: dict | None =
         "",
         f"## Accuracy per source after {steps} steps (mean over seeds; held-out tasks last)",
         "",
-        "| method | " + " | ".join(names) + " |",
-        "|---" * (len(names) + 1) + "|",
+        *table_head("method", *names),
     ]
     for m in order:
         lines.append(f"| {m} | " + " | ".join(f"{ms[m]['accuracy:' + n]['mean']:.3f}" for n in names) + " |")
@@ -512,16 +511,16 @@ def main(argv=None) -> None:
             have = {(r["method"], r["seed"]) for r in runs}
             jobs = [j for j in jobs if (j[0], j[2]) not in have]
         total = len(runs) + len(jobs)
-        for r in parallel(run_star, jobs, args.jobs):  # --jobs 1: in this process (no worker start-up)
-            runs.append(r)
+
+        def describe(r: dict) -> str:
             last = r["curve"][-1]
-            print(
-                f"[{time.time() - start:5.0f}s] {len(runs)}/{total} {r['method']} seed {r['seed']}: "
-                f"acc mixture {last['accuracy_mixture']:.3f} macro {last['accuracy_macro']:.3f}",
-                file=sys.stderr,
-                flush=True,
+            return (
+                f"{len(runs)}/{total} {r['method']} seed {r['seed']}: "
+                f"acc mixture {last['accuracy_mixture']:.3f} macro {last['accuracy_macro']:.3f}"
             )
-            (results / f"{args.out}.partial.json").write_text(json.dumps({"args": vars(args), "runs": runs}))
+
+        # --jobs 1: in this process (no worker start-up)
+        collect(run_star, jobs, args.jobs, runs, results / f"{args.out}.partial.json", args, describe)
     t_runs = time.time() - start
     methods = [m for m in methods if any(r["method"] == m for r in runs)]
     if costs is None:

@@ -31,10 +31,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lib.finetune import ARMS, Arm, Context, add_setup_options, evaluate, make_trainer  # noqa: E402
-from lib.results import machine, md_header, results_dir, save_json  # noqa: E402
+from lib.results import machine, md_header, results_dir, save_json, table_head  # noqa: E402
 from lib.summary import mean_sd, paired  # noqa: E402
 from lib.training import BatchStream, train  # noqa: E402
-from lib.workers import parallel  # noqa: E402
+from lib.workers import collect  # noqa: E402
 
 from coreset_optim.datasets.tasks import SEP, SOURCES, Task, make_finetune_mixture  # noqa: E402
 
@@ -202,8 +202,7 @@ def markdown(ms, args, slice_name, mixture, refs):
         "",
         "## Accuracy per source (mean over seeds; slice last)",
         "",
-        "| method | " + " | ".join(names) + " |",
-        "|---" * (len(names) + 1) + "|",
+        *table_head("method", *names),
     ]
     for m in ms:
         lines.append(f"| {m} | " + " | ".join(f"{ms[m]['per_source_acc'][n]:.3f}" for n in names) + " |")
@@ -252,15 +251,18 @@ def main(argv=None):
     runs = json.loads(Path(args.resume).read_text())["runs"] if args.resume else []
     have = {(r["method"], r["seed"]) for r in runs}
     jobs = [(m, arms[m], s, args, [args.slice]) for m in methods for s in seeds if (m, s) not in have]
-    for r in parallel(run_star, jobs, args.jobs):
-        runs.append(r)
-        print(
-            f"[{time.time() - start:5.0f}s] {r['method']} seed {r['seed']}: slice {r['accuracy'][args.slice]:.3f} "
-            f"loss {r['loss'][args.slice]:.3f} mixture {r['accuracy_mixture']:.3f} macro {r['accuracy_macro']:.3f}",
-            file=sys.stderr,
-            flush=True,
-        )
-        (results / f"{args.out}.partial.json").write_text(json.dumps({"args": vars(args), "runs": runs}))
+    collect(
+        run_star,
+        jobs,
+        args.jobs,
+        runs,
+        results / f"{args.out}.partial.json",
+        args,
+        lambda r: (
+            f"{r['method']} seed {r['seed']}: slice {r['accuracy'][args.slice]:.3f} loss "
+            f"{r['loss'][args.slice]:.3f} mixture {r['accuracy_mixture']:.3f} macro {r['accuracy_macro']:.3f}"
+        ),
+    )
     ctx = build(args, [CANDIDATES[args.slice]])
     ms = summarize(runs, args.slice, methods)
     refs = ["random_k", "stratified_k", "balanced_k", f"{args.source}_x4_k", f"{args.source}_x16_k", "accum_B"]

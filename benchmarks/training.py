@@ -26,7 +26,8 @@ import lib.experiments  # noqa: E402, F401  (registers gradient_matching_unconst
 from lib.results import machine  # noqa: E402
 from lib.summary import at_step, set_times  # noqa: E402
 from lib.synthetic import answer_loss_fn, evaluate, summarize, tiny_llama, write_results  # noqa: E402
-from lib.training import BatchStream, Trainer, add_run_options, step_costs, train  # noqa: E402
+from lib.options import add_run_options  # noqa: E402
+from lib.training import BatchStream, Trainer, step_costs, train  # noqa: E402
 
 from coreset_optim import CoresetOptimizer  # noqa: E402
 from coreset_optim.datasets.synthetic import make_mixture  # noqa: E402

@@ -25,7 +25,8 @@ from coreset_optim.integrations.causal_lm import causal_lm_per_example_loss
 
 from .models import with_lora
 from .samplers import fixed_indices, tempered_indices
-from .training import BatchStream, Trainer, add_run_options
+from .options import add_run_options
+from .training import BatchStream, Trainer
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LAST_BLOCK_ALL = r".*layers\.1\..*lora_[AB]\.default"

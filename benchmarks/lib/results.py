@@ -108,6 +108,11 @@ def md_header(produced_by: dict) -> str:
     return f"<!-- written by {p['script']} at commit {p['commit']}, {p['date']}, {p['machine']} -->\n"
 
 
+def table_head(*columns: str) -> list[str]:
+    """A markdown table's header line and rule line."""
+    return ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+
+
 def save_json(path: Path, data: dict, script: str, indent: int = 1, **dumps) -> dict:
     """``data`` with its ``"produced_by"`` (:func:`stamped`) as ``path`` (folders made); returns
     what was written."""

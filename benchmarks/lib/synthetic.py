@@ -12,7 +12,7 @@ import torch
 from coreset_optim.datasets.synthetic import VOCAB_SIZE, answer_losses
 
 from .models import llama
-from .results import md_header, provenance, results_dir, save_json
+from .results import md_header, provenance, results_dir, save_json, table_head
 from .summary import at_step, at_time
 
 
@@ -114,8 +114,7 @@ def markdown(summary, args) -> str:
         "",
         "## Per source after the steps (mean over seeds)",
         "",
-        "| method | " + " | ".join(names) + " |",
-        "|---" * (len(names) + 1) + "|",
+        *table_head("method", *names),
     ]
     for m, s in sorted(summary["methods"].items(), key=lambda t: t[1]["loss_at_steps"]):
         lines.append(f"| {m} | " + " | ".join(f"{s['per_source_at_steps'][n]:.3f}" for n in names) + " |")

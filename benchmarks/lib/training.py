@@ -130,12 +130,3 @@ def step_costs(trainers: dict[str, Trainer], stream: BatchStream, batch: int, ro
             if r >= 2:
                 times[m].append(time.perf_counter() - t0)
     return {m: statistics.median(v) for m, v in times.items()}
-
-
-def add_run_options(parser, steps: int) -> None:
-    """The options every training benchmark takes: large batch, coreset size, steps, seeds, lr."""
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--k", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=steps)
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--lr", type=float, default=3e-3)

@@ -39,7 +39,7 @@ def flags(**options) -> list[str]:
     return out
 
 
-def run_worker(script: str | Path, config: str, threads: int, **options) -> dict:
+def spawn(script: str | Path, config: str, threads: int, **options) -> dict:
     """Run ``script --worker config`` with ``options`` as flags in a fresh process; its last line
     of output, parsed as JSON. :class:`WorkerFailed` when it fails."""
     cmd = [sys.executable, str(script), "--worker", config, *flags(threads=threads, **options)]
@@ -58,3 +58,17 @@ def parallel(fn, jobs: list, processes: int):
 
     with mp.get_context("spawn").Pool(processes) if processes > 1 else nullcontext() as pool:
         yield from pool.imap_unordered(fn, jobs) if pool else map(fn, jobs)
+
+
+def collect(fn, jobs: list, processes: int, runs: list[dict], partial: Path, args, describe) -> list[dict]:
+    """Each result of :func:`parallel` appended to ``runs`` as it comes, with a line
+    ``[seconds] describe(result)`` on stderr, and the runs so far saved to ``partial`` (beside
+    ``args``): a run cut short keeps what it finished (``--resume``)."""
+    import time
+
+    start = time.time()
+    for result in parallel(fn, jobs, processes):
+        runs.append(result)
+        print(f"[{time.time() - start:5.0f}s] {describe(result)}", file=sys.stderr, flush=True)
+        partial.write_text(json.dumps({"args": vars(args), "runs": runs}))
+    return runs
