@@ -13,7 +13,6 @@ Writes benchmarks/results/bench_trainer/trainer_step.{json,md,png}. Run: python 
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import sys
@@ -22,11 +21,11 @@ import time
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import md_header, results_dir, stamped  # noqa: E402
+from lib.models import llama, with_lora  # noqa: E402
+from lib.results import md_header, results_dir, save_json  # noqa: E402
 
 from coreset_optim.integrations.transformers import CoresetTrainer, CoresetTrainingArguments  # noqa: E402
 
@@ -59,18 +58,7 @@ class StepTimer(TrainerCallback):
 
 
 def model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=256,
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
-    return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    return with_lora(llama(256, 128, 2, 4, 2, 256), 8, ["q_proj", "v_proj"], lora_dropout=0.0)
 
 
 def run(kind: str, out: str) -> list[float]:
@@ -108,7 +96,8 @@ def main() -> None:
             for kind in kinds:
                 times[kind] += run(kind, out)
     med = {k: statistics.median(v) for k, v in times.items()}
-    result = stamped(
+    result = save_json(
+        OUT / "trainer_step.json",
         {
             "setup": dict(
                 B=B,
@@ -129,9 +118,8 @@ def main() -> None:
             "all_seconds": times,
         },
         "bench_trainer",
+        indent=2,
     )
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "trainer_step.json").write_text(json.dumps(result, indent=2))
     lines = ["| configuration | s / step (median) | ratio to stock Trainer on B |", "|---|---|---|"]
     for k in kinds:
         lines.append(f"| {k} | {med[k]:.3f} | {med[k] / med['trainer_B']:.2f} |")

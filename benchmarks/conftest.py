@@ -19,7 +19,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from benchutil import THREADS  # noqa: E402  (sets torch's thread count)
+from lib.timing import THREADS  # noqa: E402  (sets torch's thread count)
 
 _ROWS: list[dict] = []
 
@@ -43,7 +43,7 @@ def _fmt(v):
 def pytest_sessionfinish(session, exitstatus):
     if not _ROWS or not session.config.getoption("benchmark_enable", default=False):
         return
-    from common import md_header, provenance, results_dir
+    from lib.results import md_header, provenance, results_dir
 
     out = results_dir("micro")
     out.mkdir(parents=True, exist_ok=True)

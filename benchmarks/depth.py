@@ -24,45 +24,23 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from common import md_header, results_dir, stamped  # noqa: E402
 from coreset_optim import CoresetOptimizer  # noqa: E402
-from e2e import machine_info  # noqa: E402
-from tinyllm import make_batch  # noqa: E402
+from lib.data import token_batch  # noqa: E402
+from lib.models import llama, next_token_loss, with_lora  # noqa: E402
+from lib.options import add_step_options  # noqa: E402
+from lib.results import machine_info, md_header, results_dir, save_json  # noqa: E402
 
 
 def build(layers: int, mode: str, vocab: int, seq_len: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=128,
-            intermediate_size=384,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=seq_len,
-        )
-    )
+    model = llama(vocab, 128, layers, 4, 2, 384, positions=seq_len)
     if mode == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-
-    def loss_fn(batch: dict) -> torch.Tensor:
-        ids = batch["input_ids"]
-        logits = model(input_ids=ids).logits[:, :-1]
-        tokens = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-        return tokens.view(ids.shape[0], -1).mean(1)
-
-    return model, loss_fn
+        model = with_lora(model, 8, ["q_proj", "v_proj"])
+    return model, next_token_loss(model)
 
 
 def run(layers: int, mode: str, args) -> dict:
@@ -88,7 +66,7 @@ def run(layers: int, mode: str, args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    batches = [make_batch(big, args.seq_len, vocab=args.vocab, seed=i) for i in range(args.steps + 1)]
+    batches = [token_batch(big, args.seq_len, vocab=args.vocab, seed=i) for i in range(args.steps + 1)]
     coreset(batches[0])
     ideal(batches[0])
     ratios, wall_ratios, times, stages = [], [], {"c": [], "d": []}, []
@@ -130,11 +108,8 @@ def main(argv=None) -> None:
     parser.add_argument("--modes", default="lora,full")
     parser.add_argument("--full-target", default=None)
     parser.add_argument("--vocab", type=int, default=2000)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--k", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=32)
+    add_step_options(parser, batch=64, k=16, seq_len=32)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default="depth")
     parser.add_argument("--out", default=str(results_dir("depth")))
     parser.add_argument("--replot", action="store_true", help="redraw the .png from the saved JSON")
@@ -149,10 +124,8 @@ def main(argv=None) -> None:
         for layers in [int(d) for d in args.depths.split(",")]:
             result["rows"].append(run(layers, mode, args))
     result["machine"]["load_average_end"] = os.getloadavg()
-    result = stamped(result, "depth")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    result = save_json(out / f"{args.name}.json", result, "depth")
     lines = [
         md_header(result["produced_by"]) + f"# Coreset step / CoLM ideal vs depth ({args.name})",
         "",

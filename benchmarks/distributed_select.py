@@ -25,8 +25,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "distributed_select"
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from lib.results import md_header, results_dir, save_json  # noqa: E402
+from lib.workers import worker_env  # noqa: E402
+
+RESULTS = results_dir("distributed_select")
 WORLD = 2
 B_LOCAL = 64  # examples per rank
 K = 32  # coreset of the global batch of WORLD * B_LOCAL
@@ -162,15 +166,7 @@ def main() -> None:
     port = free_port()
     procs = []
     for rank in range(WORLD):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            WORLD_SIZE=str(WORLD),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-            PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        )
+        env = worker_env(1, RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, __file__, str(out)], env=env))
     if any(p.wait(timeout=600) != 0 for p in procs):
         raise SystemExit("a rank failed")
@@ -180,9 +176,8 @@ def main() -> None:
     out.rmdir()
     single = run(1, 0, None)
     expected = expected_bytes(ranks[0]["sketch_length"], ranks[0]["k"])
-    from common import stamped
-
-    report = stamped(
+    report = save_json(
+        RESULTS / "distributed_select.json",
         dict(
             machine=f"{os.cpu_count()} CPU cores, torch {torch.__version__}, gloo",
             setup=dict(
@@ -205,17 +200,14 @@ def main() -> None:
             },
         ),
         "distributed_select",
+        indent=2,
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "distributed_select.json").write_text(json.dumps(report, indent=2))
     write_markdown(report)
     write_plot(report)
     print((RESULTS / "distributed_select.md").read_text())
 
 
 def write_markdown(r: dict) -> None:
-    from common import md_header
-
     s = r["setup"]
     lines = [
         md_header(r["produced_by"]) + "# select() on 2 ranks (gloo, DDP) vs one process",

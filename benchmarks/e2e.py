@@ -23,20 +23,19 @@ Usage: ``python benchmarks/e2e.py [--rounds 2] [--steps 5] [--out benchmarks/res
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from lib.memory import measure_peak  # noqa: E402
+from lib.results import machine_info, save_json  # noqa: E402
+from lib.workers import spawn  # noqa: E402
+
 CONFIGS = ("a", "b", "c", "d", "e")
 LABELS = {
     "a": "batch k",
@@ -49,40 +48,6 @@ STAGES = ("prepare", "sketch", "compress", "similarity", "greedy", "weights", "b
 
 
 # --- worker: one configuration in this process ------------------------------------------------
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{key}:\s+(\d+)", f.read(), re.M).group(1))
-
-
-def _release_host_memory() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-def _set_malloc_mmap_threshold(nbytes: int) -> None:
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)  # M_MMAP_THRESHOLD; also stops its auto-growth
-    except OSError:
-        pass
-
-
-def host_peak(fn, *args) -> tuple[int, float]:
-    """``(peak RSS above the RSS before, seconds)`` of one call ``fn(*args)`` in this process: freed
-    memory returned to the OS first, the peak reset through /proc/self/clear_refs."""
-    _set_malloc_mmap_threshold(65536)
-    _release_host_memory()
-    base = _status_kb("VmRSS") * 1024
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    t0 = time.perf_counter()
-    fn(*args)
-    seconds = time.perf_counter() - t0
-    return _status_kb("VmHWM") * 1024 - base, seconds
-
-
 def make_step(config: str, model, loss_fn, optimizer, k: int, big: int):
     """The training step of one configuration, as a function of the large batch."""
     import torch
@@ -142,20 +107,20 @@ def build_optimizer(config: str, model, k: int, use_8bit: bool = False):
 def run_worker(args) -> dict:
     import torch
 
-    sys.path.insert(0, str(HERE))
-    from tinyllm import build, make_batch
+    from lib.data import token_batch
+    from lib.models import tiny_lora_llama
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model, loss_fn = build(args.size, seq_len=args.seq_len)
+    model, loss_fn = tiny_lora_llama(args.size, seq_len=args.seq_len)
     model.to(device)
     configs = args.worker.split(",")
     opts = {c: build_optimizer(c, model, args.k) for c in configs}
     steps = {c: make_step(c, model, loss_fn, opts[c], args.k, args.batch) for c in configs}
 
     def batch_for(i):
-        b = make_batch(args.batch, args.seq_len, seed=i)
+        b = token_batch(args.batch, args.seq_len, seed=i)
         b["input_ids"] = b["input_ids"].to(device)
         return b
 
@@ -180,27 +145,16 @@ def run_worker(args) -> dict:
             times[c].append(time.perf_counter() - t0)
             if c == "c":
                 stage_rows.append(out.timings)
+
     # Memory, after the timed steps: from here on glibc returns every block of 64 KiB or more to
     # the OS when it is freed (slower: pages fault in again, which is why timing came first), so
     # RSS follows the live tensors and the peak over these steps is what a step needs.
-    sync()
-    if device.type == "cuda":
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        _set_malloc_mmap_threshold(65536)
-        _release_host_memory()
-        base = _status_kb("VmRSS") * 1024
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    for i in range(args.mem_steps):
-        for c in configs:
-            steps[c](batches[i % len(batches)])
-    sync()
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = _status_kb("VmHWM") * 1024 - base
+    def memory_steps():
+        for i in range(args.mem_steps):
+            for c in configs:
+                steps[c](batches[i % len(batches)])
+
+    peak, base, _ = measure_peak(memory_steps, device)
     stages = {}
     if stage_rows:
         stages = {s: statistics.median(r.get(s, 0.0) for r in stage_rows) for s in STAGES}
@@ -221,64 +175,21 @@ def run_worker(args) -> dict:
 
 
 # --- driver -----------------------------------------------------------------------------------
-def spawn(config: str, k: int, args, size: str | None = None, steps: int | None = None) -> dict:
+def run_configs(config: str, k: int, args, size: str | None = None, steps: int | None = None) -> dict:
     """Run configurations (comma-separated: alternating step by step) in a fresh process."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = str(args.threads)
-    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--worker",
+    return spawn(
+        __file__,
         config,
-        "--k",
-        str(k),
-        "--batch",
-        str(args.batch),
-        "--size",
-        size or args.size,
-        "--seq-len",
-        str(args.seq_len),
-        "--steps",
-        str(args.steps if steps is None else steps),
-        "--warmup",
-        str(args.warmup),
-        "--device",
-        args.device,
-        "--threads",
-        str(args.threads),
-        "--mem-steps",
-        str(args.mem_steps),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {config} k={k} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def machine_info(device: str, threads: int) -> dict:
-    import torch
-
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = re.search(r"model name\s*:\s*(.*)", f.read()).group(1)
-    except (OSError, AttributeError):
-        pass
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": threads,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": device,
-        "load_average_start": os.getloadavg(),
-    }
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
+        args.threads,
+        k=k,
+        batch=args.batch,
+        size=size or args.size,
+        seq_len=args.seq_len,
+        steps=args.steps if steps is None else steps,
+        warmup=args.warmup,
+        device=args.device,
+        mem_steps=args.mem_steps,
+    )
 
 
 def summarize(time_runs: dict[int, list[dict]], mem_runs: dict[str, dict], ks: list[int]) -> dict:
@@ -332,7 +243,7 @@ def sweep(args, sizes: list[str], k: int) -> list[dict]:
     """Per model size, c and e alternating in one process: where does c stop beating e?"""
     rows = []
     for size in sizes:
-        r = spawn("c,e", k, args, size=size, steps=args.sweep_steps)
+        r = run_configs("c,e", k, args, size=size, steps=args.sweep_steps)
         ratios = [c / e for c, e in zip(r["times"]["c"], r["times"]["e"])]
         rows.append(
             {
@@ -349,7 +260,7 @@ def sweep(args, sizes: list[str], k: int) -> list[dict]:
 
 
 def write_markdown(result: dict, path: Path) -> None:
-    from common import md_header
+    from lib.results import md_header
 
     m = result["machine"]
     lines = [
@@ -466,15 +377,15 @@ def main(argv=None) -> None:
 
     ks = [int(x) for x in args.ks.split(",")]
     info = machine_info(args.device, args.threads)
-    mem_runs = {"b": spawn("b", ks[0], args, steps=0)}
+    mem_runs = {"b": run_configs("b", ks[0], args, steps=0)}
     for k in ks:
         for c in ("a", "c", "d", "e"):
-            mem_runs[f"{c}{k}"] = spawn(c, k, args, steps=0)
+            mem_runs[f"{c}{k}"] = run_configs(c, k, args, steps=0)
     print("memory done", file=sys.stderr)
     time_runs = {k: [] for k in ks}
     for r in range(args.rounds):
         for k in ks:
-            time_runs[k].append(spawn(",".join(CONFIGS), k, args))
+            time_runs[k].append(run_configs(",".join(CONFIGS), k, args))
         print(f"time round {r + 1}/{args.rounds} done", file=sys.stderr)
     summary = summarize(time_runs, mem_runs, ks)
     sizes = [s for s in args.sweep_sizes.split(",") if s]
@@ -496,13 +407,9 @@ def main(argv=None) -> None:
         "raw_memory": mem_runs,
         "raw_time": time_runs,
     }
-    from common import stamped
-
-    result = stamped(result, "e2e")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = "e2e" if args.device == "cpu" else f"e2e_{args.device}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
+    result = save_json(out / f"{stem}.json", result, "e2e", default=str)
     write_markdown(result, out / f"{stem}.md")
     plot(result, out / f"{stem}.png")
     print((out / f"{stem}.md").read_text())

@@ -17,7 +17,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import md_header, provenance  # noqa: E402
+from lib.results import md_header, provenance  # noqa: E402
 
 METHODS = ["random_k", "stratified_k", "balanced_k", "accum_B", "loss", "default"]
 LABELS = {

@@ -30,18 +30,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from common import md_header, results_dir, stamped  # noqa: E402
-from e2e import _status_kb, host_peak, machine_info  # noqa: E402
+from lib.data import labeled_batch as batch  # noqa: E402
+from lib.memory import measure_peak, status_kb  # noqa: E402
+from lib.options import add_step_options  # noqa: E402
+from lib.results import machine_info, md_header, results_dir, save_json  # noqa: E402
+from lib.workers import WorkerFailed, spawn  # noqa: E402
 
 # name: (family, vocab); hidden 64, 2 layers: the logits, not the blocks, are what grows with T.
 MODELS = {"llama-32k": ("llama", 32000), "gpt2-50k": ("gpt2", 50257), "llama-128k": ("llama", 128256)}
@@ -50,48 +50,16 @@ SELECTIONS = ["loss", "consensus_loss", "trimmed_loss", "random", "gradient_matc
 
 
 def build(model_name: str, seq_len: int, lora: bool):
-    import torch
+    from lib.models import gpt2, llama, with_lora
 
     family, vocab = MODELS[model_name]
-    torch.manual_seed(0)
     if family == "gpt2":
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        model = GPT2LMHeadModel(
-            GPT2Config(vocab_size=vocab, n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_positions=max(seq_len, 16))
-        )
-        modules = ["c_attn"]
+        model, modules = gpt2(vocab, HIDDEN, LAYERS, 4, positions=max(seq_len, 16)), ["c_attn"]
     else:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        model = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=vocab,
-                hidden_size=HIDDEN,
-                intermediate_size=2 * HIDDEN,
-                num_hidden_layers=LAYERS,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=max(seq_len, 16),
-            )
-        )
+        model = llama(vocab, HIDDEN, LAYERS, 4, 2, 2 * HIDDEN, positions=max(seq_len, 16))
         modules = ["q_proj", "v_proj"]
     model.config.use_cache = False
-    if lora:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=modules, lora_dropout=0.0))
-    return model
-
-
-def batch(size: int, seq_len: int, vocab: int, seed: int) -> dict:
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (size, seq_len), generator=g)
-    labels = ids.clone()
-    labels[:, : seq_len // 4] = -100  # a prompt without loss
-    return {"input_ids": ids, "labels": labels, "source": [("a", "b", "c", "d")[i % 4] for i in range(size)]}
+    return with_lora(model, 8, modules, lora_dropout=0.0) if lora else model
 
 
 def make_step(config: str, model, opt, k: int, big: int):
@@ -171,8 +139,8 @@ def run_worker(args) -> dict:
     vocab = model.config.vocab_size
     step(batch(args.batch, 16, vocab, 0))  # warm-up: Adam's state
     real = batch(args.batch, args.seq_len, vocab, 1)
-    base = _status_kb("VmRSS") * 1024
-    peak, seconds = host_peak(step, real)
+    base = status_kb("VmRSS") * 1024
+    peak, _, seconds = measure_peak(lambda: step(real))
     wrapper = getattr(step, "wrapper", None)
     row = {
         "config": args.worker,
@@ -192,36 +160,13 @@ def run_worker(args) -> dict:
     return row
 
 
-def spawn(args, config: str, model: str, seq_len: int, lora: bool) -> dict | None:
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        OMP_NUM_THREADS=str(args.threads),
-        TRANSFORMERS_VERBOSITY="error",
-    )
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--worker",
-        config,
-        "--model",
-        model,
-        "--seq-len",
-        str(seq_len),
-        "--batch",
-        str(args.batch),
-        "--k",
-        str(args.k),
-        "--threads",
-        str(args.threads),
-    ]
-    if lora:
-        cmd.append("--lora")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(f"FAILED {config} {model} T={seq_len} lora={lora}: {proc.stderr[-1500:]}", flush=True)
+def run_config(args, config: str, model: str, seq_len: int, lora: bool) -> dict | None:
+    """One configuration in a fresh process; None (and a line saying why) when it fails."""
+    try:
+        row = spawn(__file__, config, args.threads, model=model, seq_len=seq_len, batch=args.batch, k=args.k, lora=lora)
+    except WorkerFailed as e:
+        print(f"FAILED {config} {model} T={seq_len} lora={lora}: {e}", flush=True)
         return None
-    row = json.loads(proc.stdout.strip().splitlines()[-1])
     print(
         f"{model:10s} {'lora' if lora else 'full'} T={seq_len:5d} {config:28s} "
         f"{row['peak_above_base_bytes'] / 2**30:6.2f} GiB {row['step_s']:6.1f} s",
@@ -355,11 +300,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker")
     parser.add_argument("--model", default="llama-32k", choices=list(MODELS))
-    parser.add_argument("--seq-len", type=int, default=512)
+    add_step_options(parser, batch=32, k=8, seq_len=512)
     parser.add_argument("--lora", action="store_true")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--k", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--resume", action="store_true", help="keep the rows of the existing results, run the rest")
     parser.add_argument("--out", default=str(results_dir("real_shapes") / "real_shapes"))
@@ -379,7 +321,7 @@ def main(argv=None) -> None:
             for config in configs:
                 if (config, model, seq_len, lora) in done:
                     continue
-                row = spawn(args, config, model, seq_len, lora)
+                row = run_config(args, config, model, seq_len, lora)
                 if row is not None:
                     rows.append(row)
             save(args, rows)  # after every shape: a cut-short run keeps what it measured
@@ -387,7 +329,9 @@ def main(argv=None) -> None:
 
 
 def save(args, rows: list[dict]) -> dict:
-    result = stamped(
+    out = Path(args.out)
+    result = save_json(
+        out.with_suffix(".json"),
         {
             "machine": machine_info("cpu", args.threads),
             "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -399,9 +343,6 @@ def save(args, rows: list[dict]) -> dict:
         },
         "real_shapes",
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     out.with_suffix(".md").write_text(md_header(result["produced_by"]) + markdown(result))
     plot(result, out.with_suffix(".png"))
     return result

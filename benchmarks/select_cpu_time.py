@@ -18,19 +18,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tinyllm import build, make_batch  # noqa: E402
+from lib.data import token_batch  # noqa: E402
+from lib.models import tiny_lora_llama  # noqa: E402
 
 from coreset_optim import CoresetOptimizer  # noqa: E402
 
 
 def main() -> None:
     torch.set_num_threads(1)
-    model, loss_fn = build("h128-l4", seq_len=64)
+    model, loss_fn = tiny_lora_llama("h128-l4", seq_len=64)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     wrapper = CoresetOptimizer(opt, model, coreset_size=32)
     times = []
     for i in range(6):
-        batch = make_batch(128, 64, seed=i)
+        batch = token_batch(128, 64, seed=i)
         start = time.process_time()
         wrapper.select(batch, loss_fn, sources=batch["source"])
         wrapper.step()

@@ -15,7 +15,7 @@ Ways compared: select() sketching lm_head (top coordinates; CountSketch projecti
 block's down_proj, v_proj, o_proj, and all seven Linear layers of the last block; random k
 (uniform weights); and today's whole-gradient path on lm_head (every per-example gradient
 materialized, then normalized and compressed; top coordinates and the former randint-hashed
-CountSketch), to check the bounded path is not worse.
+CountSketch: ``lib/whole_rows.py``, through select()), to check the bounded path is not worse.
 
 Usage: ``python benchmarks/sketch_layers.py [--seeds 3] [--batches 3]``.
 """
@@ -37,16 +37,16 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from coreset_optim import CoresetOptimizer  # noqa: E402
-from coreset_optim.precondition.normalize import normalize_sketches  # noqa: E402
-from coreset_optim.sketch.capture import exact_sketches, sketch_params  # noqa: E402
-from common import md_header, results_dir, select_whole_rows, stamped  # noqa: E402
-from e2e import machine_info  # noqa: E402
-from sketch_memory import build_model  # noqa: E402
-from tinyllm import make_batch  # noqa: E402
+from coreset_optim.methods.registry import build_method  # noqa: E402
+from lib.data import token_batch  # noqa: E402
+from lib.models import full_model  # noqa: E402
+from lib.options import add_step_options  # noqa: E402
+from lib.results import machine_info, md_header, results_dir, save_json  # noqa: E402
+from lib.whole_rows import whole_rows  # noqa: E402
 
 LAST = "model.layers.1"
 WAYS = {
-    # name: select() options (None: a baseline computed otherwise)
+    # name: select() options ("whole": the default method with its sketches built whole, lib/whole_rows.py)
     "lm_head (top coordinates)": {"sketch_modules": "lm_head"},
     "lm_head (projection)": {"sketch_modules": "lm_head", "sketch": "projection"},
     "last down_proj": {"sketch_modules": f"{LAST}.mlp.down_proj"},
@@ -54,35 +54,19 @@ WAYS = {
     "last o_proj": {"sketch_modules": f"{LAST}.self_attn.o_proj"},
     "last block, all Linear": {"sketch_modules": rf"{LAST.replace('.', '[.]')}[.].*_proj"},
     "random k": {"selection": "random"},
-    "today: lm_head whole (top coordinates)": None,
-    "today: lm_head whole (old projection)": None,
+    "today: lm_head whole (top coordinates)": {"sketch_modules": "lm_head", "whole": "top coordinates"},
+    "today: lm_head whole (old projection)": {"sketch_modules": "lm_head", "whole": "old projection"},
 }
 
 
-def old_countsketch(x: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
-    """The CountSketch select() used before the bounded path (hash drawn in sequence by randint)."""
-    gen = torch.Generator().manual_seed(seed)
-    buckets = torch.randint(0, dim, (x.shape[1],), generator=gen)
-    signs = torch.randint(0, 2, (x.shape[1],), generator=gen).float().mul_(2).sub_(1)
-    out = x.new_zeros(x.shape[0], dim)
-    out.index_add_(1, buckets, x * signs)
-    return out
-
-
-def whole_path(wrapper, model, opt, batch, loss_fn, big, k, projection: bool):
-    """Today's select(): whole per-example gradients -> normalize -> (old CountSketch) -> select."""
-    c, method = wrapper.config, wrapper.selection
-    targets = wrapper.sketch_layers
-    t0 = time.perf_counter()
-    raw, losses = exact_sketches(model, targets, batch, loss_fn, big, k)
-    valid = torch.isfinite(losses) & torch.isfinite(raw).all(1)
-    normalized = normalize_sketches(raw, opt, sketch_params(targets), method.normalize)
-    del raw
-    if projection:
-        normalized = old_countsketch(normalized, method.sketch_dim, c.seed)
-    seconds = time.perf_counter() - t0
-    result = select_whole_rows(wrapper, batch, loss_fn, normalized, valid, losses, big, k)
-    return result.indices, seconds
+def coreset_optimizer(opt, model, k: int, seed: int, options: dict) -> CoresetOptimizer:
+    """The wrapper of one way: ``options`` for ``CoresetOptimizer``, or with ``"whole"`` the default
+    method whose sketches are built whole (top coordinates, or the former CountSketch)."""
+    options = dict(options)
+    whole = options.pop("whole", None)
+    if whole is not None:
+        options["selection"] = whole_rows(build_method(), old_projection=whole == "old projection")
+    return CoresetOptimizer(opt, model, coreset_size=k, seed=seed, **options)
 
 
 def denominator(opt, p):
@@ -92,11 +76,11 @@ def denominator(opt, p):
 
 
 def run_seed(seed: int, args) -> list[dict]:
-    model, loss_fn = build_model("llama-32k-256", args.seq_len, vocab=args.vocab)
+    model, loss_fn = full_model("llama-32k-256", args.seq_len, vocab=args.vocab)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     vocab = model.config.vocab_size
     for i in range(args.warm_steps):  # plain training, so Adam's moments are meaningful
-        b = make_batch(args.batch, args.seq_len, vocab=vocab, seed=1000 * seed + i)
+        b = token_batch(args.batch, args.seq_len, vocab=vocab, seed=1000 * seed + i)
         opt.zero_grad()
         loss_fn(b).mean().backward()
         opt.step()
@@ -105,7 +89,7 @@ def run_seed(seed: int, args) -> list[dict]:
     scale = [denominator(opt, p) for p in params]
     rows = []
     for j in range(args.batches):
-        batch = make_batch(args.batch, args.seq_len, vocab=vocab, seed=1000 * seed + 500 + j)
+        batch = token_batch(args.batch, args.seq_len, vocab=vocab, seed=1000 * seed + 500 + j)
         loss_fn(batch).mean().backward()
         full = [p.grad / s for p, s in zip(params, scale)]
         norm = torch.sqrt(sum((f * f).sum() for f in full))
@@ -113,17 +97,10 @@ def run_seed(seed: int, args) -> list[dict]:
         for name, options in WAYS.items():
             if args.ways and name not in args.ways.split(";"):
                 continue
-            wrapper = CoresetOptimizer(
-                opt, model, coreset_size=args.k, seed=seed, **(options or {"sketch_modules": "lm_head"})
-            )
+            wrapper = coreset_optimizer(opt, model, args.k, seed, options)
             t0 = time.perf_counter()
-            if options is None:
-                indices, sketch_s = whole_path(
-                    wrapper, model, opt, batch, loss_fn, args.batch, args.k, projection="projection" in name
-                )
-            else:
-                cs = wrapper.select(batch, loss_fn, sources=batch["source"])
-                indices, sketch_s = cs.indices, cs.timings.get("sketch", 0.0)
+            cs = wrapper.select(batch, loss_fn, sources=batch["source"])
+            indices, sketch_s = cs.indices, cs.timings.get("sketch", 0.0)
             total_s = time.perf_counter() - t0
             err = torch.sqrt(sum(((p.grad / s - f) ** 2).sum() for p, s, f in zip(params, scale, full))) / norm
             opt.zero_grad(set_to_none=True)
@@ -210,11 +187,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--k", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=32)
+    add_step_options(parser, batch=32, k=8, seq_len=32)
     parser.add_argument("--warm-steps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ways", default="", help="';'-separated subset of the ways (default: all)")
     parser.add_argument("--name", default="sketch_layers")
     parser.add_argument("--out", default=str(results_dir("sketch_layers")))
@@ -228,10 +202,8 @@ def main(argv=None) -> None:
     result["rows"] = rows
     result["summary"] = summarize(rows)
     result["machine"]["load_average_end"] = os.getloadavg()
-    result = stamped(result, "sketch_layers")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    result = save_json(out / f"{args.name}.json", result, "sketch_layers")
     write_markdown(result, out / f"{args.name}.md")
     print(json.dumps(result["summary"], indent=1))
 

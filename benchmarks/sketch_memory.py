@@ -11,8 +11,8 @@ minus what was allocated before.
 Configurations: ``plain_k`` (forward/backward of k examples + step), ``plain_B`` (of all B),
 ``coreset`` (``select()`` k of B + step, through the bounded path), ``today`` (the same step
 with the sketch made as before: every example's whole gradient of the sketch layer, a normalized
-copy, top-coordinate compression of that; reimplemented here from the library's whole-gradient
-functions, only where it fits in memory).
+copy, top-coordinate compression of that; the same method with its sketches built whole,
+``lib/whole_rows.py``, only where it fits in memory).
 
 Usage: ``python benchmarks/sketch_memory.py [--out benchmarks/results/sketch_memory] [--device cpu]``.
 """
@@ -23,112 +23,32 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from e2e import _release_host_memory, _set_malloc_mmap_threshold, _status_kb, machine_info  # noqa: E402
-
-MODELS = {
-    # name: (family, vocab, hidden, layers, heads, intermediate)
-    "gpt2-768": ("gpt2", 50257, 768, 2, 4, 3072),
-    "llama-32k-512": ("llama", 32000, 512, 2, 8, 1376),
-    "llama-32k-256": ("llama", 32000, 256, 2, 4, 688),
-}
-
-
-def build_model(name: str, seq_len: int, vocab: int | None = None, hidden: int | None = None):
-    import torch
-    import torch.nn.functional as F
-
-    family, v, h, layers, heads, inter = MODELS[name]
-    vocab, hidden = vocab or v, hidden or h
-    torch.manual_seed(0)
-    if family == "gpt2":
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        model = GPT2LMHeadModel(
-            GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=seq_len)
-        )
-    else:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        model = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=vocab,
-                hidden_size=hidden,
-                intermediate_size=inter if hidden == h else 2 * hidden,
-                num_hidden_layers=layers,
-                num_attention_heads=heads,
-                num_key_value_heads=max(1, heads // 2),
-                max_position_embeddings=seq_len,
-            )
-        )
-
-    def loss_fn(batch: dict) -> torch.Tensor:
-        ids = batch["input_ids"]
-        logits = model(input_ids=ids).logits[:, :-1]
-        tokens = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-        return tokens.view(ids.shape[0], -1).mean(1)
-
-    return model, loss_fn
-
-
-def make_step(config: str, model, loss_fn, opt, wrapper, k: int, big: int, target):
-    import torch
-
-    from common import select_whole_rows
-    from coreset_optim.batching import index_batch
-    from coreset_optim.precondition.normalize import normalize_sketches
-    from coreset_optim.sketch.capture import exact_sketches, sketch_params
-
-    def plain(batch, n):
-        sub = index_batch(batch, torch.arange(n))
-        loss_fn(sub).mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    if config == "plain_k":
-        return lambda batch: plain(batch, k)
-    if config == "plain_B":
-        return lambda batch: plain(batch, big)
-    if config == "coreset":
-
-        def coreset(batch):
-            wrapper.select(batch, loss_fn, sources=batch["source"])
-            wrapper.step()
-            wrapper.zero_grad(set_to_none=True)
-
-        return coreset
-
-    def today(batch):  # select() as it was: whole per-example gradients, then normalize, then compress
-        method = wrapper.selection
-        targets = wrapper.sketch_layers
-        raw, losses = exact_sketches(model, targets, batch, loss_fn, big, k)
-        valid = torch.isfinite(losses) & torch.isfinite(raw).all(1)
-        normalized = normalize_sketches(raw, opt, sketch_params(targets), method.normalize)
-        select_whole_rows(wrapper, batch, loss_fn, normalized, valid, losses, big, k)
-        del raw, normalized
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return today
+from lib.memory import measure_peak  # noqa: E402
+from lib.models import FULL_MODELS as MODELS  # noqa: E402
+from lib.options import add_step_options  # noqa: E402
+from lib.results import machine_info, md_header, provenance, save_json  # noqa: E402
+from lib.workers import spawn  # noqa: E402
 
 
 def run_worker(args) -> dict:
     import torch
 
     from coreset_optim import CoresetOptimizer
-    from tinyllm import make_batch
+    from lib.data import token_batch
+    from lib.models import full_model
+    from lib.steps import coreset_step, plain_step
+    from lib.whole_rows import whole_rows
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model, loss_fn = build_model(args.model, args.seq_len, args.vocab, args.hidden)
+    model, loss_fn = full_model(args.model, args.seq_len, args.vocab, args.hidden)
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     options = {} if args.sketch is None else {"sketch": args.sketch}
@@ -137,33 +57,27 @@ def run_worker(args) -> dict:
     if args.sketch_batch_size is not None:
         options["sketch_batch_size"] = args.sketch_batch_size
     wrapper = CoresetOptimizer(opt, model, coreset_size=args.k, sketch_modules=args.target, **options)
-    step = make_step(args.worker, model, loss_fn, opt, wrapper, args.k, args.batch, args.target)
+    if args.worker == "today":  # the same method with its sketches made as before: whole rows
+        wrapper = CoresetOptimizer(
+            opt, model, coreset_size=args.k, sketch_modules=args.target, selection=whole_rows(wrapper.selection)
+        )
+
+    def step(batch):
+        if args.worker in ("plain_k", "plain_B"):
+            plain_step(opt, loss_fn, batch, args.k if args.worker == "plain_k" else args.batch)
+        else:  # coreset, today
+            coreset_step(wrapper, loss_fn, batch, sources=batch["source"])
+
     vocab = model.config.vocab_size
     batches = []
     for i in range(2):
-        b = make_batch(args.batch, args.seq_len, vocab=vocab, seed=i)
+        b = token_batch(args.batch, args.seq_len, vocab=vocab, seed=i)
         b["input_ids"] = b["input_ids"].to(device)
         batches.append(b)
     t0 = time.perf_counter()
     step(batches[0])  # warm-up: Adam's state, caches
     warm_s = time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        _set_malloc_mmap_threshold(65536)
-        _release_host_memory()
-        base = _status_kb("VmRSS") * 1024
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    t0 = time.perf_counter()
-    step(batches[1])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = _status_kb("VmHWM") * 1024 - base
+    peak, base, step_s = measure_peak(lambda: step(batches[1]), device)
     targets = [(t.name, t.numel) for t in wrapper.sketch_layers]
     return {
         "config": args.worker,
@@ -180,42 +94,25 @@ def run_worker(args) -> dict:
         "sketch_dim": wrapper.selection.sketch_dim,
         "peak_above_base_bytes": peak,
         "base_bytes": base,
-        "step_s": time.perf_counter() - t0,
+        "step_s": step_s,
         "warm_s": warm_s,
         "num_params": sum(p.numel() for p in model.parameters()),
     }
 
 
-def spawn(args, config: str, model: str, **extra) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = str(args.threads)
-    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--worker",
+def run_config(args, config: str, model: str, **extra) -> dict:
+    """One configuration in a fresh process (``extra``: its other options)."""
+    row = spawn(
+        __file__,
         config,
-        "--model",
-        model,
-        "--batch",
-        str(args.batch),
-        "--k",
-        str(args.k),
-        "--seq-len",
-        str(args.seq_len),
-        "--device",
-        args.device,
-        "--threads",
-        str(args.threads),
-    ]
-    for key, value in extra.items():
-        if value is not None:
-            cmd += [f"--{key.replace('_', '-')}", str(value)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {config} {model} {extra} failed:\n{proc.stderr[-3000:]}")
-    row = json.loads(proc.stdout.strip().splitlines()[-1])
+        args.threads,
+        model=model,
+        batch=args.batch,
+        k=args.k,
+        seq_len=args.seq_len,
+        device=args.device,
+        **extra,
+    )
     print(
         json.dumps({k: row[k] for k in ("config", "model", "vocab", "hidden", "target", "sketch")}),
         f"{row['peak_above_base_bytes'] / 2**20:.0f} MiB",
@@ -235,11 +132,8 @@ def main(argv=None) -> None:
     parser.add_argument("--sketch")
     parser.add_argument("--block-bytes", type=int)
     parser.add_argument("--sketch-batch-size", type=int)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--k", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=32)
+    add_step_options(parser, batch=32, k=8, seq_len=32)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--parts", default="targets,sweep")
     parser.add_argument(
@@ -258,8 +152,6 @@ def main(argv=None) -> None:
         print(json.dumps(run_worker(args)))
         return
     out = Path(args.out)
-    from common import provenance
-
     result = {
         "produced_by": provenance("sketch_memory"),
         "machine": machine_info(args.device, args.threads),
@@ -273,18 +165,18 @@ def main(argv=None) -> None:
         for model in MODELS:
             for _ in range(args.repeats):
                 for config in ("plain_k", "plain_B", "coreset"):
-                    result["targets"].append(spawn(args, config, model))
+                    result["targets"].append(run_config(args, config, model))
         save(result, out)
     if "projection" in parts:
         # The same targets with sketch="projection" (examples streamed chunk by chunk).
         result["targets_projection"] = [
-            spawn(args, "coreset", model, sketch="projection") for model in MODELS for _ in range(args.repeats)
+            run_config(args, "coreset", model, sketch="projection") for model in MODELS for _ in range(args.repeats)
         ]
         save(result, out)
     if "chunks" in parts:
         # The hidden-256 Llama with smaller sketch chunks (the sketch pass's working set shrinks).
         result["chunks"] = [
-            spawn(args, "coreset", "llama-32k-256", sketch=sketch, sketch_batch_size=4)
+            run_config(args, "coreset", "llama-32k-256", sketch=sketch, sketch_batch_size=4)
             for sketch in ("exact", "projection")
             for _ in range(args.repeats)
         ]
@@ -297,20 +189,16 @@ def main(argv=None) -> None:
                 ["today"] if today_bytes <= args.today_limit_gb * 2**30 else []
             )
             for config in configs:
-                result["sweep"].append(spawn(args, config, "llama-32k-256", vocab=vocab))
+                result["sweep"].append(run_config(args, config, "llama-32k-256", vocab=vocab))
                 if config == "coreset":
-                    result["sweep"].append(spawn(args, config, "llama-32k-256", vocab=vocab, sketch="projection"))
+                    result["sweep"].append(run_config(args, config, "llama-32k-256", vocab=vocab, sketch="projection"))
         save(result, out)
     result["machine"]["load_average_end"] = os.getloadavg()
     save(result, out)
 
 
 def save(result: dict, out: Path) -> None:
-    from common import stamped
-
-    result = stamped(result, "sketch_memory")  # a replot keeps the saved "produced_by"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sketch_memory.json").write_text(json.dumps(result, indent=1))
+    result = save_json(out / "sketch_memory.json", result, "sketch_memory")  # a replot keeps its "produced_by"
     write_markdown(result, out / "sketch_memory.md")
     if result["sweep"]:
         plot(result, out / "sketch_memory.png")
@@ -360,8 +248,6 @@ def target_summary(result: dict) -> dict:
 
 def write_markdown(result: dict, path: Path) -> None:
     a, m = result["args"], result["machine"]
-    from common import md_header
-
     lines = [
         md_header(result["produced_by"]) + "# Peak memory of a full fine-tuning step: bounded sketches",
         "",

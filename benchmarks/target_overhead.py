@@ -1,8 +1,8 @@
 """Extra time per step of selection="target" (a 16-example target) over a default coreset step.
 
-Tiny Llama + LoRA (benchmarks/tinyllm.py), B = 64, k = 16, T = 64, CPU, one thread. Every
+Tiny Llama + LoRA (lib/models.py's tiny_lora_llama), B = 64, k = 16, T = 64, CPU, one thread. Every
 configuration runs select() + step() on the same batches, interleaved round-robin
-(benchutil.interleave), median seconds per step. Writes target_overhead.{json,md} in
+(lib/timing.py's interleave), median seconds per step. Writes target_overhead.{json,md} in
 benchmarks/results/target_overhead/ (the committed run was renamed target_overhead_run4_stream.*).
 
     PYTHONPATH=$PWD python benchmarks/target_overhead.py [--reps 15] [--size h128-l4]
@@ -11,15 +11,15 @@ benchmarks/results/target_overhead/ (the committed run was renamed target_overhe
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 import torch
 
-from benchutil import THREADS, interleave
-from common import md_header, provenance, results_dir
 from coreset_optim import CoresetOptimizer
-from tinyllm import build, make_batch
+from lib.data import token_batch
+from lib.models import tiny_lora_llama
+from lib.results import md_header, results_dir, save_json
+from lib.timing import THREADS, interleave
 
 RESULTS = results_dir("target_overhead")
 
@@ -40,12 +40,12 @@ def main() -> None:
         "target_refresh2": dict(selection="target", refresh=2),
         "target_refresh4": dict(selection="target", refresh=4),
     }
-    batches = [make_batch(args.batch, T, seed=i) for i in range(8)]
-    target = make_batch(args.target, T, seed=999)
+    batches = [token_batch(args.batch, T, seed=i) for i in range(8)]
+    target = token_batch(args.target, T, seed=999)
     del target["source"]
     steps, timings = {}, {}
     for name, options in configs.items():
-        model, loss_fn = build(args.size, seq_len=T)
+        model, loss_fn = tiny_lora_llama(args.size, seq_len=T)
         inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         opt = CoresetOptimizer(inner, model, coreset_size=args.k, source_key="source", **options)
         if options.get("selection") == "target":
@@ -74,11 +74,7 @@ def main() -> None:
             "greedy_ms": 1e3 * statistics.median(t.get("greedy", 0.0) for t in stages),
         }
     meta = dict(size=args.size, B=args.batch, k=args.k, target=args.target, T=T, reps=args.reps, threads=THREADS)
-    produced_by = provenance("target_overhead")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "target_overhead.json").write_text(
-        json.dumps({"produced_by": produced_by, "meta": meta, "rows": rows}, indent=2)
-    )
+    data = save_json(RESULTS / "target_overhead.json", {"meta": meta, "rows": rows}, "target_overhead", indent=2)
     lines = [
         f"Tiny Llama {args.size} + LoRA, B={args.batch}, k={args.k}, T={T}, target of {args.target} examples, "
         f"CPU, {THREADS} thread, {args.reps} interleaved rounds (median; shared 2-core machine).",
@@ -91,7 +87,7 @@ def main() -> None:
             f"| {name} | {r['s_per_step']:.3f} | {r['ratio_to_default']:.3f} | {r['target_stage_ms']:.1f} | "
             f"{r['sketch_ms']:.1f} | {r['greedy_ms']:.1f} |"
         )
-    (RESULTS / "target_overhead.md").write_text(md_header(produced_by) + "\n".join(lines) + "\n")
+    (RESULTS / "target_overhead.md").write_text(md_header(data["produced_by"]) + "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

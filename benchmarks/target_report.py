@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import md_header, provenance, results_dir  # noqa: E402
+from lib.results import md_header, provenance, results_dir  # noqa: E402
 
 
 def final(run: dict) -> dict:
@@ -55,7 +55,7 @@ def main(names: list[str]) -> None:
         "disjoint from their evaluation split; they are not training sources. Accuracy: exact match on "
         f"{args['eval_size']} evaluation examples per task, after {args['steps']} steps (equal steps), "
         "mean ± sd over seeds (per seed in brackets). Mixture / macro: over the training sources. "
-        "Options of each method: `METHODS` in benchmarks/finetune.py (`target`, `target_h*`, "
+        "Options of each method: `ARMS` in benchmarks/lib/finetune.py (`target`, `target_h*`, "
         "`target_last_block`, `target_spread`: one greedy over the batch; `*_per_source`: per-source "
         "budgets, the default; `target_spread` aims at 8 examples of each training source instead).",
         "",

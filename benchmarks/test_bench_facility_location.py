@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from benchutil import interleave
 from coreset_optim.methods.facility_location import (
     facility_location_value,
     greedy_facility_location,
     greedy_facility_location_dense,
 )
 from coreset_optim.methods.similarity import pairwise_similarity
+from lib.timing import interleave
 
 REPS = {128: 25, 512: 9, 2048: 3}
 

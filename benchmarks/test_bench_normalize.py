@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchutil import interleave
 from coreset_optim.precondition.moments import read_adam_moments
 from coreset_optim.precondition.normalize import normalize_sketches
+from lib.timing import interleave
 
 ROWS, SHAPE = 32, (512, 512)
 

@@ -7,21 +7,22 @@ import statistics
 import torch
 
 from coreset_optim import CoresetOptimizer
-from tinyllm import build, make_batch
+from lib.data import token_batch
+from lib.models import tiny_lora_llama
 
 B, K, T = 128, 32, 64
 STAGES = ("prepare", "sketch", "compress", "similarity", "greedy", "weights", "backward")
 
 
 def test_select_stages(benchmark, record):
-    model, loss_fn = build("h128-l4", seq_len=T)
+    model, loss_fn = tiny_lora_llama("h128-l4", seq_len=T)
     opt = CoresetOptimizer(
         torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3),
         model,
         coreset_size=K,
         source_key="source",
     )
-    batches = [make_batch(B, T, seed=i) for i in range(6)]
+    batches = [token_batch(B, T, seed=i) for i in range(6)]
     rows = []
 
     def step(i=[0]):  # noqa: B006 - a counter across calls

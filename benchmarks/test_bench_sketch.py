@@ -15,20 +15,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchutil import interleave
 from coreset_optim import CoresetOptimizer
 from coreset_optim.sketch.capture import exact_sketches, BatchPass
 from coreset_optim.sketch.streaming import compressed_sketches
-from tinyllm import build, make_batch
+from lib.data import token_batch
+from lib.models import tiny_lora_llama
+from lib.timing import interleave
 
 B, K, T = 128, 32, 64
 
 
 @pytest.mark.parametrize("size", ["h128-l4", "h128-l8"])
 def test_sketch_pass_vs_nograd_forward(benchmark, record, size):
-    model, loss_fn = build(size, seq_len=T)
+    model, loss_fn = tiny_lora_llama(size, seq_len=T)
     opt = CoresetOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), model, coreset_size=K)
-    batch = make_batch(B, T)
+    batch = token_batch(B, T)
 
     def nograd_forward():
         with torch.no_grad():

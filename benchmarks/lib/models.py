@@ -89,3 +89,25 @@ def tiny_lora_llama(size: str = "h256-l4", vocab: int = 256, seq_len: int = 64, 
     base = llama(vocab, hidden, layers, heads, kv, inter, positions=seq_len, seed=seed)
     model = with_lora(base, lora_r, ["q_proj", "v_proj"])
     return model, next_token_loss(model)
+
+
+# The full fine-tuning models of sketch_memory.py, sketch_layers.py and target_memory.py:
+# name -> (family, vocab, hidden, layers, heads, intermediate)
+FULL_MODELS = {
+    "gpt2-768": ("gpt2", 50257, 768, 2, 4, 3072),
+    "llama-32k-512": ("llama", 32000, 512, 2, 8, 1376),
+    "llama-32k-256": ("llama", 32000, 256, 2, 4, 688),
+}
+
+
+def full_model(name: str, seq_len: int, vocab: int | None = None, hidden: int | None = None):
+    """``(model, loss_fn)``: one of :data:`FULL_MODELS` (seed 0), with another vocabulary or
+    hidden size when given (a Llama's MLP then 2 x hidden), and :func:`next_token_loss`."""
+    family, v, h, layers, heads, inter = FULL_MODELS[name]
+    vocab, hidden = vocab or v, hidden or h
+    if family == "gpt2":
+        model = gpt2(vocab, hidden, layers, heads, positions=seq_len)
+    else:
+        inter = inter if hidden == h else 2 * hidden
+        model = llama(vocab, hidden, layers, heads, max(1, heads // 2), inter, positions=seq_len)
+    return model, next_token_loss(model)

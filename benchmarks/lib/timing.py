@@ -1,5 +1,9 @@
-"""Side-by-side timing for the microbenchmarks (a module of its own, not conftest, so that
-``from benchutil import interleave`` never meets another directory's conftest)."""
+"""Side-by-side timing: every comparison is timed interleaved (A, B, C, A, B, C, ...) in one
+process, because the machine is shared and its speed drifts.
+
+Importing this module sets torch's thread count (``BENCH_THREADS``, default 1): on a loaded
+2-core machine, OpenMP spinning with 2 threads made steps ~10x slower.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ import time
 
 import torch
 
-# One thread: on a loaded 2-core machine, OpenMP spinning with 2 threads made steps ~10x slower.
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 torch.set_num_threads(THREADS)
 
