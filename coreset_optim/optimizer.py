@@ -328,6 +328,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
             local_weights=local_weights,
             rank_sizes=layout.sizes,
             suspects=suspects,
+            source_codes=layout.codes,
         )
 
     def _check_select_call(self, loss_fn: LossFn, loss_scale: Any, model: Any) -> nn.Module:

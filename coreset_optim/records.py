@@ -125,6 +125,8 @@ class Coreset:
     # BoolTensor[B]: examples the selector judged likely mislabeled ("trimmed_loss": their loss
     # sits in a separate high component of their source's losses); None for selectors that do not judge.
     suspects: torch.Tensor | None = None
+    # LongTensor[B] (host): each example's source, as the position of its name in source_counts
+    source_codes: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.local_indices is None:
@@ -138,6 +140,18 @@ class Coreset:
         the batch would report; from the selection pass, in eval mode), a 0-d tensor (no host sync)."""
         finite = torch.isfinite(self.losses)
         return torch.where(finite, self.losses, 0.0).sum() / finite.sum()
+
+    def suspect_shares(self) -> dict[Any, float] | None:
+        """Per source, the share of its examples in the batch flagged as suspect: the method's
+        estimate of how many look mislabeled (None when the method does not judge, or when no sketch
+        ran because every example was taken). Reads the flags on the host (one device sync)."""
+        if self.suspects is None or self.source_codes is None:
+            return None
+        flagged = torch.bincount(self.source_codes[self.suspects.cpu()], minlength=len(self.source_counts))
+        return {
+            name: (flagged[i].item() / count.in_batch if count.in_batch else 0.0)
+            for i, (name, count) in enumerate(self.source_counts.items())
+        }
 
     def __len__(self) -> int:
         return int(self.indices.numel())

@@ -129,6 +129,9 @@ def test_select_matches_a_per_example_reference(steps):
     assert sorted(want_suspects) == flipped
     assert torch.nonzero(coreset.suspects).flatten().tolist() == flipped
     assert coreset.indices.tolist() == sorted(want)
+    assert coreset.suspect_shares() == {0: 2 / 12, 1: 2 / 12}  # rows 2, 20 of source 0; 9, 15 of source 1
+    everything = CoresetOptimizer(opt, model, coreset_size=24, selection="anchored_consensus")
+    assert everything.select(batch, loss_fn, sources=sources).suspect_shares() is None  # no sketch ran
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "2", True])
