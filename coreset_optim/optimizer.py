@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections import OrderedDict
 from typing import Any
 
@@ -26,10 +27,25 @@ from .methods.registry import method_class, resolve_options, restore_method
 from .mixture.budget import keep_mask, sources_kept_whole
 from .mixture.choose import select_from_sketches, take_every_valid
 from .mixture.sources import encode_sources, source_values
+from .precondition.moments import has_second_moment
 from .presets import DEFAULT_PRESET, FROM_PRESET
 from .records import Coreset, Layout, Selection, Sketches, SourceCount
 from .sketch.capture import BatchPass, SketchSpec, resolve_sketch_modules
 from .timing import timed
+
+
+def warn_if_raw_gradients(method: SelectionMethod, optimizer: torch.optim.Optimizer) -> None:
+    """Warn when the method asks for Adam's normalization but no param group of the wrapped optimizer
+    keeps an Adam second moment (SGD, Lion, ...): its sketches are then the raw gradients."""
+    normalize = getattr(method, "normalize", None)
+    if normalize is not None and not any(has_second_moment(g) for g in optimizer.param_groups):
+        warnings.warn(
+            f"{type(optimizer).__name__} keeps no Adam second moment, so normalize={normalize!r} selects on raw "
+            "gradients; wrap an Adam-type optimizer (torch.optim.AdamW, bitsandbytes AdamW8bit, ...) to select on "
+            "the update Adam will make, or pass normalize=None to say raw gradients are meant",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 class CoresetOptimizer(torch.optim.Optimizer):
@@ -86,6 +102,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
             distributed=distributed,
             **options,
         )
+        warn_if_raw_gradients(self.selection, optimizer)
         self.process_group = process_group  # None: the default group (not saved in checkpoints)
         self.optimizer = optimizer
         self.model = model

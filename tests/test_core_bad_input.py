@@ -245,3 +245,18 @@ def test_loss_fn_raising_mid_sketch_cleans_up(trained, fail_on_call):
     assert all(not m._forward_hooks for m in model.modules())
     cs = wrapper.select(make_batch(10), regression_loss(model))  # and it still works
     assert len(cs) == 3
+
+
+def test_a_wrapped_optimizer_without_adam_moments_is_said_not_silent():
+    """SGD keeps no second moment: the sketches are raw gradients, and the user is told so (the
+    Trainer integrations say the same); normalize=None says raw gradients are meant: no warning."""
+    import warnings
+
+    model = torch.nn.Linear(3, 2)
+    with pytest.warns(UserWarning, match="SGD keeps no Adam second moment"):
+        CoresetOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, coreset_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CoresetOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, coreset_size=2, normalize=None)
+        CoresetOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, coreset_size=2, selection="random")
+        CoresetOptimizer(torch.optim.AdamW(model.parameters()), model, coreset_size=2)
