@@ -48,19 +48,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lib.experiments  # noqa: E402, F401  (registers the experimental selection methods)
 from lib.finetune import (  # noqa: E402
     ARMS,
-    Arm,
     add_setup_options,
     build_context,
     check_noise_in_pool_only,
     check_rows_keep_their_index,
     evaluate,
+    lora_model,  # noqa: F401  (examples/demo.py uses it from here)
     make_trainer,
     noise_record,
     noise_settings,
 )
 from lib.results import machine, md_header, results_dir, save_json, table_head  # noqa: E402
 from lib.summary import at_step, at_time, fmt, mean_curve, mean_sd, paired, set_times  # noqa: E402
-from lib.training import BatchStream, step_costs, train  # noqa: E402
+from lib.training import BatchStream, round_robin_costs, train  # noqa: E402
 from lib.workers import collect  # noqa: E402
 
 from coreset_optim.datasets.noise import NOISE_MODELS, PLACEMENTS, check_noise  # noqa: E402
@@ -124,11 +124,12 @@ PLOTTED = [
 QUICK_SET = ["random_k", "stratified_k", "balanced_k", "accum_B", "default"]
 
 
-def run(name: str, arm: Arm, seed: int, args, progress: Callable | None = None) -> dict:
+def run(name: str, seed: int, args, progress: Callable | None = None) -> dict:
     """Train arm ``name`` from the base with ``seed``; evaluate every ``eval_every`` steps.
     ``progress(name, step, total)`` is called after every step."""
     torch.set_num_threads(1)
     ctx = build_context(args)
+    arm = ARMS[name]
     trainer = make_trainer(arm, seed, ctx)
     total = int(round(args.steps * arm.steps)) if args.equal_time else args.steps
     curve, _ = train(
@@ -150,12 +151,12 @@ def run_star(job):
     return run(*job)
 
 
-def arm_costs(methods: list[str], args, rounds: int) -> dict[str, float]:
+def step_costs(methods: list[str], args, rounds: int) -> dict[str, float]:
     """Median seconds per training step of each arm, measured round-robin."""
     torch.set_num_threads(1)
     ctx = build_context(args)
     trainers = {m: make_trainer(ARMS[m], 0, ctx) for m in methods}
-    return step_costs(trainers, BatchStream(ctx.mixture.train, 12345), args.batch, rounds)
+    return round_robin_costs(trainers, BatchStream(ctx.mixture.train, 12345), args.batch, rounds)
 
 
 # --- summary ----------------------------------------------------------------------------------
@@ -490,7 +491,7 @@ def main(argv=None) -> None:
         return
     seeds = [int(s) for s in args.seeds.split(",")]
     # method-major: a cut-short run loses the last methods
-    jobs = [(m, ARMS[m], s, args) for m in methods for s in seeds]
+    jobs = [(m, s, args) for m in methods for s in seeds]
     start = time.time()
     runs = []
     results = Path(args.results) if args.results else RESULTS
@@ -509,7 +510,7 @@ def main(argv=None) -> None:
             done = json.loads(Path(args.resume).read_text())["runs"]
             runs = [r for r in done if r["method"] in methods and r["seed"] in seeds]
             have = {(r["method"], r["seed"]) for r in runs}
-            jobs = [j for j in jobs if (j[0], j[2]) not in have]
+            jobs = [j for j in jobs if (j[0], j[1]) not in have]
         total = len(runs) + len(jobs)
 
         def describe(r: dict) -> str:
@@ -524,7 +525,7 @@ def main(argv=None) -> None:
     t_runs = time.time() - start
     methods = [m for m in methods if any(r["method"] == m for r in runs)]
     if costs is None:
-        costs = arm_costs(methods, args, args.cost_rounds)
+        costs = step_costs(methods, args, args.cost_rounds)
     ctx = build_context(args)
     summary = summarize(runs, costs, ctx.mixture, args.steps)
     summary["targets"] = targets(summary)

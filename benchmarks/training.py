@@ -24,10 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lib.experiments  # noqa: E402, F401  (registers gradient_matching_unconstrained)
 from lib.results import machine  # noqa: E402
-from lib.summary import at_step, set_times  # noqa: E402
-from lib.synthetic import answer_loss_fn, evaluate, summarize, tiny_llama, write_results  # noqa: E402
+from lib.summary import at_step, at_time, set_times  # noqa: E402
+from lib.synthetic import answer_loss_fn, evaluate, overall, summarize, tiny_llama, write_results  # noqa: E402
+from lib.synthetic import plot  # noqa: E402, F401  (examples/compare.py uses it from here)
 from lib.options import add_run_options  # noqa: E402
-from lib.training import BatchStream, Trainer, step_costs, train  # noqa: E402
+from lib.training import BatchStream, Trainer, round_robin_costs, train  # noqa: E402
 
 from coreset_optim import CoresetOptimizer  # noqa: E402
 from coreset_optim.datasets.synthetic import make_mixture  # noqa: E402
@@ -108,6 +109,18 @@ def run(
     }
 
 
+def step_costs(methods, mixture, batch: int, k: int, lr: float, rounds: int = 12) -> dict:
+    """Median seconds per training step of each method, measured round-robin (one step of each
+    method in turn) so that load from other processes affects every method alike."""
+    trainers = {m: make_trainer(m, 0, k, lr) for m in methods}
+    return round_robin_costs(trainers, BatchStream(mixture.train, 12345), batch, rounds)
+
+
+def interp(curve, t):
+    """Held-out loss (mixture) at wall-clock ``t`` (linear between evaluations); None beyond the run."""
+    return at_time(curve, t, overall)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     add_run_options(ap, steps=300)
@@ -136,8 +149,7 @@ def main() -> None:
                 file=sys.stderr,
                 flush=True,
             )
-    trainers = {m: make_trainer(m, 0, args.k, args.lr) for m in args.methods.split(",")}
-    costs = step_costs(trainers, BatchStream(mixture.train, 12345), args.batch, rounds=12)
+    costs = step_costs(args.methods.split(","), mixture, args.batch, args.k, args.lr)
     set_times(runs, costs)
     summary = summarize(runs, mixture, args.steps)
     write_results(

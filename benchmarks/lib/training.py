@@ -114,7 +114,7 @@ def train(
     return curve, spent
 
 
-def step_costs(trainers: dict[str, Trainer], stream: BatchStream, batch: int, rounds: int) -> dict[str, float]:
+def round_robin_costs(trainers: dict[str, Trainer], stream: BatchStream, batch: int, rounds: int) -> dict[str, float]:
     """Median seconds per training step of each trainer, measured round-robin (one step of each
     in turn, on the same large batch, so that load from other processes affects every arm
     alike), after two warm-up rounds (optimizer state, allocator). Each round draws
