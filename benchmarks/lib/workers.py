@@ -1,12 +1,16 @@
-"""A configuration measured in a fresh process: the script runs itself as a worker (``--worker
-CONFIG`` and its options) and prints one JSON line, which the driver reads back."""
+"""Work in other processes: a configuration measured in a fresh process (the script runs itself
+as a worker, ``--worker CONFIG`` and its options, and prints one JSON line, which the driver reads
+back), and independent runs in parallel, collected as they finish."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import subprocess
 import sys
+import time
+from contextlib import nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: on the worker's PYTHONPATH
@@ -53,9 +57,6 @@ def spawn(script: str | Path, config: str, threads: int, **options) -> dict:
 def parallel(fn, jobs: list, processes: int):
     """``fn(job)`` for every job, as they finish: in ``processes`` spawned processes, or in this
     one (in order) when ``processes`` is 1."""
-    import multiprocessing as mp
-    from contextlib import nullcontext
-
     with mp.get_context("spawn").Pool(processes) if processes > 1 else nullcontext() as pool:
         yield from pool.imap_unordered(fn, jobs) if pool else map(fn, jobs)
 
@@ -64,8 +65,6 @@ def collect(fn, jobs: list, processes: int, runs: list[dict], partial: Path, arg
     """Each result of :func:`parallel` appended to ``runs`` as it comes, with a line
     ``[seconds] describe(result)`` on stderr, and the runs so far saved to ``partial`` (beside
     ``args``): a run cut short keeps what it finished (``--resume``)."""
-    import time
-
     start = time.time()
     for result in parallel(fn, jobs, processes):
         runs.append(result)
