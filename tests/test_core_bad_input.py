@@ -44,7 +44,7 @@ CONSTRUCTOR_CASES = [
     ({"normalize": "Adam"}, ValueError, "normalize"),
     ({"selection": "facility_location", "similarity": "dot"}, ValueError, "similarity"),
     ({"selection": "facility_location", "similarity": None}, ValueError, "similarity"),
-    ({"similarity": "l1"}, TypeError, "consensus_loss.* takes no option .'similarity'"),  # facility location's
+    ({"similarity": "l1"}, TypeError, "anchored_consensus.* takes no option .'similarity'"),  # facility location's
     ({"selection": "loss", "sketch_dim": 64}, TypeError, "'loss' takes no option .'sketch_dim'"),
     ({"selection": "lossy"}, ValueError, "selection must be"),
     ({"selection": 3}, ValueError, "selection must be"),

@@ -77,8 +77,8 @@ def count_syncs(options: dict, *, num_sources: int, block_bytes: int, chunk: int
 
 CONFIGS = {
     # sketch="auto" picks by the hold's size, which these configurations change: pin each mode
-    "default (consensus_loss), top coordinates": {"sketch": "exact"},
-    "default (consensus_loss), projection": {"sketch": "projection"},
+    "default (anchored_consensus), top coordinates": {"sketch": "exact"},
+    "default (anchored_consensus), projection": {"sketch": "projection"},
     "loss": {"selection": "loss"},
     "trimmed_loss": {"selection": "trimmed_loss"},
     "random": {"selection": "random"},
@@ -105,8 +105,8 @@ def test_host_syncs_do_not_grow_with_blocks_chunks_or_sources(name):
 # (top coordinates: building its source masks once, one redo check); suspect-flagging selectors
 # one more per-source split of the rows (for Coreset.suspects); the target its cache check.
 SYNCS_PER_SELECT = {
-    "default (consensus_loss), top coordinates": 19,
-    "default (consensus_loss), projection": 15,
+    "default (anchored_consensus), top coordinates": 19,
+    "default (anchored_consensus), projection": 15,
     "loss": 9,
     "trimmed_loss": 11,
     "random": 9,

@@ -257,7 +257,7 @@ def test_checkpoint_of_an_unregistered_method_is_refused_before_anything_changes
     with pytest.raises(ValueError, match="'my_rule', which is not registered"):
         fresh.load_state_dict(sd)
     snap.assert_unchanged()
-    assert fresh.num_steps == 0 and fresh.selection.name == "consensus_loss"
+    assert fresh.num_steps == 0 and fresh.selection.name == "anchored_consensus"
 
 
 def test_checkpoint_of_another_method_replaces_the_method():

@@ -449,7 +449,7 @@ def settings(config, method):
 
 def test_presets_and_selection_options_reach_the_optimizer(tmp_path):
     default = settings(*make_args(tmp_path).coreset_options())
-    assert (default["sketch"], default["selection"], default["normalize"]) == ("auto", "consensus_loss", "adam")
+    assert (default["sketch"], default["selection"], default["normalize"]) == ("auto", "anchored_consensus", "adam")
     colm = settings(*make_args(tmp_path, coreset_preset="colm").coreset_options())
     assert (colm["sketch"], colm["selection"], colm["normalize"], colm["zo_fixed_direction"]) == (
         "zeroth_order",

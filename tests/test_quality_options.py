@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from coreset_optim import CoresetOptimizer
-from coreset_optim.methods.consensus import ConsensusLoss
+from coreset_optim import AnchoredConsensus
 from coreset_optim.presets import PRESETS
 
 from quality_helpers import make_loss_fn, tiny_batch, tiny_model
@@ -49,8 +49,8 @@ def test_colm_preset_and_explicit_override():
     assert override.selection.normalize is None and override.selection.similarity == "cosine"
     assert override.selection.sketch == "zeroth_order"
     default = CoresetOptimizer(opt, model, coreset_size=4)
-    assert PRESETS["default"] == {"selection": "consensus_loss"}  # the rest: the method's own defaults
-    assert default.selection == ConsensusLoss()
+    assert PRESETS["default"] == {"selection": "anchored_consensus"}  # the rest: the method's own defaults
+    assert default.selection == AnchoredConsensus()
 
 
 def test_colm_preset_runs_and_restores_from_state_dict():

@@ -54,9 +54,8 @@ def high_loss_component(losses: torch.Tensor, min_separation: float = 2.0) -> to
     ``MAX_HIGH_SHARE`` of the rows above), when that separation reaches ``min_separation``; all
     False otherwise or for fewer than ``MIN_EXAMPLES`` losses."""
     n = losses.numel()
-    out = torch.zeros(n, dtype=torch.bool, device=losses.device)
     if n < MIN_EXAMPLES:
-        return out
+        return torch.zeros(n, dtype=torch.bool, device=losses.device)
     s, order = torch.sort(losses.double())
     low_sizes = torch.arange(max(1, int(n * (1 - MAX_HIGH_SHARE))), n, device=losses.device)
     prefix = torch.cat([s.new_zeros(1), torch.cumsum(s, 0)])
@@ -67,10 +66,18 @@ def high_loss_component(losses: torch.Tensor, min_separation: float = 2.0) -> to
     within = (lo_sq - lo_sum**2 / lo_n) + (hi_sq - hi_sum**2 / hi_n)  # summed squared deviations
     sd = (within.clamp_min(0) / n).sqrt() + 1e-6
     separation = (hi_sum / hi_n - lo_sum / lo_n) / sd
-    best = int(separation.argmax())
-    if float(separation[best]) >= min_separation:
-        out[order[int(low_sizes[best]) :]] = True
-    return out
+    best = separation.argmax()  # tensors throughout: no host sync per source
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(n, device=losses.device)
+    return (rank >= low_sizes[best]) & (separation[best] >= min_separation)
+
+
+def lower_median(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``values[mask].median()`` (the lower of the two middle values for an even count), as a 0-d
+    tensor computed without a host sync (no boolean indexing); ``mask`` must select some value."""
+    ordered = torch.sort(torch.where(mask, values, torch.inf)).values
+    middle = (mask.sum() - 1) // 2
+    return ordered.gather(0, middle.reshape(1)).squeeze(0)
 
 
 def anchored_suspects(x: torch.Tensor, losses: torch.Tensor, min_separation: float = 2.0) -> torch.Tensor:
@@ -82,7 +89,7 @@ def anchored_suspects(x: torch.Tensor, losses: torch.Tensor, min_separation: flo
         return torch.zeros(n, dtype=torch.bool, device=losses.device)
     small = losses <= losses.median()
     cosine = anchor_agreement(x, small.to(x.device)).to(losses.device)
-    typical = cosine[small].median()
+    typical = lower_median(cosine, small)
     high = high_loss_component(losses, min_separation)
     return (high & (cosine < typical)) | (~small & (cosine < 0))
 
