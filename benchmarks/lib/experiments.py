@@ -116,3 +116,98 @@ for _mode in CONSENSUS_MODES:
     register_method(
         type(f"ConsensusLoss_{_mode}", (ConsensusVariant,), {"name": f"consensus_loss_{_mode}", "mode": _mode})
     )
+
+
+# --- candidates for a default with a bounded worst case (benchmarks/noise_bound.py) ------------
+# Each flags suspects per source from the losses and the small-loss half's anchor; the coreset is
+# the hardest non-suspects (then suspects, lowest loss first), weighted n / k. The one chosen is the
+# library's anchored_consensus (rule "small-loss anchor, gap or negative"); these are the others
+# compared with it while choosing, kept so that the choosing runs can be repeated.
+
+
+def _flagged_choice(flag):
+    """A choose step from ``flag(x, losses) -> BoolTensor[n]`` (no flags below four rows)."""
+
+    def choose(self, x, k, context):
+        losses = context.group_losses().to(x.device)
+        if x.shape[0] < 4:
+            return hardest_first(losses, k, torch.zeros_like(losses, dtype=torch.bool)), None
+        return hardest_first(losses, k, flag(self, x, losses)), None
+
+    return choose
+
+
+def _anchor(x, losses):
+    from coreset_optim.methods.anchored import anchor_agreement
+
+    small = losses <= losses.median()
+    return small, anchor_agreement(x, small)
+
+
+def _below_quantile(x_self, x, losses):
+    small, cosine = _anchor(x, losses)
+    return ~((cosine > 0) & (losses <= torch.quantile(losses.double(), x_self.q).to(losses.dtype)))
+
+
+def _gap_only(x_self, x, losses):
+    from coreset_optim.methods.anchored import anchor_agreement, high_loss_component
+
+    high = high_loss_component(losses, x_self.min_separation)
+    voters = ~high if bool(high.any()) else losses <= losses.median()
+    return ~((anchor_agreement(x, voters) > 0) & ~high)
+
+
+def _gap_and_typical(x_self, x, losses):
+    from coreset_optim.methods.anchored import high_loss_component
+
+    small, cosine = _anchor(x, losses)
+    return high_loss_component(losses) & (cosine < x_self.tau * cosine[small].median())
+
+
+def _gap_or_top_anchor(x_self, x, losses):
+    from coreset_optim.methods.anchored import anchor_agreement, high_loss_component
+
+    small, cosine = _anchor(x, losses)
+    closer_to_top = anchor_agreement(x, ~small) > cosine
+    return (high_loss_component(losses) & (cosine < cosine[small].median())) | (~small & closer_to_top)
+
+
+@register_method
+@dataclass(kw_only=True)
+class SmallLossQuantile(SketchedMethod):
+    """Candidate: hardest among the rows below the loss quantile ``q`` that agree with the anchor."""
+
+    name: ClassVar[str] = "bound_quantile"
+    q: float = 0.5
+    choose = _flagged_choice(_below_quantile)
+
+
+@register_method
+@dataclass(kw_only=True)
+class GapOnly(SketchedMethod):
+    """Candidate: the two-means high-loss component excluded, the rest voting the anchor."""
+
+    name: ClassVar[str] = "bound_gap"
+    min_separation: float = 2.0
+    choose = _flagged_choice(_gap_only)
+
+
+@register_method
+@dataclass(kw_only=True)
+class GapAndTypical(SketchedMethod):
+    """Candidate: suspects are the high component's rows less aligned than ``tau`` x the small-loss
+    half's median row (the chosen rule without its second clause)."""
+
+    name: ClassVar[str] = "bound_gap_typical"
+    tau: float = 1.0
+    choose = _flagged_choice(_gap_and_typical)
+
+
+@register_method
+@dataclass(kw_only=True)
+class GapOrTopAnchor(SketchedMethod):
+    """Candidate: the above, or upper-half rows closer to the upper half's anchor than to the
+    small-loss one."""
+
+    name: ClassVar[str] = "bound_gap_top_anchor"
+    choose = _flagged_choice(_gap_or_top_anchor)
