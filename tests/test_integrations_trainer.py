@@ -583,10 +583,11 @@ def test_options_not_given_take_the_optimizer_defaults(tmp_path):
     )
 
 
-@pytest.mark.parametrize("selection", ["consensus_loss", "trimmed_loss"])
+@pytest.mark.parametrize("selection", ["anchored_consensus", "consensus_loss", "trimmed_loss"])
 def test_suspects_file_counts_each_ids_flags_per_logging_window(tmp_path, selection):
-    """The file has one line per logging window whose suspects are each id's count of flags in it,
-    recomputed from the recorded coresets; the id column never reaches the model."""
+    """The file has one line per logging window: its suspects are each id's count of flags in it,
+    and its suspect_share each source's flagged share, both recomputed from the recorded coresets;
+    the logs carry the same shares; the id column never reaches the model."""
     import json
     from collections import Counter
 
@@ -606,18 +607,30 @@ def test_suspects_file_counts_each_ids_flags_per_logging_window(tmp_path, select
         suspects_file=str(path),
     )
     recorder = selection_recorder()
-    CoresetTrainer(model=lora(tiny_llama()), args=args, train_dataset=dataset, callbacks=[recorder]).train()
+    trainer = CoresetTrainer(model=lora(tiny_llama()), args=args, train_dataset=dataset, callbacks=[recorder])
+    trainer.train()
     step_ids = [batch["row_id"] for batch in recorder.seen]  # on_selection's inputs keep the id column
     step_suspects = [c.suspects.tolist() for c in recorder.coresets]
-    lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    step_sources = [batch["source"] for batch in recorder.seen]
+    lines = {json.loads(line)["step"]: json.loads(line) for line in path.read_text().splitlines()}
+    logged = {h["step"]: h for h in trainer.state.log_history if "loss" in h}
     for w in range(2):
-        want = Counter()
-        for ids, flags in zip(step_ids[2 * w : 2 * w + 2], step_suspects[2 * w : 2 * w + 2]):
+        want, flagged, seen = Counter(), Counter(), Counter()
+        window = slice(2 * w, 2 * w + 2)
+        for ids, flags, sources in zip(step_ids[window], step_suspects[window], step_sources[window]):
             want.update(i for i, f in zip(ids, flags) if f)
-        got = next((dict(map(tuple, line["suspects"])) for line in lines if line["step"] == 2 * (w + 1)), {})
-        assert got == dict(want)
-    assert any(any(flags) for flags in step_suspects)  # the check above compared something
-    assert all(line["suspects"] for line in lines)  # a window without suspects writes no line
+            flagged.update(s for s, f in zip(sources, flags) if f)
+            seen.update(sources)
+        line = lines[2 * (w + 1)]
+        assert dict(map(tuple, line["suspects"])) == dict(want)
+        shares = {str(s): flagged[s] / seen[s] for s in seen}
+        assert line["suspect_share"] == pytest.approx(shares)
+        got = {
+            k.removeprefix("coreset/suspect_share/"): v for k, v in logged[2 * (w + 1)].items() if "suspect_share" in k
+        }
+        assert got == pytest.approx(shares)
+        assert all(isinstance(v, (int, float)) for v in logged[2 * (w + 1)].values())
+    assert any(any(flags) for flags in step_suspects)  # the checks above compared something
 
 
 def test_suspects_file_needs_an_id_column(tmp_path):

@@ -238,11 +238,13 @@ class CoresetTrainingArguments(CoresetArguments, TrainingArguments):
 
 
 def unwrap_coreset_optimizer(optimizer: Any) -> Any:
-    """The innermost optimizer short of a CoresetOptimizer (peels accelerate's AcceleratedOptimizer)."""
-    while not isinstance(optimizer, CoresetOptimizer) and isinstance(
-        getattr(optimizer, "optimizer", None), torch.optim.Optimizer
-    ):
-        optimizer = optimizer.optimizer
+    """The innermost optimizer short of a CoresetOptimizer (peels accelerate's AcceleratedOptimizer
+    and DeepSpeed's ZeRO optimizer, which is no ``torch.optim.Optimizer`` but has param groups)."""
+    while not isinstance(optimizer, CoresetOptimizer):
+        inner = getattr(optimizer, "optimizer", None)
+        if not (isinstance(inner, torch.optim.Optimizer) or hasattr(inner, "param_groups")):
+            break
+        optimizer = inner
     return optimizer
 
 
@@ -278,6 +280,29 @@ class CoresetCallback(TrainerCallback):
         event (``model``, ``optimizer``, ``lr_scheduler``, ``processing_class``, ``train_dataloader``,
         ``eval_dataloader``). Like other events it may set flags on ``control`` or return it.
         """
+
+
+class _StateLeftAlone:
+    """Stands in for the wrapped optimizer while :func:`load_selector_state` runs: its param groups,
+    and a ``load_state_dict`` that changes nothing."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.param_groups = optimizer.param_groups
+
+    def load_state_dict(self, state_dict: Any) -> None:
+        del state_dict
+
+
+def load_selector_state(opt: CoresetOptimizer, own: dict) -> None:
+    """``opt.load_state_dict`` of the selector's part only (``state_dict()["coreset_optim"]``), leaving
+    the wrapped optimizer's state as FSDP or DeepSpeed loaded it (under ZeRO-3 its param groups are
+    empty between steps, so a round trip through its own ``state_dict()`` would lose the state)."""
+    inner = opt.optimizer
+    opt.optimizer = _StateLeftAlone(inner)
+    try:
+        opt.load_state_dict({STATE_KEY: own})
+    finally:
+        opt.optimizer = inner
 
 
 class SourceCollator:
@@ -382,7 +407,18 @@ class CoresetTrainerMixin:
                     "(transformers' default) or fsdp_version: 2 in the accelerate config"
                 )
         if getattr(self, "is_deepspeed_enabled", False):
-            raise ValueError(f"{name} does not support DeepSpeed yet (see docs/distributed.md)")
+            config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            if "optimizer" in config:
+                raise ValueError(
+                    f"{name} wraps the optimizer the Trainer builds (optim=...), but the DeepSpeed config has an "
+                    "'optimizer' section, so DeepSpeed builds its own and there is nothing to wrap; remove the "
+                    "section (the 'scheduler' section may stay) and choose the optimizer with optim="
+                )
+            if str(config.get("fp16", {}).get("enabled", False)).lower() == "true":
+                raise ValueError(
+                    f"{name} does not support fp16 with loss scaling under DeepSpeed (the coreset's backward "
+                    "is not scaled); set fp16.enabled to false (or 'auto' with fp16=False) and use bf16"
+                )
         if args.fp16:
             raise ValueError(
                 f"{type(self).__name__} does not support fp16 with a gradient scaler (the coreset's backward "
@@ -469,28 +505,31 @@ class CoresetTrainerMixin:
     # --- checkpoints under FSDP ----------------------------------------------------------------
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """Under FSDP the Trainer saves the optimizer through ``torch.distributed.checkpoint``, which
-        keeps only ``state`` and ``param_groups`` of its state dict: the selector's own state
-        (options, counters, generator, the method's state) goes to ``coreset_optim.pt`` beside it."""
+        keeps only ``state`` and ``param_groups`` of its state dict, and under DeepSpeed through the
+        engine, which keeps only the per-parameter state: the selector's own state (options,
+        counters, generator, the method's state) goes to ``coreset_optim.pt`` beside it."""
         super()._save_optimizer_and_scheduler(output_dir)
-        if getattr(self, "is_fsdp_enabled", False) and self.args.should_save:
+        if self._engine_checkpoints() and self.args.should_save:
             torch.save(self.coreset_optimizer.state_dict()[STATE_KEY], os.path.join(output_dir, CORESET_STATE_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """Load what :meth:`_save_optimizer_and_scheduler` wrote, after the Trainer's own loading."""
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or not getattr(self, "is_fsdp_enabled", False):
+        if checkpoint is None or not self._engine_checkpoints():
             return
         path = os.path.join(checkpoint, CORESET_STATE_NAME)
         if not os.path.isfile(path):
             warnings.warn(
-                f"{checkpoint} has no {CORESET_STATE_NAME} (not saved by {type(self).__name__} under FSDP): the "
-                "selection's counters, generator and method state start afresh",
+                f"{checkpoint} has no {CORESET_STATE_NAME} (not saved by {type(self).__name__} under FSDP or "
+                "DeepSpeed): the selection's counters, generator and method state start afresh",
                 stacklevel=2,
             )
             return
-        opt = self.coreset_optimizer
-        # The wrapped optimizer's state, just loaded, is handed back as it is (same tensors).
-        opt.load_state_dict({**opt.optimizer.state_dict(), STATE_KEY: torch.load(path, weights_only=True)})
+        load_selector_state(self.coreset_optimizer, torch.load(path, weights_only=True))
+
+    def _engine_checkpoints(self) -> bool:
+        """Whether FSDP or DeepSpeed checkpoints the optimizer (both drop the selector's state)."""
+        return bool(getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False))
 
     @property
     def coreset_optimizer(self) -> CoresetOptimizer:
@@ -553,13 +592,21 @@ class CoresetTrainerMixin:
             self._fsdp_initialized = init_fsdp_dtypes(model) or True
         self._check_moments_once(opt)
         steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+        engine = model if getattr(self, "is_deepspeed_enabled", False) else None
+        if engine is None:
+            loss_fn, loss_scale = (lambda batch: self._per_example_losses(model, batch)), 1.0 / steps
+        else:
+            self._check_deepspeed_sketch_layers(opt)
+            loss_fn, loss_scale = self._deepspeed_loss(engine, steps)
         coreset = opt.select(
             inputs,
-            lambda batch: self._per_example_losses(model, batch),
+            loss_fn,
             sources=sources,
-            loss_scale=1.0 / steps,
+            loss_scale=loss_scale,
             model=model,  # the DDP wrapper under torchrun: select() pauses its sync for the sketch pass
         )
+        if engine is not None and self.accelerator.sync_gradients:
+            engine.step()  # as accelerate's backward does at the boundary (the Trainer's optimizer.step() is a no-op)
         self._record_selection(coreset)
         if ids is not None and self.args.suspects_file is not None:
             self._count_suspects(coreset, ids)
@@ -583,6 +630,36 @@ class CoresetTrainerMixin:
         )
         if not current:
             opt.sketch_layers = resolve_sketch_modules(opt.model, opt.optimizer, [t.name for t in opt.sketch_layers])
+
+    def _deepspeed_loss(self, engine: nn.Module, steps: int) -> tuple[Callable[[Any], torch.Tensor], float]:
+        """The per-example loss and loss scale of one micro-batch under DeepSpeed.
+
+        The coreset's backward runs through the engine's forward, whose hooks make ``loss.backward()``
+        DeepSpeed's backward (ZeRO's reduction into partitions, at the accumulation boundary set here
+        as accelerate sets it). The engine divides every backward by its gradient_accumulation_steps,
+        which the scale undoes: one step's gradient is still the mean of its micro-batches' coreset
+        estimates. The sketch pass (eval mode, only the sketched layers trainable, gradients taken
+        with ``torch.autograd.grad``: nothing for ZeRO to reduce) runs on the engine's module."""
+        engine.set_gradient_accumulation_boundary(self.accelerator.sync_gradients)
+        inner = engine.module
+
+        def loss_fn(batch: Any) -> torch.Tensor:
+            return self._per_example_losses(engine if inner.training else inner, batch)
+
+        return loss_fn, engine.gradient_accumulation_steps() / steps
+
+    @staticmethod
+    def _check_deepspeed_sketch_layers(opt: CoresetOptimizer) -> None:
+        """ZeRO-3 keeps whole only parameters below ``stage3_param_persistence_threshold``; the sketch
+        reads its layers' weights outside the forward, so they must be such persistent parameters."""
+        for layer in opt.sketch_layers:
+            for p in layer.params:
+                if getattr(p, "ds_persist", True) is False:
+                    raise ValueError(
+                        f"DeepSpeed ZeRO-3 partitions the sketched layer {layer.name!r} ({getattr(p, 'ds_numel', '?')} "
+                        "values, above stage3_param_persistence_threshold); sketch a smaller layer (sketch_modules=, "
+                        "e.g. LoRA's default) or raise stage3_param_persistence_threshold in the DeepSpeed config"
+                    )
 
     def _check_moments_once(self, opt: CoresetOptimizer) -> None:
         """After the first optimizer step, the normalization must find Adam's second moment."""
@@ -609,6 +686,14 @@ class CoresetTrainerMixin:
         if len(coreset.source_counts) > 1 or self.args.source_column is not None:
             for source, count in coreset.source_counts.items():
                 for what, value in (("selected", count.selected), ("in_batch", count.in_batch)):
+                    key = f"coreset/{what}/{source}"
+                    stats[key] = stats.get(key, 0) + value
+        if coreset.suspects is not None and coreset.source_codes is not None:
+            # flagged per source, kept on the device until logging (no host sync per step)
+            codes = coreset.source_codes.to(coreset.suspects.device, non_blocking=True)
+            flagged = torch.bincount(codes, weights=coreset.suspects.float(), minlength=len(coreset.source_counts))
+            for i, (source, count) in enumerate(coreset.source_counts.items()):
+                for what, value in (("suspects", flagged[i]), ("judged", count.in_batch)):
                     key = f"coreset/{what}/{source}"
                     stats[key] = stats.get(key, 0) + value
         for stage, seconds in coreset.timings.items():
@@ -653,11 +738,12 @@ class CoresetTrainerMixin:
             if flagged:
                 counts[example_id] = counts.get(example_id, 0) + 1
 
-    def _write_suspects(self) -> None:
-        """Append the window's suspects (most often flagged first) to ``suspects_file``: one JSON line
-        per logging window, per process (``.rank<N>`` appended to the name when there are several)."""
+    def _write_suspects(self, shares: Mapping[Any, float]) -> None:
+        """Append the window's suspects (most often flagged first) and each source's suspect share to
+        ``suspects_file``: one JSON line per logging window, per process (``.rank<N>`` appended to
+        the name when there are several)."""
         counts, self._suspect_counts = self._suspect_counts, {}
-        if not counts:
+        if not counts and not shares:
             return
         path = self.args.suspects_file
         if int(self.args.world_size) > 1:
@@ -665,7 +751,14 @@ class CoresetTrainerMixin:
         ranked = sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))
         with open(path, "a") as f:
             f.write(
-                json.dumps({"step": self.state.global_step, "suspects": [[i, n] for i, n in ranked]}, default=str)
+                json.dumps(
+                    {
+                        "step": self.state.global_step,
+                        "suspects": [[i, n] for i, n in ranked],
+                        "suspect_share": dict(shares),
+                    },
+                    default=str,
+                )
                 + "\n"
             )
 
@@ -677,11 +770,27 @@ class CoresetTrainerMixin:
             stats = self._coreset_stats
             n = stats.get("coreset/selections", 1)
             for key, value in stats.items():
-                logs[key] = float(value) / n if key.startswith("coreset/time_") or key == "coreset/loss" else value
+                if isinstance(value, torch.Tensor):  # read once per logging window
+                    value = value.item()
+                logs[key] = value / n if key.startswith("coreset/time_") or key == "coreset/loss" else value
+            shares = suspect_shares(logs)
+            logs.update({f"coreset/suspect_share/{source}": share for source, share in shares.items()})
             self._coreset_stats = {}
             if self.args.suspects_file is not None:
-                self._write_suspects()
+                self._write_suspects(shares)
         super().log(logs, *args, **kwargs)
+
+
+def suspect_shares(logs: dict[str, Any]) -> dict[str, float]:
+    """Per source, the share of the window's examples the method flagged as suspect, over the
+    batches it judged (``coreset/suspects/<source>`` / ``coreset/judged/<source>``, the latter
+    taken out of ``logs``): the method's running estimate of each source's noise rate."""
+    shares = {}
+    for key in [k for k in logs if k.startswith("coreset/judged/")]:
+        source, judged = key.removeprefix("coreset/judged/"), float(logs.pop(key))
+        if judged:
+            shares[source] = float(logs[f"coreset/suspects/{source}"]) / judged
+    return shares
 
 
 class CoresetTrainer(CoresetTrainerMixin, Trainer):
