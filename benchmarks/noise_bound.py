@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lib.experiments  # noqa: E402,F401  (registers the candidate rules)
-from lib.finetune import ARMS, Arm, add_setup_options, build_context, evaluate, make_trainer  # noqa: E402
+from lib.finetune import ARMS, Arm, NoiseCounts, add_setup_options, build_context, evaluate, make_trainer  # noqa: E402
 from lib.results import md_header, results_dir, stamped  # noqa: E402
 from lib.training import BatchStream, round_robin_costs, train  # noqa: E402
 
@@ -104,6 +104,8 @@ def run_one(job: tuple[str, int, str, int]) -> dict:
     args = run_args(config, noise_seed, steps, every)
     ctx = build_context(args)
     trainer = make_trainer(ALL_ARMS[name], seed, ctx)
+    if trainer.wrapper is not None and trainer.on_select is None:  # clean data: count the (false) flags too
+        trainer.on_select = NoiseCounts(torch.zeros(ctx.mixture.train["source"].shape[0], dtype=torch.bool))
     start = time.time()
     curve, _ = train(
         trainer, BatchStream(ctx.mixture.train, seed + 1), steps, args.batch, lambda m: evaluate(m, ctx.mixture), every
@@ -290,8 +292,9 @@ def report(costs_path: Path) -> None:
         "",
         "### What the coreset trained on, and the suspect report (over all steps, against the corrupted rows)",
         "",
-        "| training data | arm | corrupted share of the coreset | suspect precision | suspect recall |",
-        "|---|---|---|---|---|",
+        "| training data | arm | corrupted share of the coreset | share of the batch flagged | suspect precision "
+        "| suspect recall |",
+        "|---|---|---|---|---|---|",
     ]
     for config in spec["configs"]:
         for arm in ("default", "consensus_loss", "stratified_k"):
@@ -301,7 +304,7 @@ def report(costs_path: Path) -> None:
                 continue
             cells = [
                 mean_sd([r[k] for r in reps if k in r])
-                for k in ("selected_corrupted_share", "suspect_precision", "suspect_recall")
+                for k in ("selected_corrupted_share", "flagged_share", "suspect_precision", "suspect_recall")
             ]
             out.append(f"| {config} | {arm} | " + " | ".join(cells) + " |")
     spec = PHASES["choose"]

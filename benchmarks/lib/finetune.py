@@ -208,7 +208,7 @@ class NoiseCounts:
     def __init__(self, corrupted: torch.Tensor):
         self.corrupted = corrupted
         self.counts = dict.fromkeys(
-            ("selected", "selected_corrupted", "flagged", "flagged_corrupted", "corrupted_seen"), 0
+            ("selected", "selected_corrupted", "flagged", "flagged_corrupted", "corrupted_seen", "seen"), 0
         )
 
     def __call__(self, big: dict, coreset) -> None:
@@ -218,6 +218,7 @@ class NoiseCounts:
         c["selected_corrupted"] += int(truth[coreset.indices].sum())
         c["corrupted_seen"] += int(truth.sum())
         if coreset.suspects is not None:
+            c["seen"] += int(truth.numel())
             c["flagged"] += int(coreset.suspects.sum())
             c["flagged_corrupted"] += int((coreset.suspects & truth).sum())
 
@@ -225,9 +226,11 @@ class NoiseCounts:
         """Share of the trained-on examples that were corrupted; the suspects' precision and recall."""
         c = self.counts
         out = {"selected_corrupted_share": c["selected_corrupted"] / max(1, c["selected"])}
-        if c["flagged"] or c["flagged_corrupted"]:
-            out["suspect_precision"] = c["flagged_corrupted"] / max(1, c["flagged"])
-            out["suspect_recall"] = c["flagged_corrupted"] / max(1, c["corrupted_seen"])
+        if c["seen"]:  # the method judged: the share flagged (on clean data, every flag is a false one)
+            out["flagged_share"] = c["flagged"] / c["seen"]
+        if c["flagged"] and c["corrupted_seen"]:
+            out["suspect_precision"] = c["flagged_corrupted"] / c["flagged"]
+            out["suspect_recall"] = c["flagged_corrupted"] / c["corrupted_seen"]
         return out
 
 
