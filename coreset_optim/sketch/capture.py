@@ -239,9 +239,18 @@ def sketch_mode(model: nn.Module, layers: Sequence[SketchLayer]) -> Iterator[Non
 
 
 def _capture(layers: Sequence[SketchLayer]):
+    """Forward hooks that record each sketch layer's ``(input, output)``.
+
+    The hook is excluded from ``torch.compile`` (a graph break at the sketch layer): traced into a
+    compiled graph, the recorded output would be an intermediate of that graph, not the tensor the
+    loss was computed from, and its gradient would come back unused (zero sketches, no error).
+    At the break the output is a real tensor that the rest of the forward takes as input. The hooks
+    exist only during the sketch pass, so the breaks are in the graphs dynamo compiles for it (the
+    training step's graphs differ from those by the parameters the pass freezes)."""
     records: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in layers]
 
     def make_hook(slot):
+        @torch.compiler.disable
         def hook(module, args, output):
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"sketch module {layers[slot].name!r} returned a non-tensor")
@@ -251,6 +260,17 @@ def _capture(layers: Sequence[SketchLayer]):
 
     handles = [t.module.register_forward_hook(make_hook(i)) for i, t in enumerate(layers)]
     return records, handles
+
+
+def _compile_hint() -> str:
+    """What to do when the hooks did not run because a compiled graph skipped them."""
+    if not getattr(torch._dynamo.config, "skip_nnmodule_hook_guards", False):
+        return ""
+    return (
+        " (or, under torch.compile, a graph compiled before the sketch hooks existed was reused: "
+        "torch._dynamo.config.skip_nnmodule_hook_guards is True, so that graph does not check for "
+        "hooks; set it to False before the compiled model first runs)"
+    )
 
 
 def captured_chunks(batch_pass: BatchPass) -> Iterator[tuple[slice, list[LayerCalls], torch.Tensor]]:
@@ -275,6 +295,7 @@ def captured_chunks(batch_pass: BatchPass) -> Iterator[tuple[slice, list[LayerCa
         if not outputs:
             raise ValueError(
                 "the sketch modules were not called by loss_fn; sketch layers that the model's forward uses"
+                + _compile_hint()
             )
         if not losses.requires_grad or any(not o.requires_grad for o in outputs):
             raise ValueError(
@@ -287,7 +308,7 @@ def captured_chunks(batch_pass: BatchPass) -> Iterator[tuple[slice, list[LayerCa
         calls, pos = [], 0
         for layer, rec in zip(layers, records):
             if not rec:
-                raise ValueError(f"sketch module {layer.name!r} was not called by loss_fn")
+                raise ValueError(f"sketch module {layer.name!r} was not called by loss_fn" + _compile_hint())
             if rec[0][0].shape[0] != n:
                 raise ValueError(
                     f"sketch module {layer.name!r} saw a leading dimension of "
