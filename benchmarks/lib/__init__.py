@@ -4,9 +4,9 @@
 * :mod:`.options`: command-line options several scripts take;
 * :mod:`.models`: model builders (Llama, GPT-2, LoRA) and the per-example next-token loss;
 * :mod:`.data`: token batches made in code;
-* :mod:`.steps`: a plain step and a coreset step, as the memory benchmarks compare them;
+* :mod:`.steps`: a plain step, a coreset step, accumulation and CoLM's ideal, as the step benchmarks compare them;
 * :mod:`.memory`: peak memory of a step (host RSS or CUDA allocator) and activation bytes;
-* :mod:`.timing`: side-by-side (interleaved) timing, the torch thread count;
+* :mod:`.timing`: side-by-side (interleaved) timing, per-round ratios, the torch thread count;
 * :mod:`.workers`: a script's worker in a fresh process; runs in parallel, collected;
 * :mod:`.training`: training runs on a pool (batch stream, trainer, round-robin step costs);
 * :mod:`.summary`: curves read at a step or a time, means, spreads and paired differences;
