@@ -127,9 +127,50 @@ def rows_on_coordinates(
     return torch.where(valid[:, None].to(sketches.device), sketches, torch.full_like(sketches, float("nan")))
 
 
+def is_deepspeed_engine(model: Any) -> bool:
+    """Whether ``model`` is a DeepSpeed engine (found by its ZeRO query, without importing deepspeed)."""
+    return callable(getattr(model, "zero_optimization_partition_gradients", None))
+
+
+def gradient_sync_pause(model: Any) -> Callable[[], Any] | None:
+    """``model``'s ``no_sync`` when backward passes under it communicate nothing (DDP, FSDP1,
+    DeepSpeed ZeRO-0/1), so ranks may make different numbers of them; else None (FSDP2 has
+    none; a DeepSpeed engine's refuses ZeRO-2/3, which reduce gradients into partitions in
+    every backward)."""
+    if is_deepspeed_engine(model) and model.zero_optimization_partition_gradients():
+        return None
+    no_sync = getattr(model, "no_sync", None)
+    return no_sync if callable(no_sync) else None
+
+
+def accumulation_deferral(model: Any) -> Callable[[], Any] | None:
+    """For a DeepSpeed ZeRO-2/3 engine, a context that runs backward passes off the gradient
+    accumulation boundary (DeepSpeed's documented pattern for several backward passes before one
+    ``step()``: all off the boundary but the last); None for other models."""
+    if not (is_deepspeed_engine(model) and model.zero_optimization_partition_gradients()):
+        return None
+    return lambda: _off_accumulation_boundary(model)
+
+
+@contextlib.contextmanager
+def _off_accumulation_boundary(engine: Any):
+    """``engine.set_gradient_accumulation_boundary(False)`` for the block, then the engine's own
+    setting back (DeepSpeed's attribute: None when it counts micro-steps itself)."""
+    saved = getattr(engine, "_is_gradient_accumulation_boundary", None)
+    engine.set_gradient_accumulation_boundary(False)
+    try:
+        yield
+    finally:
+        engine._is_gradient_accumulation_boundary = saved
+
+
 def averages_gradients(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is a wrapper known to average gradients over ranks (DDP, FSDP1, FSDP2)."""
-    return callable(getattr(model, "no_sync", None)) or callable(getattr(model, "set_requires_gradient_sync", None))
+    """Whether ``model`` is a wrapper known to average gradients over ranks (DDP, FSDP1, FSDP2, DeepSpeed)."""
+    return (
+        callable(getattr(model, "no_sync", None))
+        or callable(getattr(model, "set_requires_gradient_sync", None))
+        or is_deepspeed_engine(model)
+    )
 
 
 def init_fsdp_dtypes(model: torch.nn.Module) -> bool:
@@ -163,8 +204,8 @@ def paused_gradient_sync(model: torch.nn.Module):
     Under it only the first forward may broadcast buffers, so ranks may make different numbers of
     sketch forwards without their collectives falling out of step. Other models: nothing.
     """
-    no_sync = getattr(model, "no_sync", None)
-    with no_sync() if callable(no_sync) else contextlib.nullcontext():
+    no_sync = gradient_sync_pause(model)
+    with no_sync() if no_sync is not None else contextlib.nullcontext():
         yield
 
 
@@ -224,14 +265,22 @@ class LocalBatch:
         model: torch.nn.Module,
         valid: torch.Tensor,
     ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Backpropagate the selected examples; returns ``(sub_batch, indices, weights, loss)``."""
+        """Backpropagate the selected examples; returns ``(sub_batch, indices, weights, loss)``.
+
+        A DeepSpeed ZeRO-2/3 engine gets all micro-batches but the last off its accumulation
+        boundary (:func:`accumulation_deferral`)."""
         sub_batch = index_batch(batch, indices)
-        return (
-            sub_batch,
-            indices,
-            weights,
-            backward_weighted(sub_batch, weights, loss_fn, denominator, micro_batch_size),
-        )
+        defer = accumulation_deferral(model)
+        if defer is None:
+            loss = backward_weighted(sub_batch, weights, loss_fn, denominator, micro_batch_size)
+            return sub_batch, indices, weights, loss
+        pieces = chunk_slices(int(weights.numel()), micro_batch_size)
+        total = None
+        for i, piece in enumerate(pieces):
+            with defer() if i < len(pieces) - 1 else contextlib.nullcontext():
+                part = backward_weighted_losses(loss_fn, index_batch(sub_batch, piece), weights[piece], denominator)
+            total = part if total is None else total + part
+        return sub_batch, indices, weights, total
 
 
 def batch_layout(
@@ -392,14 +441,16 @@ class Shards:
         selected examples, so the rank average is ``sum_j w_j grad_j / denominator``. Every rank
         makes the same number of gradient-synchronizing backward calls: with a DDP module
         (``model.no_sync``) all but the last micro-batch run under ``no_sync`` and there is exactly
-        one; otherwise every rank runs as many calls as the busiest rank. A rank with nothing (or
+        one; otherwise every rank runs as many calls as the busiest rank (a DeepSpeed ZeRO-2/3
+        engine: all but the last off its accumulation boundary). A rank with nothing (or
         less) to do runs zero-weight calls on one of its examples (a valid one when it has one).
         ``loss`` is the global weighted loss (one scalar all-reduce).
         """
         local, local_w = split_selection(indices, weights, self.start, self.stop)
         pieces = chunk_slices(int(local.numel()), micro_batch_size) if local.numel() else []
         calls = [(local[p], local_w[p], True) for p in pieces]
-        no_sync = getattr(model, "no_sync", None)
+        no_sync = gradient_sync_pause(model)
+        defer = accumulation_deferral(model)
         if not averages_gradients(model):
             warnings.warn(
                 "select() chose one coreset across the ranks of the process group, but `model` is "
@@ -409,7 +460,7 @@ class Shards:
                 "(docs/distributed.md)",
                 stacklevel=3,
             )
-        if callable(no_sync):
+        if no_sync is not None:
             wanted = 1
         else:
             per_rank = [
@@ -425,7 +476,8 @@ class Shards:
         total = torch.zeros((), dtype=torch.float32)
         for i, (idx, w, real) in enumerate(calls):
             last = i == len(calls) - 1
-            quiet = no_sync() if callable(no_sync) and not last else contextlib.nullcontext()
+            pause = no_sync or defer
+            quiet = pause() if pause is not None and not last else contextlib.nullcontext()
             with quiet:
                 part = backward_weighted_losses(loss_fn, index_batch(batch, idx), w, rank_denominator)
             if real:

@@ -28,14 +28,22 @@ survives ``remove_unused_columns`` and the data collator, as a per-example list)
 Each selection is also an event for the Trainer's callbacks: ``on_selection(args, state, control,
 coreset=..., inputs=..., **kwargs)``, called on every callback that defines it (see
 :class:`CoresetCallback`).
+
+Engines (``docs/distributed.md``): DDP; FSDP2 (``fsdp=True``, ``fsdp_config={"version": 2}``: the sketch
+layers follow the sharded parameters, FSDP2's mixed-precision dtypes are set before the first
+sketch pass); DeepSpeed ZeRO 1-3 (``deepspeed=config`` without an ``optimizer`` section: the
+coreset's backward goes through the engine, which steps at the accumulation boundary). Under both,
+the selector's state is checkpointed beside the engine's (``coreset_optim.pt``). Refused:
+DataParallel, FSDP1, fp16 loss scaling.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -283,26 +291,42 @@ class CoresetCallback(TrainerCallback):
 
 
 class _StateLeftAlone:
-    """Stands in for the wrapped optimizer while :func:`load_selector_state` runs: its param groups,
-    and a ``load_state_dict`` that changes nothing."""
+    """Stands in for the wrapped optimizer while :func:`selector_state` and :func:`load_selector_state`
+    run: its param groups, an empty ``state_dict`` and a ``load_state_dict`` that changes nothing."""
 
     def __init__(self, optimizer: Any) -> None:
         self.param_groups = optimizer.param_groups
+
+    def state_dict(self) -> dict:
+        return {}
 
     def load_state_dict(self, state_dict: Any) -> None:
         del state_dict
 
 
-def load_selector_state(opt: CoresetOptimizer, own: dict) -> None:
-    """``opt.load_state_dict`` of the selector's part only (``state_dict()["coreset_optim"]``), leaving
-    the wrapped optimizer's state as FSDP or DeepSpeed loaded it (under ZeRO-3 its param groups are
-    empty between steps, so a round trip through its own ``state_dict()`` would lose the state)."""
+@contextlib.contextmanager
+def _wrapped_optimizer_left_alone(opt: CoresetOptimizer) -> Iterator[None]:
     inner = opt.optimizer
     opt.optimizer = _StateLeftAlone(inner)
     try:
-        opt.load_state_dict({STATE_KEY: own})
+        yield
     finally:
         opt.optimizer = inner
+
+
+def selector_state(opt: CoresetOptimizer) -> dict:
+    """``opt.state_dict()["coreset_optim"]`` (options, counters, generator, the method's state),
+    without the wrapped optimizer's ``state_dict()``: FSDP and DeepSpeed save that state their way,
+    and under ZeRO-3 its param groups are empty between steps (its ``state_dict()`` fails)."""
+    with _wrapped_optimizer_left_alone(opt):
+        return opt.state_dict()[STATE_KEY]
+
+
+def load_selector_state(opt: CoresetOptimizer, own: dict) -> None:
+    """``opt.load_state_dict`` of the selector's part only (what :func:`selector_state` returned),
+    leaving the wrapped optimizer's state as FSDP or DeepSpeed loaded it."""
+    with _wrapped_optimizer_left_alone(opt):
+        opt.load_state_dict({STATE_KEY: own})
 
 
 class SourceCollator:
@@ -381,6 +405,7 @@ class CoresetTrainerMixin:
         self._suspect_counts: dict[Any, int] = {}  # id -> times flagged in this logging window
         self._moments_checked = False
         self._fsdp_initialized = False  # see training_step
+        self._selection_inputs: Mapping[str, Any] | None = None
         self._check_coreset_setup()
         self._selection_events()  # a non-callable on_selection fails here, before training
 
@@ -510,7 +535,7 @@ class CoresetTrainerMixin:
         counters, generator, the method's state) goes to ``coreset_optim.pt`` beside it."""
         super()._save_optimizer_and_scheduler(output_dir)
         if self._engine_checkpoints() and self.args.should_save:
-            torch.save(self.coreset_optimizer.state_dict()[STATE_KEY], os.path.join(output_dir, CORESET_STATE_NAME))
+            torch.save(selector_state(self.coreset_optimizer), os.path.join(output_dir, CORESET_STATE_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """Load what :meth:`_save_optimizer_and_scheduler` wrote, after the Trainer's own loading."""
@@ -590,21 +615,27 @@ class CoresetTrainerMixin:
         if not self._fsdp_initialized:
             # FSDP2 fixes its mixed-precision dtypes at the first forward: not in the sketch pass
             self._fsdp_initialized = init_fsdp_dtypes(model) or True
+        engine = model if getattr(self, "is_deepspeed_enabled", False) else None
+        if engine is not None:
+            self._link_deepspeed_moments(opt)
         self._check_moments_once(opt)
         steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
-        engine = model if getattr(self, "is_deepspeed_enabled", False) else None
         if engine is None:
             loss_fn, loss_scale = (lambda batch: self._per_example_losses(model, batch)), 1.0 / steps
         else:
             self._check_deepspeed_sketch_layers(opt)
             loss_fn, loss_scale = self._deepspeed_loss(engine, steps)
-        coreset = opt.select(
-            inputs,
-            loss_fn,
-            sources=sources,
-            loss_scale=loss_scale,
-            model=model,  # the DDP wrapper under torchrun: select() pauses its sync for the sketch pass
-        )
+        self._selection_inputs = inputs  # the micro-batch select() chooses from (see CoresetSFTTrainer)
+        try:
+            coreset = opt.select(
+                inputs,
+                loss_fn,
+                sources=sources,
+                loss_scale=loss_scale,
+                model=model,  # the DDP/FSDP/DeepSpeed wrapper: select() pauses its gradient sync where it can
+            )
+        finally:
+            self._selection_inputs = None
         if engine is not None and self.accelerator.sync_gradients:
             engine.step()  # as accelerate's backward does at the boundary (the Trainer's optimizer.step() is a no-op)
         self._record_selection(coreset)
@@ -647,6 +678,15 @@ class CoresetTrainerMixin:
             return self._per_example_losses(engine if inner.training else inner, batch)
 
         return loss_fn, engine.gradient_accumulation_steps() / steps
+
+    def _link_deepspeed_moments(self, opt: CoresetOptimizer) -> None:
+        """ZeRO-1/2 link each parameter to its slice of Adam's state at the first step, not when a
+        checkpoint is loaded; the sketch normalization reads that state before the resumed first step
+        (``safe_get_full_optimizer_state`` fails on an unlinked one). DeepSpeed's own lazy link, once."""
+        zero = getattr(self.optimizer, "optimizer", None)  # accelerate's wrapper holds ZeRO's optimizer
+        link = getattr(zero, "_lazy_init_hp_params_optimizer_state", None)
+        if callable(link) and len(opt.state):
+            link()
 
     @staticmethod
     def _check_deepspeed_sketch_layers(opt: CoresetOptimizer) -> None:

@@ -13,7 +13,8 @@ Sharded state (see ``docs/distributed.md``):
 * FSDP2 / DTensor: state tensors with ``full_tensor()`` are gathered whole (a collective: every
   rank must read the same parameters in the same order, which ``select()`` does). Tested on CPU.
 * DeepSpeed ZeRO 1/2/3: parameters carrying ``_hp_mapping`` or ``ds_id`` are read through
-  ``deepspeed.utils.safe_get_full_optimizer_state`` (a collective). Untested here: no DeepSpeed.
+  ``deepspeed.utils.safe_get_full_optimizer_state`` (a collective). Tested with DeepSpeed 0.19.8
+  on CPU where it is installed (``tests/test_distributed_trainer_deepspeed.py``).
 """
 
 from __future__ import annotations
@@ -104,8 +105,17 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def is_deepspeed_param(param: torch.Tensor) -> bool:
-    """Whether DeepSpeed ZeRO owns ``param``'s optimizer state (stage 1/2: ``_hp_mapping``, 3: ``ds_id``)."""
-    return getattr(param, "_hp_mapping", None) is not None or hasattr(param, "ds_id")
+    """Whether DeepSpeed ZeRO owns ``param``'s optimizer state (stage 1/2: ``_hp_mapping``, 3: ``ds_id``).
+
+    Stage 1/2 sets ``_hp_mapping`` on every parameter, ``None`` where none of it lies in this
+    rank's partition (``deepspeed.utils.safe_get_full_optimizer_state`` tests the same way)."""
+    return hasattr(param, "_hp_mapping") or hasattr(param, "ds_id")
+
+
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """The parameter's shape, also while DeepSpeed ZeRO-3 holds it partitioned (``ds_shape``; the
+    tensor itself is then empty)."""
+    return torch.Size(getattr(param, "ds_shape", param.shape))
 
 
 def step_count(state: dict) -> int:
@@ -232,8 +242,9 @@ def read_adam_moments(
     ranges = adam_moment_ranges(optimizer, param, group)
     if ranges is None:
         return None
-    whole = ranges.read(0, param.numel())
-    reshape = lambda t: None if t is None else t.reshape(param.shape)  # noqa: E731
+    shape = full_shape(param)
+    whole = ranges.read(0, shape.numel())
+    reshape = lambda t: None if t is None else t.reshape(shape)  # noqa: E731
     return AdamMoments(
         exp_avg=reshape(whole.exp_avg),
         exp_avg_sq=reshape(whole.exp_avg_sq),
@@ -246,28 +257,32 @@ def read_adam_moments(
 
 
 def _read_deepspeed_moments(optimizer: torch.optim.Optimizer, param: torch.Tensor, group: dict) -> AdamMoments | None:
-    """Adam's moments of a ZeRO-partitioned parameter, assembled whole (untested: no DeepSpeed here).
+    """Adam's moments of a ZeRO-partitioned parameter, assembled whole (a collective on every rank).
 
     The step count is not part of ZeRO's per-parameter fragments; it is read from the state of the
-    group's flat partition (every Adam step advances all of them together).
+    group's flat partition (every Adam step advances all of them together; ZeRO-3 empties the
+    groups between steps, so any flat partition's state).
     """
     from deepspeed.utils import safe_get_full_optimizer_state
 
+    flat = [optimizer.state.get(p) for p in group["params"]]
+    steps = [step_count(s) for s in flat if s and "step" in s]
+    if not steps and hasattr(param, "ds_id"):
+        # ZeRO-3 puts each flat sub-group into the group only while stepping it: any state's count
+        steps = [step_count(s) for s in optimizer.state.values() if s and "step" in s]
+    if not steps:  # before the first step (DeepSpeed raises KeyError for a state not created yet)
+        return None
     v = safe_get_full_optimizer_state(param, "exp_avg_sq")
     if v is None:
         return None
     m = safe_get_full_optimizer_state(param, "exp_avg")
-    flat = [optimizer.state.get(p) for p in group["params"]]
-    steps = [step_count(s) for s in flat if s and "step" in s]
-    if not steps:
-        return None
     peak = safe_get_full_optimizer_state(param, "max_exp_avg_sq") if group.get("amsgrad") else None
     return AdamMoments(
-        exp_avg=None if m is None else m.float().reshape(param.shape),
-        exp_avg_sq=v.float().reshape(param.shape),
+        exp_avg=None if m is None else m.float().reshape(full_shape(param)),
+        exp_avg_sq=v.float().reshape(full_shape(param)),
         step=steps[0],
         beta1=float(group["betas"][0]),
         beta2=float(group["betas"][1]),
         eps=float(group["eps"]),
-        max_exp_avg_sq=None if peak is None else peak.float().reshape(param.shape),
+        max_exp_avg_sq=None if peak is None else peak.float().reshape(full_shape(param)),
     )
