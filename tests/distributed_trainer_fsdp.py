@@ -212,6 +212,11 @@ def train(out: Path, name: str, world: int) -> dict:
         weights=[c.weights.clone() for c in recorder.coresets],
         steps=list(recorder.steps),
         losses=[h["loss"] for h in trainer.state.log_history if "loss" in h],
+        sft_metrics=[
+            [h[k] for k in ("num_tokens", "entropy", "mean_token_accuracy")]
+            for h in trainer.state.log_history
+            if "loss" in h and "entropy" in h
+        ],
         counters=(opt.num_selections, opt.num_steps),
         generator=opt.generator.get_state(),
         fsdp=bool(trainer.is_fsdp_enabled),

@@ -69,7 +69,8 @@ def max_difference(a: dict, b: dict) -> float:
 @pytest.mark.parametrize("name", ["full", "lora", "sft"])
 def test_parameters_after_training_equal_one_process(sharded, tmp_path, name):
     """Full fine-tuning (10 steps), LoRA (10 steps of 2 micro-batches) and SFT with LoRA (6 steps):
-    the same coresets, the same first-step gradient and parameters within 1e-5 of one process."""
+    the same coresets, the same first-step gradient and parameters within 1e-5 of one process
+    (and for SFT the same logged num_tokens, entropy and mean_token_accuracy)."""
     got, ref = sharded[name], run.one_process(tmp_path, name)
     assert got["fsdp"] and got["param_types"] == ["DTensor"]  # every parameter was sharded
     assert ref["param_types"] == ["Parameter"]
@@ -82,6 +83,9 @@ def test_parameters_after_training_equal_one_process(sharded, tmp_path, name):
     assert max_difference(got["params"], ref["params"]) <= 1e-5  # measured: 2.5e-6 (full), 2e-7 (LoRA)
     torch.testing.assert_close(got["losses"], ref["losses"], rtol=0, atol=1e-5)
     assert got["counters"] == ref["counters"]
+    # SFT's num_tokens, entropy and mean_token_accuracy: every rank's tokens, as in one process
+    assert len(got["sft_metrics"]) == (len(ref["steps"]) if name == "sft" else 0)
+    torch.testing.assert_close(got["sft_metrics"], ref["sft_metrics"], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name, reduce", [("bf16", "None"), ("bf16_fp32_reduce", "torch.float32")])
@@ -89,17 +93,18 @@ def test_mixed_precision_follows_fp32_one_process(sharded, tmp_path, name, reduc
     """bf16 compute (MixedPrecisionPolicy param_dtype=bf16) over fp32 sharded parameters, with
     bf16 or fp32 gradient reduction, against one fp32 process: every FSDP group kept the
     policy's dtypes (not those of the sketch pass, where only the sketched layer trains; reduce
-    None: in the bf16 compute dtype), the first step chooses the same coreset
-    and its gradient is within 2e-2 relative (measured 5e-3: bf16 carries 8 bits), the losses
-    stay within 0.05 over 6 steps (measured 0.02; later coresets may differ by an example)."""
+    None: in the bf16 compute dtype); the first step chooses the same coreset, its gradient is
+    within 2e-2 relative (measured 5.8e-3 and 5.4e-3: bf16 keeps 8 bits) and its loss within 1e-2
+    (measured 1e-4). Later coresets differ by an example or two (bf16 scores), so the runs are not
+    compared step by step; both train (the loss falls by more than 1 in 6 steps)."""
     got, ref = sharded[name], run.one_process(tmp_path, name)
     assert got["dtypes"] == {("torch.float32", "torch.bfloat16", reduce)}
     assert got["indices"][0] == ref["indices"][0]
     diff = sum(((got["grads"][n] - ref["grads"][n]) ** 2).sum() for n in ref["grads"]) ** 0.5
     norm = sum((g**2).sum() for g in ref["grads"].values()) ** 0.5
     assert diff / norm <= 2e-2
-    torch.testing.assert_close(got["losses"], ref["losses"], rtol=0, atol=0.05)
-    assert got["losses"][-1] < got["losses"][0] - 1.0
+    assert abs(got["losses"][0] - ref["losses"][0]) <= 1e-2
+    assert got["losses"][-1] < got["losses"][0] - 1.0 and ref["losses"][-1] < ref["losses"][0] - 1.0
 
 
 @pytest.mark.parametrize("stem, layout", [("sharded", "optimizer_0"), ("full_state", "optimizer.bin")])

@@ -16,17 +16,26 @@ several examples, or the batch is one flattened row: no row is one example's, so
 to select among), ``loss_type="dft"``, ``compute_loss_func`` and a Mixture-of-Experts router loss
 (not per-example losses: pass ``per_example_loss=...`` that computes them), ``activation_offloading``
 (SFT applies it in its own ``training_step``, which the coreset step replaces) and vision datasets.
-SFT's training metrics computed inside its ``compute_loss`` (``entropy``, ``mean_token_accuracy``,
-``num_tokens``) are not logged for training steps, which do not call it; evaluation is SFT's own.
+SFT's training metrics, which SFT computes in its ``compute_loss`` (not called by the coreset
+step), are computed as SFT does on the batch the Trainer reports, the large batch (as ``loss``):
+``num_tokens`` (attention-mask tokens of every rank, cumulative), ``entropy`` and
+``mean_token_accuracy`` (over the tokens that carry loss, every rank's, one value per micro-batch,
+averaged over the logging window), from the logits of the selection's pass over the micro-batch
+(no extra forward). With ``per_example_loss=...`` that pass is yours and has no logits to read:
+``entropy`` and ``mean_token_accuracy`` are then not logged. Evaluation is SFT's own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from torch import nn
 from trl import SFTConfig, SFTTrainer
 
+from .causal_lm import IGNORE_INDEX, NLL_CHUNK_BYTES, causal_lm_per_example_loss
 from .transformers import CoresetArguments, CoresetTrainerMixin, PerExampleLoss
 
 __all__ = ["CoresetSFTConfig", "CoresetSFTTrainer"]
@@ -35,6 +44,38 @@ __all__ = ["CoresetSFTConfig", "CoresetSFTTrainer"]
 @dataclass
 class CoresetSFTConfig(CoresetArguments, SFTConfig):
     """``trl.SFTConfig`` plus the :class:`~coreset_optim.CoresetOptimizer` options (:class:`CoresetArguments`)."""
+
+
+@torch.no_grad()
+def token_statistics(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[entropy sum, top-1 hits, tokens]`` (float64) over the tokens that carry loss, as SFT's metrics
+    define them: at each position whose next-token label is not ``-100``, the entropy of the
+    predicted distribution and whether its most likely token is the label. A few thousand rows of
+    logits are made float32 at a time."""
+    shifted = labels[:, 1:].to(logits.device)
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+    target = shifted.reshape(-1)
+    keep = target != IGNORE_INDEX
+    sums = torch.zeros(3, dtype=torch.float64, device=logits.device)
+    step = max(1, NLL_CHUNK_BYTES // (4 * max(1, logits.shape[-1])))
+    for r0 in range(0, flat.shape[0], step):
+        rows, mask = flat[r0 : r0 + step].float(), keep[r0 : r0 + step]
+        log_p = torch.log_softmax(rows, dim=-1)
+        entropy = -(log_p.exp() * log_p).sum(-1)
+        hits = rows.argmax(-1) == target[r0 : r0 + step]
+        sums[0] += entropy[mask].sum().double()
+        sums[1] += (hits & mask).sum().double()
+        sums[2] += mask.sum().double()
+    return sums
+
+
+def _views_of(part: Any, whole: Any) -> bool:
+    """Whether ``part`` is a slice of ``whole`` (the same storage): a chunk of the micro-batch."""
+    return (
+        isinstance(part, torch.Tensor)
+        and isinstance(whole, torch.Tensor)
+        and part.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
+    )
 
 
 class CoresetSFTTrainer(CoresetTrainerMixin, SFTTrainer):
@@ -47,6 +88,45 @@ class CoresetSFTTrainer(CoresetTrainerMixin, SFTTrainer):
     """
 
     arguments_class = CoresetSFTConfig
+
+    # --- SFT's training metrics on the large batch -------------------------------------------------
+    def _per_example_losses(self, model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """The default per-example loss; on the selection's pass over the micro-batch (eval mode,
+        chunks that are slices of it) also the chunk's token statistics, once per chunk."""
+        batch = self._selection_inputs
+        chunk = inputs.get("input_ids") if isinstance(inputs, Mapping) else None
+        if (
+            self.per_example_loss is not None
+            or batch is None
+            or self.model.training
+            or not _views_of(chunk, batch.get("input_ids"))
+        ):
+            return super()._per_example_losses(model, inputs)
+        with self.compute_loss_context_manager():
+            forward = {k: v for k, v in inputs.items() if k != "labels"}
+            forward.setdefault("use_cache", False)
+            outputs = model(**forward)
+            losses = causal_lm_per_example_loss(outputs, inputs["labels"])
+        self._token_sums.setdefault(chunk.storage_offset(), token_statistics(outputs.logits.detach(), inputs["labels"]))
+        return losses
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        """The coreset step, and SFT's ``num_tokens``, ``entropy`` and ``mean_token_accuracy`` for the
+        micro-batch (every rank's, as SFT gathers them)."""
+        self._token_sums: dict[int, torch.Tensor] = {}
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        gather = self.accelerator.gather_for_metrics
+        mask = inputs.get("attention_mask")
+        if mask is not None:
+            self._total_train_tokens += gather(mask.sum().to(self.args.device)).sum().item() // self._tp_size
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        if self.per_example_loss is None:
+            local = sum(self._token_sums.values()) if self._token_sums else torch.zeros(3, dtype=torch.float64)
+            entropy, hits, tokens = gather(local.to(self.args.device)[None]).sum(0).tolist()
+            self._metrics["train"]["entropy"].append(entropy / tokens if tokens > 0 else 0.0)
+            self._metrics["train"]["mean_token_accuracy"].append(hits / tokens if tokens > 0 else 0.0)
+        self._token_sums = {}
+        return loss
 
     def _check_coreset_arguments(self, args: Any, per_example_loss: PerExampleLoss | None) -> None:
         super()._check_coreset_arguments(args, per_example_loss)
