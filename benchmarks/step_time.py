@@ -94,6 +94,9 @@ SCALED = {
     "70b": (Shape(128, 80, 8, 1, 448, 2048), "Llama-3-70B"),
 }
 COMPILE_SHAPE = Shape(128, 4, 4, 1, 448, 1024)
+# Attention's backward over its forward in FLOPs: flash attention (torch's CPU kernel too) recomputes
+# the scores, so 5 matmuls against the forward's 2 (FlashAttention-2's count).
+ATTENTION_BACKWARD = 2.5
 
 
 def token_flops(shape: Shape, seq_len: int, lora: bool) -> dict[str, float]:
@@ -124,21 +127,24 @@ def proportions(shape: Shape, seq_len: int) -> dict[str, float]:
 def predict(shape: Shape, batch: int, k: int, seq_len: int, lora: bool) -> dict[str, float]:
     """Predicted cost of each method relative to accumulating B in micro-batches of k, from FLOPs.
 
-    Per token: forward F = linear + attention + head (+ LoRA). Backward: full fine-tuning 2F (input
-    and weight gradients; attention's backward 2x its forward); LoRA: the frozen linears' and the
-    head's input gradients only (1x), attention 2x, the adapters 2x. The sketch pass: a forward of
-    B (autograd kept only from the sketch layer up) plus its backward to the sketch layer: with
-    LoRA (the last block's v_proj LoRA-B) the head's and the top block's o_proj/MLP input gradients
-    and one block's attention backward; with full fine-tuning (the head) the per-example head
-    gradients, one head forward's worth. Steps, normalization, compression and the loss's softmax
-    are not FLOPs here (memory-bound, small at real widths)."""
+    Per token: forward F = linear + attention + head (+ LoRA). Backward: the linear layers' and
+    the head's input and weight gradients (2x their forward) with full fine-tuning, their input
+    gradients only (1x) with LoRA (the adapters: 2x); attention :data:`ATTENTION_BACKWARD` x its
+    forward either way. The sketch pass: a forward of B (autograd kept only from the sketch layer
+    up) plus its backward to the sketch layer: with LoRA (the last block's v_proj LoRA-B) the
+    head's and the top block's o_proj/MLP input gradients and one block's attention backward; with
+    full fine-tuning (the head) the per-example head gradients, one head forward's worth. The
+    coreset's backward: a forward and backward of k. Optimizer steps, normalization, compression,
+    norms, activations and the loss's softmax are not counted (memory-bound; small next to the
+    matmuls at real widths, not at hidden 128)."""
     f = token_flops(shape, seq_len, lora)
     fwd = f["linear"] + f["attention"] + f["head"] + f["lora"]
+    att_back = ATTENTION_BACKWARD * f["attention"]
     if lora:
-        bwd = f["linear"] + f["head"] + 2 * f["attention"] + 2 * f["lora"]
-        sketch_back = f["head"] + f["top_block"] + 2 * f["attention"] / shape.layers
+        bwd = f["linear"] + f["head"] + att_back + 2 * f["lora"]
+        sketch_back = f["head"] + f["top_block"] + att_back / shape.layers
     else:
-        bwd = 2 * (f["linear"] + f["attention"] + f["head"])
+        bwd = 2 * (f["linear"] + f["head"]) + att_back
         sketch_back = f["head"]
     share = k / batch
     step_k = share * (fwd + bwd)
@@ -361,7 +367,7 @@ def markdown_proportional(result: dict) -> str:
         "(k = B/4), AdamW, random init, the library's per-example loss for every method, one fixed batch "
         "(random tokens, the first quarter a prompt without loss, 4 sources). Each configuration in a fresh "
         "process; its methods side by side in rounds after one warm-up round. Ratios: median (min-max) of the "
-        "per-round ratios. Time model: `predict()` in `benchmarks/step_time.py` (FLOPs).",
+        "per-round ratios. " + time_model_line(result),
         "",
         "Shapes (hidden 128, FFN 3.5x, LoRA r = 8 on q, v):",
         "",
@@ -420,6 +426,14 @@ def markdown_proportional(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def time_model_line(result: dict) -> str:
+    t = result.get("time_model") or {}
+    return (
+        f"Time model: `predict()` in `benchmarks/step_time.py` at commit {t.get('commit', '?')} (FLOPs; attention's "
+        f"backward {t.get('attention_backward', '?')}x its forward)."
+    )
+
+
 def model_check_table(rows: list[dict]) -> str:
     """Predicted vs measured ratios to accumulation, every row (and default / ideal)."""
     lines = ["Time model vs measured (ratio to accumulation; 'error' = predicted / measured - 1):", ""]
@@ -469,7 +483,8 @@ def markdown_compile(result: dict) -> str:
     p = result["predicted"]
     lines += [
         "",
-        f"Time model: default / accum {p['default']:.2f}, ideal / accum {p['ideal']:.2f}, random k / accum "
+        time_model_line(result),
+        f"Predicted: default / accum {p['default']:.2f}, ideal / accum {p['ideal']:.2f}, random k / accum "
         f"{p['random_k']:.2f}. Compiled / eager, per method (median per-round ratio): "
         + ", ".join(f"{k} {v:.2f}" for k, v in result["compiled/eager"].items())
         + ".",
@@ -519,6 +534,11 @@ def main(argv=None) -> None:
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--model-only", action="store_true", help="print the time model's predictions for real Llamas")
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="recompute the time model's predictions of the saved rows, rewrite the .md",
+    )
     parser.add_argument("--out", default=str(results_dir("step_time")))
     add_step_options(parser, batch=32, k=8, seq_len=128)
     args = parser.parse_args(argv)
@@ -534,6 +554,9 @@ def main(argv=None) -> None:
     name = {"proportional": "step_time", "compile": "step_time_compile", "tiny": "step_time_tiny"}[args.mode]
     path = out / f"{name}.json"
     start = time.time()
+    if args.replot:
+        replot(path, args.mode)
+        return
     if args.mode == "proportional":
         old = json.loads(path.read_text()) if path.exists() and not args.quick else {}
         rows = [r for r in old.get("rows", [])]
@@ -600,11 +623,36 @@ def save(path: Path, args, data: dict, write) -> dict:
             "k": args.k,
             **data,
             "load_average_end": os.getloadavg(),
+            "time_model": time_model_record(),
         },
         "step_time",
     )
     path.with_suffix(".md").write_text(md_header(result["produced_by"]) + write(result))
     return result
+
+
+def time_model_record() -> dict:
+    """Which time model predicted: this checkout's commit and its constants."""
+    from lib.results import git
+
+    return {"commit": git("rev-parse", "--short", "HEAD") or "unknown", "attention_backward": ATTENTION_BACKWARD}
+
+
+def replot(path: Path, mode: str) -> None:
+    """The saved measurements with the current time model's predictions (recorded in ``time_model``)."""
+    result = json.loads(path.read_text())
+    if mode == "proportional":
+        for r in result["rows"]:
+            r["predicted"] = predict(SCALED[r["shape"]][0], r["batch"], r["k"], r["seq_len"], r["lora"])
+    elif mode == "compile":
+        s = result["shape"]
+        shape = Shape(s["hidden"], s["layers"], s["heads"], s["kv_heads"], s["intermediate"], s["vocab"])
+        result["predicted"] = predict(shape, result["batch"], result["k"], result["seq_len"], True)
+    result["time_model"] = time_model_record()
+    result = save_json(path, result, "step_time")
+    write = {"proportional": markdown_proportional, "compile": markdown_compile, "tiny": markdown_tiny}[mode]
+    path.with_suffix(".md").write_text(md_header(result["produced_by"]) + write(result))
+    print(write(result))
 
 
 def real_predictions_markdown(batch: int, k: int) -> str:
