@@ -99,11 +99,13 @@ COMPILE_SHAPE = Shape(128, 4, 4, 1, 448, 1024)
 ATTENTION_BACKWARD = 2.5
 
 
-def token_flops(shape: Shape, seq_len: int, lora: bool) -> dict[str, float]:
+def token_flops(shape: Shape, seq_len: int, lora: bool, targets=LORA_TARGETS) -> dict[str, float]:
     """Forward FLOPs per token, by part: the blocks' linear layers, causal attention (QK^T and AV
-    over (T + 1) / 2 keys on average), the output head, and LoRA's adapters (r = 8 on q, v)."""
-    h, layers = shape.hidden, shape.layers
-    lora_f = 2 * LORA_RANK * ((h + h) + (h + shape.kv_dim)) * layers if lora else 0.0
+    over (T + 1) / 2 keys on average), the output head, and LoRA's adapters (rank 8 on ``targets``)."""
+    h, layers, inter = shape.hidden, shape.layers, shape.intermediate
+    dims = {"q_proj": (h, h), "k_proj": (h, shape.kv_dim), "v_proj": (h, shape.kv_dim), "o_proj": (h, h)}
+    dims.update({"gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)})
+    lora_f = 2 * LORA_RANK * sum(sum(dims[t]) for t in targets) * layers if lora else 0.0
     return {
         "linear": 2.0 * shape.layer_params * layers,
         "attention": 4.0 * (seq_len + 1) / 2 * h * layers,
@@ -124,7 +126,7 @@ def proportions(shape: Shape, seq_len: int) -> dict[str, float]:
     }
 
 
-def predict(shape: Shape, batch: int, k: int, seq_len: int, lora: bool) -> dict[str, float]:
+def predict(shape: Shape, batch: int, k: int, seq_len: int, lora: bool, targets=LORA_TARGETS) -> dict[str, float]:
     """Predicted cost of each method relative to accumulating B in micro-batches of k, from FLOPs.
 
     Per token: forward F = linear + attention + head (+ LoRA). Backward: the linear layers' and
@@ -137,7 +139,7 @@ def predict(shape: Shape, batch: int, k: int, seq_len: int, lora: bool) -> dict[
     coreset's backward: a forward and backward of k. Optimizer steps, normalization, compression,
     norms, activations and the loss's softmax are not counted (memory-bound; small next to the
     matmuls at real widths, not at hidden 128)."""
-    f = token_flops(shape, seq_len, lora)
+    f = token_flops(shape, seq_len, lora, targets)
     fwd = f["linear"] + f["attention"] + f["head"] + f["lora"]
     att_back = ATTENTION_BACKWARD * f["attention"]
     if lora:
@@ -187,6 +189,9 @@ def summarize_times(times: dict[str, list[float]]) -> dict:
 
 
 def median_stages(stages: list[dict]) -> dict[str, float]:
+    """Median seconds of each stage over the steps, and of ``other``: a step's total minus its stages
+    (bookkeeping outside them)."""
+    stages = [{**s, "other": s["total"] - sum(v for key, v in s.items() if key != "total")} for s in stages]
     keys = sorted({key for s in stages for key in s})
     return {key: statistics.median(s.get(key, 0.0) for s in stages) for key in keys}
 
@@ -332,13 +337,37 @@ def run_tiny(args) -> dict:
     out = {
         "batch": batch,
         "k": k,
+        "seq_len": int(batches[0]["input_ids"].shape[1]),
+        "shape": asdict(tiny_shape()),
         "params": sum(p.numel() for p in ideal_t.model.parameters()),
         "trained": sum(p.numel() for p in ideal_t.model.parameters() if p.requires_grad),
         "times": times,
         **summarize_times(times),
         "stages": {name: median_stages(s[1:]) for name, s in stages.items()},
     }
+    out["predicted"] = tiny_predicted(out)
     return out
+
+
+def tiny_shape() -> Shape:
+    """The fine-tuning benchmark's base (``coreset_optim.datasets.base_model``), as a :class:`Shape`."""
+    from coreset_optim.datasets.base_model import base_config
+
+    c = base_config()
+    return Shape(
+        c.hidden_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.intermediate_size,
+        c.vocab_size,
+    )
+
+
+def tiny_predicted(result: dict) -> dict[str, float]:
+    from lib.finetune import LORA_TARGETS as ALL_LINEAR
+
+    return predict(Shape(**result["shape"]), result["batch"], result["k"], result["seq_len"], True, ALL_LINEAR)
 
 
 # --- the driver ---------------------------------------------------------------------------------
@@ -416,7 +445,7 @@ def markdown_proportional(result: dict) -> str:
     )
     for r in result["rows"]:
         s = r["default_stages"]
-        select_stages = sum(v for key, v in s.items() if key not in ("sketch", "backward", "total", "prepare"))
+        select_stages = sum(v for key, v in s.items() if key not in ("sketch", "backward", "total", "prepare", "other"))
         lines.append(
             f"| {r['shape']} | {'LoRA' if r['lora'] else 'full'} | {r['seq_len']} | {s.get('sketch', 0):.3f} | "
             f"{s.get('backward', 0):.3f} | {select_stages:.3f} | {s.get('total', 0):.3f} | "
@@ -512,15 +541,22 @@ def markdown_tiny(result: dict) -> str:
         r = "1.00" if name == "random_k" else ratio_cell(q.get(f"{name}/random_k"))
         lines.append(f"| {name} | {s * 1e3:.1f} | {a} | {r} |")
     lines += ["", "`Coreset.timings` of the coreset arms (median ms):", ""]
-    keys = sorted({key for st in result["stages"].values() for key in st})
-    lines += table_head("arm", *keys, "outside the stages")
+    keys = ["prepare", "sketch", "compress", "weights", "backward", "other", "total"]
+    keys += sorted({key for st in result["stages"].values() for key in st} - set(keys))
+    lines += table_head("arm", *keys)
     for name, st in result["stages"].items():
-        inner = sum(v for key, v in st.items() if key != "total")
-        lines.append(
-            f"| {name} | "
-            + " | ".join(f"{st.get(key, 0) * 1e3:.1f}" for key in keys)
-            + f" | {(st['total'] - inner) * 1e3:.1f} |"
-        )
+        lines.append(f"| {name} | " + " | ".join(f"{st.get(key, 0) * 1e3:.1f}" for key in keys) + " |")
+    lines += ["", "('other': a step's total minus its stages, the median over steps.)"]
+    p = result.get("predicted")
+    if p is not None:
+        q = result["ratios"]
+        lines += [
+            "",
+            time_model_line(result),
+            f"Predicted / measured, ratio to accumulation: default {p['default']:.2f} / "
+            f"{q['default/accum']['median']:.2f}, ideal {p['ideal']:.2f} / {q['ideal/accum']['median']:.2f}, "
+            f"random k {p['random_k']:.2f} / {q['random_k/accum']['median']:.2f} (T = {result['seq_len']}).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -644,6 +680,8 @@ def replot(path: Path, mode: str) -> None:
     if mode == "proportional":
         for r in result["rows"]:
             r["predicted"] = predict(SCALED[r["shape"]][0], r["batch"], r["k"], r["seq_len"], r["lora"])
+    elif mode == "tiny":
+        result["predicted"] = tiny_predicted(result)
     elif mode == "compile":
         s = result["shape"]
         shape = Shape(s["hidden"], s["layers"], s["heads"], s["kv_heads"], s["intermediate"], s["vocab"])
