@@ -382,6 +382,11 @@ def configs(quick: bool) -> list[dict]:
     return out
 
 
+def load(averages) -> str:
+    """A load average triple (1, 5, 15 min) as text."""
+    return "n/a" if not averages else ", ".join(f"{x:.1f}" for x in averages)
+
+
 def ratio_cell(r: dict | None) -> str:
     return "n/a" if r is None else f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})"
 
@@ -391,8 +396,9 @@ def markdown_proportional(result: dict) -> str:
     lines = [
         "# Step time at the proportions users train (`benchmarks/step_time.py --mode proportional`)",
         "",
-        f"{m['cpu']}, {m['cores']} cores shared with other jobs (load average {m['load_average_start']} at the start, "
-        f"{result.get('load_average_end')} at the end), 1 torch thread; B = {result['batch']}, k = {result['k']} "
+        f"{m['cpu']}, {m['cores']} cores shared with other jobs (load average "
+        f"{load(m['load_average_start'])} at the start, {load(result.get('load_average_end'))} at the end), "
+        f"1 torch thread; B = {result['batch']}, k = {result['k']} "
         "(k = B/4), AdamW, random init, the library's per-example loss for every method, one fixed batch "
         "(random tokens, the first quarter a prompt without loss, 4 sources). Each configuration in a fresh "
         "process; its methods side by side in rounds after one warm-up round. Ratios: median (min-max) of the "
@@ -491,8 +497,9 @@ def markdown_compile(result: dict) -> str:
     lines = [
         "# A compiled model's coreset step (`benchmarks/step_time.py --mode compile`)",
         "",
-        f"{m['cpu']}, {m['cores']} cores shared with other jobs (load average {m['load_average_start']} at the start, "
-        f"{result.get('load_average_end')} at the end), 1 torch thread. Llama hidden {s['hidden']}, {s['layers']} "
+        f"{m['cpu']}, {m['cores']} cores shared with other jobs (load average "
+        f"{load(m['load_average_start'])} at the start, {load(result.get('load_average_end'))} at the end), "
+        f"1 torch thread. Llama hidden {s['hidden']}, {s['layers']} "
         f"layers, vocabulary {s['vocab']}, LoRA r = 8 on q, v; T = {result['seq_len']}, B = {result['batch']}, "
         f"k = {result['k']}. `torch.compile(model, backend={result['backend']!r})` against the same model eager "
         "(shared weights and optimizer), the eight steps side by side in rounds. First calls (compilation): "
@@ -527,8 +534,9 @@ def markdown_tiny(result: dict) -> str:
     lines = [
         "# Where a tiny model's step goes (`benchmarks/step_time.py --mode tiny`)",
         "",
-        f"{m['cpu']}, {m['cores']} cores shared with other jobs (load average {m['load_average_start']} at the start, "
-        f"{result.get('load_average_end')} at the end), 1 torch thread. The fine-tuning benchmark's model "
+        f"{m['cpu']}, {m['cores']} cores shared with other jobs (load average "
+        f"{load(m['load_average_start'])} at the start, {load(result.get('load_average_end'))} at the end), "
+        "1 torch thread. The fine-tuning benchmark's model "
         f"({result['params']:,} parameters, {result['trained']:,} trained: LoRA r = 8 on every linear), its batches "
         f"(B = {result['batch']}, k = {result['k']}), its arms; every arm steps on the same batches in turn, "
         f"{len(result['times']['default'])} rounds after one warm-up round.",
