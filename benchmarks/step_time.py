@@ -36,7 +36,7 @@ The time model (:func:`predict`) counts matmul and attention FLOPs of each pass 
 ``--model-only`` prints its predictions for the real Llamas.
 
 Usage: ``PYTHONPATH=. python benchmarks/step_time.py --mode proportional|compile|tiny [--quick]``
-Results: benchmarks/results/step_time/{step_time,step_time_compile,step_time_tiny}.{json,md}
+Results: benchmarks/results/step_time/{step_time,step_time_compile,step_time_tiny,time_model}.{json,md}
 """
 
 from __future__ import annotations
@@ -591,7 +591,14 @@ def main(argv=None) -> None:
         print(json.dumps(run(args)))
         return
     if args.model_only:
-        print(real_predictions_markdown(args.batch, args.k))
+        path = Path(args.out) / "time_model.json"
+        rows = real_predictions(args.batch, args.k)
+        result = save_json(
+            path, {"batch": args.batch, "k": args.k, "time_model": time_model_record(), "rows": rows}, "step_time"
+        )
+        text = real_predictions_markdown(result)
+        path.with_suffix(".md").write_text(md_header(result["produced_by"]) + text)
+        print(text)
         return
     out = Path(args.out)
     args.machine = machine_info("cpu", args.threads)  # the load average at the start
@@ -701,9 +708,34 @@ def replot(path: Path, mode: str) -> None:
     print(write(result))
 
 
-def real_predictions_markdown(batch: int, k: int) -> str:
-    """The time model's ratios to accumulation for the real Llamas (what a user can expect)."""
-    lines = table_head(
+def real_predictions(batch: int, k: int) -> list[dict]:
+    """The time model's ratios to accumulation for the real Llamas, LoRA (q, v) and full, T 512-8192."""
+    rows = []
+    for name, shape in REAL.items():
+        for lora in (True, False):
+            for seq_len in (512, 2048, 8192):
+                rows.append(
+                    {
+                        "model": name,
+                        "lora": lora,
+                        "seq_len": seq_len,
+                        "proportions": proportions(shape, seq_len),
+                        "predicted": predict(shape, batch, k, seq_len, lora),
+                    }
+                )
+    return rows
+
+
+def real_predictions_markdown(result: dict) -> str:
+    lines = [
+        "# The time model at real Llama shapes (`benchmarks/step_time.py --model-only`)",
+        "",
+        f"Computed, not measured: B = {result['batch']}, k = {result['k']}, LoRA r = 8 on q, v. "
+        + time_model_line(result)
+        + " Checked against measured steps in `step_time.md`, `step_time_compile.md` and `step_time_tiny.md`.",
+        "",
+    ]
+    lines += table_head(
         "model",
         "tuning",
         "T",
@@ -713,16 +745,14 @@ def real_predictions_markdown(batch: int, k: int) -> str:
         "random k / accum",
         "default / ideal",
     )
-    for name, shape in REAL.items():
-        for lora in (True, False):
-            for seq_len in (512, 2048, 8192):
-                p, s = predict(shape, batch, k, seq_len, lora), proportions(shape, seq_len)
-                lines.append(
-                    f"| {name} | {'LoRA' if lora else 'full'} | {seq_len} | {s['head']:.1%} / {s['one_layer']:.1%} / "
-                    f"{s['attention']:.1%} | {p['default']:.2f} | {p['ideal']:.2f} | {p['random_k']:.2f} | "
-                    f"{p['default'] / p['ideal']:.2f} |"
-                )
-    return "\n".join(lines)
+    for r in result["rows"]:
+        p, s = r["predicted"], r["proportions"]
+        lines.append(
+            f"| {r['model']} | {'LoRA' if r['lora'] else 'full'} | {r['seq_len']} | {s['head']:.1%} / "
+            f"{s['one_layer']:.1%} / {s['attention']:.1%} | {p['default']:.2f} | {p['ideal']:.2f} | "
+            f"{p['random_k']:.2f} | {p['default'] / p['ideal']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
