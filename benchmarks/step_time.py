@@ -602,9 +602,9 @@ def main(argv=None) -> None:
         return
     out = Path(args.out)
     args.machine = machine_info("cpu", args.threads)  # the load average at the start
+    args.started = time.time()
     name = {"proportional": "step_time", "compile": "step_time_compile", "tiny": "step_time_tiny"}[args.mode]
-    path = out / f"{name}.json"
-    start = time.time()
+    path = out / f"{name}{'_quick' if args.quick else ''}.json"  # a smoke run never replaces the results
     if args.replot:
         replot(path, args.mode)
         return
@@ -634,7 +634,8 @@ def main(argv=None) -> None:
             rows.append(row)
             q = row["ratios"]
             print(
-                f"[{time.time() - start:5.0f}s] {c['shape']} {'lora' if c['lora'] else 'full'} T={c['seq_len']}: "
+                f"[{time.time() - args.started:5.0f}s] {c['shape']} {'lora' if c['lora'] else 'full'} "
+                f"T={c['seq_len']}: "
                 f"default/ideal {q['default/ideal']['median']:.2f} /accum {q['default/accum']['median']:.2f} "
                 f"ideal/accum {q['ideal/accum']['median']:.2f} random/accum {q['random_k/accum']['median']:.2f} "
                 f"(predicted {row['predicted']['default']:.2f}, {row['predicted']['ideal']:.2f}, "
@@ -663,6 +664,7 @@ def main(argv=None) -> None:
 def save(path: Path, args, data: dict, write) -> dict:
     import os
 
+    data = {**data, "seconds": time.time() - args.started}  # this invocation's, so far
     machine = args.machine
     result = save_json(
         path,

@@ -52,16 +52,21 @@ def frames_compiled() -> int:
     return torch._dynamo.utils.counters["frames"]["total"]
 
 
-def run_two_layer(backend: str, steps: int = 3, train_only_sketch_layer: bool = False, **options) -> list[dict]:
+def run_two_layer(
+    backend: str, steps: int = 3, train_only_sketch_layer: bool = False, wrap_compiled: bool = False, **options
+) -> list[dict]:
     """``steps`` coreset steps of a seeded TwoLayer (16 examples of 6 tokens, k = 4), eager or
-    compiled with ``backend``; per step what select() returned and the gradients it left."""
+    compiled with ``backend``; per step what select() returned and the gradients it left.
+    ``wrap_compiled``: the compiled module, not the model, is given to ``CoresetOptimizer``."""
     torch.manual_seed(0)
     model = TwoLayer(d_in=5, hidden=16, d_out=3)
     if train_only_sketch_layer:
         model.fc1.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     run = model if backend == "eager" else torch.compile(model, backend=backend)
-    wrapper = CoresetOptimizer(opt, model, coreset_size=4, **options)
+    if wrap_compiled and "sketch_modules" in options:
+        options["sketch_modules"] = "_orig_mod." + options["sketch_modules"]  # the compiled module's names
+    wrapper = CoresetOptimizer(opt, run if wrap_compiled else model, coreset_size=4, **options)
     return steps_of(wrapper, model, regression_loss(run), lambda s: make_batch(16, 5, 3, tokens=6, seed=s), steps)
 
 
@@ -123,6 +128,15 @@ def test_default_selection_is_eager_s(sketch_layer):
     breaks = graph_breaks()
     assert breaks and all(HOOK in reason for reason in breaks), breaks  # only the sketch hook breaks
     assert compiled[0]["frames"] == compiled[-1]["frames"], "recompiled after the first step"
+
+
+def test_the_compiled_module_given_to_the_wrapper():
+    """``CoresetOptimizer(opt, torch.compile(model))``: its layers are found under ``_orig_mod.``."""
+    eager = run_two_layer("eager", sketch_modules="fc1")
+    compiled = run_two_layer("aot_eager", wrap_compiled=True, sketch_modules="fc1")
+    assert_same_steps(eager, compiled, "aot_eager")
+    default_layer = run_two_layer("aot_eager", steps=1, wrap_compiled=True)
+    assert_same_steps(run_two_layer("eager", steps=1), default_layer, "aot_eager")
 
 
 def test_random_selection_is_eager_s_without_graph_breaks():
