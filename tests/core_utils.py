@@ -127,3 +127,30 @@ def build(seed: int = 0, opt_cls=torch.optim.AdamW, opt_kwargs=None, bias: bool 
     opt = opt_cls(model.parameters(), **({"lr": 1e-2} | (opt_kwargs or {})))
     wrapper_kwargs.setdefault("coreset_size", 4)
     return model, opt, CoresetOptimizer(opt, model, **wrapper_kwargs)
+
+
+FLIPPED = [2, 9, 15, 20]
+
+
+def flipped_targets(steps: int, selection: str, shift: float):
+    """A 24-row regression batch whose clean targets pull the outputs up and whose rows ``FLIPPED``
+    pull them down (``shift`` below), for a ``selection`` that judges suspects; the optimizer has
+    taken ``steps`` steps. Returns ``(model, opt, wrapper, batch, loss_fn)``; sources are
+    ``i % 2``, the sketch layer ``fc2`` kept whole (sketch_dim 10 000)."""
+    torch.manual_seed(0)
+    model = TwoLayer(d_in=4, hidden=5, d_out=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    take_steps(opt, model, steps)
+    wrapper = CoresetOptimizer(
+        opt, model, coreset_size=6, selection=selection, sketch_modules=["fc2"], sketch_dim=10_000
+    )
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(24, 4, generator=g)
+    with torch.no_grad():
+        y = model(x) + 1.0 + 0.5 * torch.rand(24, 2, generator=g)
+    y[FLIPPED] -= shift
+
+    def loss_fn(b):
+        return (model(b["x"]) - b["y"]).pow(2).mean(1)
+
+    return model, opt, wrapper, {"x": x, "y": y}, loss_fn

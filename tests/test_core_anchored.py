@@ -12,7 +12,7 @@ from coreset_optim import AnchoredConsensus, CoresetOptimizer
 from coreset_optim.methods.anchored import anchor_agreement, anchored_suspects, high_loss_component
 from coreset_optim.precondition.normalize import normalize_sketches
 
-from core_utils import TwoLayer, per_example_grads_loop, take_steps
+from core_utils import FLIPPED, flipped_targets, per_example_grads_loop
 
 
 def cosine(a, b):
@@ -95,23 +95,8 @@ def _context(losses):
 def test_select_matches_a_per_example_reference(steps):
     """The suspects and the coreset of select(), against per-example gradients from a loop,
     normalized by hand, and the rule written out with lists."""
-    torch.manual_seed(0)
-    model = TwoLayer(d_in=4, hidden=5, d_out=2)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    take_steps(opt, model, steps)
-    wrapper = CoresetOptimizer(
-        opt, model, coreset_size=6, selection="anchored_consensus", sketch_modules=["fc2"], sketch_dim=10_000
-    )
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(24, 4, generator=g)
-    with torch.no_grad():
-        y = model(x) + 1.0 + 0.5 * torch.rand(24, 2, generator=g)
-    flipped = [2, 9, 15, 20]
-    y[flipped] -= 4.0  # wrong answers: a high loss, pulling the other way
-    batch = {"x": x, "y": y}
-
-    def loss_fn(b):
-        return (model(b["x"]) - b["y"]).pow(2).mean(1)
+    model, opt, wrapper, batch, loss_fn = flipped_targets(steps, "anchored_consensus", shift=4.0)
+    flipped = FLIPPED
 
     sources = [i % 2 for i in range(24)]
     params = [model.fc2.weight, model.fc2.bias]

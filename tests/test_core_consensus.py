@@ -8,11 +8,10 @@ import math
 import pytest
 import torch
 
-from coreset_optim import CoresetOptimizer
 from coreset_optim.methods.consensus import agreement, consensus_loss_coreset, disagreeing
 from coreset_optim.precondition.normalize import normalize_sketches
 
-from core_utils import TwoLayer, build, make_batch, per_example_grads_loop, regression_loss, take_steps
+from core_utils import FLIPPED, flipped_targets, build, make_batch, per_example_grads_loop, regression_loss
 
 
 def cosine(a: list[float], b: list[float]) -> float:
@@ -56,23 +55,8 @@ def test_selector_prefers_agreeing_rows_by_loss_then_disagreeing_by_ascending_lo
 def test_select_matches_a_batch_size_one_reference(steps):
     """Rows whose targets were flipped pull against their source: they are the suspects, and the
     coreset is the highest-loss agreeing rows per source, as computed from a per-example loop."""
-    torch.manual_seed(0)
-    model = TwoLayer(d_in=4, hidden=5, d_out=2)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    take_steps(opt, model, steps)
-    wrapper = CoresetOptimizer(
-        opt, model, coreset_size=6, selection="consensus_loss", sketch_modules=["fc2"], sketch_dim=10_000
-    )
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(24, 4, generator=g)
-    with torch.no_grad():
-        y = model(x) + 1.0 + 0.5 * torch.rand(24, 2, generator=g)  # clean examples pull the outputs up
-    flipped = [2, 9, 15, 20]
-    y[flipped] -= 2.5  # these pull them down
-    batch = {"x": x, "y": y}
-
-    def loss_fn(b):
-        return (model(b["x"]) - b["y"]).pow(2).mean(1)
+    model, opt, wrapper, batch, loss_fn = flipped_targets(steps, "consensus_loss", shift=2.5)
+    flipped = FLIPPED
 
     sources = [i % 2 for i in range(24)]
     params = [model.fc2.weight, model.fc2.bias]
