@@ -80,7 +80,7 @@ def test_parameters_after_training_equal_one_process(sharded, tmp_path, name):
         torch.testing.assert_close(a, b)
     assert got["grads"].keys() == set(ref["trained"])
     assert max_difference(got["grads"], ref["grads"]) <= 1e-6
-    assert max_difference(got["params"], ref["params"]) <= 1e-5  # measured: 2.5e-6 (full), 2e-7 (LoRA)
+    assert max_difference(got["params"], ref["params"]) <= 1e-5  # measured: 4.6e-6 full, 1e-7 LoRA, 1.6e-6 SFT
     torch.testing.assert_close(got["losses"], ref["losses"], rtol=0, atol=1e-5)
     assert got["counters"] == ref["counters"]
     # SFT's num_tokens, entropy and mean_token_accuracy: every rank's tokens, as in one process
