@@ -1,9 +1,9 @@
 """Save the selection grid's coresets and gradients (``tests/selection_grid.py``) as the reference
-that ``tests/test_core_equivalence.py`` compares today's code with, bit for bit.
+that ``tests/optimizer/test_equivalence.py`` compares today's code with, bit for bit.
 
 Run once on the commit before a refactor: ``python benchmarks/equivalence.py``. It also saves two
 checkpoints of that code (``tests/data/checkpoint_v0.pt``: a target selection with its cached target
-gradient, and CoLM's preset) with the coreset each chose next, which ``tests/test_core_state.py``
+gradient, and CoLM's preset) with the coreset each chose next, which ``tests/optimizer/test_state.py``
 loads into today's code. Both files were written at commit f7384e5.
 """
 

@@ -1,5 +1,5 @@
 """A new selection method in one module: the docs' worked example (docs/api.md, "Adding a
-selection method"), run by tests/test_core_new_method.py.
+selection method"), run by tests/methods/test_new_method.py.
 
 ``selection="largest_update"``: per source, the k examples whose Adam-normalized sketch (the
 update the optimizer would make for them alone) is largest in ``ord``-norm, each weighted n / k.

@@ -1,4 +1,4 @@
-"""Shared by tests/test_distributed_*.py: a tiny model, the global batches, and a 2-process launcher.
+"""Shared by tests/distributed/test_*.py: a tiny model, the global batches, and a 2-process launcher.
 
 Run as a script (``python distributed_helpers.py OUT_DIR``) it is one rank of a gloo group
 (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the environment): it runs every scenario of

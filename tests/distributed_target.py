@@ -1,4 +1,4 @@
-"""One rank of a 2-process gloo group running selection="target" (see test_distributed_target.py).
+"""One rank of a 2-process gloo group running selection="target" (see tests/distributed/test_distributed_target.py).
 
 Run as ``python distributed_target.py OUT_DIR``; saves what the rank saw to ``OUT_DIR/rank{r}.pt``.
 """

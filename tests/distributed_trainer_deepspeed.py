@@ -7,7 +7,7 @@
 runs each named scenario of :data:`SCENARIOS` and saves, from rank 0, ``OUT/NAME.pt``: the full
 fp32 trained parameters after training (``deepspeed.utils.safe_get_full_fp32_param``), the
 global indices and weights of every selection and the logged losses.
-``tests/test_distributed_trainer_deepspeed.py`` compares them with the same scenario in one process
+``tests/distributed/test_trainer_deepspeed.py`` compares them with the same scenario in one process
 without DeepSpeed (:func:`one_process`).
 
 **Accelerate counts one process per CPU rank under DeepSpeed.** Without a GPU, Accelerate 1.16

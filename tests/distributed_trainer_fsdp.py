@@ -5,7 +5,7 @@
 runs each named scenario of :data:`SCENARIOS` (``fsdp=True``, ``fsdp_config={"version": 2, ...}``)
 and saves, from rank 0, ``OUT/NAME.pt``: the full parameters after training (``full_tensor()`` of
 every sharded parameter), the first step's gradient, the global indices and weights of every
-selection and the logged losses. ``tests/test_distributed_trainer_fsdp.py`` compares them with
+selection and the logged losses. ``tests/distributed/test_trainer_fsdp.py`` compares them with
 the same scenario in one process without FSDP (:func:`one_process`).
 
 **Accelerate does not take the FSDP path for CPU processes.** With ``use_cpu=True`` (or no GPU)
@@ -94,7 +94,7 @@ def trainer_args(out: Path, name: str, world: int):
     else:
         kwargs.pop("bf16", None)
     if spec.get("trainer") == "sft":
-        from test_integrations_trl import sft_args
+        from _integrations_models import sft_args
 
         kwargs.pop("source_column")
         return sft_args(out / name, **kwargs)
@@ -172,7 +172,7 @@ def build_trainer(out: Path, name: str, world: int, callbacks: list):
     spec = SCENARIOS[name]
     args = trainer_args(out, name, world)
     if spec.get("trainer") == "sft":
-        from test_integrations_trl import sft_dataset, tiny_tokenizer
+        from _integrations_models import sft_dataset, tiny_tokenizer
 
         from coreset_optim.integrations.trl import CoresetSFTTrainer
 

@@ -1,4 +1,4 @@
-"""Tiny models and batches shared by the test_quality_* files."""
+"""Tiny models and batches shared by the tests in tests/quality/."""
 
 from __future__ import annotations
 

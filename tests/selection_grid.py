@@ -3,7 +3,7 @@
 ``run_grid()`` runs every configuration for two steps (the second reads the Adam state the first
 left) and returns, per configuration, the coresets chosen and the gradients backpropagated.
 ``benchmarks/equivalence.py`` saved its result before the selection methods became objects
-(``tests/data/selection_grid_reference.pt``); ``tests/test_core_equivalence.py`` checks that the
+(``tests/data/selection_grid_reference.pt``); ``tests/optimizer/test_equivalence.py`` checks that the
 code of today gives the very same tensors.
 """
 

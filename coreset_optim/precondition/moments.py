@@ -14,7 +14,7 @@ Sharded state (see ``docs/distributed.md``):
   rank must read the same parameters in the same order, which ``select()`` does). Tested on CPU.
 * DeepSpeed ZeRO 1/2/3: parameters carrying ``_hp_mapping`` or ``ds_id`` are read through
   ``deepspeed.utils.safe_get_full_optimizer_state`` (a collective). Tested with DeepSpeed 0.19.8
-  on CPU where it is installed (``tests/test_distributed_trainer_deepspeed.py``).
+  on CPU where it is installed (``tests/distributed/test_trainer_deepspeed.py``).
 """
 
 from __future__ import annotations

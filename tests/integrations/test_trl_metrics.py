@@ -11,7 +11,7 @@ pytest.importorskip("trl")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 from _integrations_models import lora, one_thread, selection_recorder, tiny_llama  # noqa: E402,F401
-from test_integrations_trl import sft_args, sft_dataset, tiny_tokenizer  # noqa: E402
+from _integrations_models import sft_args, sft_dataset, tiny_tokenizer  # noqa: E402
 
 from coreset_optim.integrations.causal_lm import causal_lm_loss_fn  # noqa: E402
 from coreset_optim.integrations.trl import CoresetSFTTrainer  # noqa: E402

@@ -14,7 +14,7 @@ from coreset_optim.extensions import ModelExtension, register_extension
 
 from core_utils import TwoLayer, make_batch, regression_loss
 
-PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "coreset_optim"
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "coreset_optim"
 
 
 def _imported_modules(path: pathlib.Path) -> list[str]:

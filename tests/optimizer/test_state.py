@@ -219,7 +219,7 @@ class WithModes(torch.optim.SGD):
 
 # --- checkpoints written before selection methods were objects -----------------------------------
 
-V0 = torch.load(Path(__file__).parent / "data" / "checkpoint_v0.pt", weights_only=False)
+V0 = torch.load(Path(__file__).parents[1] / "data" / "checkpoint_v0.pt", weights_only=False)
 
 
 @pytest.mark.parametrize("name", ["target", "colm"])

@@ -13,60 +13,21 @@ pytest.importorskip("transformers")
 pytest.importorskip("trl")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-from _integrations_models import grad_capture, lora, one_thread, selection_recorder, tiny_llama  # noqa: E402,F401
+from _integrations_models import (  # noqa: E402,F401
+    grad_capture,
+    lora,
+    one_thread,
+    selection_recorder,
+    sft_args,
+    sft_dataset,
+    tiny_llama,
+    tiny_tokenizer,
+    WORDS,
+)
 
 from coreset_optim.integrations.causal_lm import causal_lm_per_example_loss  # noqa: E402
 from coreset_optim.integrations.transformers import CoresetTrainingArguments  # noqa: E402
-from coreset_optim.integrations.trl import CoresetSFTConfig, CoresetSFTTrainer  # noqa: E402
-
-WORDS = 40
-
-
-def tiny_tokenizer():
-    """A word-level tokenizer over ``w0 .. w39`` with <pad>, <eos>, <unk> (no files, no hub)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": 3 + i for i in range(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-
-
-def sft_dataset(n: int = 32, seed: int = 0, sources=("qa", "math")):
-    """Prompt-completion text: prompts of 2-5 words, completions of 1-4 words (a learnable rule)."""
-    from datasets import Dataset
-
-    g = torch.Generator().manual_seed(seed)
-    rows = {"prompt": [], "completion": [], "source": []}
-    for i in range(n):
-        words = torch.randint(0, WORDS, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
-        answer = [(words[0] + k) % WORDS for k in range(1, int(torch.randint(1, 5, (1,), generator=g)) + 1)]
-        rows["prompt"].append(" ".join(f"w{w}" for w in words))
-        rows["completion"].append(" " + " ".join(f"w{w}" for w in answer))
-        rows["source"].append(sources[0] if i % 4 else sources[1])
-    return Dataset.from_dict(rows)
-
-
-def sft_args(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        coreset_size=3,
-        max_steps=4,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        logging_steps=2,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-        disable_tqdm=True,
-        dataset_num_proc=None,
-    )
-    defaults.update(kwargs)
-    return CoresetSFTConfig(**defaults)
+from coreset_optim.integrations.trl import CoresetSFTConfig, CoresetSFTTrainer  # noqa: E402,F401
 
 
 def test_sft_trains_on_coresets_and_logs_selection_stats(tmp_path):

@@ -13,7 +13,7 @@ from coreset_optim import CoresetOptimizer
 from coreset_optim.methods.registry import METHODS
 from core_utils import Snapshot, build, make_batch, regression_loss, weighted_grad_reference
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
 import new_method  # noqa: E402  (registers "largest_update")
 
 SOURCES = ["a"] * 7 + ["b"] * 5
