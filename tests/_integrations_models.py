@@ -103,23 +103,28 @@ def make_dataset(n=64, length=16, seed=0, sources=("web", "code", "math")):
     return ListDataset(rows)
 
 
+def short_cpu_run(tmp_path, **kwargs) -> dict:
+    """The arguments every Trainer test shares: a short constant-LR run on the CPU, no saving or
+    reporting; ``kwargs`` override."""
+    return {
+        "output_dir": str(tmp_path / "out"),
+        "learning_rate": 1e-2,
+        "lr_scheduler_type": "constant",
+        "logging_steps": 2,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "seed": 0,
+        "disable_tqdm": True,
+        **kwargs,
+    }
+
+
 def make_args(tmp_path, **kwargs):
     """CoresetTrainingArguments for fast CPU tests; ``kwargs`` override."""
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=16,
-        coreset_size=4,
-        max_steps=6,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        logging_steps=2,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
+    defaults = short_cpu_run(
+        tmp_path, **{"per_device_train_batch_size": 16, "coreset_size": 4, "max_steps": 6, **kwargs}
     )
-    defaults.update(kwargs)
     from coreset_optim.integrations.transformers import CoresetTrainingArguments
 
     return CoresetTrainingArguments(**defaults)
@@ -189,23 +194,17 @@ def sft_dataset(n: int = 32, seed: int = 0, sources=("qa", "math")):
 
 def sft_args(tmp_path, **kwargs):
     """CoresetSFTConfig of a short CPU run (coreset of 3 of 8), ``kwargs`` overriding."""
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        coreset_size=3,
-        max_steps=4,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        logging_steps=2,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-        disable_tqdm=True,
-        dataset_num_proc=None,
+    defaults = short_cpu_run(
+        tmp_path,
+        **{
+            "per_device_train_batch_size": 8,
+            "coreset_size": 3,
+            "max_steps": 4,
+            "bf16": False,
+            "dataset_num_proc": None,
+            **kwargs,
+        },
     )
-    defaults.update(kwargs)
     from coreset_optim.integrations.trl import CoresetSFTConfig
 
     return CoresetSFTConfig(**defaults)
