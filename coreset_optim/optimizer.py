@@ -56,7 +56,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
     The wrapped optimizer's per-parameter state is only ever read.
 
     ``selection``: a :class:`~coreset_optim.methods.base.SelectionMethod` object, or a registered name
-    (``"consensus_loss"``, ``"loss"``, ``"facility_location"``... see :mod:`.methods`) built with
+    (``"anchored_consensus"``, ``"loss"``, ``"facility_location"``... see :mod:`.methods`) built with
     ``preset``'s values and ``**options`` (the method's own options, e.g. ``sketch_dim=512``).
     The method is ``self.selection``. Shared options: :class:`~coreset_optim.CoresetConfig`.
     """
