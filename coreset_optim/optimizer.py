@@ -20,7 +20,7 @@ from torch import nn
 from .batching import LossFn, batch_size
 from .checkpoints import STATE_KEY, WrapperState, read_wrapper_state, wrapper_state
 from .config import CoresetConfig
-from .distributed import batch_layout, paused_gradient_sync
+from .distributed import batch_layout, init_fsdp_dtypes, paused_gradient_sync
 from .loss import check_loss_scale
 from .methods.base import SelectionContext, SelectionMethod, losses_only
 from .methods.registry import method_class, resolve_options, restore_method
@@ -261,6 +261,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
         """
         start = time.perf_counter()
         wrapper = self._check_select_call(loss_fn, loss_scale, model)
+        init_fsdp_dtypes(wrapper)  # FSDP2 (idempotent): its dtypes fixed before a sketch pass freezes parameters
         size = batch_size(batch)
         codes, names = encode_sources(source_values(batch, size, sources, self.config.source_key), size)
         method = self.selection
