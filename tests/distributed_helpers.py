@@ -277,3 +277,24 @@ if __name__ == "__main__":
         run_fsdp_rank(Path(sys.argv[1]))
     else:
         run_rank(Path(sys.argv[1]))
+
+
+# --- the sharded Trainer tests (FSDP2, DeepSpeed): one process as the reference, exact resume --
+
+
+def max_difference(a: dict, b: dict) -> float:
+    """The largest absolute difference between two ``{name: tensor}`` dicts with the same names."""
+    assert a.keys() == b.keys()
+    return max((a[n] - b[n]).abs().max().item() for n in a)
+
+
+def assert_resumed_exactly(resumed: dict, full: dict) -> None:
+    """A run resumed from step 2's checkpoint continues the uninterrupted 4-step run exactly: the
+    same steps, coresets, counters, generator state and parameters (difference 0)."""
+    assert resumed["steps"] == full["steps"][2:] == [2, 3]
+    assert resumed["indices"] == full["indices"][2:]
+    for a, b in zip(resumed["weights"], full["weights"][2:]):
+        assert torch.equal(a, b)
+    assert resumed["counters"] == full["counters"] == (4, 4)
+    assert torch.equal(resumed["generator"], full["generator"])
+    assert max_difference(resumed["params"], full["params"]) == 0.0

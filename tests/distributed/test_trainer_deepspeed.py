@@ -52,11 +52,6 @@ def zero(tmp_path_factory):
     return results
 
 
-def max_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[n] - b[n]).abs().max().item() for n in a)
-
-
 @pytest.mark.parametrize(
     "name, stage", [("zero1_lora", 1), ("zero2_full", 2), ("zero2_lora_micro", 2), ("zero3_lora", 3), ("zero3_full", 3)]
 )
@@ -78,7 +73,7 @@ def test_parameters_after_training_equal_one_process(zero, tmp_path, name, stage
     assert got["steps"] == ref["steps"] and got["indices"] == ref["indices"]
     for a, b in zip(got["weights"], ref["weights"]):
         torch.testing.assert_close(a, b)
-    assert max_difference(got["params"], ref["params"]) <= (5e-5 if name == "zero3_full" else 1e-5)
+    assert h.max_difference(got["params"], ref["params"]) <= (5e-5 if name == "zero3_full" else 1e-5)
     torch.testing.assert_close(got["losses"], ref["losses"], rtol=0, atol=1e-5)
     assert got["counters"][0] == ref["counters"][0]
 
@@ -92,13 +87,7 @@ def test_resume_from_a_deepspeed_checkpoint_continues_exactly(zero, stage):
     full, resumed = zero[f"zero{stage}_4"], zero[f"zero{stage}_resumed"]
     checkpoint = zero["_out"] / run.SCENARIOS[f"zero{stage}_resumed"]["resume"]
     assert (checkpoint / "coreset_optim.pt").is_file()
-    assert resumed["steps"] == full["steps"][2:] == [2, 3]
-    assert resumed["indices"] == full["indices"][2:]
-    for a, b in zip(resumed["weights"], full["weights"][2:]):
-        assert torch.equal(a, b)
-    assert resumed["counters"] == full["counters"] == (4, 4)
-    assert torch.equal(resumed["generator"], full["generator"])
-    assert max_difference(resumed["params"], full["params"]) == 0.0
+    h.assert_resumed_exactly(resumed, full)
 
 
 def test_refusals_say_what_to_change(zero):
@@ -118,4 +107,4 @@ def test_select_in_a_loop_through_deepspeed_initialize(zero, name):
     batches (measured 3e-8 to 1.2e-7)."""
     got, ref = zero[name], run.initialize_reference()
     assert got["indices"] == ref["indices"]
-    assert max_difference(got["params"], ref["params"]) <= 1e-6
+    assert h.max_difference(got["params"], ref["params"]) <= 1e-6

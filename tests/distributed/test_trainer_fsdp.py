@@ -61,11 +61,6 @@ def sharded(tmp_path_factory):
     return results
 
 
-def max_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[n] - b[n]).abs().max().item() for n in a)
-
-
 @pytest.mark.parametrize("name", ["full", "lora", "sft"])
 def test_parameters_after_training_equal_one_process(sharded, tmp_path, name):
     """Full fine-tuning (10 steps), LoRA (10 steps of 2 micro-batches) and SFT with LoRA (6 steps):
@@ -79,8 +74,8 @@ def test_parameters_after_training_equal_one_process(sharded, tmp_path, name):
     for a, b in zip(got["weights"], ref["weights"]):
         torch.testing.assert_close(a, b)
     assert got["grads"].keys() == set(ref["trained"])
-    assert max_difference(got["grads"], ref["grads"]) <= 1e-6
-    assert max_difference(got["params"], ref["params"]) <= 1e-5  # measured: 4.6e-6 full, 1e-7 LoRA, 1.6e-6 SFT
+    assert h.max_difference(got["grads"], ref["grads"]) <= 1e-6
+    assert h.max_difference(got["params"], ref["params"]) <= 1e-5  # measured: 4.6e-6 full, 1e-7 LoRA, 1.6e-6 SFT
     torch.testing.assert_close(got["losses"], ref["losses"], rtol=0, atol=1e-5)
     assert got["counters"] == ref["counters"]
     # SFT's num_tokens, entropy and mean_token_accuracy: every rank's tokens, as in one process
@@ -117,13 +112,7 @@ def test_resume_from_an_fsdp_checkpoint_continues_exactly(sharded, stem, layout)
     full, resumed = sharded[f"{stem}_4"], sharded[f"{stem}_resumed"]
     checkpoint = sharded["_out"] / run.SCENARIOS[f"{stem}_resumed"]["resume"]
     assert (checkpoint / "coreset_optim.pt").is_file() and (checkpoint / layout).exists()
-    assert resumed["steps"] == full["steps"][2:] == [2, 3]
-    assert resumed["indices"] == full["indices"][2:]
-    for a, b in zip(resumed["weights"], full["weights"][2:]):
-        assert torch.equal(a, b)
-    assert resumed["counters"] == full["counters"] == (4, 4)
-    assert torch.equal(resumed["generator"], full["generator"])
-    assert max_difference(resumed["params"], full["params"]) == 0.0
+    h.assert_resumed_exactly(resumed, full)
 
 
 def test_fsdp1_is_refused_with_the_way_out(sharded):
