@@ -326,3 +326,98 @@ def check_rows_keep_their_index(arm: Arm, ctx: Context) -> int:
     trainer.step(BatchStream(pool, 1).next(ctx.args.batch))
     require(bool(seen), "the loss saw no pool rows")
     return len(seen)
+
+
+# --- a finite training set (finite_data.py) ---------------------------------------------------
+def _prompt_keys(splits: dict) -> set:
+    """(op tokens, input tokens) of every row of the evaluation or target splits: a near duplicate
+    must not become one of them."""
+    from coreset_optim.datasets.tasks import SEP
+
+    keys = set()
+    for data in splits.values():
+        for row in data["input_ids"].tolist():
+            keys.add(tuple(row[: row.index(SEP)]))
+    return keys
+
+
+def near_duplicate(task, symbols: list[int], g: torch.Generator, avoid: set) -> list[int] | None:
+    """The row's input with one symbol changed (position and new symbol drawn from ``g``) whose
+    prompt is not in ``avoid``: None after 20 tries."""
+    from coreset_optim.datasets.tasks import NUM_SYMBOLS, encode
+
+    for _ in range(20):
+        s = list(symbols)
+        pos = int(torch.randint(len(s), (1,), generator=g))
+        s[pos] = (s[pos] + 1 + int(torch.randint(NUM_SYMBOLS - 1, (1,), generator=g))) % NUM_SYMBOLS
+        if tuple(encode(task.ops, s, None)[:-1]) not in avoid:  # the prompt without SEP
+            return s
+    return None
+
+
+def finite_set(
+    mixture: FinetuneMixture, rows: int, duplicate_share: float = 0.0, near_share: float = 0.5, seed: int = 0
+) -> tuple[dict, torch.Tensor]:
+    """A finite training set of ``rows`` rows, and each row's original (``LongTensor[rows]``: its
+    own position for an original row, the copied row's for a duplicate).
+
+    The first ``rows - round(rows * duplicate_share)`` rows of ``mixture.train`` (the pool is
+    shuffled: a uniform draw, in the pool's shares) are the originals; the rest are duplicates of
+    originals drawn uniformly (with replacement, from ``seed``): a share ``near_share`` of them
+    near duplicates (one input symbol changed, the answer recomputed by the row's task, so still a
+    correct example, and never a prompt of the evaluation or target splits), the others exact
+    copies. Rows in that order (originals, exact copies, near duplicates); the training stream
+    shuffles them. Fields: ``input_ids``, ``labels``, ``source``."""
+    from coreset_optim.datasets.noise import parse_pool
+    from coreset_optim.datasets.tasks import SOURCES, encode, to_batch
+
+    dups = int(round(rows * duplicate_share))
+    unique = rows - dups
+    if not 0 <= duplicate_share < 1 or unique > mixture.train["source"].shape[0] or unique < 1:
+        raise ValueError(f"cannot make {rows} rows with {duplicate_share} duplicates from the pool")
+    base = {key: mixture.train[key][:unique] for key in ("input_ids", "labels", "source")}
+    g = torch.Generator().manual_seed(seed)
+    of = torch.randint(unique, (dups,), generator=g)
+    near = int(round(dups * near_share))
+    exact, near_of = of[: dups - near], of[dups - near :]
+    parsed = parse_pool({key: base[key][near_of] for key in ("input_ids", "labels", "source")}) if near else None
+    tasks = [s.task for s in SOURCES]
+    avoid = _prompt_keys(mixture.eval) | _prompt_keys(mixture.target)
+    new_rows, prompts, kept = [], [], []
+    for i in range(near):
+        task = tasks[parsed.source[i]]
+        s = near_duplicate(task, parsed.inputs[i], g, avoid)
+        if s is None:  # no acceptable change: an exact copy instead
+            s = parsed.inputs[i]
+        prompt = encode(task.ops, s, None)
+        new_rows.append(encode(task.ops, s, task.answer(s)))
+        prompts.append(len(prompt))
+        kept.append(int(near_of[i]))
+    parts = [base, {key: base[key][exact] for key in base}]
+    if near:
+        nb = to_batch(new_rows, prompts)
+        parts.append({**nb, "source": base["source"][near_of]})
+    train = {key: torch.cat([p[key] for p in parts]) for key in base}
+    original = torch.cat([torch.arange(unique), exact, torch.tensor(kept, dtype=torch.long)])
+    return train, original
+
+
+def finite_context(args) -> tuple[Context, torch.Tensor]:
+    """:func:`build_context` for a finite training set: ``args.rows`` rows drawn once from a clean
+    pool of ``args.pool`` (:func:`finite_set`, ``args.duplicate_share`` duplicates, data seed
+    ``args.data_seed``), then the label noise of ``args`` applied to the set itself (every row,
+    duplicates included, corrupted independently at the noise rate). Returns the context (its
+    ``mixture.train`` is the set, rows numbered in ``index``) and each row's original."""
+    from coreset_optim.datasets.noise import corrupt_pool
+    from coreset_optim.datasets.tasks import SOURCES
+
+    mixture = make_finetune_mixture(args.pool, args.eval_size, args.target_size, seed=0)
+    train, original = finite_set(mixture, args.rows, args.duplicate_share, args.near_share, args.data_seed)
+    noise, corrupted = noise_settings(args), None
+    if noise is not None:
+        tasks = [s.task for s in SOURCES]
+        train, corrupted = corrupt_pool(train, tasks, noise["model"], noise["rate"], noise["placement"], noise["seed"])
+    train = {**train, "index": torch.arange(train["source"].shape[0])}
+    mixture = replace(mixture, train=train)
+    target = {key: torch.cat([mixture.target[t][key] for t in mixture.held_out]) for key in ("input_ids", "labels")}
+    return Context(mixture, target, args, corrupted), original
