@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batching import LossFn, batch_size
+from .batching import LossFn, batch_size, call_loss_fn, index_batch
 from .checkpoints import STATE_KEY, WrapperState, read_wrapper_state, wrapper_state
 from .config import CoresetConfig
 from .distributed import batch_layout, init_fsdp_dtypes, paused_gradient_sync
 from .loss import check_loss_scale
-from .methods.base import SelectionContext, SelectionMethod, losses_only
+from .methods.base import SelectionContext, SelectionMethod, losses_only, unjudged
 from .methods.registry import method_class, resolve_options, restore_method
 from .mixture.budget import keep_mask, sources_kept_whole
 from .mixture.choose import select_from_sketches, take_every_valid
@@ -46,6 +46,64 @@ def warn_if_raw_gradients(method: SelectionMethod, optimizer: torch.optim.Optimi
             UserWarning,
             stacklevel=3,
         )
+
+
+def param_device(optimizer: torch.optim.Optimizer) -> torch.device:
+    """Where the wrapped optimizer's first parameter lives (the device a pass's losses would be on)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            return p.device
+    return torch.device("cpu")
+
+
+def skipping_nonfinite(loss_fn: LossFn, skipped: list[tuple[int, torch.Tensor]]) -> LossFn:
+    """``loss_fn`` for a coreset no pass judged: a call whose losses are not all finite is made
+    again on its finite examples only, and the others get a constant 0 (a NaN or inf in the forward
+    would reach every gradient, even at weight 0). Appends ``(examples in the call, positions left
+    out)`` to ``skipped`` for such calls. One host read per call (the finiteness check)."""
+
+    def call(batch: Any) -> torch.Tensor:
+        size = batch_size(batch)
+        losses = call_loss_fn(loss_fn, batch, size)
+        finite = torch.isfinite(losses.detach())
+        if bool(finite.all()):
+            skipped.append((size, torch.zeros(0, dtype=torch.long)))
+            return losses
+        del losses  # its graph, before the second forward
+        keep = torch.nonzero(finite).flatten()
+        if keep.numel() == 0:
+            raise ValueError(
+                f"every one of the {size} examples of a micro-batch of the coreset has a non-finite loss; "
+                "nothing of it was backpropagated. The selection makes no pass over the batch, so examples "
+                "are not judged before they are drawn: check the data and the model for NaN/inf (e.g. a "
+                "too-high learning rate)"
+            )
+        skipped.append((size, torch.nonzero(~finite).flatten().cpu()))
+        again = call_loss_fn(loss_fn, index_batch(batch, keep), int(keep.numel()))
+        return again.new_zeros(size).index_put((keep.to(again.device),), again)
+
+    return call
+
+
+def warn_skipped(method: SelectionMethod, local_indices: torch.Tensor, skipped: list[tuple[int, torch.Tensor]]) -> None:
+    """RuntimeWarning naming the drawn examples (this process's batch rows) the backward left out
+    for a non-finite loss; ``skipped`` is :func:`skipping_nonfinite`'s record, call by call, the
+    drawn examples first (calls after them, e.g. a rank's zero-weight filler, are not drawn ones)."""
+    offset, rows = 0, []
+    for size, positions in skipped:
+        rows += [offset + int(p) for p in positions if offset + int(p) < local_indices.numel()]
+        offset += size
+    if not rows:
+        return
+    batch_rows = local_indices.cpu()[rows].tolist()
+    warnings.warn(
+        f"select() left {len(rows)} of the {local_indices.numel()} drawn examples (batch rows {batch_rows}) "
+        f"out of the backward: their loss is non-finite. selection={method.name!r} makes no pass over the "
+        "batch, so examples are not judged before they are drawn; the others were backpropagated with "
+        "their weights, so this step's gradient is short by the left-out share. Check the data for NaN/inf",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 class CoresetOptimizer(torch.optim.Optimizer):
@@ -258,6 +316,16 @@ class CoresetOptimizer(torch.optim.Optimizer):
         communication (identity gather and local backward in one process, :mod:`.distributed`);
         when the budget covers the batch, the pass computes losses only and every valid example
         is taken.
+
+        A method that reads neither losses nor sketches (``reads_losses = False``: ``"random"``)
+        gets no pass over the batch: nothing is judged before the draw, so every example counts
+        as valid (N is the batch size), ``Coreset.losses`` is NaN and ``Coreset.batch_loss`` is the
+        coreset's weighted loss. A drawn example whose loss turns out non-finite in the coreset's
+        forward is left out of the backward (its micro-batch is computed again without it: a NaN
+        in a forward reaches every gradient) and a RuntimeWarning names it; its weight stays in
+        the Coreset, so the step's gradient is short by its share. When every example of a
+        micro-batch of the coreset is non-finite, ValueError, before that micro-batch's backward
+        (with ``micro_batch_size=None``: before any gradient changes).
         """
         start = time.perf_counter()
         wrapper = self._check_select_call(loss_fn, loss_scale, model)
@@ -283,10 +351,15 @@ class CoresetOptimizer(torch.optim.Optimizer):
         if not take_all:
             with timed(timings, "prepare"):
                 method.prepare(context)
-        with timed(timings, "sketch"), paused_gradient_sync(wrapper):
-            local = losses_only(context.batch_pass) if take_all else method.sketches(context)
-        sketches = layout.gather(local, method.compressed_width(local.rows), timings)
-        self._require_valid(sketches, local)
+        skipped: list[tuple[int, torch.Tensor]] = []  # no pass: what the backward left out
+        if method.reads_losses:
+            with timed(timings, "sketch"), paused_gradient_sync(wrapper):
+                local = losses_only(context.batch_pass) if take_all else method.sketches(context)
+            sketches = layout.gather(local, method.compressed_width(local.rows), timings)
+            self._require_valid(sketches, local)
+        else:  # the same global rows on every rank, built without a collective
+            sketches = unjudged(layout.total, param_device(self.optimizer))
+            loss_fn = skipping_nonfinite(loss_fn, skipped)
         choose = self._take_all if take_all else self._choose
         selection, kept, num_valid = choose(sketches, layout, budget)
         timings.update(selection.timings)
@@ -302,6 +375,8 @@ class CoresetOptimizer(torch.optim.Optimizer):
                 sketches.valid,
             )
         self.num_selections += 1
+        if skipped:
+            warn_skipped(method, share[1], skipped)
         # Taking every example compares nothing (no sketch ran): no example is judged a suspect.
         suspects = (
             None
@@ -347,6 +422,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
             rank_sizes=layout.sizes,
             suspects=suspects,
             source_codes=layout.codes,
+            losses_computed=self.selection.reads_losses,
         )
 
     def _check_select_call(self, loss_fn: LossFn, loss_scale: Any, model: Any) -> nn.Module:

@@ -101,6 +101,11 @@ class Coreset:
     an estimate of the batch's mean loss only when the selector estimates its gradient; the batch's
     own mean loss is :attr:`batch_loss`). ``timings`` are seconds per stage.
 
+    ``losses`` are every example's loss from the pass over the batch (eval mode, no grad). A method
+    that reads no losses (``"random"``) gets no pass: ``losses_computed`` is False, ``losses`` is
+    NaN (never computed), every example counts as valid (``num_invalid == 0``), ``batch_loss`` is
+    the coreset's weighted loss, and ``timings`` has no ``"sketch"`` stage.
+
     Under ``torch.distributed`` (see ``docs/distributed.md``) the batch is the *global* batch (rank
     0's examples, then rank 1's, ...): ``indices``, ``weights``, ``sketches``, ``losses``,
     ``source_counts``, ``num_valid``, ``num_invalid`` and ``loss`` describe it and are identical on
@@ -127,6 +132,8 @@ class Coreset:
     suspects: torch.Tensor | None = None
     # LongTensor[B] (host): each example's source, as the position of its name in source_counts
     source_codes: torch.Tensor | None = None
+    # False when no pass over the batch ran (a method that reads no losses): ``losses`` is NaN
+    losses_computed: bool = True
 
     def __post_init__(self) -> None:
         if self.local_indices is None:
@@ -137,7 +144,13 @@ class Coreset:
     @property
     def batch_loss(self) -> torch.Tensor:
         """The large batch's mean per-example loss over its finite losses (what plain training on
-        the batch would report; from the selection pass, in eval mode), a 0-d tensor (no host sync)."""
+        the batch would report; from the selection pass, in eval mode), a 0-d tensor (no host sync).
+
+        When no pass ran (``losses_computed`` False) no loss of the batch was computed: the
+        coreset's weighted loss :attr:`loss` stands in (from its own forward, in train mode; for
+        ``"random"``'s weights an unbiased estimate of the batch's mean loss), NaN without one."""
+        if not self.losses_computed:
+            return torch.tensor(float("nan")) if self.loss is None else self.loss.detach()
         finite = torch.isfinite(self.losses)
         return torch.where(finite, self.losses, 0.0).sum() / finite.sum()
 

@@ -71,6 +71,13 @@ SCENARIOS = {
             sketch_modules=r"(module[.])?(hidden|head)",
         ),
     ),
+    # As "uneven" with selection="random": no pass over the batch at all, no gather (every rank
+    # builds the same unjudged rows), rank 0 draws and broadcasts, each rank backpropagates its share.
+    "random": dict(
+        sizes=[9, 3],
+        rank_sources=[["a", "b"], ["c"]],
+        options=dict(coreset_size=5, micro_batch_size=2, keep_sources=["c"], selection="random"),
+    ),
     # coreset_size >= global batch: every valid example, no sketch pass.
     "all": dict(sizes=[5, 2], options=dict(coreset_size=100, micro_batch_size=2)),
     # ratio budget on the global batch, no compression (sketch_dim >= D).
@@ -193,6 +200,7 @@ def run_rank(out_dir: Path) -> None:
         before = {
             "model": {k: v.clone() for k, v in model.state_dict().items()},
             "optimizer": opt.optimizer.state_dict(),
+            "generator": opt.generator.get_state(),  # "random" draws with it
         }
         batch, src = shard(name, 1, rank)
         opt.zero_grad()

@@ -70,7 +70,8 @@ def run_one(options: dict, steps: int = 2) -> dict[str, torch.Tensor]:
         out[f"{step}/indices"] = coreset.indices.clone()
         out[f"{step}/weights"] = coreset.weights.clone()
         out[f"{step}/loss"] = torch.as_tensor(coreset.loss).detach().clone()
-        out[f"{step}/losses"] = coreset.losses.detach().clone()
+        if coreset.losses_computed:  # no pass, no losses ("random")
+            out[f"{step}/losses"] = coreset.losses.detach().clone()
         if coreset.suspects is not None:
             out[f"{step}/suspects"] = torch.as_tensor(coreset.suspects).clone()
         for name, p in model.named_parameters():

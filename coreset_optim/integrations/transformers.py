@@ -644,6 +644,8 @@ class CoresetTrainerMixin:
         self._on_selection(coreset, received)
         # The Trainer logs what this returns as "loss": the large batch's mean loss, as plain
         # training would report it (the coreset's weighted loss is logged as "coreset/loss").
+        # A method that makes no pass over the batch (selection="random") computes no such loss:
+        # Coreset.batch_loss is then the coreset's weighted loss, and the two logs agree.
         return coreset.batch_loss.detach().to(coreset.loss.device) / steps
 
     @staticmethod

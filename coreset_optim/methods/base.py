@@ -9,7 +9,8 @@ and their checks (``__post_init__``), and a few methods answer the pipeline's qu
   held-out gradient), skipped when every example is taken;
 * :meth:`SelectionMethod.sketches`: the pass over the batch. The base class computes the losses
   only (one no-grad forward in chunks); :class:`SketchedMethod` adds the Adam-normalized,
-  compressed per-example gradient sketch;
+  compressed per-example gradient sketch; a method whose ``reads_losses`` is False (``"random"``)
+  gets no pass at all (:func:`unjudged`);
 * :meth:`SelectionMethod.choose`: ``k`` rows of one source's rows and their weights (the pure
   selectors of the other modules);
 * :meth:`SelectionMethod.groups` / :meth:`SelectionMethod.suspects`: how budgets split (per
@@ -67,16 +68,33 @@ def losses_only(batch_pass: BatchPass) -> Sketches:
     return Sketches(rows, losses, torch.isfinite(losses).to(rows.device) & torch.isfinite(rows).all(1))
 
 
+def unjudged(num_examples: int, device: torch.device) -> Sketches:
+    """The rows of a batch no pass ran over: no columns, every loss NaN (never computed), every
+    row valid (validity cannot be judged without a forward, so none is set aside)."""
+    return Sketches(
+        torch.empty(num_examples, 0, device=device),
+        torch.full((num_examples,), float("nan"), device=device),
+        torch.ones(num_examples, dtype=torch.bool, device=device),
+    )
+
+
 @dataclass(kw_only=True)
 class SelectionMethod:
     """A selection rule that reads losses only. Subclasses set ``name`` and :meth:`choose`.
 
     ``sketch_batch_size``: examples per chunk of the passes over the large batch (None: the
     optimizer's ``micro_batch_size``, else the coreset size).
+
+    ``reads_losses`` (class attribute): False for a rule that needs neither losses nor sketches
+    (``"random"``). ``select()`` then makes no pass over the large batch: a step costs the coreset's
+    forward and backward plus bookkeeping. Without a forward no example can be judged, so every row
+    counts as valid, ``choose`` sees NaN losses, and an example whose loss is non-finite is only
+    found in the coreset's backward (``CoresetOptimizer.select`` says what happens then).
     """
 
     name: ClassVar[str] = ""
     runs_on_host: ClassVar[bool] = False  # choose() wants host tensors (copied once for all sources)
+    reads_losses: ClassVar[bool] = True  # False: no pass over the batch (see the class docstring)
 
     sketch_batch_size: int | None = None
 
