@@ -325,7 +325,10 @@ class CoresetOptimizer(torch.optim.Optimizer):
         in a forward reaches every gradient) and a RuntimeWarning names it; its weight stays in
         the Coreset, so the step's gradient is short by its share. When every example of a
         micro-batch of the coreset is non-finite, ValueError, before that micro-batch's backward
-        (with ``micro_batch_size=None``: before any gradient changes).
+        (with ``micro_batch_size=None``: before any gradient changes). Under torch.distributed
+        the check is each rank's own (no collective): a rank that raises leaves the others
+        waiting in the backward's collectives until the process group's timeout; every rank
+        raises together when the model itself has diverged (all losses non-finite).
         """
         start = time.perf_counter()
         wrapper = self._check_select_call(loss_fn, loss_scale, model)
