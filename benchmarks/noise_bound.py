@@ -49,6 +49,9 @@ CANDIDATES = {
     "bound_gap_typical": Arm("coreset", {"selection": "bound_gap_typical"}),
     "bound_gap_typical_05": Arm("coreset", {"selection": "bound_gap_typical", "tau": 0.5}),
     "bound_gap_top_anchor": Arm("coreset", {"selection": "bound_gap_top_anchor"}),
+    # second round, after the first confirmation (the same choosing seeds): another order after the filter
+    "bound_filter_random": Arm("coreset", {"selection": "bound_filter_random"}),
+    "bound_filter_middle": Arm("coreset", {"selection": "bound_filter_middle"}),
 }
 ALL_ARMS = {**ARMS, **CANDIDATES}
 # (noise model, rate, placement); None: clean
@@ -62,8 +65,14 @@ CONFIGS = {
     "another task's 40 %": ("other_task", 0.4, "per_source"),
     "random tokens 20 % of the pool, all in the largest source (50 % of it)": ("random_tokens", 0.2, "concentrated"),
     "random tokens 24 % of the pool, all in the largest source (60 % of it)": ("random_tokens", 0.24, "concentrated"),
+    # added after the rule was chosen (confirmation only): the low rates and the mild concentration
+    "random tokens 10 %": ("random_tokens", 0.1, "per_source"),
+    "swapped within a source 20 %": ("swap_within_source", 0.2, "per_source"),
+    "another task's 10 %": ("other_task", 0.1, "per_source"),
+    "random tokens 8 % of the pool, all in the largest source (20 % of it)": ("random_tokens", 0.08, "concentrated"),
 }
-CHOOSE_CONFIGS = [c for c in CONFIGS if "50 %" not in c and "60 %" not in c]
+CONFIRM_ONLY = list(CONFIGS)[-4:]
+CHOOSE_CONFIGS = [c for c in CONFIGS if "50 %" not in c and "60 %" not in c and c not in CONFIRM_ONLY]
 CONFIRM_CONFIGS = [c for c in CONFIGS if "(50 % of it)" not in c]  # 60 % of one source instead
 # arm -> (steps, evaluate every): the cheap baselines run longer, so that their curves reach the
 # default's wall-clock time; accumulation a little longer (it costs about what the default does)
@@ -117,7 +126,7 @@ def run_one(job: tuple[str, int, str, int]) -> dict:
     curve, _ = train(
         trainer, BatchStream(ctx.mixture.train, seed + 1), steps, args.batch, lambda m: evaluate(m, ctx.mixture), every
     )
-    keep = ("step", "measured_time", "accuracy_mixture", "accuracy_macro", "loss_mixture", "loss_macro")
+    keep = ("step", "measured_time", "accuracy_mixture", "accuracy_macro", "loss_mixture", "loss_macro", "accuracy")
     return {
         "arm": name,
         "seed": seed,
@@ -134,7 +143,8 @@ def read_runs(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def run_phase(phase: str, jobs: int) -> None:
+def run_phase(phase: str, jobs: int, arms: list[str] | None = None) -> None:
+    """The phase's missing runs (of ``arms`` only, when given)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     spec, path = PHASES[phase], RESULTS / f"{phase}.jsonl"
     done = {(r["arm"], r["seed"], r["config"]) for r in read_runs(path)}
@@ -143,7 +153,9 @@ def run_phase(phase: str, jobs: int) -> None:
         for seed in spec["seeds"]
         for config in spec["configs"]
         for arm in spec["arms"]
-        if (arm, seed, config) not in done and (phase == "choose" or config in ONLY.get(arm, [config]))
+        if (arms is None or arm in arms)
+        and (arm, seed, config) not in done
+        and (phase == "choose" or config in ONLY.get(arm, [config]))
     ]
     print(f"{phase}: {len(todo)} runs to go ({len(done)} done)")
     with ProcessPoolExecutor(jobs) as pool:
@@ -331,12 +343,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--phase", choices=list(PHASES))
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--arms", nargs="+", help="run these arms of the phase only")
     ap.add_argument("--costs", action="store_true", help="measure seconds per step of the confirm arms")
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--report", action="store_true")
     a = ap.parse_args()
     if a.phase:
-        run_phase(a.phase, a.jobs)
+        run_phase(a.phase, a.jobs, a.arms)
     if a.costs:
         measure_costs(a.rounds)
     if a.report:

@@ -211,3 +211,51 @@ class GapOrTopAnchor(SketchedMethod):
 
     name: ClassVar[str] = "bound_gap_top_anchor"
     choose = _flagged_choice(_gap_or_top_anchor)
+
+
+# --- after the choice (issue 22, the second round): the same suspects, another order among the
+# rest. The chosen rule takes the hardest non-suspects; when the suspects miss some corrupted rows,
+# those are the hardest rows left, so hardest-first concentrates them in the coreset.
+
+
+def _order_after_filter(order):
+    """A choose step: ``order(losses, suspects, generator) -> key`` ranks the non-suspects (the
+    library's :func:`anchored_suspects`); the suspects come after them, lowest loss first."""
+
+    def choose(self, x, k, context):
+        from coreset_optim.methods.anchored import anchored_suspects
+
+        losses = context.group_losses().to(x.device)
+        suspects = anchored_suspects(x, losses)
+        key = order(losses.double(), suspects, context.generator).to(x.device)
+        return hardest_first(torch.where(suspects, losses.double(), key), k, suspects), None
+
+    return choose
+
+
+def _random_key(losses, suspects, generator):
+    return torch.rand(losses.shape[0], generator=generator, dtype=torch.float64)
+
+
+def _middle_key(losses, suspects, generator):
+    """Closest to the non-suspects' median loss first (higher key = earlier)."""
+    rest = losses[~suspects] if bool((~suspects).any()) else losses
+    return -(losses - rest.median()).abs()
+
+
+@register_method
+@dataclass(kw_only=True)
+class FilterRandom(SketchedMethod):
+    """Candidate: the default's suspects excluded, a uniform draw among the other rows."""
+
+    name: ClassVar[str] = "bound_filter_random"
+    choose = _order_after_filter(_random_key)
+
+
+@register_method
+@dataclass(kw_only=True)
+class FilterMiddle(SketchedMethod):
+    """Candidate: the default's suspects excluded, the rows nearest the others' median loss."""
+
+    name: ClassVar[str] = "bound_filter_middle"
+    choose = _order_after_filter(_middle_key)
