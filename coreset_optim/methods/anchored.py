@@ -13,12 +13,19 @@ ones: the run collapses. Two signals that a majority of wrong answers cannot cap
   a 1-D two-means split kept only when its groups lie ``min_separation`` pooled standard
   deviations apart).
 
-Suspects (:func:`anchored_suspects`) are the rows of the high component that agree with the anchor
-less than a typical small-loss row does, and the upper half's rows that pull against it (a
+The choice avoids (:func:`anchored_suspects`) the rows of the high component that agree with the
+anchor less than a typical small-loss row does, and the upper half's rows that pull against it (a
 negative cosine). A hard clean example has a high loss but pulls with the anchor, so it stays
-eligible: the coreset is still the hardest eligible examples (then suspects, lowest loss first),
-weighted n / k. Measured against random and stratified random subsets at every noise model and
-rate of the fine-tuning benchmark, clean data included: ``docs/selection_quality.md``.
+eligible: the coreset is still the hardest eligible examples (then the avoided ones, lowest loss
+first), weighted n / k. Measured against random and stratified random subsets at every noise model
+and rate of the fine-tuning benchmark, clean data included: ``docs/selection_quality.md``.
+
+The choice needs recall (a corrupted row it misses is among the hardest left, so it tends to be
+chosen); a user reading ``coreset.suspects`` needs precision. So the report is narrower by default
+(:func:`confident_suspects`, ``suspect_report="confident"``): rows pulling against the anchor
+whose log-loss lies far above the small-loss half's. Replayed along the default's runs it flags
+about a tenth of the rows of clean data where the avoided set holds a fifth
+(``benchmarks/suspect_tradeoff.py``, thresholds chosen on seeds never used for its report).
 """
 
 from __future__ import annotations
@@ -38,6 +45,10 @@ from .suspects import hardest_first
 
 MIN_EXAMPLES = 4  # a small-loss half of two, an upper half of two
 MAX_HIGH_SHARE = 0.6  # the high component holds at most this share of a source's rows
+# the confident report: cosine with the anchor below, log-loss z above (benchmarks/suspect_tradeoff.py
+# --phase choose picked them among nine pairs; results/suspect_tradeoff/choose.md)
+REPORT_COSINE, REPORT_Z = 0.0, 1.5
+SUSPECT_REPORTS = ("confident", "avoided")
 
 
 def anchor_agreement(x: torch.Tensor, voters: torch.Tensor) -> torch.Tensor:
@@ -94,15 +105,36 @@ def anchored_suspects(x: torch.Tensor, losses: torch.Tensor, min_separation: flo
     return (high & (cosine < typical)) | (~small & (cosine < 0))
 
 
+def confident_suspects(
+    x: torch.Tensor, losses: torch.Tensor, cosine_below: float = REPORT_COSINE, z_above: float = REPORT_Z
+) -> torch.Tensor:
+    """``BoolTensor[n]``: one source's rows ``x[n, d]`` (``losses[n]``) that pull against the
+    small-loss half's anchor (cosine below ``cosine_below``) and whose log-loss lies more than
+    ``z_above`` of the source's log-loss standard deviations above the small-loss half's mean: the
+    suspects worth a user's look (none below ``MIN_EXAMPLES`` rows). No host sync."""
+    n = losses.numel()
+    if n < MIN_EXAMPLES:
+        return torch.zeros(n, dtype=torch.bool, device=losses.device)
+    small = losses <= losses.median()
+    cosine = anchor_agreement(x, small.to(x.device)).to(losses.device)
+    log_loss = losses.double().clamp_min(1e-12).log()
+    small_mean = (log_loss * small).sum() / small.sum()  # no boolean indexing: no host sync
+    z = (log_loss - small_mean) / (log_loss.std() + 1e-9)
+    return (cosine < cosine_below) & (z > z_above)
+
+
 @dataclass(kw_only=True)
 class AnchoredConsensus(SketchedMethod):
     """``selection="anchored_consensus"``, the default: per source, the highest losses among the
-    examples that agree with the source's small-loss half; the others are the suspects.
+    examples that agree with the source's small-loss half.
     ``min_separation``: how far apart (in pooled standard deviations) the high-loss component must
-    lie from the rest to count as one."""
+    lie from the rest to count as one. ``suspect_report``: what ``coreset.suspects`` holds,
+    ``"confident"`` (:func:`confident_suspects`: fewer flags, more of them right) or ``"avoided"``
+    (every example the choice avoided, :func:`anchored_suspects`)."""
 
     name: ClassVar[str] = "anchored_consensus"
     min_separation: float = 2.0
+    suspect_report: str = "confident"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -110,6 +142,11 @@ class AnchoredConsensus(SketchedMethod):
         self.min_separation = check_number(
             "min_separation", self.min_separation, ok and self.min_separation > 0, "a positive finite float (e.g. 2.0)"
         )
+        if self.suspect_report not in SUSPECT_REPORTS:
+            raise ValueError(
+                f"suspect_report must be one of {SUSPECT_REPORTS} ('confident': the flags worth a look; "
+                f"'avoided': every example the choice avoided), got {self.suspect_report!r}"
+            )
 
     def choose(self, x: torch.Tensor, k: int, context: ChooseContext) -> tuple[torch.Tensor, None]:
         losses = context.group_losses().to(x.device)
@@ -120,5 +157,9 @@ class AnchoredConsensus(SketchedMethod):
         _, rows = rows_per_source(valid.to(compressed.device), codes.to(compressed.device), num_sources)
         for source_rows in rows:
             picked = losses.to(compressed.device).index_select(0, source_rows)
-            out[source_rows] = anchored_suspects(compressed.index_select(0, source_rows), picked, self.min_separation)
+            x = compressed.index_select(0, source_rows)
+            if self.suspect_report == "confident":
+                out[source_rows] = confident_suspects(x, picked)
+            else:
+                out[source_rows] = anchored_suspects(x, picked, self.min_separation)
         return out

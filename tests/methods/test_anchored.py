@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from coreset_optim import AnchoredConsensus, CoresetOptimizer
-from coreset_optim.methods.anchored import anchor_agreement, anchored_suspects, high_loss_component
+from coreset_optim.methods.anchored import (
+    anchor_agreement,
+    anchored_suspects,
+    confident_suspects,
+    high_loss_component,
+)
 from coreset_optim.precondition.normalize import normalize_sketches
 
 from core_utils import FLIPPED, flipped_targets, per_example_grads_loop
@@ -123,3 +128,73 @@ def test_select_matches_a_per_example_reference(steps):
 def test_min_separation_is_checked(bad):
     with pytest.raises(ValueError, match="min_separation"):
         AnchoredConsensus(min_separation=bad)
+
+
+def confident_by_hand(rows, losses, cosine_below, z_above):
+    """The confident report written out with lists: the small-loss half's unit-vector anchor (own
+    vote left out), the log-loss z against the small half's mean and the source's sample sd."""
+    n = len(losses)
+    median = sorted(losses)[(n - 1) // 2]  # torch.median: the lower middle value
+    small = [v <= median for v in losses]
+    logs = [math.log(max(v, 1e-12)) for v in losses]
+    small_mean = sum(v for v, s in zip(logs, small) if s) / sum(small)
+    mean = sum(logs) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in logs) / (n - 1))
+    flags = []
+    for i, row in enumerate(rows):
+        anchor = [0.0] * len(row)
+        for j, other in enumerate(rows):
+            if small[j] and j != i:
+                anchor = [a + u for a, u in zip(anchor, unit(other))]
+        z = (logs[i] - small_mean) / (sd + 1e-9)
+        flags.append(cosine(row, anchor) < cosine_below and z > z_above)
+    return flags
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(("cosine_below", "z_above"), [(0.0, 1.5), (-0.1, 1.0), (0.2, 0.5)])
+def test_confident_suspects_match_a_loop(seed, cosine_below, z_above):
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(4, 20, (1,), generator=g))
+    x = torch.randn(n, 5, generator=g)
+    losses = torch.rand(n, generator=g) ** 2 * 3
+    losses[: n // 4] += 4.0  # some far above the rest
+    x[: n // 4] *= -1
+    got = confident_suspects(x, losses, cosine_below, z_above).tolist()
+    assert got == confident_by_hand(x.tolist(), losses.tolist(), cosine_below, z_above)
+    assert not confident_suspects(x[:3], losses[:3]).any()  # too few rows to judge
+
+
+@pytest.mark.parametrize(("shift", "confident_flags"), [(1.5, []), (4.0, FLIPPED)])
+def test_the_report_is_an_option_and_the_choice_does_not_depend_on_it(shift, confident_flags):
+    """'avoided' reports anchored_suspects per source, 'confident' confident_suspects, from the
+    same normalized per-example gradients (a loop); the coreset is the same either way. With the
+    flipped rows near the clean ones (shift 1.5) the confident report flags none where the avoided
+    set holds two; far from them (4.0), both flag exactly the flipped rows."""
+    coresets, sources = {}, [i % 2 for i in range(24)]
+    for report in ("confident", "avoided"):
+        model, opt, _, batch, loss_fn = flipped_targets(2, "anchored_consensus", shift=shift)
+        wrapper = CoresetOptimizer(
+            opt, model, coreset_size=6, sketch_modules=["fc2"], sketch_dim=10_000, suspect_report=report
+        )
+        params = [model.fc2.weight, model.fc2.bias]
+        normalized = normalize_sketches(per_example_grads_loop(model, params, batch, loss_fn, 24), opt, params, "adam")
+        with torch.no_grad():
+            losses = loss_fn(batch)
+        rule = confident_suspects if report == "confident" else anchored_suspects
+        want = []
+        for s in range(2):
+            rows = [i for i in range(24) if sources[i] == s]
+            want += [j for j, f in zip(rows, rule(normalized[rows], losses[rows]).tolist()) if f]
+        coresets[report] = wrapper.select(batch, loss_fn, sources=sources)
+        assert torch.nonzero(coresets[report].suspects).flatten().tolist() == sorted(want)
+    assert torch.nonzero(coresets["confident"].suspects).flatten().tolist() == confident_flags
+    assert coresets["avoided"].suspects.sum() > 0
+    assert torch.equal(coresets["confident"].indices, coresets["avoided"].indices)
+    torch.testing.assert_close(coresets["confident"].weights, coresets["avoided"].weights)
+
+
+@pytest.mark.parametrize("bad", ["strict", None, 1])
+def test_suspect_report_is_checked(bad):
+    with pytest.raises(ValueError, match="suspect_report must be one of"):
+        AnchoredConsensus(suspect_report=bad)
