@@ -29,7 +29,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # noise of noise seed 0; its figures are reported on seeds 3-5 with noise seed 1, never used to
     # choose (docs/selection_quality.md, "A default with a bounded worst case";
     # benchmarks/results/noise_bound/). "consensus_loss" (every example votes), the default before,
-    # collapsed at 40 % wrong answers or with noise concentrated in one source.
+    # collapsed at 40 % wrong answers or with noise concentrated in one source. Its suspect report
+    # (suspect_report="confident") was chosen on seeds 0-1 by benchmarks/suspect_tradeoff.py and
+    # reported on seeds 3-5 (benchmarks/results/suspect_tradeoff/, noise_bound/report.jsonl).
     # It needs the sketch pass (a forward of the batch with a backward to the sketch layer).
     # sketch="auto": top coordinates ("exact") while the whole batch's sketch-layer activations fit
     # in 4 blocks, else a streamed CountSketch ("projection"; e.g. an lm_head at a 32k+

@@ -160,6 +160,13 @@ class CoresetArguments:
             "'trimmed_loss', 'gradient_matching', 'facility_location', 'random', 'target', ...); None: the preset's."
         },
     )
+    suspect_report: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "selection='anchored_consensus' (the default): what coreset.suspects and suspects_file hold, "
+            "'confident' (the method's default) or 'avoided' (every row its choice avoided)."
+        },
+    )
     target_curvature: Optional[float] = field(
         default=None,
         metadata={"help": "selection='target': the method's curvature h of the second-order term (0: first order)."},
@@ -233,6 +240,7 @@ OPTION_NAMES = {
     "coreset_seed": "seed",
     "sketch": "sketch",
     "selection": "selection",
+    "suspect_report": "suspect_report",
     "target_curvature": "curvature",
     "target_refresh": "refresh",
     "target_per_source": "per_source",

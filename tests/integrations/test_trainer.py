@@ -544,6 +544,7 @@ OPTION_VALUES = {
     "target_refresh": (3, 1),
     "target_per_source": (True, False),
     "coreset_temperature": (2.0, 1.0),
+    "suspect_report": ("avoided", "confident"),
 }
 
 
@@ -561,6 +562,8 @@ def test_every_given_option_reaches_the_optimizer_config(tmp_path, preset, name)
             extra = {"selection": "target", "normalize": "adam", "sketch": "exact"}
         if name == "similarity":  # facility location's option
             extra = {"selection": "facility_location"}
+        if name == "suspect_report":  # the default method's option (colm's method is facility location)
+            extra = {"selection": "anchored_consensus"}
         given = settings(*make_args(tmp_path, coreset_preset=preset, **{name: value, **extra}).coreset_options())
         assert given[option] == value, (name, value, given[option])
         model = lora(tiny_llama())
