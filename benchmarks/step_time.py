@@ -35,8 +35,9 @@ machine is a shared 2-core CPU at one torch thread: read the ratios, not the sec
 The time model (:func:`predict`) counts matmul and attention FLOPs of each pass from the shape;
 ``--model-only`` prints its predictions for the real Llamas.
 
-Usage: ``PYTHONPATH=. python benchmarks/step_time.py --mode proportional|compile|tiny [--quick]``
-Results: benchmarks/results/step_time/{step_time,step_time_compile,step_time_tiny,time_model}.{json,md}
+Usage: ``PYTHONPATH=. python benchmarks/step_time.py --mode proportional|compile|tiny [--quick]``;
+``--mode proportional --long --batch 16 --k 4``: the 8b shape at T = 2,048 (``step_time_long``).
+Results: benchmarks/results/step_time/{step_time,step_time_long,step_time_compile,step_time_tiny,time_model}.{json,md}
 """
 
 from __future__ import annotations
@@ -371,10 +372,12 @@ def tiny_predicted(result: dict) -> dict[str, float]:
 
 
 # --- the driver ---------------------------------------------------------------------------------
-def configs(quick: bool) -> list[dict]:
-    """(shape, T, LoRA, reps) of the proportional mode: cheapest first."""
+def configs(quick: bool, long: bool = False) -> list[dict]:
+    """(shape, T, LoRA, reps) of the proportional mode: cheapest first (``long``: T = 2,048 only)."""
     if quick:
         return [{"shape": "8b", "seq_len": 32, "lora": True, "reps": 2}]
+    if long:
+        return [{"shape": "8b", "seq_len": 2048, "lora": lora, "reps": 2} for lora in (True, False)]
     out = []
     for shape, seq_len, reps in (("8b", 128, 5), ("70b", 128, 4), ("8b", 512, 3)):
         for lora in (True, False):
@@ -577,6 +580,9 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=4)
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--long", action="store_true", help="proportional mode at T = 2,048 (8b shape; run with --batch 16 --k 4)"
+    )
     parser.add_argument("--model-only", action="store_true", help="print the time model's predictions for real Llamas")
     parser.add_argument(
         "--replot",
@@ -604,6 +610,7 @@ def main(argv=None) -> None:
     args.machine = machine_info("cpu", args.threads)  # the load average at the start
     args.started = time.time()
     name = {"proportional": "step_time", "compile": "step_time_compile", "tiny": "step_time_tiny"}[args.mode]
+    name += "_long" if args.long and args.mode == "proportional" else ""
     path = out / f"{name}{'_quick' if args.quick else ''}.json"  # a smoke run never replaces the results
     if args.replot:
         replot(path, args.mode)
@@ -613,7 +620,7 @@ def main(argv=None) -> None:
         rows = [r for r in old.get("rows", [])]
         done = {(r["shape"], r["seq_len"], r["lora"]) for r in rows}
         result = {}
-        for c in configs(args.quick):
+        for c in configs(args.quick, args.long):
             if (c["shape"], c["seq_len"], c["lora"]) in done:
                 continue
             try:
