@@ -78,9 +78,10 @@ MAIN_ARMS = ["default", "random_k", "stratified_k", "accum_B", "accum_then_defau
 GRID = [
     ("1/4", ["2k clean", "2k clean, 40 % duplicates", "2k random tokens 20 %"], MAIN_ARMS),
     ("1/8", ["2k clean", "2k clean, 40 % duplicates", "2k random tokens 20 %"], MAIN_ARMS),
-    ("1/4", ["8k clean", "8k clean, 40 % duplicates", "8k random tokens 20 %"], MAIN_ARMS[:4]),
     ("1/2", ["2k clean", "2k random tokens 20 %"], MAIN_ARMS[:4]),
     ("1/4", ["2k random tokens 20 %, 40 % duplicates"], MAIN_ARMS),
+    ("1/4", ["8k clean", "8k random tokens 20 %", "8k clean, 40 % duplicates"], MAIN_ARMS[:4]),
+    ("1/8", ["8k clean", "8k random tokens 20 %"], MAIN_ARMS[:4]),
 ]
 SEEDS = [0, 1, 2]
 DATA_SEED, NOISE_SEED = 0, 0  # one training set per configuration: the seeds vary init and order
@@ -90,8 +91,10 @@ def arm_epochs(arm: str, batch: int, k: int) -> float:
     """How many epochs an arm runs: enough to reach the default's time and FLOPs after
     :data:`EPOCHS` epochs (random and stratified k cost about k / B of accumulation: neither
     makes a pass over the large batch)."""
-    if arm in ("random_k", "stratified_k"):
-        return EPOCHS * batch // k + 2
+    if arm in ("random_k", "stratified_k"):  # at k/B = 1/2 a step of k costs more than half of B's
+        return EPOCHS * max(batch // k, 3) + 2
+    if arm == "accum_B" and batch // k <= 2:  # at k/B = 1/2 the default's step costs more than accumulation's
+        return EPOCHS + 2
     return {"accum_B": EPOCHS + 1, "accum_then_default": EPOCHS + 1}.get(arm, EPOCHS)
 
 
@@ -300,6 +303,12 @@ def steps_for(arm: str, budget: float, per_epoch: int, per_step: dict[str, float
 
 # --- the report ---------------------------------------------------------------------------------
 KEY = "accuracy_mixture"
+# What if a step cost what it costs at an 8B Llama's proportions: step / accumulation measured by
+# step_time.py (benchmarks/results/step_time/step_time.md, 8b LoRA T = 128, k = B/4): default 0.72,
+# random k 0.24; stratified k (selection="random", no pass) as random k. k/B = 1/4 only.
+LLM_BASIS = "8b-LoRA step costs"
+LLM_COSTS = {"default": 0.72, "accum_B": 1.0, "random_k": 0.24, "stratified_k": 0.24}
+MIN_EFFECT = 0.005  # a paired mean difference below this is no difference, whatever the spread
 
 
 def at_step(run: dict, step: float, key: str = KEY) -> float | None:
@@ -324,11 +333,11 @@ def mean_sd(values: list[float]) -> str:
 
 def verdict(diffs: list[float]) -> tuple[str, str]:
     """Paired by seed: (cell, word). "ahead" / "behind" when every seed agrees and the mean
-    exceeds the seed spread; otherwise "tie" (inside the spread)."""
+    exceeds both the seed spread and :data:`MIN_EFFECT`; otherwise "tie"."""
     if len(diffs) < 2:
         return "n/a", "n/a"
     m, sd = statistics.mean(diffs), statistics.stdev(diffs)
-    if abs(m) < 1e-6 or abs(m) <= sd or not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
+    if abs(m) < MIN_EFFECT or abs(m) <= sd or not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
         return f"{m:+.3f} ± {sd:.3f}", "tie"
     word = "ahead" if m > 0 else "behind"
     return f"{m:+.3f} ± {sd:.3f} **{word}**", word
@@ -346,6 +355,8 @@ class Readings:
 
     def per_step(self, basis: str, ratio: str) -> dict[str, float] | None:
         b, k = RATIOS[ratio]
+        if basis == LLM_BASIS:
+            return LLM_COSTS if ratio == "1/4" else None
         if basis == "FLOPs":
             return {a: step_flops(a, b, k) for a in COST_ARMS}
         return self.costs.get(ratio)
@@ -436,19 +447,25 @@ def report(results: Path) -> str:
             out.append("")
         out += [
             "### Default minus accumulated B, paired by seed (mean ± sd; **ahead** / **behind**: every seed agrees "
-            "and the mean exceeds the spread)",
+            f"and the mean exceeds the spread and {MIN_EFFECT})",
             "",
-            "| training set | e | equal steps | equal wall-clock | equal FLOPs | accum_then_default - accum_B, "
-            "wall-clock | default - stratified k, wall-clock |",
-            "|---|---|---|---|---|---|---|",
+            "| training set | e | equal steps | equal wall-clock | equal FLOPs | equal cost at 8b-LoRA step costs "
+            "| accum_then_default - accum_B, "
+            "wall-clock | default - stratified k, wall-clock | default - random k, equal steps "
+            "| default - stratified k, equal steps |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for config in configs:
             for e in range(1, EPOCHS + 1):
                 row = [rd.diff(ratio, config, "default", "accum_B", e, basis)[0] for basis in Readings.BASES]
+                row.append(rd.diff(ratio, config, "default", "accum_B", e, LLM_BASIS)[0])
                 row.append(rd.diff(ratio, config, "accum_then_default", "accum_B", e, "wall-clock")[0])
                 row.append(rd.diff(ratio, config, "default", "stratified_k", e, "wall-clock")[0])
+                row.append(rd.diff(ratio, config, "default", "random_k", e, "steps")[0])
+                row.append(rd.diff(ratio, config, "default", "stratified_k", e, "steps")[0])
                 out.append(f"| {config} | {e} | " + " | ".join(row) + " |")
         out.append("")
+    out += summary_section(rd, runs)
     out += selection_section(runs)
     out += [
         "## Curves",
@@ -460,6 +477,54 @@ def report(results: Path) -> str:
     (results / "finite_data.md").write_text(text)
     plot(runs, rd, results / "finite_data.png")
     return text
+
+
+def summary_section(rd: Readings, runs: list[dict]) -> list[str]:
+    """Per regime and epoch count, at equal wall-clock and at equal FLOPs: the best arm (highest
+    mean) and the default against accumulated B (paired by seed)."""
+    out = [
+        "## Summary: which arm to run, at equal wall-clock and at equal FLOPs",
+        "",
+        "Best arm: the highest mean at the default's cost after e epochs (the runner-up within its seed spread "
+        "is named after it); default - accum B: paired by seed. 8b-LoRA step costs (k/B = 1/4 only): each arm's "
+        "curve read as if its step cost what `benchmarks/results/step_time/step_time.md` measured at an 8B Llama's "
+        "proportions (LoRA, T = 128): default 0.72, random and stratified k 0.24 of accumulation (a projection "
+        "from this model's curves, not a measurement at that shape).",
+        "",
+        "| k/B | training set | e | best, wall-clock | default - accum B, wall-clock | best, FLOPs "
+        "| default - accum B, FLOPs | best, 8b-LoRA step costs | default - accum B, 8b-LoRA step costs |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for ratio, configs, arms in groups_present(runs):
+        for config in configs:
+            for e in range(1, EPOCHS + 1):
+                row = [ratio, config, str(e)]
+                for basis in ("wall-clock", "FLOPs", LLM_BASIS):
+                    if rd.per_step(basis, ratio) is None:
+                        row += ["n/a", "n/a"]
+                        continue
+                    means = {}
+                    for a in arms:
+                        v = rd.values(ratio, config, a, e, basis)
+                        if v and len(v) == len(rd.seeds(ratio, config, a)):
+                            means[a] = (statistics.mean(v.values()), statistics.stdev(v.values()) if len(v) > 1 else 0)
+                    ranked = sorted(means, key=lambda a: -means[a][0])
+                    cell = "n/a"
+                    if ranked:
+                        best = ranked[0]
+                        cell = f"{best} {means[best][0]:.3f}"
+                        close = [
+                            a for a in ranked[1:] if means[best][0] - means[a][0] <= max(means[best][1], means[a][1])
+                        ]
+                        if close:
+                            cell += " (~ " + ", ".join(close) + ")"
+                    missing = [a for a in arms if a not in means and rd.seeds(ratio, config, a)]
+                    if missing:
+                        cell += " (past their runs: " + ", ".join(missing) + ")"
+                    row += [cell, rd.diff(ratio, config, "default", "accum_B", e, basis)[0]]
+                out.append("| " + " | ".join(row) + " |")
+    out.append("")
+    return out
 
 
 def cost_section(costs_data: dict | None) -> list[str]:
