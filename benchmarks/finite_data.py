@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lib.finetune import ARMS, NoiseCounts, add_setup_options, evaluate, finite_context, make_trainer  # noqa: E402
 from lib.results import md_header, results_dir, stamped  # noqa: E402
+from lib.summary import mean_sd_text, value_at_step  # noqa: E402
 from lib.training import BatchStream, Trainer, round_robin_costs, train  # noqa: E402
 
 RESULTS = results_dir("finite_data")
@@ -311,26 +312,6 @@ LLM_COSTS = {"default": 0.72, "accum_B": 1.0, "random_k": 0.24, "stratified_k": 
 MIN_EFFECT = 0.005  # a paired mean difference below this is no difference, whatever the spread
 
 
-def at_step(run: dict, step: float, key: str = KEY) -> float | None:
-    """The curve's value at ``step`` (linear between evaluations), None beyond its last point."""
-    curve = run["curve"]
-    if step > curve[-1]["step"] + 1e-9:
-        return None
-    for a, b in zip(curve, curve[1:]):
-        if a["step"] <= step <= b["step"]:
-            w = 0 if b["step"] == a["step"] else (step - a["step"]) / (b["step"] - a["step"])
-            return a[key] + w * (b[key] - a[key])
-    return curve[0][key] if step <= curve[0]["step"] else None
-
-
-def mean_sd(values: list[float]) -> str:
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.3f} (1 seed)"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def verdict(diffs: list[float]) -> tuple[str, str]:
     """Paired by seed: (cell, word). "ahead" / "behind" when every seed agrees and the mean
     exceeds both the seed spread and :data:`MIN_EFFECT`; otherwise "tie"."""
@@ -368,12 +349,12 @@ class Readings:
         per_epoch = run["steps_per_epoch"]
         step = epoch * per_epoch
         if basis == "steps":
-            return at_step(run, step)
+            return value_at_step(run, step, KEY)
         per = self.per_step(basis, ratio)
         if per is None:
             return None
         budget = cumulative("default", step, per_epoch, per)
-        return at_step(run, steps_for(arm, budget, per_epoch, per))
+        return value_at_step(run, steps_for(arm, budget, per_epoch, per), KEY)
 
     def seeds(self, ratio: str, config: str, arm: str) -> list[int]:
         return sorted(s for (r, c, a, s) in self.by if (r, c, a) == (ratio, config, arm))
@@ -389,7 +370,7 @@ class Readings:
             return "not run"
         if len(vals) < len(seeds):
             return "n/a (past its run)"
-        return mean_sd(list(vals.values()))
+        return mean_sd_text(list(vals.values()))
 
     def diff(self, ratio, config, arm, ref, epoch, basis) -> tuple[str, str]:
         a = self.values(ratio, config, arm, epoch, basis)
@@ -573,7 +554,7 @@ def selection_section(runs: list[dict]) -> list[str]:
                 if not reps:
                     continue
                 cells = [
-                    mean_sd([x[key] for x in reps if key in x])
+                    mean_sd_text([x[key] for x in reps if key in x])
                     for key in ("selected_duplicate_share", "batch_duplicate_share", "selected_corrupted_share")
                 ]
                 if CONFIGS[config].noise is None:
@@ -605,7 +586,7 @@ def plot(runs: list[dict], rd: Readings, path: Path) -> None:
                 continue
             steps = [p["step"] for p in rs[0]["curve"]]
             x = [cumulative(arm, s, rs[0]["steps_per_epoch"], per) / 1e12 for s in steps]
-            y = [statistics.mean(at_step(r, s) for r in rs) for s in steps]
+            y = [statistics.mean(value_at_step(r, s, KEY) for r in rs) for s in steps]
             ax.plot(x, y, label=arm, marker=".")
         limit = cumulative("default", EPOCHS * per_epoch, per_epoch, per) / 1e12
         ax.set_xlim(0, limit * 1.05)

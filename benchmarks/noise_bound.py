@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lib.experiments  # noqa: E402,F401  (registers the candidate rules)
 from lib.finetune import ARMS, Arm, NoiseCounts, add_setup_options, build_context, evaluate, make_trainer  # noqa: E402
 from lib.results import md_header, results_dir, stamped  # noqa: E402
+from lib.summary import mean_sd_text, value_at_step  # noqa: E402
 from lib.training import BatchStream, round_robin_costs, train  # noqa: E402
 
 RESULTS = results_dir("noise_bound")
@@ -193,24 +194,6 @@ def final(run: dict, step: int, key: str) -> float:
     return point[key]
 
 
-def at_step(run: dict, step: float, key: str) -> float | None:
-    """The curve's value at ``step`` (linear between evaluations), None beyond its last point."""
-    curve = run["curve"]
-    for a, b in zip(curve, curve[1:]):
-        if a["step"] <= step <= b["step"]:
-            w = 0 if b["step"] == a["step"] else (step - a["step"]) / (b["step"] - a["step"])
-            return a[key] + w * (b[key] - a[key])
-    return None
-
-
-def mean_sd(values: list[float]) -> str:
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.3f} (1 seed)"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def paired(a: dict[int, float], b: dict[int, float]) -> list[float]:
     return [a[s] - b[s] for s in sorted(a) if s in b]
 
@@ -234,7 +217,7 @@ def phase_table(runs: list[dict], arms: list[str], configs: list[str], key: str,
         cells = []
         for arm in arms:
             vals = [final(by[(arm, config, s)], 150, key) for s in seeds if (arm, config, s) in by]
-            cells.append(mean_sd(vals))
+            cells.append(mean_sd_text(vals))
         lines.append(f"| {config} | " + " | ".join(cells) + " |")
     return lines
 
@@ -305,7 +288,7 @@ def report(costs_path: Path) -> None:
             for a in ("default", "random_k", "stratified_k")
         }
         row = [config, verdict(paired(macro["default"], macro["random_k"]))]
-        row += [mean_sd(list(rare[a].values())) for a in ("default", "random_k", "stratified_k")]
+        row += [mean_sd_text(list(rare[a].values())) for a in ("default", "random_k", "stratified_k")]
         row.append(verdict(paired(rare["default"], rare["random_k"])))
         out.append("| " + " | ".join(row) + " |")
     if costs:
@@ -325,7 +308,7 @@ def report(costs_path: Path) -> None:
         for config in spec["configs"]:
             row = [
                 config,
-                mean_sd(
+                mean_sd_text(
                     [
                         final(by[("default", config, s)], 150, "accuracy_mixture")
                         for s in seeds
@@ -335,11 +318,11 @@ def report(costs_path: Path) -> None:
             ]
             for ref in ("random_k", "stratified_k", "balanced_k", "accum_B"):
                 vals = [
-                    at_step(by[(ref, config, s)], t / costs[ref], "accuracy_mixture")
+                    value_at_step(by[(ref, config, s)], t / costs[ref], "accuracy_mixture")
                     for s in seeds
                     if (ref, config, s) in by
                 ]
-                row.append(mean_sd([v for v in vals if v is not None]) if vals and None not in vals else "n/a")
+                row.append(mean_sd_text([v for v in vals if v is not None]) if vals and None not in vals else "n/a")
             out.append("| " + " | ".join(row) + " |")
     out += [
         "",
@@ -370,7 +353,7 @@ def report(costs_path: Path) -> None:
             if not reps or (arm.startswith("default, every") and reps == confident):
                 continue  # configurations first run after the change: confirm.jsonl has the confident report
             cells = [
-                mean_sd([r[k] for r in reps if k in r])
+                mean_sd_text([r[k] for r in reps if k in r])
                 for k in ("selected_corrupted_share", "flagged_share", "suspect_precision", "suspect_recall")
             ]
             out.append(f"| {config} | {arm} | " + " | ".join(cells) + " |")

@@ -23,6 +23,28 @@ def at_time(curve: list[dict], t: float, value: Callable[[dict], float]) -> floa
     return value(curve[0])
 
 
+def value_at_step(run: dict, step: float, key: str) -> float | None:
+    """``run["curve"]``'s ``key`` at ``step``, linear between evaluations (its first value before
+    its first point); None beyond its last point."""
+    curve = run["curve"]
+    if step > curve[-1]["step"] + 1e-9:
+        return None
+    for a, b in zip(curve, curve[1:]):
+        if a["step"] <= step <= b["step"]:
+            w = 0 if b["step"] == a["step"] else (step - a["step"]) / (b["step"] - a["step"])
+            return a[key] + w * (b[key] - a[key])
+    return curve[0][key] if step <= curve[0]["step"] else None
+
+
+def mean_sd_text(values: list[float]) -> str:
+    """``mean ± sd`` over seeds, ``x (1 seed)`` for one, ``n/a`` for none."""
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.3f} (1 seed)"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
 def set_times(runs: list[dict], costs: dict[str, float]) -> None:
     """Each run's seconds per step (``costs`` of its method) and its curve's time axis, step x that."""
     for r in runs:

@@ -91,6 +91,13 @@ def lower_median(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ordered.gather(0, middle.reshape(1)).squeeze(0)
 
 
+def small_half_agreement(x: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(small, cosine)``: the source's small-loss half (``losses <= median``) and each row's cosine
+    with that half's anchor (:func:`anchor_agreement`), on ``losses``' device."""
+    small = losses <= losses.median()
+    return small, anchor_agreement(x, small.to(x.device)).to(losses.device)
+
+
 def anchored_suspects(x: torch.Tensor, losses: torch.Tensor, min_separation: float = 2.0) -> torch.Tensor:
     """``BoolTensor[n]``: one source's rows ``x[n, d]`` (normalized sketches, ``losses[n]``) that
     look mislabeled: in the high-loss component and less aligned with the small-loss half's anchor
@@ -98,8 +105,7 @@ def anchored_suspects(x: torch.Tensor, losses: torch.Tensor, min_separation: flo
     n = losses.numel()
     if n < MIN_EXAMPLES:
         return torch.zeros(n, dtype=torch.bool, device=losses.device)
-    small = losses <= losses.median()
-    cosine = anchor_agreement(x, small.to(x.device)).to(losses.device)
+    small, cosine = small_half_agreement(x, losses)
     typical = lower_median(cosine, small)
     high = high_loss_component(losses, min_separation)
     return (high & (cosine < typical)) | (~small & (cosine < 0))
@@ -115,8 +121,7 @@ def confident_suspects(
     n = losses.numel()
     if n < MIN_EXAMPLES:
         return torch.zeros(n, dtype=torch.bool, device=losses.device)
-    small = losses <= losses.median()
-    cosine = anchor_agreement(x, small.to(x.device)).to(losses.device)
+    small, cosine = small_half_agreement(x, losses)
     log_loss = losses.double().clamp_min(1e-12).log()
     small_mean = (log_loss * small).sum() / small.sum()  # no boolean indexing: no host sync
     z = (log_loss - small_mean) / (log_loss.std() + 1e-9)
