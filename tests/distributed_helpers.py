@@ -175,6 +175,23 @@ def launch(
     return outputs
 
 
+def torchrun(script: Path, *args: str, timeout: float, **env: str) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone --nproc_per_node 2 script args`` at one thread,
+    the repository and tests/ on PYTHONPATH (``env``: more variables); asserts it exited 0 (the
+    output's tail in the message) and returns it."""
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    done = subprocess.run(
+        [*cmd, *args],
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return done
+
+
 def run_rank(out_dir: Path) -> None:
     import torch.distributed as dist
 

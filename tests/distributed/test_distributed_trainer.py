@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,24 +15,7 @@ pytest.importorskip("accelerate")
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs gloo")
 def test_coreset_trainer_under_torchrun(tmp_path):
-    env = dict(
-        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(h.ROOT), os.environ.get("PYTHONPATH", "")])
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(h.ROOT / "examples" / "trainer_ddp.py"),
-        "--output-dir",
-        str(tmp_path),
-        "--steps",
-        "4",
-    ]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    out = h.torchrun(h.ROOT / "examples" / "trainer_ddp.py", "--output-dir", str(tmp_path), "--steps", "4", timeout=300)
     assert "parameters identical on all 2 ranks: True" in out.stdout
     lines = [line for line in out.stdout.splitlines() if line.startswith("step ")]
     assert len(lines) == 2, out.stdout  # logging_steps=2, printed by rank 0 only
@@ -89,11 +69,7 @@ def test_on_selection_under_torchrun_gets_each_ranks_share(tmp_path):
 
     script = tmp_path / "hook_ddp.py"
     script.write_text(HOOK_SCRIPT)
-    path = os.pathsep.join([str(h.ROOT), str(h.ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    out = subprocess.run(cmd + [str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    h.torchrun(script, str(tmp_path), timeout=300)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for seen in ranks:
         assert seen["steps"] == [0, 0, 1, 1]  # 2 optimizer steps x 2 micro-batches, on each rank

@@ -8,9 +8,6 @@ same data in the same order (the global batch of 16 = rank 0's 8 rows, then rank
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -42,20 +39,7 @@ def sharded(tmp_path_factory):
     """Every scenario on 2 ranks, once: ``name -> what rank 0 saved``."""
     pytest.importorskip("trl")
     out = tmp_path_factory.mktemp("fsdp_trainer")
-    path = os.pathsep.join([str(h.ROOT), str(h.ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(SCRIPT),
-        str(out),
-    ]
-    done = subprocess.run(cmd + list(run.SCENARIOS), env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    h.torchrun(SCRIPT, str(out), *run.SCENARIOS, timeout=600)
     results = {name: torch.load(out / f"{name}.pt", weights_only=False) for name in run.SCENARIOS}
     results["_out"] = out
     return results
