@@ -9,7 +9,8 @@ training runs (the fine-tuning benchmark, ``lib/finetune.py``: B = 64, k = 16, 1
 every step after the tenth, scores each source's rows (the sketches and losses ``select()`` read,
 the truth of which rows are corrupted) with:
 
-* the default's rule, and stricter ones: cosine with the small-loss half's anchor below ``c`` and
+* the default's rule, and stricter ones (the library's ``confident_suspects`` at nine thresholds): cosine
+  with the small-loss half's anchor below ``c`` and
   the row's log-loss ``z`` standard deviations above the small-loss half's mean;
 * three orders after the default's filter: hardest first (the default), uniform among the rest,
   nearest the rest's median loss; the corrupted share of a k = n / 4 choice per source.
@@ -39,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from coreset_optim.methods.anchored import anchor_agreement, anchored_suspects  # noqa: E402
+from coreset_optim.methods.anchored import anchored_suspects, confident_suspects  # noqa: E402
 from coreset_optim.methods.suspects import hardest_first  # noqa: E402
 from lib.finetune import ARMS, build_context, make_trainer  # noqa: E402
 from lib.results import md_header, results_dir, stamped  # noqa: E402
@@ -90,16 +91,6 @@ def replay(config: str, seed: int, noise_seed: int) -> list[dict]:
     return groups
 
 
-def strict_rule(x: torch.Tensor, loss: torch.Tensor, c: float, z: float) -> torch.Tensor:
-    """Rows pulling against the small-loss half's anchor (cosine < ``c``) whose log-loss lies more
-    than ``z`` of the source's standard deviations above the small-loss half's mean."""
-    small = loss <= loss.median()
-    cosine = anchor_agreement(x, small)
-    log_loss = loss.clamp_min(1e-6).log()
-    score = (log_loss - log_loss[small].mean()) / (log_loss.std() + 1e-9)
-    return (cosine < c) & (score > z)
-
-
 def score(groups: list[dict], generator: torch.Generator) -> dict:
     """Flag counts of each rule and the corrupted rows of each order's choice, summed over groups."""
     out: dict[str, dict[str, int]] = {}
@@ -113,7 +104,7 @@ def score(groups: list[dict], generator: torch.Generator) -> dict:
         x, loss, truth = g["x"], g["loss"], g["truth"]
         n, k = loss.numel(), max(1, loss.numel() // 4)
         rules = {"default": anchored_suspects(x, loss)}
-        rules.update({f"cos < {c} and z > {z}": strict_rule(x, loss, c, z) for c, z in STRICT})
+        rules.update({f"cos < {c} and z > {z}": confident_suspects(x, loss, c, z) for c, z in STRICT})
         for name, flags in rules.items():
             add(name, rows=n, flagged=int(flags.sum()), hits=int((flags & truth).sum()), corrupted=int(truth.sum()))
         suspects = rules["default"]
