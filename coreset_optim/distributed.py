@@ -370,14 +370,25 @@ class Shards:
     def gather(self, sketches: Sketches, dim: int, timings: dict[str, float]) -> Sketches:
         """The global batch's sketches (see :meth:`gather_sketches`); its seconds go to ``timings["gather"]``."""
         start = time.perf_counter()
-        rows, losses, valid = self.gather_sketches(sketches.rows, sketches.losses, sketches.valid, dim)
+        reference = sketches.reference_losses
+        extra = None if reference is None else reference[:, None]
+        rows, losses, valid = self.gather_sketches(sketches.rows, sketches.losses, sketches.valid, dim, extra)
+        if reference is not None:  # its column rode along with the rows
+            rows, reference = rows[:, :-1], rows[:, -1].to(reference.dtype)
         timings["gather"] = time.perf_counter() - start
-        return Sketches(rows, losses, valid)
+        return Sketches(rows, losses, valid, reference_losses=reference)
 
     def gather_sketches(
-        self, normalized: torch.Tensor, losses: torch.Tensor, valid: torch.Tensor, dim: int
+        self,
+        normalized: torch.Tensor,
+        losses: torch.Tensor,
+        valid: torch.Tensor,
+        dim: int,
+        extra_columns: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Global compressed sketches ``[total, min(dim, D)]``, losses and validity.
+        ``extra_columns[n, e]`` (e.g. the reference losses) ride along in the same all-gather and
+        come back as the rows' last ``e`` columns.
 
         ``select()`` passes sketches already compressed on agreed coordinates
         (:meth:`agreement`), which are only gathered. Wider ones (zeroth-order) are compressed
@@ -397,6 +408,8 @@ class Shards:
                 coords = torch.stack([top_coordinates(sums[s : s + 1], dim) for s in range(num_sources)])
             dist.broadcast(coords, src=self._first(), group=self.group)
         rows = rows_on_coordinates(normalized, valid, self.local_codes, coords)
+        if extra_columns is not None:
+            rows = torch.cat([rows.float(), extra_columns.detach().float().to(rows.device)], 1)
         extra = torch.stack([losses.detach().float().to(rows.device), valid.float().to(rows.device)], 1)
         packed = torch.cat([rows.float(), extra], 1).to(device)
         full = all_gather_rows(packed, self.sizes, self.group).to(normalized.device)

@@ -28,6 +28,9 @@ DefaultSketchModules = Callable[[nn.Module, "set[int]"], Optional[list[str]]]
 CheckSketchLayers = Callable[[nn.Module, Sequence[str]], None]
 # model -> a context entered around every sketch pass (features switched off, restored on exit).
 SketchPass = Callable[[nn.Module], ContextManager[None]]
+# model -> a context in which the model computes its reference (the base: adapters off), or None:
+# "no reference for this model".
+ReferencePass = Callable[[nn.Module], Optional[ContextManager[None]]]
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class ModelExtension:
     default_sketch_modules: DefaultSketchModules | None = None
     check_sketch_layers: CheckSketchLayers | None = None
     sketch_pass: SketchPass | None = None
+    reference_pass: ReferencePass | None = None
 
 
 EXTENSIONS: dict[str, ModelExtension] = {}
@@ -76,3 +80,14 @@ def sketch_pass_contexts(model: nn.Module) -> Iterator[None]:
             if ext.sketch_pass is not None:
                 stack.enter_context(ext.sketch_pass(model))
         yield
+
+
+def reference_pass_context(model: nn.Module) -> ContextManager[None] | None:
+    """The first registered extension's reference context for ``model`` (e.g. peft's adapters
+    switched off), or None when no extension has a reference for it."""
+    for ext in list(EXTENSIONS.values()):
+        if ext.reference_pass is not None:
+            context = ext.reference_pass(model)
+            if context is not None:
+                return context
+    return None

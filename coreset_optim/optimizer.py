@@ -312,7 +312,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
         after the optimizer), so select() can pause its gradient sync.
 
         One pipeline for one process and many, each stage asked of the selection method:
-        check -> prepare -> sketch -> gather -> choose -> backward. ``layout`` does the
+        check -> prepare -> sketch -> gather -> observe -> choose -> backward. ``layout`` does the
         communication (identity gather and local backward in one process, :mod:`.distributed`);
         when the budget covers the batch, the pass computes losses only and every valid example
         is taken.
@@ -341,6 +341,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
         budget = self.config.budget(layout.total)
         take_all = budget >= layout.total
         chunk = method.sketch_batch_size or self.config.micro_batch_size or budget
+        timings: dict[str, float] = {}
         context = SelectionContext(
             BatchPass(self.model, self.sketch_layers, batch, loss_fn, size, chunk),
             self.optimizer,
@@ -349,8 +350,8 @@ class CoresetOptimizer(torch.optim.Optimizer):
             layout,
             wrapper,
             self.num_selections,
+            timings,
         )
-        timings: dict[str, float] = {}
         if not take_all:
             with timed(timings, "prepare"):
                 method.prepare(context)
@@ -363,6 +364,8 @@ class CoresetOptimizer(torch.optim.Optimizer):
         else:  # the same global rows on every rank, built without a collective
             sketches = unjudged(layout.total, param_device(self.optimizer))
             loss_fn = skipping_nonfinite(loss_fn, skipped)
+        if not take_all:  # every rank sees the same gathered rows: the method's state stays in step
+            method.observe(sketches, layout.codes, len(layout.names))
         choose = self._take_all if take_all else self._choose
         selection, kept, num_valid = choose(sketches, layout, budget)
         timings.update(selection.timings)
@@ -384,7 +387,14 @@ class CoresetOptimizer(torch.optim.Optimizer):
         suspects = (
             None
             if take_all
-            else method.suspects(selection.compressed, sketches.losses, sketches.valid, layout.codes, len(layout.names))
+            else method.suspects(
+                selection.compressed,
+                sketches.losses,
+                sketches.valid,
+                layout.codes,
+                len(layout.names),
+                sketches.reference_losses,
+            )
         )
         timings["total"] = time.perf_counter() - start
         return self._coreset(layout, sketches, selection, kept, num_valid, share, loss_scale, timings, suspects)
@@ -471,6 +481,7 @@ class CoresetOptimizer(torch.optim.Optimizer):
             temperature=temperature,
             losses=sketches.losses,
             generator=self.generator,
+            reference_losses=sketches.reference_losses,
         )
         if groups is not layout.codes:  # not one group per source: count the picks per source
             per_source = torch.bincount(layout.codes[selection.indices.cpu()], minlength=len(layout.names)).tolist()

@@ -32,7 +32,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # collapsed at 40 % wrong answers or with noise concentrated in one source. Its suspect report
     # (suspect_report="confident") was chosen on seeds 0-1 by benchmarks/suspect_tradeoff.py and
     # reported on seeds 3-5 (benchmarks/results/suspect_tradeoff/, noise_bound/report.jsonl).
-    # It needs the sketch pass (a forward of the batch with a backward to the sketch layer).
+    # Its reference (reference="auto": the base model's losses, adapters off, for a peft LoRA model)
+    # and noise_gate=0.4 were chosen in a third round on seeds 0-1 (the in-batch rule fell below
+    # random subsets at 50 % of another task's answers) and confirmed on seeds 3-5
+    # (noise_bound/confirm.jsonl, arm "default"; the in-batch rule alone: arm "in_batch").
+    # It needs the sketch pass (a forward of the batch with a backward to the sketch layer), and
+    # with a reference one no-grad forward of the batch more (benchmarks/results/depth/).
     # sketch="auto": top coordinates ("exact") while the whole batch's sketch-layer activations fit
     # in 4 blocks, else a streamed CountSketch ("projection"; e.g. an lm_head at a 32k+
     # vocabulary), so that the sketch pass stays near a plain step of k (docs/performance.md).

@@ -37,6 +37,9 @@ class Sketches:
     # Zeroth-order sketches, normalized whole: which rows were valid before (a row Adam's scaling
     # made non-finite is reported as such). None: normalized while streaming, nothing to tell.
     valid_before_normalization: torch.Tensor | None = None
+    # Tensor[n]: each example's loss under the method's reference (the base model, adapters off:
+    # methods/reference.py), or None: no reference computed.
+    reference_losses: torch.Tensor | None = None
 
 
 @dataclass
@@ -59,10 +62,17 @@ class ChooseContext:
     generator: torch.Generator | None  # the optimizer's generator (saved in checkpoints)
     total: int  # N: the valid examples of the whole batch
     watch: Stopwatch  # watch.lap("stage") times a sub-stage of the choice
+    reference_losses: torch.Tensor | None = None  # Tensor[B] under the reference, or None (Sketches')
 
     def group_losses(self) -> torch.Tensor:
         """The group's losses, ``Tensor[n]``, on the rows' device."""
         return self.losses.to(self.rows.device).index_select(0, self.rows)
+
+    def group_reference_losses(self) -> torch.Tensor | None:
+        """The group's losses under the reference, ``Tensor[n]`` on the rows' device, or None."""
+        if self.reference_losses is None:
+            return None
+        return self.reference_losses.to(self.rows.device).index_select(0, self.rows)
 
 
 @dataclass

@@ -7,6 +7,7 @@ SCENARIOS and saves what each rank saw to ``OUT_DIR/rank{r}.pt``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -19,6 +20,21 @@ import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script by torchrun: the package from this checkout
+
+from coreset_optim import AnchoredConsensus, SketchedMethod  # noqa: E402
+
+
+@dataclasses.dataclass(kw_only=True)
+class FeatureReference(AnchoredConsensus):
+    """The anchored default with a reference each rank computes for its own rows, ten times the
+    square of the first input feature: what select() gathers besides the sketches (the base
+    model's losses need a peft model; the gather is the same)."""
+
+    def sketches(self, context):
+        rows = SketchedMethod.sketches(self, context)
+        return dataclasses.replace(rows, reference_losses=10 * context.batch_pass.batch[0][:, 0] ** 2)
+
 
 # name: per-rank batch sizes and CoresetOptimizer options. Sources: "a", "b", "c" (see global_batch).
 SCENARIOS = {
@@ -77,6 +93,12 @@ SCENARIOS = {
         sizes=[9, 3],
         rank_sources=[["a", "b"], ["c"]],
         options=dict(coreset_size=5, micro_batch_size=2, keep_sources=["c"], selection="random"),
+    ),
+    # The anchored default with a reference gathered from both ranks, its gate always open.
+    "reference": dict(
+        sizes=[9, 7],
+        rank_sources=[["a", "b"], ["a", "b"]],
+        options=dict(coreset_size=5, selection=FeatureReference(sketch_dim=10, noise_gate=0.0)),
     ),
     # coreset_size >= global batch: every valid example, no sketch pass.
     "all": dict(sizes=[5, 2], options=dict(coreset_size=100, micro_batch_size=2)),
@@ -234,6 +256,7 @@ def run_rank(out_dir: Path) -> None:
             num_valid=c.num_valid,
             loss=c.loss.clone(),
             sub_batch=c.batch,
+            implausible_share=getattr(opt.selection, "implausible_share", None),
         )
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     shutdown()

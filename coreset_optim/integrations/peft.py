@@ -9,13 +9,17 @@ which ``import coreset_optim`` does).
 
 LoRA variants (DoRA, ...) change the layer's forward so that ``lora_B``'s gradient no longer comes
 only from its own call; their sketches would be wrong, so they are refused.
+
+The base model is the reference of ``AnchoredConsensus`` (:mod:`coreset_optim.methods.reference`):
+:func:`adapters_off` switches every LoRA layer's adapters off for one pass and restores them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from torch import nn
 
@@ -180,6 +184,38 @@ def check_lora_layers(model: nn.Module, layer_names: Sequence[str]) -> None:
                 )
 
 
+@contextlib.contextmanager
+def _switched_off(layers: list[nn.Module]) -> Iterator[None]:
+    # peft's enable_adapters(False/True) also sets requires_grad on the adapter weights: the flags
+    # are put back exactly as they were (a weight the user froze stays frozen).
+    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    try:
+        for layer in layers:
+            layer.enable_adapters(False)
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for p, requires_grad in flags:
+            p.requires_grad_(requires_grad)
+
+
+def adapters_off(model: nn.Module) -> contextlib.AbstractContextManager[None] | None:
+    """A context in which ``model``'s LoRA layers compute the base model (their adapters off), or
+    None when there is no such reference: no LoRA layer, an adapter merged into the base weights
+    (the base is gone), or every adapter already off."""
+    layers = [layer for _, layer in lora_layers(model)]
+    if not layers or any(getattr(layer, "merged", False) for layer in layers):
+        return None
+    enabled = [layer for layer in layers if not layer.disable_adapters]
+    return _switched_off(enabled) if enabled else None
+
+
 register_extension(
-    ModelExtension("peft", default_sketch_modules=default_lora_sketch_modules, check_sketch_layers=check_lora_layers)
+    ModelExtension(
+        "peft",
+        default_sketch_modules=default_lora_sketch_modules,
+        check_sketch_layers=check_lora_layers,
+        reference_pass=adapters_off,
+    )
 )

@@ -167,6 +167,20 @@ class CoresetArguments:
             "'confident' (the method's default) or 'avoided' (every row its choice avoided)."
         },
     )
+    coreset_reference: Optional[str] = field(
+        default=PRESET,
+        metadata={
+            "help": "selection='anchored_consensus' (the default): its reference, 'auto' (the base model, adapters "
+            "off, for a peft LoRA model; the method's default), 'base' (require it) or None (no reference)."
+        },
+    )
+    noise_gate: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "selection='anchored_consensus': the running share of rows the reference finds implausible at "
+            "which the choice avoids them too (logged as coreset/implausible_share); None: the method's default."
+        },
+    )
     target_curvature: Optional[float] = field(
         default=None,
         metadata={"help": "selection='target': the method's curvature h of the second-order term (0: first order)."},
@@ -219,7 +233,7 @@ class CoresetArguments:
         kwargs: dict[str, Any] = {"preset": self.coreset_preset}
         for field_name, option in OPTION_NAMES.items():
             value = getattr(self, field_name)
-            if value is not (PRESET if field_name in ("keep_sources", "normalize") else None):
+            if value is not (PRESET if field_name in ("keep_sources", "normalize", "coreset_reference") else None):
                 kwargs[option] = value
         if with_modules:
             kwargs["sketch_modules"] = self.sketch_modules
@@ -241,6 +255,8 @@ OPTION_NAMES = {
     "sketch": "sketch",
     "selection": "selection",
     "suspect_report": "suspect_report",
+    "coreset_reference": "reference",
+    "noise_gate": "noise_gate",
     "target_curvature": "curvature",
     "target_refresh": "refresh",
     "target_per_source": "per_source",
@@ -788,8 +804,9 @@ class CoresetTrainerMixin:
             if flagged:
                 counts[example_id] = counts.get(example_id, 0) + 1
 
-    def _write_suspects(self, shares: Mapping[Any, float]) -> None:
-        """Append the window's suspects (most often flagged first) and each source's suspect share to
+    def _write_suspects(self, shares: Mapping[Any, float], implausible: float | None = None) -> None:
+        """Append the window's suspects (most often flagged first), each source's suspect share and
+        the running share of rows the reference finds implausible (None without one) to
         ``suspects_file``: one JSON line per logging window, per process (``.rank<N>`` appended to
         the name when there are several)."""
         counts, self._suspect_counts = self._suspect_counts, {}
@@ -806,6 +823,7 @@ class CoresetTrainerMixin:
                         "step": self.state.global_step,
                         "suspects": [[i, n] for i, n in ranked],
                         "suspect_share": dict(shares),
+                        "implausible_share": implausible,
                     },
                     default=str,
                 )
@@ -825,9 +843,12 @@ class CoresetTrainerMixin:
                 logs[key] = value / n if key.startswith("coreset/time_") or key == "coreset/loss" else value
             shares = suspect_shares(logs)
             logs.update({f"coreset/suspect_share/{source}": share for source, share in shares.items()})
+            implausible = getattr(self.coreset_optimizer.selection, "implausible_share", None)
+            if implausible is not None:  # the anchored default's running share, what its noise gate reads
+                logs["coreset/implausible_share"] = implausible
             self._coreset_stats = {}
             if self.args.suspects_file is not None:
-                self._write_suspects(shares)
+                self._write_suspects(shares, implausible)
         super().log(logs, *args, **kwargs)
 
 

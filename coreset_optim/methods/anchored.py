@@ -20,16 +20,29 @@ eligible: the coreset is still the hardest eligible examples (then the avoided o
 first), weighted n / k. Measured against random and stratified random subsets at every noise model
 and rate of the fine-tuning benchmark, clean data included: ``docs/selection_quality.md``.
 
+Both signals live inside the batch, and once wrong answers are half of a source and coherent
+(another task's answers) the small-loss half is no longer clean enough: the hardest "agreeing" rows
+are then the wrong ones and the run falls below random subsets. With a reference from outside the
+batch (``reference="auto"``: the base model, for a peft LoRA model, :mod:`.reference`) the choice
+also avoids the rows whose base-model loss lies in their source's high component, once the running
+share of such rows (``implausible_share``, updated at each reference pass by
+:meth:`AnchoredConsensus.observe`) reaches ``noise_gate``. On clean data that component holds the
+new material the fine-tuning is for, so the gate stays shut there, and the reference pass runs on
+one selection in ``reference_every`` only (``benchmarks/noise_bound.py`` chose the gate on seeds it
+does not report).
+
 The choice needs recall (a corrupted row it misses is among the hardest left, so it tends to be
 chosen); a user reading ``coreset.suspects`` needs precision. So the report is narrower by default
 (:func:`confident_suspects`, ``suspect_report="confident"``): rows pulling against the anchor
 whose log-loss lies far above the small-loss half's. Replayed along the default's runs it flags
 about a tenth of the rows of clean data where the avoided set holds a fifth
-(``benchmarks/suspect_tradeoff.py``, thresholds chosen on seeds never used for its report).
+(``benchmarks/suspect_tradeoff.py``, thresholds chosen on seeds never used for its report). While
+the noise gate is open, both reports also hold the rows the reference finds implausible.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -37,13 +50,24 @@ from typing import ClassVar
 import torch
 from torch.nn import functional as F
 
-from ..checks import check_number
-from ..records import ChooseContext
+from ..checks import check_number, is_int
+from ..extensions import reference_pass_context
+from ..records import ChooseContext, Sketches
 from ..sketch.compress import rows_per_source
-from .base import SketchedMethod
+from ..timing import timed
+from .base import SelectionContext, SketchedMethod
+from .reference import reference_losses, running_share
 from .suspects import hardest_first
 
 MIN_EXAMPLES = 4  # a small-loss half of two, an upper half of two
+REFERENCES = ("auto", "base", None)
+# the reference acts once the running share of implausible rows reaches this (benchmarks/noise_bound.py
+# --phase choose picked it between 0.35 and 0.40: results/noise_bound/noise_bound.md, "Choosing")
+NOISE_GATE, GATE_DECAY = 0.40, 0.9
+# while the gate is shut the reference pass (a no-grad forward of the batch, 1.5x a step without it on
+# the depth benchmark's 8-layer LoRA model) runs on one selection in this many; chosen after the
+# confirmation on the choosing seeds (the same accuracy; results/noise_bound/noise_bound.md)
+REFERENCE_EVERY = 8
 MAX_HIGH_SHARE = 0.6  # the high component holds at most this share of a source's rows
 # the confident report: cosine with the anchor below, log-loss z above (benchmarks/suspect_tradeoff.py
 # --phase choose picked them among nine pairs; results/suspect_tradeoff/choose.md)
@@ -128,6 +152,18 @@ def confident_suspects(
     return (cosine < cosine_below) & (z > z_above)
 
 
+def implausible_rows(reference: torch.Tensor, rows: list[torch.Tensor], min_separation: float = 2.0) -> torch.Tensor:
+    """``BoolTensor[B]``: the rows each source would not be expected to hold, by the reference: for
+    each source's ``rows`` (:func:`rows_per_source`), those in the high component of their
+    ``reference`` losses (:func:`high_loss_component`; none for fewer than ``MIN_EXAMPLES`` rows).
+    No host sync."""
+    out = torch.zeros(reference.shape[0], dtype=torch.bool, device=reference.device)
+    for source_rows in rows:
+        source_rows = source_rows.to(reference.device)
+        out[source_rows] = high_loss_component(reference.index_select(0, source_rows), min_separation)
+    return out
+
+
 @dataclass(kw_only=True)
 class AnchoredConsensus(SketchedMethod):
     """``selection="anchored_consensus"``, the default: per source, the highest losses among the
@@ -135,11 +171,24 @@ class AnchoredConsensus(SketchedMethod):
     ``min_separation``: how far apart (in pooled standard deviations) the high-loss component must
     lie from the rest to count as one. ``suspect_report``: what ``coreset.suspects`` holds,
     ``"confident"`` (:func:`confident_suspects`: fewer flags, more of them right) or ``"avoided"``
-    (every example the choice avoided, :func:`anchored_suspects`)."""
+    (every example the choice avoided, :func:`anchored_suspects`).
+    ``reference``: ``"auto"`` (the base model when an integration can switch the model's adapters
+    off, peft LoRA; none otherwise), ``"base"`` (the same, and ValueError for a model without
+    one) or None (no reference: the in-batch rule alone, no extra forward). ``noise_gate``: the
+    running share of rows the reference finds implausible at which the choice avoids them too
+    (0: always; above 0.6, the most a high component holds: never). ``gate_decay``: that running
+    share's exponential decay per reference pass. ``reference_every``: while the gate is shut, the
+    reference pass runs on one selection in this many (the running share is all it feeds then);
+    while it is open, on every one. ``implausible_share`` (read only): the running share (None
+    before the first reference), saved in checkpoints."""
 
     name: ClassVar[str] = "anchored_consensus"
     min_separation: float = 2.0
     suspect_report: str = "confident"
+    reference: str | None = "auto"
+    noise_gate: float = NOISE_GATE
+    gate_decay: float = GATE_DECAY
+    reference_every: int = REFERENCE_EVERY
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -152,19 +201,96 @@ class AnchoredConsensus(SketchedMethod):
                 f"suspect_report must be one of {SUSPECT_REPORTS} ('confident': the flags worth a look; "
                 f"'avoided': every example the choice avoided), got {self.suspect_report!r}"
             )
+        if self.reference not in REFERENCES:
+            raise ValueError(
+                f"reference must be one of {REFERENCES} ('auto': the base model for a peft LoRA model, "
+                f"none otherwise; 'base': require it; None: no reference), got {self.reference!r}"
+            )
+        if not is_int(self.reference_every) or self.reference_every < 1:
+            raise ValueError(
+                f"reference_every must be a positive int (selections between reference passes while the "
+                f"gate is shut; 1: every one), got {self.reference_every!r}"
+            )
+        for name, default in (("noise_gate", NOISE_GATE), ("gate_decay", GATE_DECAY)):
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+            setattr(self, name, check_number(name, value, ok, f"a float in [0, 1] (default {default})"))
+        self.implausible_share: float | None = None
+
+    def sketches(self, context: SelectionContext) -> Sketches:
+        """The sketches, with each example's loss under the reference when there is one and it is
+        due (the reference pass runs after the sketch pass: a loss function that records the first
+        pass's logits, as TRL's metrics do, sees the trained model's)."""
+        model = context.batch_pass.model
+        available = self.reference is not None and reference_pass_context(model) is not None
+        if self.reference == "base" and not available:
+            raise ValueError(
+                "reference='base' needs a model whose adapters an integration can switch off (a peft "
+                "LoRA model, adapters not merged); use reference='auto' or None for this model"
+            )
+        rows = super().sketches(context)
+        if not available or not (self.gate_open or context.num_selections % self.reference_every == 0):
+            return rows
+        with timed(context.timings, "reference"):  # part of the "sketch" stage's time
+            reference = reference_losses(context.batch_pass)
+        # a base loss that overflowed is as implausible as it gets (and must not poison the split)
+        reference = torch.nan_to_num(reference, nan=1e6, posinf=1e6, neginf=0.0)
+        return dataclasses.replace(rows, reference_losses=reference)
+
+    def observe(self, sketches: Sketches, codes: torch.Tensor, num_sources: int) -> None:
+        """Update ``implausible_share`` with this batch's share of rows the reference finds
+        implausible (:func:`implausible_rows`) among the valid rows of sources with at least
+        ``MIN_EXAMPLES`` of them (two host reads)."""
+        reference = sketches.reference_losses
+        if reference is None:
+            return
+        counts, rows = rows_per_source(sketches.valid.to(reference.device), codes.to(reference.device), num_sources)
+        judged = sum(c for c in counts if c >= MIN_EXAMPLES)
+        if judged == 0:
+            return
+        implausible = implausible_rows(reference, rows, self.min_separation)
+        share = float(implausible.sum()) / judged
+        self.implausible_share = running_share(self.implausible_share, share, self.gate_decay)
+
+    @property
+    def gate_open(self) -> bool:
+        """Whether the choice avoids the rows the reference finds implausible this step."""
+        return self.implausible_share is not None and self.implausible_share >= self.noise_gate
 
     def choose(self, x: torch.Tensor, k: int, context: ChooseContext) -> tuple[torch.Tensor, None]:
         losses = context.group_losses().to(x.device)
-        return hardest_first(losses, k, anchored_suspects(x, losses, self.min_separation)), None
+        avoided = anchored_suspects(x, losses, self.min_separation)
+        reference = context.group_reference_losses()
+        if reference is not None and self.gate_open:
+            avoided = avoided | high_loss_component(reference.to(x.device), self.min_separation)
+        return hardest_first(losses, k, avoided), None
 
-    def suspects(self, compressed, losses, valid, codes, num_sources) -> torch.Tensor:
-        out = torch.zeros(compressed.shape[0], dtype=torch.bool, device=compressed.device)
-        _, rows = rows_per_source(valid.to(compressed.device), codes.to(compressed.device), num_sources)
+    def suspects(self, compressed, losses, valid, codes, num_sources, reference_losses=None) -> torch.Tensor:
+        """The report (``suspect_report``), per source; while the gate is open, also the rows the
+        reference finds implausible (what the choice avoided besides the in-batch rule)."""
+        device = compressed.device
+        out = torch.zeros(compressed.shape[0], dtype=torch.bool, device=device)
+        _, rows = rows_per_source(valid.to(device), codes.to(device), num_sources)
         for source_rows in rows:
-            picked = losses.to(compressed.device).index_select(0, source_rows)
+            picked = losses.to(device).index_select(0, source_rows)
             x = compressed.index_select(0, source_rows)
             if self.suspect_report == "confident":
                 out[source_rows] = confident_suspects(x, picked)
             else:
                 out[source_rows] = anchored_suspects(x, picked, self.min_separation)
+        if reference_losses is not None and self.gate_open:
+            out |= implausible_rows(reference_losses.to(device), rows, self.min_separation)
         return out
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"implausible_share": self.implausible_share}
+
+    def load_state_dict(self, state: dict) -> None:
+        unknown = sorted(set(state) - {"implausible_share"})
+        if unknown:
+            raise ValueError(f"AnchoredConsensus keeps only 'implausible_share'; got {unknown}")
+        share = state.get("implausible_share")
+        if share is not None and not isinstance(share, float):
+            raise TypeError(f"implausible_share must be a float or None, got {type(share).__name__}")
+        self.implausible_share = share

@@ -11,6 +11,8 @@ and their checks (``__post_init__``), and a few methods answer the pipeline's qu
   only (one no-grad forward in chunks); :class:`SketchedMethod` adds the Adam-normalized,
   compressed per-example gradient sketch; a method whose ``reads_losses`` is False (``"random"``)
   gets no pass at all (:func:`unjudged`);
+* :meth:`SelectionMethod.observe`: what the method keeps from the whole gathered batch before
+  choosing (a running statistic across steps, e.g. the anchored default's noise gate);
 * :meth:`SelectionMethod.choose`: ``k`` rows of one source's rows and their weights (the pure
   selectors of the other modules);
 * :meth:`SelectionMethod.groups` / :meth:`SelectionMethod.suspects`: how budgets split (per
@@ -24,7 +26,7 @@ and their checks (``__post_init__``), and a few methods answer the pipeline's qu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -52,6 +54,7 @@ class SelectionContext:
     layout: Layout
     wrapper: nn.Module  # the module whose gradient sync is paused during passes
     num_selections: int  # selections made before this one
+    timings: dict[str, float] = field(default_factory=dict)  # select()'s: a stage may time a sub-stage
 
     @property
     def layers(self) -> list[SketchLayer]:
@@ -128,6 +131,12 @@ class SelectionMethod:
         """How the budget is split: by default one group per source, ``keep`` kept whole."""
         return codes, num_sources, keep
 
+    def observe(self, sketches: Sketches, codes: torch.Tensor, num_sources: int) -> None:
+        """Read the whole (gathered) batch before any group is chosen: ``sketches`` (rows, losses,
+        validity, reference losses), ``codes[B]`` each example's source among ``num_sources``.
+        Called on every rank with the same rows, so state kept here agrees across ranks; not
+        called when every example is taken. Nothing by default."""
+
     def choose(self, x: torch.Tensor, k: int, context: ChooseContext) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``k`` of one group's rows ``x[n, d]`` (``1 <= k < n``: the pipeline takes a group whole
         when its budget covers it) as local indices ``[k]``, and their weights ``[k]`` summing to
@@ -142,8 +151,10 @@ class SelectionMethod:
         valid: torch.Tensor,
         codes: torch.Tensor,
         num_sources: int,
+        reference_losses: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """``BoolTensor[B]``: examples that look mislabeled, or None (the method does not say)."""
+        """``BoolTensor[B]``: examples that look mislabeled, or None (the method does not say).
+        ``reference_losses``: the batch's losses under the method's reference (None: none)."""
         return None
 
     # --- checkpoints ----------------------------------------------------------------------------

@@ -73,5 +73,5 @@ class ConsensusLoss(SketchedMethod):
     def choose(self, x: torch.Tensor, k: int, context: ChooseContext) -> tuple[torch.Tensor, None]:
         return consensus_loss_coreset(x, k, context.group_losses()).to(context.rows.device), None
 
-    def suspects(self, compressed, losses, valid, codes, num_sources) -> torch.Tensor:
+    def suspects(self, compressed, losses, valid, codes, num_sources, reference_losses=None) -> torch.Tensor:
         return consensus_suspects(compressed, losses, valid, codes, num_sources)

@@ -83,5 +83,5 @@ class TrimmedLoss(SelectionMethod):
     def choose(self, x: torch.Tensor, k: int, context: ChooseContext) -> tuple[torch.Tensor, None]:
         return trimmed_loss_coreset(context.group_losses(), k), None
 
-    def suspects(self, compressed, losses, valid, codes, num_sources) -> torch.Tensor:
+    def suspects(self, compressed, losses, valid, codes, num_sources, reference_losses=None) -> torch.Tensor:
         return suspect_examples(compressed, losses, valid, codes, num_sources)

@@ -33,12 +33,13 @@ def select_from_sketches(
     temperature: float = 1.0,
     losses: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    reference_losses: torch.Tensor | None = None,
 ) -> Selection:
     """Select ``budget`` of the valid rows of ``sketches[B, D]`` (normalized), source by source,
     with ``method.choose`` (:class:`~coreset_optim.methods.base.SelectionMethod`) on each source's rows
     compressed to ``method.compressed_width(sketches)`` columns; ``losses`` (None: zeros) and
-    ``generator`` (None: torch's global one) reach it in its
-    :class:`~coreset_optim.records.ChooseContext`. A group whose budget covers it
+    ``generator`` (None: torch's global one) and ``reference_losses`` (None: no reference) reach
+    it in its :class:`~coreset_optim.records.ChooseContext`. A group whose budget covers it
     is taken whole; a method asked for ``k`` of ``n`` rows (``1 <= k < n``) returns ``k`` indices
     and their weights, or None for ``n / k`` each.
 
@@ -77,7 +78,7 @@ def select_from_sketches(
             weights.append(torch.full((rows.numel(),), scale, device=rows.device))
             continue
         k, n = alloc[code], rows.numel()
-        context = ChooseContext(rows, losses, generator, sum(counts), watch)
+        context = ChooseContext(rows, losses, generator, sum(counts), watch, reference_losses)
         local, w = checked_choice(method, method.choose(compressed.index_select(0, rows), k, context), k)
         picked.append(rows.index_select(0, local))
         weights.append((torch.full((k,), n / k, device=rows.device) if w is None else w.float()) * scale)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import distributed_helpers as h
-from coreset_optim import CoresetOptimizer
+from coreset_optim import AnchoredConsensus, CoresetOptimizer
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -89,6 +89,25 @@ def test_selection_matches_one_process_select(ranks, name):
     torch.testing.assert_close(c.loss, r0["loss"])
     for n, p in model.named_parameters():
         torch.testing.assert_close(r0["grads"][n], p.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_the_reference_is_gathered_and_the_ranks_keep_the_same_running_share(ranks):
+    """Both ranks' running share of implausible rows equals one process's over the same two global
+    batches, and the gathered reference changed the choice (the rule without it picks otherwise)."""
+    r0, r1 = ranks[0]["reference"], ranks[1]["reference"]
+    method = h.FeatureReference(sketch_dim=10, noise_gate=0.0)
+    model = h.make_model()
+    opt = CoresetOptimizer(torch.optim.AdamW(model.parameters(), lr=0.05), model, coreset_size=5, selection=method)
+    for step in (0, 1):
+        x, y, src = h.global_batch("reference", step)
+        opt.zero_grad()
+        c = opt.select((x, y), h.per_example_loss(model), sources=src)
+        opt.step()
+    assert r0["implausible_share"] == r1["implausible_share"] == pytest.approx(method.implausible_share)
+    assert c.indices.tolist() == r0["indices"].tolist()
+    model, inner = reference("reference", r0["before"])
+    plain = CoresetOptimizer(inner, model, coreset_size=5, selection=AnchoredConsensus(sketch_dim=10, reference=None))
+    assert plain.select((x, y), h.per_example_loss(model), sources=src).indices.tolist() != r0["indices"].tolist()
 
 
 def test_a_rank_without_selected_examples_still_contributes(ranks):

@@ -643,3 +643,45 @@ def test_suspects_file_needs_an_id_column(tmp_path):
         CoresetTrainer(
             model=lora(tiny_llama()), args=make_args(tmp_path, id_column="nope"), train_dataset=make_dataset()
         )
+
+
+def test_the_running_implausible_share_is_logged_and_written(tmp_path):
+    """With a peft model the default reads the base model: the log and suspects_file carry its
+    running share of implausible rows as it stood after the window's last selection; with
+    coreset_reference=None there is no reference and nothing is logged."""
+    import json
+
+    dataset = make_dataset()
+    for i, row in enumerate(dataset.rows):
+        row["row_id"] = i
+    path = tmp_path / "suspects.jsonl"
+    shares = []
+
+    class ShareRecorder(CoresetCallback):
+        def on_selection(self, args, state, control, **kwargs):
+            shares.append(trainer.coreset_optimizer.selection.implausible_share)
+
+    args = make_args(
+        tmp_path,
+        max_steps=4,
+        logging_steps=2,
+        source_column="source",
+        id_column="row_id",
+        suspects_file=str(path),
+        noise_gate=0.0,  # the gate open from the first step
+    )
+    trainer = CoresetTrainer(model=lora(tiny_llama()), args=args, train_dataset=dataset, callbacks=[ShareRecorder()])
+    trainer.train()
+    assert trainer.coreset_optimizer.selection.noise_gate == 0.0 and trainer.coreset_optimizer.selection.gate_open
+    logged = {h["step"]: h for h in trainer.state.log_history if "loss" in h}
+    lines = {json.loads(line)["step"]: json.loads(line) for line in path.read_text().splitlines()}
+    for step in (2, 4):
+        assert logged[step]["coreset/implausible_share"] == pytest.approx(shares[step - 1])
+        assert lines[step]["implausible_share"] == pytest.approx(shares[step - 1])
+    assert len(set(shares)) > 1 and all(0 <= s <= 1 for s in shares)
+
+    args = make_args(tmp_path / "off", max_steps=2, logging_steps=2, source_column="source", coreset_reference=None)
+    trainer = CoresetTrainer(model=lora(tiny_llama()), args=args, train_dataset=make_dataset())
+    trainer.train()
+    assert trainer.coreset_optimizer.selection.reference is None
+    assert all("coreset/implausible_share" not in h for h in trainer.state.log_history)

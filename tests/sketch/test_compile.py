@@ -223,4 +223,6 @@ def test_lora_llama_is_eager_s(selection):
     breaks = graph_breaks()
     assert all(HOOK in reason for reason in breaks), breaks
     assert bool(breaks) == (selection is None)
-    assert compiled[0]["frames"] == compiled[-1]["frames"]
+    # no recompile once warm: the default's base-model pass (adapters off) compiles its variant of
+    # the forward within the first two steps (measured: 61 frames after step 0, 62 from step 1 on)
+    assert compiled[1]["frames"] == compiled[-1]["frames"]
