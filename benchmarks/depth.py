@@ -1,10 +1,12 @@
 """Coreset step time / CoLM's ideal as the model gets deeper (LoRA and full fine-tuning).
 
 c: ``select()`` k of B + ``step()``; d (ideal): a no-grad forward of B + forward/backward of k
-+ ``step()``. Both alternate step by step in one process per (depth, mode), after a warm-up
-step each; the figure is the median over steps of the side-by-side ratio c/d of the process's
-CPU time (one torch thread, so CPU time is compute time; wall time on this shared machine also
-counts waiting for a core, and its ratio is recorded too). Model: random-init
++ ``step()``; with ``--without-reference``, also c0: the same ``select()`` with the default's
+reference switched off (``reference=None``: no base-model forward; LoRA only, full fine-tuning has
+no reference), on its own copy of the model. They alternate step by step in one process per
+(depth, mode), after a warm-up step each; the figure is the median over steps of the
+side-by-side ratio c/d of the process's CPU time (one torch thread, so CPU time is compute time;
+wall time on this shared machine also counts waiting for a core, and its ratio is recorded too). Model: random-init
 Llama, hidden 128, 4 heads (2 key/value), MLP 384, vocabulary 2,000, 32 tokens; B = 64, k = 16;
 AdamW. LoRA: r = 8 on q/v (sketch: the last v_proj's LoRA-B, the default). Full fine-tuning:
 every parameter trained, sketch target given by ``--full-target`` (default: the library's
@@ -47,10 +49,19 @@ def run(layers: int, mode: str, args) -> dict:
     model, loss_fn = build(layers, mode, args.vocab, args.seq_len)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     options = {"sketch_modules": args.full_target} if mode == "full" and args.full_target else {}
+    if args.reference_every is not None:
+        options["reference_every"] = args.reference_every
+    if args.noise_gate is not None:
+        options["noise_gate"] = args.noise_gate
     wrapper = CoresetOptimizer(opt, model, coreset_size=args.k, **options)
     k, big = args.k, args.batch
+    plain = None
+    if args.without_reference and mode == "lora":
+        model0, loss0 = build(layers, mode, args.vocab, args.seq_len)
+        opt0 = torch.optim.AdamW([p for p in model0.parameters() if p.requires_grad], lr=1e-4)
+        plain = (CoresetOptimizer(opt0, model0, coreset_size=args.k, reference=None, **options), loss0)
 
-    def coreset(batch):
+    def coreset(batch, wrapper=wrapper, loss_fn=loss_fn):
         cs = wrapper.select(batch, loss_fn, sources=batch["source"])
         wrapper.step()
         wrapper.zero_grad(set_to_none=True)
@@ -69,11 +80,18 @@ def run(layers: int, mode: str, args) -> dict:
     batches = [token_batch(big, args.seq_len, vocab=args.vocab, seed=i) for i in range(args.steps + 1)]
     coreset(batches[0])
     ideal(batches[0])
-    ratios, wall_ratios, times, stages = [], [], {"c": [], "d": []}, []
+    if plain is not None:
+        coreset(batches[0], *plain)
+    ratios, wall_ratios, times, stages, reference_ratios = [], [], {"c": [], "d": [], "c0": []}, [], []
     for b in batches[1:]:
         w0, c0 = time.perf_counter(), time.process_time()
         stages.append(coreset(b))
         wc, cc = time.perf_counter() - w0, time.process_time() - c0
+        if plain is not None:
+            c0 = time.process_time()
+            coreset(b, *plain)
+            times["c0"].append(time.process_time() - c0)
+            reference_ratios.append(cc / times["c0"][-1])
         w0, c0 = time.perf_counter(), time.process_time()
         ideal(b)
         wd, cd = time.perf_counter() - w0, time.process_time() - c0
@@ -97,6 +115,13 @@ def run(layers: int, mode: str, args) -> dict:
         "ratios": ratios,
         "wall_ratio_median": statistics.median(wall_ratios),
         "wall_ratios": wall_ratios,
+        "reference": getattr(wrapper.selection, "implausible_share", None) is not None,
+        "with_without_reference_ratios": reference_ratios,
+        "with_without_reference_median": statistics.median(reference_ratios) if reference_ratios else None,
+        # over all steps (a pass on one selection in reference_every shows in the sum, not the median)
+        "with_without_reference_total": sum(times["c"]) / sum(times["c0"]) if times["c0"] else None,
+        "reference_passes": sum("reference" in t for t in stages),
+        "gate_open_at_end": getattr(wrapper.selection, "gate_open", None),
     }
     print(json.dumps({k: v for k, v in row.items() if not k.endswith("ratios")}), flush=True)
     return row
@@ -113,6 +138,15 @@ def main(argv=None) -> None:
     parser.add_argument("--name", default="depth")
     parser.add_argument("--out", default=str(results_dir("depth")))
     parser.add_argument("--replot", action="store_true", help="redraw the .png from the saved JSON")
+    parser.add_argument(
+        "--without-reference", action="store_true", help="also time the default without its reference (LoRA)"
+    )
+    parser.add_argument(
+        "--reference-every", type=int, default=None, help="the default's reference_every (None: its own default)"
+    )
+    parser.add_argument(
+        "--noise-gate", type=float, default=None, help="the default's noise_gate (1.0: shut, 0.0: open)"
+    )
     args = parser.parse_args(argv)
     if args.replot:
         plot(json.loads((Path(args.out) / f"{args.name}.json").read_text()), Path(args.out) / f"{args.name}.png")
@@ -130,21 +164,26 @@ def main(argv=None) -> None:
         md_header(result["produced_by"]) + f"# Coreset step / CoLM ideal vs depth ({args.name})",
         "",
         f"Produced by `benchmarks/depth.py`; B = {args.batch}, k = {args.k}, {args.seq_len} tokens, "
-        f"vocabulary {args.vocab}, hidden 128; {args.steps} alternating steps per row; machine: "
+        f"vocabulary {args.vocab}, hidden 128; {args.steps} alternating steps per row; "
+        + ("" if args.reference_every is None else f"the default with reference_every={args.reference_every}; ")
+        + ("" if args.noise_gate is None else f"noise_gate={args.noise_gate}; ")
+        + "machine: "
         f"{result['machine']['cpu']}, {args.threads} torch thread, load average "
         f"{result['machine']['load_average_start'][0]:.1f} at start, "
         f"{result['machine']['load_average_end'][0]:.1f} at end (shared machine).",
         "",
         "| mode | layers | sketch target | c / d (CPU time) median | range | wall-time c / d | c CPU s | d CPU s "
-        "| sketch share of c (wall) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| sketch share of c (wall) | reference passes | c / c without it (CPU time): median, total |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
+        vs, total = r.get("with_without_reference_median"), r.get("with_without_reference_total")
         lines.append(
             f"| {r['mode']} | {r['layers']} | {', '.join(r['target'])[:60]} | {r['ratio_median']:.2f} | "
             f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f} | {r['wall_ratio_median']:.2f} | "
             f"{r['c_median_s']:.3f} | {r['d_median_s']:.3f} | "
-            f"{r['sketch_share_of_c']:.0%} |"
+            f"{r['sketch_share_of_c']:.0%} | {r.get('reference_passes', 0)} of {len(r['ratios'])} | "
+            f"{'n/a' if vs is None else f'{vs:.2f}, {total:.2f}'} |"
         )
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     plot(result, out / f"{args.name}.png")

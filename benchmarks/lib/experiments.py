@@ -259,3 +259,85 @@ class FilterMiddle(SketchedMethod):
 
     name: ClassVar[str] = "bound_filter_middle"
     choose = _order_after_filter(_middle_key)
+
+
+# --- third round (issue 22): a reference from outside the batch. The base model's loss (the PEFT
+# adapters disabled, one no-grad forward over the batch): a wrong answer is unlikely under the base
+# too, and no batch, however noisy, moves the base. Rows in the high component of the reference
+# losses are suspects besides the default's.
+
+
+def reference_losses(batch_pass) -> torch.Tensor:
+    """Each example's loss under the base model: ``batch_pass``'s losses with the adapters off."""
+    model = batch_pass.model
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad(), model.disable_adapter():
+            return batch_pass.losses()
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@register_method
+@dataclass(kw_only=True)
+class ReferenceGap(SketchedMethod):
+    """Candidate: the default's suspects, or the high component of the base model's losses
+    (``log_reference``: of their logarithms), all of it (``rule="or"``), its rows less aligned with
+    the small-loss half's anchor than that half's median row (``"disagree"``), or its rows in the
+    upper half by loss (``"upper"``)."""
+
+    name: ClassVar[str] = "bound_reference"
+    log_reference: bool = False
+    rule: str = "or"
+    gate: float | None = None  # the reference's suspects only where a source's running high share reaches it
+    decay: float = 0.9
+    pooled_gate: float | None = None  # the same, on the share of the whole batch (all sources pooled)
+
+    def sketches(self, context):
+        from coreset_optim.methods.anchored import MIN_EXAMPLES, high_loss_component
+
+        self._reference = reference_losses(context.batch_pass)
+        self._codes, self._names = context.layout.codes, context.layout.names
+        if self.pooled_gate is not None:
+            flagged = total = 0
+            for code in range(len(self._names)):
+                rows = (self._codes == code).nonzero().flatten()
+                if rows.numel() >= MIN_EXAMPLES:
+                    flagged += int(high_loss_component(self._reference[rows].double()).sum())
+                    total += rows.numel()
+            share = flagged / max(1, total)
+            before = getattr(self, "_pooled", None)
+            self._pooled = share if before is None else self.decay * before + (1 - self.decay) * share
+        return super().sketches(context)
+
+    def choose(self, x, k, context):
+        from coreset_optim.methods.anchored import anchored_suspects, high_loss_component
+
+        losses = context.group_losses().to(x.device)
+        ref = self._reference.to(x.device).index_select(0, context.rows.to(x.device)).double()
+        if self.log_reference:
+            ref = ref.clamp_min(1e-12).log()
+        from coreset_optim.methods.anchored import lower_median, small_half_agreement
+
+        flagged = high_loss_component(ref)
+        if self.rule == "disagree":
+            small, cosine = small_half_agreement(x, losses)
+            flagged &= cosine < lower_median(cosine, small)
+        elif self.rule == "none":
+            flagged &= False
+        elif self.rule == "upper":
+            flagged &= losses > losses.median()
+        if self.pooled_gate is not None and self._pooled < self.pooled_gate:
+            flagged = torch.zeros_like(flagged)
+        if self.gate is not None:
+            share = float(high_loss_component(ref).double().mean())
+            if not hasattr(self, "_share"):
+                self._share = {}
+            name = self._names[int(self._codes[int(context.rows[0])])]
+            before = self._share.get(name)
+            self._share[name] = share if before is None else self.decay * before + (1 - self.decay) * share
+            if self._share[name] < self.gate:
+                flagged = torch.zeros_like(flagged)
+        return hardest_first(losses, k, anchored_suspects(x, losses) | flagged), None

@@ -59,6 +59,8 @@ ARMS: dict[str, Arm] = {
     "accum_B": Arm("accum", steps=1.5),
     "batch_B": Arm("full"),
     "default": Arm("coreset"),  # the library's default preset
+    "in_batch": Arm("coreset", {"reference": None}),  # the default without its reference (the rule before)
+    "reference_every_1": Arm("coreset", {"reference_every": 1}),  # the default's reference on every step
     "gradient_matching": Arm("coreset", GM),  # the default before selection="loss"
     "trimmed_loss": Arm("coreset", {"selection": "trimmed_loss"}),  # loss without the high-loss cluster
     "loss": Arm("coreset", {"selection": "loss"}),  # highest loss per source
