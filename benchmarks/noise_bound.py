@@ -65,7 +65,11 @@ CANDIDATES = {
     "bound_reference_pooled_40": Arm("coreset", {"selection": "bound_reference", "pooled_gate": 0.40}),
     # after the confirmation: the chosen rule with its reference pass on one selection in 8 while the
     # gate is shut (the pass cost 1.5x a step without it: results/depth/depth_reference.md)
-    "default_reference_every_8": Arm("coreset", {"reference_every": 8}),
+    "default_reference_every_8": Arm("coreset", {"gate_statistic": "implausible", "reference_every": 8}),
+    # fourth round, after a weaker base kept the gate shut (reference_base.py): the gate on the share
+    # of rows both the reference and the batch call wrong
+    "bound_gate_both_15": Arm("coreset", {"selection": "bound_gate_both", "noise_gate": 0.15}),
+    "bound_gate_both_18": Arm("coreset", {"selection": "bound_gate_both", "noise_gate": 0.18}),
 }
 ALL_ARMS = {**ARMS, **CANDIDATES}
 # (noise model, rate, placement); None: clean
@@ -118,6 +122,7 @@ PHASES = {
         "configs": CONFIRM_CONFIGS,
         "arms": [
             "default",
+            "gate_implausible_40",
             "reference_every_1",
             "in_batch",
             "consensus_loss",

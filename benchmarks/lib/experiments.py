@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import torch
 
-from coreset_optim import GradientMatching, SketchedMethod, register_method
+from coreset_optim import AnchoredConsensus, GradientMatching, SketchedMethod, register_method
 from coreset_optim.methods.consensus import agreement
 from coreset_optim.methods.gradient_matching import gradient_matching_coreset, greedy_matching
 from coreset_optim.methods.suspects import hardest_first
@@ -341,3 +341,41 @@ class ReferenceGap(SketchedMethod):
             if self._share[name] < self.gate:
                 flagged = torch.zeros_like(flagged)
         return hardest_first(losses, k, anchored_suspects(x, losses) | flagged), None
+
+
+# --- a fourth round (issue 22), after the weaker base's gate stayed shut at half another task's
+# answers: the gate reads the share of rows that both the reference and the batch call wrong (in
+# their source's high component of base-model losses AND pulling against the small-loss half).
+
+
+@register_method
+@dataclass(kw_only=True)
+class GateOnBothSignals(AnchoredConsensus):
+    """Candidate: the default, its running share counting only the implausible rows whose cosine
+    with the small-loss half's anchor is negative (``noise_gate`` on that share)."""
+
+    name: ClassVar[str] = "bound_gate_both"
+
+    def observe(self, sketches, codes, num_sources):
+        from coreset_optim.methods.anchored import MIN_EXAMPLES, high_loss_component, small_half_agreement
+        from coreset_optim.methods.reference import running_share
+        from coreset_optim.sketch.compress import compress_per_source, rows_per_source
+
+        reference = sketches.reference_losses
+        if reference is None:
+            return
+        valid = sketches.valid.to(reference.device)
+        counts, rows = rows_per_source(valid, codes.to(reference.device), num_sources)
+        judged = sum(c for c in counts if c >= MIN_EXAMPLES)
+        if judged == 0:
+            return
+        x = compress_per_source(sketches.rows, sketches.valid, codes, num_sources, self.sketch_dim, rows)
+        flagged = 0
+        for source_rows in rows:
+            if source_rows.numel() < MIN_EXAMPLES:
+                continue
+            losses = sketches.losses.to(reference.device).index_select(0, source_rows)
+            _, cosine = small_half_agreement(x.index_select(0, source_rows.to(x.device)).double(), losses)
+            both = high_loss_component(reference.index_select(0, source_rows), self.min_separation) & (cosine < 0)
+            flagged += int(both.sum())
+        self.implausible_share = running_share(self.implausible_share, flagged / judged, self.gate_decay)

@@ -60,7 +60,10 @@ ARMS: dict[str, Arm] = {
     "batch_B": Arm("full"),
     "default": Arm("coreset"),  # the library's default preset
     "in_batch": Arm("coreset", {"reference": None}),  # the default without its reference (the rule before)
-    "reference_every_1": Arm("coreset", {"reference_every": 1}),  # the default's reference on every step
+    # the default of round three (its gate on the share of implausible rows, at 0.40), and that rule
+    # with its reference on every step
+    "gate_implausible_40": Arm("coreset", {"gate_statistic": "implausible"}),
+    "reference_every_1": Arm("coreset", {"gate_statistic": "implausible", "reference_every": 1}),
     "gradient_matching": Arm("coreset", GM),  # the default before selection="loss"
     "trimmed_loss": Arm("coreset", {"selection": "trimmed_loss"}),  # loss without the high-loss cluster
     "loss": Arm("coreset", {"selection": "loss"}),  # highest loss per source

@@ -19,8 +19,10 @@ from coreset_optim.integrations.peft import adapters_off  # noqa: E402
 from coreset_optim.methods.anchored import (  # noqa: E402
     anchored_suspects,
     confident_suspects,
+    contested_rows,
     high_loss_component,
     implausible_rows,
+    small_half_agreement,
 )
 from coreset_optim.methods.reference import reference_losses, running_share  # noqa: E402
 from coreset_optim.records import Sketches  # noqa: E402
@@ -104,7 +106,7 @@ def test_observe_keeps_the_running_share_and_opens_the_gate():
     quiet = torch.full((8,), 0.1)  # no spread, no split
     off = torch.cat([torch.full((5,), 0.1), torch.tensor([5.0, 5.1, 5.2])])
     reference = torch.cat([quiet, off, torch.tensor([9.0, 0.1])])
-    method = AnchoredConsensus(noise_gate=0.15, gate_decay=0.5)
+    method = AnchoredConsensus(gate_statistic="implausible", noise_gate=0.15, gate_decay=0.5)
     assert method.implausible_share is None and not method.gate_open
     method.observe(_sketches(torch.ones(18), reference), codes, 3)
     assert method.implausible_share == pytest.approx(3 / 16)
@@ -117,6 +119,36 @@ def test_observe_keeps_the_running_share_and_opens_the_gate():
     restored = AnchoredConsensus()
     restored.load_state_dict(method.state_dict())
     assert restored.implausible_share == method.implausible_share
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_contested_rows_and_the_default_gate_match_a_loop(seed):
+    """The default's gate counts the rows both signals call wrong: in their source's high component
+    of reference losses, and with a negative cosine against the small-loss half's anchor."""
+    g = torch.Generator().manual_seed(seed)
+    n = 24
+    codes = torch.tensor([0] * 10 + [1] * 11 + [2] * 3)
+    x = torch.randn(n, 4, generator=g)
+    losses = torch.rand(n, generator=g)
+    reference = torch.where(torch.rand(n, generator=g) < 0.4, 6.0, 0.2) + 0.1 * torch.rand(n, generator=g)
+    valid = torch.ones(n, dtype=torch.bool)
+    sketches = Sketches(x, losses, valid, None, reference)
+    want = torch.zeros(n, dtype=torch.bool)
+    for s in range(3):
+        rows = [i for i in range(n) if codes[i] == s]
+        if len(rows) < 4:
+            continue
+        _, cosine = small_half_agreement(x[rows].double(), losses[rows])
+        both = high_loss_component(reference[rows]) & (cosine < 0)
+        for i, f in zip(rows, both.tolist()):
+            want[i] = f
+    _, rows = rows_per_source(valid, codes, 3)
+    assert torch.equal(contested_rows(sketches, codes, 3, rows, 2560, 2.0), want)
+    method = AnchoredConsensus()
+    assert method.gate_statistic == "contested" and method.noise_gate == 0.18
+    method.observe(sketches, codes, 3)
+    assert method.implausible_share == pytest.approx(float(want.sum()) / 21)
+    assert AnchoredConsensus(gate_statistic="implausible").noise_gate == 0.40
 
 
 def _context(losses, reference):
@@ -158,7 +190,7 @@ def test_select_reads_the_base_and_keeps_the_choice_while_the_gate_is_shut():
     sources = ["a"] * 8 + ["b"] * 4
     states = {}
     for name, options in {"auto": {}, "none": {"reference": None}}.items():
-        model, inner, opt = _peft_setup(noise_gate=1.0, **options)
+        model, inner, opt = _peft_setup(gate_statistic="implausible", noise_gate=1.0, **options)
         coreset = opt.select(batch, causal_lm_loss_fn(model), sources=sources)
         states[name] = (coreset.indices.tolist(), opt.selection.implausible_share, model)
     assert states["auto"][0] == states["none"][0]  # the gate is shut: the same choice
@@ -199,6 +231,7 @@ def test_reference_base_on_a_model_without_adapters_is_refused_and_changes_nothi
         ("gate_decay", None),
         ("reference_every", 0),
         ("reference_every", 2.0),
+        ("gate_statistic", "loss"),
     ],
 )
 def test_reference_options_are_checked(option, bad):
