@@ -405,10 +405,14 @@ def report(costs_path: Path) -> None:
         "",
         "The candidates (`lib/experiments.py`), 150 steps, mixture accuracy. Rounds one and two chose the in-batch "
         "rule (`in_batch`, the default until the reference); round three (`bound_reference*`, the base model's "
-        "losses as a reference) chose `bound_reference_pooled_40`, now the default (`reference='auto'`, "
-        "`noise_gate=0.4`; the library reproduces its curves exactly). The criterion, fixed before round three's "
-        "runs: the largest worst case over the configurations of (candidate - the better of random and stratified "
-        "random k), by the means over the choosing seeds.",
+        "losses as a reference) chose `bound_reference_pooled_40` (`gate_implausible_40` in the confirmation; "
+        "`default_reference_every_8` is it with the reference on one selection in 8, as confirmed); round four "
+        "(`bound_gate_both_*`, after a weaker base kept that gate shut: `benchmarks/reference_base.py`, whose "
+        "`choose.jsonl` holds the weaker base's choosing runs) chose `bound_gate_both_18`, now the default "
+        "(`gate_statistic='contested'`, `noise_gate=0.18`; the library reproduces its curves exactly). The "
+        "criterion, fixed before round three's runs and applied over both bases in round four: the largest worst "
+        "case over the configurations of (candidate - the better of random and stratified random k), by the means "
+        "over the choosing seeds.",
         "",
     ]
     out += phase_table(choose, spec["arms"], spec["configs"], "accuracy_mixture", None)

@@ -33,9 +33,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (suspect_report="confident") was chosen on seeds 0-1 by benchmarks/suspect_tradeoff.py and
     # reported on seeds 3-5 (benchmarks/results/suspect_tradeoff/, noise_bound/report.jsonl).
     # Its reference (reference="auto": the base model's losses, adapters off, for a peft LoRA model)
-    # and noise_gate=0.4 were chosen in a third round on seeds 0-1 (the in-batch rule fell below
-    # random subsets at 50 % of another task's answers) and confirmed on seeds 3-5
-    # (noise_bound/confirm.jsonl, arm "default"; the in-batch rule alone: arm "in_batch").
+    # and its noise gate were chosen on seeds 0-1: round three (the in-batch rule fell below random
+    # subsets at 50 % of another task's answers) a gate on the implausible share at 0.40, round four
+    # (that gate stayed shut there with a weaker base, benchmarks/reference_base.py) the gate on the
+    # contested share at 0.18; confirmed on seeds 3-5 (noise_bound/confirm.jsonl and
+    # reference_base/runs.jsonl, arm "default"; round three's: "gate_implausible_40"; the in-batch
+    # rule alone: "in_batch").
     # It needs the sketch pass (a forward of the batch with a backward to the sketch layer), and
     # with a reference one no-grad forward of the batch more (benchmarks/results/depth/).
     # sketch="auto": top coordinates ("exact") while the whole batch's sketch-layer activations fit

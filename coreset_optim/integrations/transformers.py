@@ -177,8 +177,9 @@ class CoresetArguments:
     noise_gate: Optional[float] = field(
         default=None,
         metadata={
-            "help": "selection='anchored_consensus': the running share of rows the reference finds implausible at "
-            "which the choice avoids them too (logged as coreset/implausible_share); None: the method's default."
+            "help": "selection='anchored_consensus': the running share its noise gate reads (logged as "
+            "coreset/implausible_share) at which the choice avoids the rows the reference finds implausible; "
+            "None: the method's default (0.18)."
         },
     )
     target_curvature: Optional[float] = field(

@@ -25,11 +25,12 @@ Both signals live inside the batch, and once wrong answers are half of a source 
 are then the wrong ones and the run falls below random subsets. With a reference from outside the
 batch (``reference="auto"``: the base model, for a peft LoRA model, :mod:`.reference`) the choice
 also avoids the rows whose base-model loss lies in their source's high component, once the running
-share of such rows (``implausible_share``, updated at each reference pass by
-:meth:`AnchoredConsensus.observe`) reaches ``noise_gate``. On clean data that component holds the
-new material the fine-tuning is for, so the gate stays shut there, and the reference pass runs on
-one selection in ``reference_every`` only (``benchmarks/noise_bound.py`` chose the gate on seeds it
-does not report).
+share of such rows that also pull against the small-loss half (both signals call them wrong:
+``implausible_share``, updated at each reference pass by :meth:`AnchoredConsensus.observe`) reaches
+``noise_gate``. On clean data that component holds the new material the fine-tuning is for, so
+the gate stays shut there, and the reference pass runs on one selection in ``reference_every``
+only (``benchmarks/noise_bound.py`` and ``benchmarks/reference_base.py`` chose the gate on seeds
+they do not report).
 
 The choice needs recall (a corrupted row it misses is among the hardest left, so it tends to be
 chosen); a user reading ``coreset.suspects`` needs precision. So the report is narrower by default
