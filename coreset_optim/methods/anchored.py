@@ -178,17 +178,14 @@ def contested_rows(
     reference = sketches.reference_losses
     x = compress_per_source(sketches.rows, sketches.valid, codes, num_sources, dim, rows)
     losses = sketches.losses.to(reference.device)
-    out = torch.zeros(reference.shape[0], dtype=torch.bool, device=reference.device)
+    against = torch.zeros(reference.shape[0], dtype=torch.bool, device=reference.device)
     for source_rows in rows:
-        if source_rows.numel() < MIN_EXAMPLES:
-            continue
         source_rows = source_rows.to(reference.device)
-        _, cosine = small_half_agreement(
-            x.index_select(0, source_rows.to(x.device)).double(), losses.index_select(0, source_rows)
-        )
-        high = high_loss_component(reference.index_select(0, source_rows), min_separation)
-        out[source_rows] = high & (cosine.to(high.device) < 0)
-    return out
+        if source_rows.numel() >= MIN_EXAMPLES:
+            source_x = x.index_select(0, source_rows.to(x.device)).double()
+            _, cosine = small_half_agreement(source_x, losses.index_select(0, source_rows))
+            against[source_rows] = cosine.to(against.device) < 0
+    return implausible_rows(reference, rows, min_separation) & against
 
 
 @dataclass(kw_only=True)
@@ -260,18 +257,17 @@ class AnchoredConsensus(SketchedMethod):
         """The sketches, with each example's loss under the reference when there is one and it is
         due (the reference pass runs after the sketch pass: a loss function that records the first
         pass's logits, as TRL's metrics do, sees the trained model's)."""
-        model = context.batch_pass.model
-        available = self.reference is not None and reference_pass_context(model) is not None
-        if self.reference == "base" and not available:
+        switch_off = None if self.reference is None else reference_pass_context(context.batch_pass.model)
+        if self.reference == "base" and switch_off is None:
             raise ValueError(
                 "reference='base' needs a model whose adapters an integration can switch off (a peft "
                 "LoRA model, adapters not merged); use reference='auto' or None for this model"
             )
         rows = super().sketches(context)
-        if not available or not (self.gate_open or context.num_selections % self.reference_every == 0):
+        if switch_off is None or not (self.gate_open or context.num_selections % self.reference_every == 0):
             return rows
         with timed(context.timings, "reference"):  # part of the "sketch" stage's time
-            reference = reference_losses(context.batch_pass)
+            reference = reference_losses(context.batch_pass, switch_off)
         # a base loss that overflowed is as implausible as it gets (and must not poison the split)
         reference = torch.nan_to_num(reference, nan=1e6, posinf=1e6, neginf=0.0)
         return dataclasses.replace(rows, reference_losses=reference)

@@ -15,18 +15,21 @@ peft's LoRA layers); a model without one has no reference (None).
 
 from __future__ import annotations
 
+from typing import ContextManager
+
 import torch
 
 from ..extensions import reference_pass_context
 from ..sketch.capture import BatchPass, sketch_mode
 
 
-def reference_losses(batch_pass: BatchPass) -> torch.Tensor | None:
+def reference_losses(batch_pass: BatchPass, switch_off: ContextManager[None] | None = None) -> torch.Tensor | None:
     """``Tensor[B]``: ``batch_pass``'s per-example losses under the base model, or None when no
     registered extension can switch the model's adapters off. Run as the loss pass runs (eval mode,
     no gradient, the extensions' sketch-pass contexts: e.g. QLoRA's 4-bit layers are kept from
-    repacking), adapters off; everything restored afterwards."""
-    context = reference_pass_context(batch_pass.model)
+    repacking), adapters off; everything restored afterwards. ``switch_off``: the model's
+    :func:`~coreset_optim.extensions.reference_pass_context`, when the caller already has it."""
+    context = reference_pass_context(batch_pass.model) if switch_off is None else switch_off
     if context is None:
         return None
     with sketch_mode(batch_pass.model, []), torch.no_grad(), context:

@@ -284,9 +284,9 @@ def test_while_the_gate_is_shut_the_reference_runs_every_reference_every_selecti
     passes, counter = [], {"n": 0}
     real = anchored.reference_losses
 
-    def counted(batch_pass):
+    def counted(batch_pass, *args):
         passes.append(counter["n"])
-        return real(batch_pass)
+        return real(batch_pass, *args)
 
     monkeypatch.setattr(anchored, "reference_losses", counted)
     model, inner, opt = _peft_setup(noise_gate=gate, reference_every=3)
