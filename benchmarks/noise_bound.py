@@ -61,15 +61,21 @@ CANDIDATES = {
     "bound_reference_gated": Arm("coreset", {"selection": "bound_reference", "gate": 0.35}),
     "bound_reference_upper_gated": Arm("coreset", {"selection": "bound_reference", "rule": "upper", "gate": 0.35}),
     # the gate on the batch's pooled share (per source it misfired on clean data, seed 1)
-    "bound_reference_pooled_35": Arm("coreset", {"selection": "bound_reference", "pooled_gate": 0.35}),
-    "bound_reference_pooled_40": Arm("coreset", {"selection": "bound_reference", "pooled_gate": 0.40}),
+    # (run as lib/experiments.py candidates; the library's gate on the implausible share reproduces them)
+    "bound_reference_pooled_35": Arm(
+        "coreset", {"gate_statistic": "implausible", "noise_gate": 0.35, "reference_every": 1}
+    ),
+    "bound_reference_pooled_40": Arm(
+        "coreset", {"gate_statistic": "implausible", "noise_gate": 0.40, "reference_every": 1}
+    ),
     # after the confirmation: the chosen rule with its reference pass on one selection in 8 while the
     # gate is shut (the pass cost 1.5x a step without it: results/depth/depth_reference.md)
     "default_reference_every_8": Arm("coreset", {"gate_statistic": "implausible", "reference_every": 8}),
     # fourth round, after a weaker base kept the gate shut (reference_base.py): the gate on the share
     # of rows both the reference and the batch call wrong
-    "bound_gate_both_15": Arm("coreset", {"selection": "bound_gate_both", "noise_gate": 0.15}),
-    "bound_gate_both_18": Arm("coreset", {"selection": "bound_gate_both", "noise_gate": 0.18}),
+    # (run as a lib/experiments.py candidate; the library's default, gate_statistic="contested", reproduces it)
+    "bound_gate_both_15": Arm("coreset", {"noise_gate": 0.15}),
+    "bound_gate_both_18": Arm("coreset", {"noise_gate": 0.18}),
 }
 ALL_ARMS = {**ARMS, **CANDIDATES}
 # (noise model, rate, placement); None: clean

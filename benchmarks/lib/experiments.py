@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import torch
 
-from coreset_optim import AnchoredConsensus, GradientMatching, SketchedMethod, register_method
+from coreset_optim import GradientMatching, SketchedMethod, register_method
 from coreset_optim.methods.consensus import agreement
 from coreset_optim.methods.gradient_matching import gradient_matching_coreset, greedy_matching
 from coreset_optim.methods.suspects import hardest_first
@@ -267,19 +267,6 @@ class FilterMiddle(SketchedMethod):
 # losses are suspects besides the default's.
 
 
-def reference_losses(batch_pass) -> torch.Tensor:
-    """Each example's loss under the base model: ``batch_pass``'s losses with the adapters off."""
-    model = batch_pass.model
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad(), model.disable_adapter():
-            return batch_pass.losses()
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 @register_method
 @dataclass(kw_only=True)
 class ReferenceGap(SketchedMethod):
@@ -293,23 +280,14 @@ class ReferenceGap(SketchedMethod):
     rule: str = "or"
     gate: float | None = None  # the reference's suspects only where a source's running high share reaches it
     decay: float = 0.9
-    pooled_gate: float | None = None  # the same, on the share of the whole batch (all sources pooled)
+    # (the gate on the batch's pooled share, round three's choice, is the library's
+    # gate_statistic="implausible": noise_bound.py's bound_reference_pooled_* arms)
 
     def sketches(self, context):
-        from coreset_optim.methods.anchored import MIN_EXAMPLES, high_loss_component
+        from coreset_optim.methods.reference import reference_losses
 
         self._reference = reference_losses(context.batch_pass)
         self._codes, self._names = context.layout.codes, context.layout.names
-        if self.pooled_gate is not None:
-            flagged = total = 0
-            for code in range(len(self._names)):
-                rows = (self._codes == code).nonzero().flatten()
-                if rows.numel() >= MIN_EXAMPLES:
-                    flagged += int(high_loss_component(self._reference[rows].double()).sum())
-                    total += rows.numel()
-            share = flagged / max(1, total)
-            before = getattr(self, "_pooled", None)
-            self._pooled = share if before is None else self.decay * before + (1 - self.decay) * share
         return super().sketches(context)
 
     def choose(self, x, k, context):
@@ -329,8 +307,6 @@ class ReferenceGap(SketchedMethod):
             flagged &= False
         elif self.rule == "upper":
             flagged &= losses > losses.median()
-        if self.pooled_gate is not None and self._pooled < self.pooled_gate:
-            flagged = torch.zeros_like(flagged)
         if self.gate is not None:
             share = float(high_loss_component(ref).double().mean())
             if not hasattr(self, "_share"):
@@ -341,41 +317,3 @@ class ReferenceGap(SketchedMethod):
             if self._share[name] < self.gate:
                 flagged = torch.zeros_like(flagged)
         return hardest_first(losses, k, anchored_suspects(x, losses) | flagged), None
-
-
-# --- a fourth round (issue 22), after the weaker base's gate stayed shut at half another task's
-# answers: the gate reads the share of rows that both the reference and the batch call wrong (in
-# their source's high component of base-model losses AND pulling against the small-loss half).
-
-
-@register_method
-@dataclass(kw_only=True)
-class GateOnBothSignals(AnchoredConsensus):
-    """Candidate: the default, its running share counting only the implausible rows whose cosine
-    with the small-loss half's anchor is negative (``noise_gate`` on that share)."""
-
-    name: ClassVar[str] = "bound_gate_both"
-
-    def observe(self, sketches, codes, num_sources):
-        from coreset_optim.methods.anchored import MIN_EXAMPLES, high_loss_component, small_half_agreement
-        from coreset_optim.methods.reference import running_share
-        from coreset_optim.sketch.compress import compress_per_source, rows_per_source
-
-        reference = sketches.reference_losses
-        if reference is None:
-            return
-        valid = sketches.valid.to(reference.device)
-        counts, rows = rows_per_source(valid, codes.to(reference.device), num_sources)
-        judged = sum(c for c in counts if c >= MIN_EXAMPLES)
-        if judged == 0:
-            return
-        x = compress_per_source(sketches.rows, sketches.valid, codes, num_sources, self.sketch_dim, rows)
-        flagged = 0
-        for source_rows in rows:
-            if source_rows.numel() < MIN_EXAMPLES:
-                continue
-            losses = sketches.losses.to(reference.device).index_select(0, source_rows)
-            _, cosine = small_half_agreement(x.index_select(0, source_rows.to(x.device)).double(), losses)
-            both = high_loss_component(reference.index_select(0, source_rows), self.min_separation) & (cosine < 0)
-            flagged += int(both.sum())
-        self.implausible_share = running_share(self.implausible_share, flagged / judged, self.gate_decay)
